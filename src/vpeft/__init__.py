@@ -1,3 +1,71 @@
-"""vpeft: parameter-efficient fine-tuning of pre-trained vision models."""
+"""vpeft: parameter-efficient fine-tuning of pre-trained vision models.
+
+Small public API::
+
+    import timm, vpeft
+    model = timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=10)
+    report = vpeft.apply(model, vpeft.LoRAConfig(r=8, targets=("q", "v")))
+    ...train...
+    vpeft.save(model, "task.safetensors")      # the delta only
+    vpeft.merge(model)                          # zero-overhead inference
+"""
 
 __version__ = "0.1.0"
+
+from .api import Report, apply, backbone_name, fingerprint, is_adapted, load, merge, report, save, save_merged, unmerge
+from .config import MethodConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    UnknownNameError,
+    UnsupportedBackboneError,
+    VpeftError,
+)
+from .methods.adapter import AdapterConfig
+from .methods.adaptformer import AdaptFormerConfig
+from .methods.bitfit import BitFitConfig
+from .methods.full import FullConfig
+from .methods.linear import LinearConfig
+from .methods.ln_tune import LNTuneConfig
+from .methods.lora import LoRAConfig
+from .methods.partial import PartialConfig
+from .methods.ssf import SSFConfig
+from .methods.vpt import VPTDeepConfig, VPTShallowConfig
+from .registry import get_method, list_methods, register_method
+
+__all__ = [
+    "__version__",
+    "apply",
+    "report",
+    "save",
+    "load",
+    "merge",
+    "unmerge",
+    "save_merged",
+    "backbone_name",
+    "fingerprint",
+    "is_adapted",
+    "Report",
+    "MethodConfig",
+    "get_method",
+    "list_methods",
+    "register_method",
+    "VpeftError",
+    "ConfigError",
+    "UnknownNameError",
+    "UnsupportedBackboneError",
+    "CheckpointError",
+    "DataError",
+    "LinearConfig",
+    "FullConfig",
+    "BitFitConfig",
+    "LNTuneConfig",
+    "PartialConfig",
+    "LoRAConfig",
+    "AdapterConfig",
+    "AdaptFormerConfig",
+    "VPTShallowConfig",
+    "VPTDeepConfig",
+    "SSFConfig",
+]

@@ -1,0 +1,168 @@
+"""ArchSpec and the per-family builders (timm VisionTransformer, timm EfficientNet)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from ..errors import UnsupportedBackboneError
+
+__all__ = ["ArchSpec", "BlockParts", "get_spec", "register_arch", "supported_families"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockParts:
+    """Qualified module names inside one transformer block (empty string: not present)."""
+
+    block: str
+    norm1: str = ""
+    attn: str = ""
+    qkv: str = ""
+    proj: str = ""
+    norm2: str = ""
+    mlp: str = ""
+    fc1: str = ""
+    fc2: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """Where things are in a backbone.
+
+    Attributes:
+        family: builder name, e.g. ``"timm_vit"``.
+        kind: ``"vit"`` (token sequence models) or ``"cnn"`` (feature-map models).
+        blocks: qualified names of the repeated blocks, input to output.
+        parts: per-block part names (transformers only).
+        head: qualified name of the classifier module ("" when the model has none).
+        post_blocks: modules between the last block and the head (final norms, conv head).
+        stem: modules before the first block (patch embedding, stem conv).
+        embed_dim: token width (transformers), or the final feature width (CNNs).
+        num_prefix_tokens: class + register tokens in front of the patch tokens.
+        patch_size: (h, w) of a patch, transformers only.
+    """
+
+    family: str
+    kind: str
+    blocks: tuple[str, ...]
+    head: str
+    parts: tuple[BlockParts, ...] = ()
+    post_blocks: tuple[str, ...] = ()
+    stem: tuple[str, ...] = ()
+    embed_dim: int = 0
+    num_prefix_tokens: int = 0
+    patch_size: tuple[int, int] = (0, 0)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+
+Builder = Callable[[nn.Module], ArchSpec]
+_BUILDERS: list[tuple[str, Callable[[nn.Module], bool], Builder]] = []
+
+
+def register_arch(family: str, matches: Callable[[nn.Module], bool]) -> Callable[[Builder], Builder]:
+    """Register a spec builder for models where ``matches(model)`` is true."""
+
+    def deco(fn: Builder) -> Builder:
+        _BUILDERS.append((family, matches, fn))
+        return fn
+
+    return deco
+
+
+def supported_families() -> list[str]:
+    return [name for name, _, _ in _BUILDERS]
+
+
+def get_spec(model: nn.Module) -> ArchSpec:
+    """Return the ArchSpec of ``model``; unsupported architectures raise UnsupportedBackboneError."""
+    for _, matches, build in _BUILDERS:
+        if matches(model):
+            return build(model)
+    raise UnsupportedBackboneError(
+        f"backbone class {type(model).__name__!r} is not supported; supported families: {', '.join(supported_families())}"
+    )
+
+
+def _module_name(model: nn.Module, target: nn.Module | None) -> str:
+    if target is None or isinstance(target, nn.Identity):
+        return ""
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    return ""
+
+
+def _present(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
+    mods = dict(model.named_modules())
+    return tuple(n for n in names if n in mods and not isinstance(mods[n], nn.Identity))
+
+
+# ---- timm VisionTransformer ------------------------------------------------------------------
+def _is_timm_vit(model: nn.Module) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+@register_arch("timm_vit", _is_timm_vit)
+def _timm_vit(model: nn.Module) -> ArchSpec:
+    parts = []
+    for i, blk in enumerate(model.blocks):
+        p = f"blocks.{i}"
+        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+        parts.append(
+            BlockParts(
+                block=p,
+                norm1=f"{p}.norm1",
+                attn=f"{p}.attn",
+                qkv=f"{p}.attn.qkv" if isinstance(getattr(attn, "qkv", None), nn.Linear) else "",
+                proj=f"{p}.attn.proj",
+                norm2=f"{p}.norm2",
+                mlp=f"{p}.mlp",
+                fc1=f"{p}.mlp.fc1" if isinstance(getattr(mlp, "fc1", None), nn.Linear) else "",
+                fc2=f"{p}.mlp.fc2" if isinstance(getattr(mlp, "fc2", None), nn.Linear) else "",
+            )
+        )
+    ps = model.patch_embed.patch_size
+    return ArchSpec(
+        family="timm_vit",
+        kind="vit",
+        blocks=tuple(b.block for b in parts),
+        parts=tuple(parts),
+        head=_module_name(model, model.get_classifier()),
+        post_blocks=_present(model, ("norm", "fc_norm")),
+        stem=_present(model, ("patch_embed", "norm_pre")),
+        embed_dim=int(model.embed_dim),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        patch_size=(int(ps[0]), int(ps[1])),
+    )
+
+
+# ---- timm EfficientNet / MobileNet-style CNNs ------------------------------------------------
+def _is_timm_efficientnet(model: nn.Module) -> bool:
+    try:
+        from timm.models.efficientnet import EfficientNet
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, EfficientNet)
+
+
+@register_arch("timm_efficientnet", _is_timm_efficientnet)
+def _timm_efficientnet(model: nn.Module) -> ArchSpec:
+    blocks = tuple(f"blocks.{s}.{b}" for s, stage in enumerate(model.blocks) for b in range(len(stage)))
+    return ArchSpec(
+        family="timm_efficientnet",
+        kind="cnn",
+        blocks=blocks,
+        head=_module_name(model, model.get_classifier()),
+        post_blocks=_present(model, ("conv_head", "bn2")),
+        stem=_present(model, ("conv_stem", "bn1")),
+        embed_dim=int(model.num_features),
+    )

@@ -1,0 +1,58 @@
+"""The one injection mechanism: a module that wraps a frozen ``base_layer`` in place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["Wrapper", "FrozenStatsNorm"]
+
+
+class Wrapper(nn.Module):
+    """Base class of every injected module.
+
+    The wrapped module is kept as ``self.base_layer`` (frozen, never edited); the wrapper's own
+    parameters are the method's trainable delta. Mergeable wrappers implement
+    :meth:`merge_into_base`, which folds the delta into ``base_layer``'s tensors in place.
+    """
+
+    mergeable: bool = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
+    def delta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The wrapper's own parameters (not those of ``base_layer``)."""
+        for name, param in self.named_parameters():
+            if not name.startswith("base_layer."):
+                yield name, param
+
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        """Fold this wrapper's effect into ``base_layer`` (in place)."""
+        raise TypeError(f"{type(self).__name__} cannot be merged into its base layer")
+
+
+class FrozenStatsNorm(Wrapper):
+    """Keeps a BatchNorm's running statistics frozen: the base layer always runs in eval mode.
+
+    A frozen backbone's BatchNorm must not drift during PEFT training, or a delta checkpoint (which
+    holds only trainable tensors) could not reproduce the trained model. Affine parameters may
+    still be trained by methods that choose them (BitFit, LN-tune).
+    """
+
+    mergeable = True
+
+    def train(self, mode: bool = True) -> FrozenStatsNorm:
+        super().train(mode)
+        self.base_layer.train(False)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
+
+    def merge_into_base(self) -> None:  # nothing to fold: the wrapper only pins eval mode
+        return None
