@@ -51,8 +51,8 @@ class FrozenStatsNorm(Wrapper):
         self.base_layer.train(False)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.base_layer(x, *args, **kwargs)
 
     def merge_into_base(self) -> None:  # nothing to fold: the wrapper only pins eval mode
         return None

@@ -33,7 +33,7 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.up(self.act(self.down(x)))
 
 
@@ -50,8 +50,8 @@ class SequentialAdapter(Wrapper):
         self.adapter = Bottleneck(dim, hidden, act, **_like(base_layer))
         self.scale = scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
         return y + self.adapter(y) * self.scale
 
 
@@ -63,5 +63,5 @@ class ParallelAdapter(Wrapper):
         self.adapter = Bottleneck(dim, hidden, act, **_like(base_layer))
         self.scale = scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.adapter(x) * self.scale
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.base_layer(x, *args, **kwargs) + self.adapter(x) * self.scale

@@ -60,8 +60,8 @@ class ScaleShift(Wrapper):
         shape[self.channel_dim] = -1
         return t.view(shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
         return y * self._view(self.scale, y.ndim) + self._view(self.shift, y.ndim)
 
     @torch.no_grad()
