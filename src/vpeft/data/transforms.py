@@ -1,0 +1,129 @@
+"""Image transforms derived from a timm model's ``pretrained_cfg``.
+
+The VTAB-1k protocol (Zhai et al., 2019; used by VPT, NOAH, SSF and most PEFT papers) resizes every image
+directly to the network's input size — no centre crop — and uses no data augmentation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.transforms import str_to_interp_mode
+from torch import nn
+from torchvision import transforms as T
+
+from vpeft.errors import ConfigError
+
+__all__ = ["ToRGB", "build_transform", "resolve_input_size"]
+
+logger = logging.getLogger(__name__)
+
+
+class ToRGB:
+    """Convert a PIL image to 3-channel RGB (grayscale, palette and RGBA images included).
+
+    A class rather than a lambda so that transforms pickle into DataLoader worker processes.
+    """
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+_DEFAULTS: dict[str, Any] = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bicubic",
+    "mean": IMAGENET_DEFAULT_MEAN,
+    "std": IMAGENET_DEFAULT_STD,
+}
+
+
+def _data_config(model_or_cfg: nn.Module | Mapping[str, Any]) -> dict[str, Any]:
+    """Resolve mean/std/interpolation/input_size, filling what is missing with timm's ImageNet defaults."""
+    if isinstance(model_or_cfg, nn.Module):
+        cfg = getattr(model_or_cfg, "pretrained_cfg", None) or getattr(model_or_cfg, "default_cfg", None) or {}
+        data_cfg = _fill_defaults(cfg)
+        model_size = _model_img_size(model_or_cfg)
+        if model_size is not None:
+            data_cfg["input_size"] = (3, *model_size)
+        return data_cfg
+    if isinstance(model_or_cfg, Mapping):
+        return _fill_defaults(model_or_cfg)
+    raise ConfigError(
+        f"build_transform expects an nn.Module with a pretrained_cfg or a config mapping, "
+        f"got {type(model_or_cfg).__name__}"
+    )
+
+
+def _fill_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    out = {key: cfg.get(key) if cfg.get(key) is not None else default for key, default in _DEFAULTS.items()}
+    if isinstance(out["input_size"], int):
+        out["input_size"] = (3, out["input_size"], out["input_size"])
+    for key in ("mean", "std"):
+        if len(tuple(out[key])) != 3:
+            raise ConfigError(f"{key} must have 3 values (one per RGB channel), got {out[key]!r}")
+    return out
+
+
+def _model_img_size(model: nn.Module) -> tuple[int, int] | None:
+    """The input size a timm ViT-style model was built for (``patch_embed.img_size``), if it has one.
+
+    ``pretrained_cfg['input_size']`` keeps the pre-trained resolution even when the model is created with
+    another ``img_size``; the patch embedding knows the size the model really expects.
+    """
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
+def resolve_input_size(model_or_cfg: nn.Module | Mapping[str, Any], input_size: int | None = None) -> tuple[int, int]:
+    """Return the ``(height, width)`` that :func:`build_transform` resizes to."""
+    if input_size is not None:
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+            raise ConfigError(f"input_size must be a positive int, got {input_size!r}")
+        return input_size, input_size
+    size = _data_config(model_or_cfg)["input_size"]
+    return int(size[-2]), int(size[-1])
+
+
+def build_transform(
+    model_or_cfg: nn.Module | Mapping[str, Any],
+    input_size: int | None = None,
+    train: bool = False,
+    augment: bool = False,
+) -> T.Compose:
+    """Build the image transform for a model, following the VTAB-1k protocol.
+
+    RGB conversion -> resize straight to ``input_size x input_size`` (no crop) with the model's interpolation ->
+    ``ToTensor`` -> ``Normalize(mean, std)``. With ``train=True`` and ``augment=True`` the resize is replaced by
+    ``RandomResizedCrop(scale=(0.5, 1))`` followed by a horizontal flip. Augmentation is off by default because the
+    VTAB-1k protocol uses none; ``augment`` is ignored for evaluation transforms (``train=False``).
+
+    Args:
+        model_or_cfg: A timm model (its ``pretrained_cfg`` is read; for ViT-style models the size the model was
+            built for wins over the pre-trained one) or a ``pretrained_cfg``/data-config mapping with any of
+            ``mean``, ``std``, ``interpolation``, ``input_size``. Missing keys take timm's ImageNet defaults.
+        input_size: Square output size; overrides the config's.
+        train: Whether the transform is for training.
+        augment: Enable the simple flip + random-resized-crop augmentation (training only).
+
+    Returns:
+        A picklable ``torchvision.transforms.Compose`` mapping a PIL image to a float tensor ``(3, H, W)``.
+    """
+    cfg = _data_config(model_or_cfg)
+    size = resolve_input_size(model_or_cfg, input_size)
+    interp = str_to_interp_mode(cfg.get("interpolation") or "bicubic")
+    if train and augment:
+        geometry = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp), T.RandomHorizontalFlip()]
+    else:
+        geometry = [T.Resize(size, interpolation=interp)]
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    logger.debug("transform: size=%s interpolation=%s mean=%s std=%s augment=%s", size, interp, mean, std, augment)
+    return T.Compose([ToRGB(), *geometry, T.ToTensor(), T.Normalize(mean, std)])

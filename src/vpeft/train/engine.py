@@ -1,0 +1,520 @@
+"""The one training loop: AdamW with warm-up + cosine schedule, label smoothing, bf16, gradient accumulation.
+
+The loop is method-agnostic: whatever a PEFT method left with ``requires_grad=True`` is trained; everything else
+is untouched (no optimizer state is allocated for frozen tensors). The model is put in ``train()`` mode as a
+whole; deciding how frozen parts behave (BatchNorm statistics, dropout) is the method layer's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from vpeft.errors import ConfigError, DataError, suggest
+from vpeft.train.metrics import ClassificationMeter, write_json_atomic
+
+__all__ = [
+    "NO_DECAY_ATTR",
+    "Callback",
+    "TrainConfig",
+    "TrainResult",
+    "WarmupCosine",
+    "build_optimizer",
+    "build_scheduler",
+    "evaluate",
+    "mark_no_decay",
+    "set_seed",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+NO_DECAY_ATTR = "_vpeft_no_decay"
+"""Set this attribute to ``True`` on an ``nn.Parameter`` to exclude it from weight decay."""
+
+Callback = Callable[[dict[str, Any]], "bool | None"]
+"""Called with each epoch's metrics record after it is stored; returning ``True`` stops training."""
+
+_MAX_SEED = 2**32 - 1
+
+
+def _fail(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"TrainConfig.{name} must be {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    allowed = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        raise _fail(name, value, allowed)
+
+
+def _check_float(
+    name: str, value: Any, lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False
+) -> float:
+    left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+    allowed = f"a number in {left}{lo}, {hi}{right}" if hi is not None else f"a number {'>' if lo_open else '>='} {lo}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(name, value, allowed)
+    too_low = value <= lo if lo_open else value < lo
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high:
+        raise _fail(name, value, allowed)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train`.
+
+    Attributes:
+        epochs: Passes over the training loader (>= 1).
+        lr: Peak learning rate of AdamW (> 0).
+        weight_decay: Decoupled weight decay for >= 2-D tensors not marked no-decay (>= 0).
+        warmup_epochs: Linear warm-up length in epochs; fractions allowed (in [0, epochs]).
+        batch_size: Batch size the caller should build the loaders with (the loop uses the loader as given).
+        label_smoothing: Cross-entropy label smoothing (in [0, 1)).
+        grad_accum: Micro-batches per optimizer step (>= 1).
+        bf16: Run the forward pass under ``torch.autocast(dtype=torch.bfloat16)``.
+        seed: Seed for python, numpy and torch at the start of training (in [0, 2**32 - 1]).
+        min_lr: Learning rate at the end of the cosine schedule (in [0, lr]).
+        max_grad_norm: Clip the global gradient norm to this value; ``None`` disables clipping.
+        log_every: Refresh the progress bar and emit a debug log line every this many optimizer steps (0: never).
+    """
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    grad_accum: int = 1
+    bf16: bool = False
+    seed: int = 0
+    min_lr: float = 1e-8
+    max_grad_norm: float | None = None
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("grad_accum", self.grad_accum, 1)
+        _check_int("seed", self.seed, 0, _MAX_SEED)
+        _check_int("log_every", self.log_every, 0)
+        if not isinstance(self.bf16, bool):
+            raise _fail("bf16", self.bf16, "a bool")
+        self._set("lr", _check_float("lr", self.lr, 0.0, lo_open=True))
+        self._set("weight_decay", _check_float("weight_decay", self.weight_decay, 0.0))
+        self._set("warmup_epochs", _check_float("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs)))
+        self._set("label_smoothing", _check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True))
+        self._set("min_lr", _check_float("min_lr", self.min_lr, 0.0, self.lr))
+        if self.max_grad_norm is not None:
+            self._set("max_grad_norm", _check_float("max_grad_norm", self.max_grad_norm, 0.0, lo_open=True))
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict of all fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Build from a dict (e.g. parsed JSON); missing keys take their defaults.
+
+        Raises:
+            ConfigError: An unknown key (the message lists the valid keys) or an invalid value.
+        """
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in valid:
+                raise ConfigError(suggest(str(key), valid, "TrainConfig key"))
+        return cls(**dict(data))
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Attributes:
+        history: One metrics record per epoch (see :func:`train`).
+        final: The last epoch's record (train loss/top-1, and validation metrics when a val loader was given).
+        total_time_s: Wall time of the whole run, evaluation included.
+        steps: Optimizer steps taken.
+        stopped_early: Whether a callback stopped training before ``cfg.epochs``.
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    total_time_s: float = 0.0
+    steps: int = 0
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields."""
+        return dataclasses.asdict(self)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python's ``random``, numpy and torch (all devices).
+
+    This does not switch torch to deterministic kernels; on CPU the loop is bit-reproducible anyway.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def mark_no_decay(param: nn.Parameter) -> nn.Parameter:
+    """Exclude ``param`` from weight decay in :func:`build_optimizer` (for >= 2-D tensors such as prompt tokens)."""
+    setattr(param, NO_DECAY_ATTR, True)
+    return param
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``model`` only.
+
+    Parameters with ``requires_grad=False`` are not handed to the optimizer, so they get no state. Tensors with
+    ``ndim <= 1`` (biases, norm weights, scales) and parameters marked with :func:`mark_no_decay` get no weight
+    decay; all others get ``cfg.weight_decay``.
+
+    Raises:
+        ConfigError: The model has no trainable parameter.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or getattr(param, NO_DECAY_ATTR, False) else decay).append(param)
+    if not decay and not no_decay:
+        raise ConfigError(
+            "the model has no trainable parameters (requires_grad=True); apply a PEFT method or unfreeze the head"
+        )
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    logger.debug("optimizer groups: %s", {g["name"]: sum(p.numel() for p in g["params"]) for g in groups})
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """LR multiplier for optimizer step ``step`` (0-based): linear warm-up, then cosine decay to ``floor``.
+
+    ``step < warmup``: ``(step + 1) / warmup`` (the first step already moves; step ``warmup - 1`` uses the peak).
+    Afterwards: ``floor + (1 - floor) * (1 + cos(pi * p)) / 2`` with ``p = (step - warmup) / (total - warmup)``,
+    clamped to 1, so the multiplier is 1 right after warm-up and reaches ``floor`` after the last step.
+    """
+
+    warmup: int
+    total: int
+    floor: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LambdaLR:
+    """Per-optimizer-step linear warm-up over ``cfg.warmup_epochs``, then cosine decay to ``cfg.min_lr``.
+
+    Call ``scheduler.step()`` after every ``optimizer.step()``. ``min_lr`` is relative to ``cfg.lr``: every
+    param group decays to ``min_lr / lr`` times its own initial learning rate.
+
+    Args:
+        optimizer: The optimizer, with its initial learning rates set.
+        cfg: Supplies ``epochs``, ``warmup_epochs``, ``lr`` and ``min_lr``.
+        steps_per_epoch: Optimizer steps per epoch (micro-batches / ``grad_accum``, rounded up).
+
+    Raises:
+        ConfigError: ``steps_per_epoch`` < 1.
+    """
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        raise ConfigError(f"steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    return LambdaLR(optimizer, WarmupCosine(warmup=warmup, total=total, floor=cfg.min_lr / cfg.lr))
+
+
+def _num_batches(loader: Iterable[Any]) -> int:
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError("train_loader must have a length (a DataLoader over a map-style dataset)") from None
+    if n == 0:
+        raise DataError("train_loader yields no batches (dataset empty, or smaller than batch_size with drop_last)")
+    return n
+
+
+@dataclass
+class _Loop:
+    """Mutable state of one :func:`train` call."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    device: torch.device
+    optimizer: torch.optim.AdamW
+    scheduler: LambdaLR
+    step: int = 0
+    last_lr: float = 0.0
+
+    def run_epoch(self, loader: Iterable[Any], epoch: int, progress: bool) -> dict[str, Any]:
+        """Train one epoch; return ``{train_loss, train_top1, lr, n, train_time_s}``."""
+        self.model.train()
+        meter, n_batches, accum = ClassificationMeter(), len(loader), self.cfg.grad_accum  # type: ignore[arg-type]
+        start, pending = time.perf_counter(), 0
+        bar = tqdm(
+            loader,
+            total=n_batches,
+            desc=f"epoch {epoch}/{self.cfg.epochs}",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for i, (images, targets) in enumerate(bar):
+            group_size = min(accum, n_batches - (i // accum) * accum)
+            loss, logits, targets = self._forward_backward(images, targets, group_size)
+            meter.update(loss, logits, targets)
+            pending += 1
+            if pending == group_size:
+                self._optimizer_step()
+                pending = 0
+                self._maybe_log(bar, meter, epoch)
+        if pending:  # loader yielded fewer batches than len() announced
+            self._optimizer_step()
+        stats = meter.compute()
+        self._check_finite(stats["loss"], epoch)
+        elapsed = time.perf_counter() - start
+        return {
+            "train_loss": stats["loss"],
+            "train_top1": stats["top1"],
+            "lr": self.last_lr,
+            "n": stats["n"],
+            "train_time_s": elapsed,
+        }
+
+    def _forward_backward(
+        self, images: torch.Tensor, targets: torch.Tensor, group_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
+        (loss / group_size).backward()
+        return loss.detach(), logits.detach(), targets
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.max_grad_norm is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def _maybe_log(self, bar: tqdm, meter: ClassificationMeter, epoch: int) -> None:
+        if not self.cfg.log_every or self.step % self.cfg.log_every:
+            return
+        stats = meter.compute()
+        self._check_finite(stats["loss"], epoch)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", top1=f"{stats['top1']:.3f}", lr=f"{self.last_lr:.2e}")
+        logger.debug(
+            "epoch %d step %d: loss %.4f top1 %.3f lr %.3e",
+            epoch,
+            self.step,
+            stats["loss"],
+            stats["top1"],
+            self.last_lr,
+        )
+
+    def _check_finite(self, loss: float, epoch: int) -> None:
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss} at epoch {epoch}, step {self.step} (lr {self.last_lr:.3e}); "
+                "lower TrainConfig.lr, set max_grad_norm, or disable bf16"
+            )
+
+
+def train(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    cfg: TrainConfig,
+    *,
+    val_loader: Iterable[Any] | None = None,
+    device: str | torch.device = "cpu",
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Callback] | None = None,
+) -> TrainResult:
+    """Train the trainable parameters of ``model`` on ``train_loader``.
+
+    Seeds everything with ``cfg.seed``, moves ``model`` to ``device``, then for each epoch: ``model.train()``,
+    cross-entropy (with ``cfg.label_smoothing``) under optional bf16 autocast, backward of ``loss / k`` where
+    ``k`` is the number of micro-batches in the current accumulation group, an optimizer step (after optional
+    gradient clipping) every ``cfg.grad_accum`` micro-batches and at the end of the epoch, and a scheduler step
+    after every optimizer step. After each epoch the model is evaluated on ``val_loader`` (if given) and a record
+    ``{epoch, train_loss, train_top1, lr, val_top1, val_loss, epoch_time_s, images_per_s, steps}`` is appended to
+    the history (``lr`` is the rate used by the epoch's last step; ``val_*`` are ``None`` without a val loader;
+    top-1 values are fractions in [0, 1]; ``images_per_s`` counts training images over training time only).
+    With ``out_dir`` the file ``out_dir/metrics.json`` (``{config, history, steps, elapsed_s, complete}``) is
+    rewritten atomically after every epoch.
+
+    Args:
+        model: The model; parameters with ``requires_grad=True`` are trained.
+        train_loader: Yields ``(images, int64 targets)`` batches and has a ``len()``.
+        cfg: Hyper-parameters.
+        val_loader: Optional loader evaluated after every epoch.
+        device: Where the model and batches go.
+        out_dir: Folder for ``metrics.json`` (created if missing).
+        progress: Show a tqdm progress bar per epoch.
+        callbacks: Called with each epoch record; a callback returning ``True`` stops training after that epoch.
+
+    Returns:
+        The per-epoch history, final metrics, total time and number of optimizer steps.
+
+    Raises:
+        ConfigError: No trainable parameters, or a loader without ``len()``.
+        DataError: An empty training or validation loader.
+        FloatingPointError: The training loss became NaN/inf.
+    """
+    set_seed(cfg.seed)
+    device = torch.device(device)
+    model.to(device)
+    steps_per_epoch = math.ceil(_num_batches(train_loader) / cfg.grad_accum)
+    _warn_batch_size(train_loader, cfg)
+    optimizer = build_optimizer(model, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    loop = _Loop(model, cfg, device, optimizer, build_scheduler(optimizer, cfg, steps_per_epoch))
+    result, start = TrainResult(), time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        record = _epoch_record(loop, train_loader, val_loader, epoch, progress)
+        result.history.append(record)
+        result.total_time_s, result.steps, result.final = time.perf_counter() - start, loop.step, record
+        if out_dir is not None:
+            _write_metrics(Path(out_dir), cfg, result, complete=epoch == cfg.epochs)
+        if any([cb(record) is True for cb in callbacks or ()]):  # a list: every callback sees every epoch
+            logger.info("a callback stopped training after epoch %d", epoch)
+            result.stopped_early = True
+            if out_dir is not None:
+                _write_metrics(Path(out_dir), cfg, result, complete=True)
+            break
+    return result
+
+
+def _epoch_record(
+    loop: _Loop, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, epoch: int, progress: bool
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    stats = loop.run_epoch(train_loader, epoch, progress)
+    val = evaluate(loop.model, val_loader, loop.device, loop.cfg.bf16) if val_loader is not None else {}
+    record = {
+        "epoch": epoch,
+        "train_loss": stats["train_loss"],
+        "train_top1": stats["train_top1"],
+        "lr": stats["lr"],
+        "val_top1": val.get("top1"),
+        "val_loss": val.get("loss"),
+        "epoch_time_s": time.perf_counter() - start,
+        "images_per_s": stats["n"] / max(stats["train_time_s"], 1e-9),
+        "steps": loop.step,
+    }
+    logger.info(
+        "epoch %d/%d: train loss %.4f top1 %.4f | val loss %s top1 %s | lr %.3e | %.1f img/s",
+        epoch,
+        loop.cfg.epochs,
+        record["train_loss"],
+        record["train_top1"],
+        _fmt(record["val_loss"]),
+        _fmt(record["val_top1"]),
+        record["lr"],
+        record["images_per_s"],
+    )
+    return record
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _warn_batch_size(loader: Iterable[Any], cfg: TrainConfig) -> None:
+    batch_size = getattr(loader, "batch_size", None)
+    if batch_size is not None and batch_size != cfg.batch_size:
+        logger.warning(
+            "train_loader.batch_size=%d differs from TrainConfig.batch_size=%d; the loader's is used",
+            batch_size,
+            cfg.batch_size,
+        )
+
+
+def _write_metrics(out_dir: Path, cfg: TrainConfig, result: TrainResult, complete: bool) -> None:
+    payload = {
+        "config": cfg.to_dict(),
+        "history": result.history,
+        "steps": result.steps,
+        "elapsed_s": result.total_time_s,
+        "complete": complete,
+    }
+    write_json_atomic(out_dir / "metrics.json", payload)
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+    progress: bool = False,
+) -> dict[str, float | int]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader``.
+
+    Runs under ``torch.inference_mode()`` with ``model.eval()``, and restores the model's previous
+    training mode afterwards. The model must already be on ``device``.
+
+    Args:
+        model: The classifier.
+        loader: Yields ``(images, int64 targets)``.
+        device: Where batches are moved.
+        bf16: Run the forward pass under bf16 autocast.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        ``{"top1": fraction correct in [0, 1], "loss": mean cross-entropy (no label smoothing), "n": samples}``.
+
+    Raises:
+        DataError: The loader yielded no samples.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    meter = ClassificationMeter()
+    try:
+        with torch.inference_mode():
+            for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(images)
+                meter.update(F.cross_entropy(logits.float(), targets), logits, targets)
+    finally:
+        model.train(was_training)
+    stats = meter.compute()
+    if stats["n"] == 0:
+        raise DataError("evaluation loader yielded no samples")
+    return stats
