@@ -1,0 +1,73 @@
+"""Each method's trainable-parameter count on ViT-B/16 in its paper's default setting.
+
+The model is a randomly initialised timm ``vit_base_patch16_224`` (d = 768, L = 12, MLP 3072,
+patch 16) with a 100-class head (the size of the VTAB tables' CIFAR-100). Every expected count is
+derived by hand below; ``method_params`` excludes the head (768 * 100 + 100 = 76,900).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+
+import vpeft
+
+D, L, MLP, P = 768, 12, 3072, 16
+HEAD = D * 100 + 100  # 76,900
+
+# One block: qkv (d x 3d + 3d), proj (d x d + d), fc1 (d x 4d + 4d), fc2 (4d x d + d), two LayerNorms (2 x 2d).
+BLOCK = (D * 3 * D + 3 * D) + (D * D + D) + (D * MLP + MLP) + (MLP * D + D) + 2 * 2 * D  # 7,087,872
+PATCH_EMBED = 3 * P * P * D + D  # conv 16x16x3 -> 768, + bias
+TOKENS = D + 197 * D  # class token + position embeddings (196 patches + class)
+FINAL_NORM = 2 * D
+
+EXPECTED = {
+    # head only
+    "linear": 0,
+    # every backbone weight: 12 blocks + patch embedding + tokens + final norm
+    "full": L * BLOCK + PATCH_EMBED + TOKENS + FINAL_NORM,
+    # all biases: per block qkv 3d + proj d + fc1 4d + fc2 d + two LayerNorm biases 2d; + patch-embed bias + final norm bias
+    "bitfit": L * (3 * D + D + MLP + D + 2 * D) + D + D,
+    # LayerNorm weight and bias: 2 per block (4d) + the final norm (2d)
+    "ln_tune": L * 4 * D + 2 * D,
+    # last block + final norm
+    "partial": BLOCK + FINAL_NORM,
+    # r = 8 on q and v: per block 2 x (A: 8 x d + B: d x 8)
+    "lora": L * 2 * (8 * D + D * 8),
+    # bottleneck 8 after the MLP: down d x 8 + 8, up 8 x d + d
+    "adapter": L * (D * 8 + 8 + 8 * D + D),
+    # same branch shape, parallel to the MLP
+    "adaptformer": L * (D * 8 + 8 + 8 * D + D),
+    # 10 prompts of width d at the input only / at every block
+    "vpt_shallow": 10 * D,
+    "vpt_deep": L * 10 * D,
+    # scale + shift (2 x channels) after norm1, qkv, proj, norm2, fc1, fc2 per block; patch embed; final norm
+    "ssf": L * 2 * (D + 3 * D + D + D + MLP + D) + 2 * D + 2 * D,
+}
+
+
+def test_hand_arithmetic():
+    assert BLOCK == 7_087_872
+    assert EXPECTED["full"] == 85_798_656  # timm's 86,567,656 for ViT-B/16 minus its 1000-class head (769,000)
+    assert EXPECTED["lora"] == 294_912
+    assert EXPECTED["bitfit"] == 102_912
+    assert EXPECTED["ssf"] == 205_824
+
+
+def test_every_registered_method_has_an_expected_count():
+    assert set(vpeft.list_methods()) <= set(EXPECTED), "add the new method's ViT-B/16 count here"
+
+
+@pytest.fixture(scope="module")
+def vit_b():
+    base = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+    return lambda: copy.deepcopy(base)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_vit_b16_count(name, vit_b):
+    rep = vpeft.apply(vit_b(), name)
+    assert rep.head == HEAD
+    assert rep.method_params == EXPECTED[name], f"{name}: {rep.method_params:,} != {EXPECTED[name]:,}"
