@@ -117,12 +117,17 @@ def report(model: nn.Module) -> Report:
     """Count the trainable parameters of an adapted model, per owning module kind."""
     state = _state(model)
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    wrappers = sorted((n for n, m in modules.items() if isinstance(m, Wrapper)), key=len, reverse=True)
     by_kind: dict[str, int] = {}
-    for mod_name, module in model.named_modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-        if own:
-            kind = f"{type(module).__name__}(head)" if mod_name in state.head else type(module).__name__
-            by_kind[kind] = by_kind.get(kind, 0) + own
+    for name, p in params.items():
+        if not p.requires_grad:
+            continue
+        owner = name.rpartition(".")[0]
+        wrapper = next((w for w in wrappers if owner == w or owner.startswith(w + ".")), None)
+        kind = type(modules[wrapper if wrapper is not None else owner]).__name__
+        kind += "(head)" if name in state.head else ""
+        by_kind[kind] = by_kind.get(kind, 0) + p.numel()
     head = sum(params[n].numel() for n in state.head if n in params)
     return Report(
         method=state.config.method,
