@@ -1,17 +1,15 @@
-"""Built-in methods: importing this package registers every one of them."""
+"""Built-in methods, one module each: importing this package registers every one of them.
 
-from . import (  # noqa: F401
-    adapter,
-    adaptformer,
-    bitfit,
-    full,
-    linear,
-    ln_tune,
-    lora,
-    partial,
-    ssf,
-    vpt,
-)
+Modules are discovered automatically, so adding a method is adding one file here.
+"""
+
+import importlib
+import pkgutil
+
 from .base import FAMILIES, Method
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name != "base" and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["Method", "FAMILIES"]
