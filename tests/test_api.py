@@ -163,7 +163,9 @@ def _saved(tmp_path, name="lora"):
 def test_load_onto_other_backbone_fails(tmp_path):
     path = _saved(tmp_path)
     other = TINY_BACKBONES["vit_cls"][0]()
-    with pytest.raises(vpeft.CheckpointError, match=r"trained on backbone 'vit_small_patch14_reg4_dinov2', not 'vit_tiny"):
+    with pytest.raises(
+        vpeft.CheckpointError, match=r"trained on backbone 'vit_small_patch14_reg4_dinov2', not 'vit_tiny"
+    ):
         vpeft.load(other, path)
 
 

@@ -18,10 +18,7 @@ from vpeft.layers import Wrapper
 
 CASES = method_cases()
 MATRIX = [
-    pytest.param(case, bb, id=f"{case_id(case)}@{bb}")
-    for case in CASES
-    for bb in TINY_BACKBONES
-    if supports(*case, bb)
+    pytest.param(case, bb, id=f"{case_id(case)}@{bb}") for case in CASES for bb in TINY_BACKBONES if supports(*case, bb)
 ]
 UNSUPPORTED = [
     pytest.param(case, bb, id=f"{case_id(case)}@{bb}")

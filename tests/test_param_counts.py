@@ -28,7 +28,8 @@ EXPECTED = {
     "linear": 0,
     # every backbone weight: 12 blocks + patch embedding + tokens + final norm
     "full": L * BLOCK + PATCH_EMBED + TOKENS + FINAL_NORM,
-    # all biases: per block qkv 3d + proj d + fc1 4d + fc2 d + two LayerNorm biases 2d; + patch-embed bias + final norm bias
+    # all biases: per block qkv 3d + proj d + fc1 4d + fc2 d + two LayerNorm biases 2d;
+    # + patch-embed bias + final norm bias
     "bitfit": L * (3 * D + D + MLP + D + 2 * D) + D + D,
     # LayerNorm weight and bias: 2 per block (4d) + the final norm (2d)
     "ln_tune": L * 4 * D + 2 * D,

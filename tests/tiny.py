@@ -26,8 +26,15 @@ TINY_BACKBONES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "vit_cls": (
         _seeded(
             lambda: timm.create_model(
-                "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
-                num_heads=2, mlp_ratio=2, num_classes=NUM_CLASSES,
+                "vit_tiny_patch16_224",
+                pretrained=False,
+                img_size=32,
+                patch_size=8,
+                embed_dim=32,
+                depth=2,
+                num_heads=2,
+                mlp_ratio=2,
+                num_classes=NUM_CLASSES,
             )
         ),
         32,
@@ -36,7 +43,13 @@ TINY_BACKBONES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "vit_reg_ls": (
         _seeded(
             lambda: timm.create_model(
-                "vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, embed_dim=32, depth=3, num_heads=2, init_values=0.5,
+                "vit_small_patch14_reg4_dinov2",
+                pretrained=False,
+                img_size=28,
+                embed_dim=32,
+                depth=3,
+                num_heads=2,
+                init_values=0.5,
                 num_classes=NUM_CLASSES,
             )
         ),
@@ -46,13 +59,24 @@ TINY_BACKBONES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "vit_avg": (
         _seeded(
             lambda: timm.create_model(
-                "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
-                num_heads=2, class_token=False, global_pool="avg", num_classes=NUM_CLASSES,
+                "vit_tiny_patch16_224",
+                pretrained=False,
+                img_size=32,
+                patch_size=8,
+                embed_dim=32,
+                depth=2,
+                num_heads=2,
+                class_token=False,
+                global_pool="avg",
+                num_classes=NUM_CLASSES,
             )
         ),
         32,
     ),
-    "cnn_effnet": (_seeded(lambda: timm.create_model("test_efficientnet", pretrained=False, num_classes=NUM_CLASSES)), 32),
+    "cnn_effnet": (
+        _seeded(lambda: timm.create_model("test_efficientnet", pretrained=False, num_classes=NUM_CLASSES)),
+        32,
+    ),
 }
 
 # Extra (method, options) cases run through the same contract bodies as every method's defaults.

@@ -215,7 +215,9 @@ def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any] | str, **ov
         UnsupportedBackboneError: the method cannot adapt this backbone.
     """
     if is_adapted(model):
-        raise ConfigError(f"model already has method {_state(model).config.method!r} applied; start from a fresh backbone")
+        raise ConfigError(
+            f"model already has method {_state(model).config.method!r} applied; start from a fresh backbone"
+        )
     cfg = _as_config(config, overrides)
     spec = get_spec(model)
     method = get_method(cfg.method)(cfg)
@@ -232,7 +234,9 @@ def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any] | str, **ov
     for name in trainable:
         params[name].requires_grad_(True)
     if not trainable:
-        raise ConfigError(f"{cfg.method}: nothing to train -- the model has no classification head (create it with num_classes > 0)")
+        raise ConfigError(
+            f"{cfg.method}: nothing to train -- the model has no classification head (create it with num_classes > 0)"
+        )
     model.__dict__[_STATE] = _State(cfg, method, spec, backbone_name(model), base_print, adapted, trainable, head)
     rep = report(model)
     log.info("%s", rep)
@@ -270,7 +274,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, Any] 
 
     state = _state(model)
     if state.merged is not None:
-        raise CheckpointError("model is merged; call vpeft.unmerge(model) before saving the delta (or vpeft.save_merged)")
+        raise CheckpointError(
+            "model is merged; call vpeft.unmerge(model) before saving the delta (or vpeft.save_merged)"
+        )
     path = Path(path)
     meta = {
         "format": FORMAT,
@@ -347,10 +353,14 @@ def _load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: 
         raise CheckpointError(f"checkpoint {where!r} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for n, t in tensors.items():
         if targets[n].shape != t.shape:
-            hint = " (the head has another number of classes: create the backbone with matching num_classes)" if (
-                n in state.head
-            ) else ""
-            raise CheckpointError(f"checkpoint {where!r}: {n} has shape {tuple(t.shape)}, model {tuple(targets[n].shape)}{hint}")
+            hint = (
+                " (the head has another number of classes: create the backbone with matching num_classes)"
+                if (n in state.head)
+                else ""
+            )
+            raise CheckpointError(
+                f"checkpoint {where!r}: {n} has shape {tuple(t.shape)}, model {tuple(targets[n].shape)}{hint}"
+            )
     with torch.no_grad():
         for n, t in tensors.items():
             targets[n].copy_(t)

@@ -27,7 +27,9 @@ def check_int(cfg: MethodConfig, field: str, low: int, high: int | None = None) 
         raise ConfigError(f"{cfg.method}: {field}={value!r} is invalid; expected an integer {rng}")
 
 
-def check_float(cfg: MethodConfig, field: str, low: float, high: float | None = None, *, low_open: bool = False) -> None:
+def check_float(
+    cfg: MethodConfig, field: str, low: float, high: float | None = None, *, low_open: bool = False
+) -> None:
     """Raise ConfigError unless ``cfg.field`` is a real number in the given range."""
     value = getattr(cfg, field)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -54,7 +56,9 @@ def check_subset(cfg: MethodConfig, field: str, options: Iterable[str], *, allow
     bad = [v for v in values if v not in options]
     if bad or (not values and not allow_empty) or len(set(values)) != len(values):
         what = f"unknown {bad[0]!r}" if bad else ("empty" if not values else "repeated entries")
-        raise ConfigError(f"{cfg.method}: {field}={list(values)!r} is invalid ({what}); valid options: {', '.join(options)}")
+        raise ConfigError(
+            f"{cfg.method}: {field}={list(values)!r} is invalid ({what}); valid options: {', '.join(options)}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,7 +84,8 @@ def get_spec(model: nn.Module) -> ArchSpec:
         if matches(model):
             return build(model)
     raise UnsupportedBackboneError(
-        f"backbone class {type(model).__name__!r} is not supported; supported families: {', '.join(supported_families())}"
+        f"backbone class {type(model).__name__!r} is not supported; "
+        f"supported families: {', '.join(supported_families())}"
     )
 
 

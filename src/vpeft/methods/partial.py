@@ -44,10 +44,10 @@ class PartialK(Method):
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         super().check(model, spec)
         if self.config.k > spec.depth:
-            raise ConfigError(f"partial: k={self.config.k} exceeds the backbone's {spec.depth} blocks; use 1..{spec.depth}")
+            raise ConfigError(
+                f"partial: k={self.config.k} exceeds the backbone's {spec.depth} blocks; use 1..{spec.depth}"
+            )
 
     def select(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         prefixes = spec.blocks[-self.config.k :] + spec.post_blocks
-        return [
-            f"{prefix}.{name}" for prefix in prefixes for name, _ in model.get_submodule(prefix).named_parameters()
-        ]
+        return [f"{prefix}.{name}" for prefix in prefixes for name, _ in model.get_submodule(prefix).named_parameters()]
