@@ -61,7 +61,7 @@ def test_train_eval_merge_round_trip(data_root, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--method", "lorra"], "unknown method 'lorra'. Did you mean 'lora'?"),
+        (["--method", "lorra"], "unknown method 'lorra'. Did you mean 'lora'"),
         (["--method", "lora", "--opt", "rank=3"], "unknown option 'rank'; valid options: alpha, dropout, r, targets"),
         (["--method", "lora", "--opt", "r=abc"], "option r='abc' is not a valid int"),
         (["--method", "lora", "--opt", "r=0"], "r=0 is invalid; expected an integer >= 1"),

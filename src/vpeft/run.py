@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 
 
 # ---- data -------------------------------------------------------------------------------------------------
+def cache_data_root() -> Path:
+    """``$VPEFT_CACHE/data`` or ``~/.cache/vpeft/data``: where generated tasks (digits) are written."""
+    return Path(os.environ.get("VPEFT_CACHE") or Path.home() / ".cache" / "vpeft") / "data"
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A task folder: VTAB-1k lists (``train800.txt`` ...) or one image folder per split (``train/``, ``test/``)."""
@@ -82,6 +87,9 @@ def open_task(data_root: str | os.PathLike | None, task: str) -> Task:
     root = Path(data_root) if data_root is not None else default_data_root()
     path = root / task
     if task == "digits" and not path.exists():
+        if data_root is None:  # never write into a shared default root: export into the user's cache
+            root = cache_data_root()
+            path = root / task
         ensure_digits_task(root)
     if not path.is_dir():
         present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -274,8 +282,7 @@ def demo(
     Default data: scikit-learn's digits (real handwritten digits, shipped with scikit-learn), exported in
     VTAB-1k format under ``~/.cache/vpeft/data`` (or ``$VPEFT_CACHE/data``).
     """
-    if data_root is None:
-        data_root = Path(os.environ.get("VPEFT_CACHE") or Path.home() / ".cache" / "vpeft") / "data"
+    data_root = cache_data_root() if data_root is None else data_root
     records = []
     for name in methods:
         recipe = {"epochs": epochs, "batch_size": batch_size, "warmup_epochs": 1.0, **DEMO_RECIPES.get(name, {})}
