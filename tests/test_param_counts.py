@@ -46,6 +46,25 @@ EXPECTED = {
     "vpt_deep": L * 10 * D,
     # scale + shift (2 x channels) after norm1, qkv, proj, norm2, fc1, fc2 per block; patch embed; final norm
     "ssf": L * 2 * (D + 3 * D + D + D + MLP + D) + 2 * D + 2 * D,
+    # DiffFit: BitFit's biases + LayerNorm weights (2 per block + final norm) + per-channel gamma on the attention
+    # and MLP residual branches of every block; 102,912 + 19,200 + 18,432 (the paper reports DiT counts only)
+    "difffit": (L * (3 * D + D + MLP + D + 2 * D) + D + D) + (L * 2 * D + D) + L * 2 * D,
+    # attention-only (Touvron et al.): qkv (d x 3d + 3d) + proj (d x d + d) of every block; no count in the paper
+    "attention_only": L * (D * 3 * D + 3 * D + D * D + D),
+    # DoRA r = 8 on q and v: LoRA's pairs + one magnitude per adapted output row (d for q, d for v)
+    "dora": L * 2 * (8 * D + D * 8) + L * 2 * D,
+    # IA3: l_k (d) + l_v (d) + l_ff (4d) per block
+    "ia3": L * (D + D + MLP),
+    # FacT-TT r = 8: shared U (8 x d) + V (d x 8), one 8 x 8 core per slice, 12 slices per block
+    # (q, k, v, o, 4 of fc1, 4 of fc2); the paper's 0.040M is its mean over per-task ranks 4/8/16
+    "fact_tt": 2 * D * 8 + L * 12 * 8 * 8,
+    # FacT-TK r = 32: shared U + V, Tucker core 32^3, P (12L x 32); the paper's 0.069M is its mean over ranks 16/32
+    "fact_tk": 2 * D * 32 + 32**3 + L * 12 * 32,
+    # KronA on q and v, A 32 x 32 and B (768/32) x (768/32) = 24 x 24 per adapted projection
+    "krona": L * 2 * (32 * 32 + 24 * 24),
+    # RepAdapter before attention and MLP: down d x 8 + 8, group-wise up (2 groups) d x 4 + d, 2 per block;
+    # the paper's 0.22M counts the weights only: L * 2 * (d * 8 + d * 4) = 221,184
+    "repadapter": L * 2 * (D * 8 + 8 + D * 4 + D),
 }
 
 

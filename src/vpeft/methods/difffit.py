@@ -1,0 +1,73 @@
+"""DiffFit: biases, normalisation layers and a learned scale on every residual branch.
+
+Reference: Xie et al., "DiffFit: Unlocking Transferability of Large Diffusion Models via Simple
+Parameter-Efficient Fine-Tuning", ICCV 2023. DiffFit extends BitFit: it trains every bias term,
+the normalisation layers' affine parameters, and inserts a learnable per-channel scale gamma
+(``torch.ones(hidden_size)``, i.e. init 1) on both residual branches of every transformer block:
+``x = x + gamma_1 * attn(norm1(x))``, ``x = x + gamma_2 * mlp(norm2(x))`` (the paper's Algorithm 1;
+the per-channel vector in every block is also how the PETL_Vision benchmark applies DiffFit to
+ViT classification). The paper's "class embedding" is DiT's label embedding; its classification
+analogue is the head, which vpeft always trains.
+
+Placement in vpeft: gamma_1 scales the output of the attention's output projection ``proj`` and
+gamma_2 the output of ``fc2``. Both are the last Linear of their branch (only dropout, and in
+LayerScale models a per-channel ``ls`` that commutes with gamma, follow), so this is exactly the
+paper's scaling of the residual branch, and it folds into ``proj`` / ``fc2``'s weight rows and bias.
+Identity at initialisation (gamma = 1, biases and norms unchanged).
+ViT-B/16: biases 102,912 (= BitFit) + LayerNorm weights 25 * 768 = 19,200 + gammas 12 * 2 * 768 =
+18,432 -> 140,544 parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from .._modules import get_module, set_module
+from ..arch import ArchSpec
+from ..config import MethodConfig
+from ..errors import UnsupportedBackboneError
+from ..layers.scaling import OutputScale
+from ..registry import register_method
+from .base import SPECIFICATION, Method
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffFitConfig(MethodConfig):
+    """DiffFit: no options."""
+
+    method = "difffit"
+
+
+@register_method
+class DiffFit(Method):
+    config_cls = DiffFitConfig
+    family = SPECIFICATION
+    paper = "Xie et al., DiffFit: Unlocking Transferability of Large Diffusion Models, ICCV 2023"
+    mergeable = True
+    kinds = ("vit",)
+
+    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
+        adapted = []
+        for parts in spec.parts:
+            for what, name in (("attention output projection", parts.proj), ("MLP output projection", parts.fc2)):
+                base = get_module(model, name) if name else None
+                if not isinstance(base, nn.Linear):
+                    raise UnsupportedBackboneError(f"difffit: block {parts.block} has no {what} Linear to scale")
+                set_module(model, name, OutputScale(base))
+                adapted.append(name)
+        return adapted
+
+    def select(self, model: nn.Module, spec: ArchSpec) -> list[str]:
+        names = []
+        for mod_name, module in model.named_modules():
+            prefix = f"{mod_name}." if mod_name else ""
+            own = dict(module.named_parameters(recurse=False))
+            if isinstance(own.get("bias"), nn.Parameter):
+                names.append(prefix + "bias")
+            if isinstance(module, NORM_TYPES) and isinstance(own.get("weight"), nn.Parameter):
+                names.append(prefix + "weight")
+        return names

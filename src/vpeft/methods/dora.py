@@ -1,0 +1,82 @@
+"""DoRA: weight-decomposed low-rank adaptation.
+
+Reference: Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024 (official code
+NVlabs/DoRA; the same formulation as Hugging Face PEFT's ``use_dora``). Each adapted weight is
+split into a magnitude and a direction: ``W' = m * (W0 + s B A) / ||W0 + s B A||_c``, the norm
+taken per output row over the input dimension. ``m`` is initialised to ``||W0||_c`` and the
+low-rank pair as LoRA's (A Kaiming-uniform, B zero), so the model is the frozen backbone at
+initialisation. The norm is detached from the graph by default (the paper's Sec. 4.3 training-cost
+reduction, used by the official code).
+
+Placement: the same targets as LoRA, default W_q and W_v with r = 8 (alpha = r, scale 1). On
+timm's fused ``qkv`` the q and v output slices get a low-rank pair and a magnitude vector each (2d
+magnitudes); the k rows keep their frozen weight, so this is DoRA on separate q and v projections.
+ViT-B/16, r = 8 on q, v: LoRA's 12 * 2 * (8 * 768 + 768 * 8) = 294,912 plus magnitudes
+12 * 2 * 768 = 18,432 -> 313,344 parameters (the paper reports no ViT-B/16 VTAB count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from .._modules import get_module, set_module
+from ..arch import ArchSpec
+from ..errors import ConfigError, UnsupportedBackboneError
+from ..layers.dora import DoRALinear
+from ..registry import register_method
+from .base import REPARAMETER, Method
+from .lora import QKV, LoRAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DoRAConfig(LoRAConfig):
+    """DoRA: LoRA's options plus how the column norm enters the gradient.
+
+    Attributes:
+        r: rank of the directional update (>= 1).
+        alpha: the update is multiplied by ``alpha / r``.
+        dropout: dropout on the low-rank branch input, in [0, 1).
+        targets: q, k, v (slices of a fused qkv), proj, fc1, fc2; ``"qkv"`` is shorthand for q, k, v.
+        detach_norm: treat ``||W0 + s B A||_c`` as a constant in the backward pass (paper Sec. 4.3).
+    """
+
+    method = "dora"
+    detach_norm: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.detach_norm, bool):
+            raise ConfigError(f"dora: detach_norm={self.detach_norm!r} is invalid; expected true or false")
+
+
+@register_method
+class DoRA(Method):
+    config_cls = DoRAConfig
+    family = REPARAMETER
+    paper = "Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, ICML 2024"
+    mergeable = True
+    kinds = ("vit",)
+
+    def _wrap(self, model: nn.Module, name: str, what: str, slices: list[tuple[int, int]] | None) -> None:
+        base = get_module(model, name) if name else None
+        if not isinstance(base, nn.Linear):
+            raise UnsupportedBackboneError(f"dora: {name or 'the block'} has no {what} Linear layer")
+        cfg = self.config
+        set_module(model, name, DoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, slices, cfg.detach_norm))
+
+    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
+        targets, adapted = self.config.targets, []
+        qkv_index = [i for i, t in enumerate(QKV) if t in targets]
+        for parts in spec.parts:
+            if qkv_index:
+                base = get_module(model, parts.qkv) if parts.qkv else None
+                width = base.out_features // 3 if isinstance(base, nn.Linear) else 0
+                self._wrap(model, parts.qkv, "fused qkv", [(i * width, (i + 1) * width) for i in qkv_index])
+                adapted.append(parts.qkv)
+            for t in ("proj", "fc1", "fc2"):
+                if t in targets:
+                    self._wrap(model, getattr(parts, t), t, None)
+                    adapted.append(getattr(parts, t))
+        return adapted
