@@ -65,6 +65,26 @@ EXPECTED = {
     # RepAdapter before attention and MLP: down d x 8 + 8, group-wise up (2 groups) d x 4 + d, 2 per block;
     # the paper's 0.22M counts the weights only: L * 2 * (d * 8 + d * 4) = 221,184
     "repadapter": L * 2 * (D * 8 + 8 + D * 4 + D),
+    # Convpass dim 8, parallel to attention and MLP: down d x 8 + 8, 3x3 conv 8 x 8 x 9 + 8, up 8 x d + d, 2 per block;
+    # 327,552 = the paper's 0.33M
+    "convpass": L * 2 * (D * 8 + 8 + 8 * 8 * 9 + 8 + 8 * D + D),
+    # Mona dim 64 after attention and after MLP: LN 2d + gamma d + gammax d + down d x 64 + 64 + depthwise 3/5/7
+    # convs 64 x (9 + 25 + 49) + 3 x 64 + 1x1 conv 64 x 64 + 64 + up 64 x d + d (the paper has no ViT-B count)
+    "mona": L * 2 * (2 * D + D + D + D * 64 + 64 + 64 * (9 + 25 + 49) + 3 * 64 + 64 * 64 + 64 + 64 * D + D),
+    # prefix length 10: keys + values (10 x d each) per block
+    "prefix": L * 2 * 10 * D,
+    # E2VPT: 5 key-value prompts per head shared by K and V (12 heads x 5 x 64 = 5 x d) + 5 deep visual prompts
+    # per block; no pruning (the paper reports only per-task pruned percentages)
+    "e2vpt": L * 5 * D + L * 5 * D,
+    # pixel padding prompt, 30 px at 224 px: 2 x 3 x 30 x 224 + 2 x 3 x (224 - 60) x 30 = 69,840 = the paper's count
+    "visual_prompt": 2 * 3 * 30 * 224 + 2 * 3 * (224 - 60) * 30,
+    # LST r = 8 (d_s = 96, MLP 384): first down d x 96 + 96, 12 ladder downs, 12 gates, 12 side blocks (2 LN 4 x 96,
+    # qkv 96 x 288 + 288, proj 96 x 96 + 96, fc1 96 x 384 + 384, fc2 384 x 96 + 96), final LN, up 96 x d + d
+    "lst": (L + 1) * (D * 96 + 96)
+    + L
+    + L * (4 * 96 + 96 * 288 + 288 + 96 * 96 + 96 + 96 * 384 + 384 + 384 * 96 + 96)
+    + 2 * 96
+    + (96 * D + D),
 }
 
 
