@@ -28,6 +28,8 @@ class OutputScale(Wrapper):
     """
 
     mergeable = True
+    #: only transforms the base layer's output (merging folds into whatever Linear is below once that is merged)
+    stackable = True
 
     def __init__(self, base_layer: nn.Linear, slices: list[tuple[int, int]] | None = None) -> None:
         super().__init__(base_layer)

@@ -6,7 +6,7 @@ weights of the MHSA layers only (the fused q/k/v projection and the output proje
 and biases) is enough to adapt a ViT to a new resolution or classification task; everything else
 stays frozen and is shared across tasks. Nothing is added, so the method trivially "merges".
 ViT-B/16: per block qkv 768 * 2304 + 2304 and proj 768 * 768 + 768 = 2,362,368 (one third of a
-block's 7,087,872), times 12 = 28,348,416 parameters. The paper states no absolute count.
+block's 7,087,872), times 12 = 28,348,416 parameters (no absolute count for this setting was found in the paper).
 """
 
 from __future__ import annotations

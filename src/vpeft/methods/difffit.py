@@ -2,12 +2,13 @@
 
 Reference: Xie et al., "DiffFit: Unlocking Transferability of Large Diffusion Models via Simple
 Parameter-Efficient Fine-Tuning", ICCV 2023. DiffFit extends BitFit: it trains every bias term,
-the normalisation layers' affine parameters, and inserts a learnable per-channel scale gamma
-(``torch.ones(hidden_size)``, i.e. init 1) on both residual branches of every transformer block:
-``x = x + gamma_1 * attn(norm1(x))``, ``x = x + gamma_2 * mlp(norm2(x))`` (the paper's Algorithm 1;
-the per-channel vector in every block is also how the PETL_Vision benchmark applies DiffFit to
-ViT classification). The paper's "class embedding" is DiT's label embedding; its classification
-analogue is the head, which vpeft always trains.
+the normalisation layers' affine parameters, and inserts a learnable scale gamma, initialised to 1,
+on both residual branches of the transformer blocks: ``x = x + gamma_1 * attn(norm1(x))``,
+``x = x + gamma_2 * mlp(norm2(x))``. vpeft uses one per-channel vector (``torch.ones(d)``) per branch
+in every block, as the PETL_Vision benchmark (OSU-MLB/PETL_Vision, ``model/block.py``) applies
+DiffFit to ViT classification; the paper also ablates inserting gamma in a subset of DiT's blocks.
+The paper's "class embedding" is DiT's label embedding; its classification analogue is the head,
+which vpeft always trains.
 
 Placement in vpeft: gamma_1 scales the output of the attention's output projection ``proj`` and
 gamma_2 the output of ``fc2``. Both are the last Linear of their branch (only dropout, and in
