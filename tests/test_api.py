@@ -220,3 +220,32 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         vpeft.save(model, tmp_path / "delta.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- composition -------------------------------------------------------------------------------------------
+def test_compose_conflict_is_refused_and_model_untouched():
+    model = vit()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(vpeft.ConfigError, match=r"'adaptformer' and 'adapter' both wrap blocks.0.mlp"):
+        vpeft.apply(model, "compose", methods=["adapter", "adaptformer"])
+    assert not vpeft.is_adapted(model)
+    assert [n for n, _ in model.named_parameters()] == list(before), "no wrapper left behind"
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_compose_parts_see_each_other_through_wrappers():
+    model = vit()
+    vpeft.apply(model, "compose", methods=["vpt_deep", {"method": "lora", "targets": ["q", "v", "fc1"]}, "adapter"])
+    blk = model.blocks[0]
+    assert isinstance(blk, PromptedBlock)
+    assert isinstance(blk.base_layer.attn.qkv, LoRALinear)
+    assert isinstance(blk.base_layer.mlp.base_layer.fc1, LoRALinear), "LoRA inside the adapter-wrapped MLP"
+
+
+@pytest.mark.parametrize(
+    "methods,pattern",
+    [([], r"methods=\[\] is invalid"), (["compose"], "may not contain another"), (["lora", "full"], "'full'")],
+)
+def test_compose_bad_config(methods, pattern):
+    with pytest.raises(vpeft.ConfigError, match=pattern):
+        vpeft.apply(vit(), "compose", methods=methods)

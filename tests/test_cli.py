@@ -121,3 +121,19 @@ def test_cnn_bitfit_trains(data_root, tmp_path):
         == 0
     )
     assert torch.isfinite(torch.tensor(json.loads((tmp_path / "o" / "result.json").read_text())["top1"]))
+
+
+def test_compose_from_the_command_line(data_root, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        _train(data_root, out, "--method", "lora+vpt_deep", "--opt", "lora.r=2", "--opt", "vpt_deep.num_tokens=3") == 0
+    )
+    cfg = json.loads((out / "result.json").read_text())["config"]
+    assert cfg["method"] == "compose"
+    assert [m["method"] for m in cfg["methods"]] == ["lora", "vpt_deep"]
+    assert cfg["methods"][0]["r"] == 2 and cfg["methods"][1]["num_tokens"] == 3
+
+
+def test_compose_option_must_name_its_method(data_root, tmp_path, capsys):
+    assert _train(data_root, tmp_path / "o", "--method", "lora+vpt_deep", "--opt", "r=2") == 2
+    assert "must name its method when composing" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from tiny import TINY_BACKBONES, batch, case_id, method_cases, supports
+from tiny import TINY_BACKBONES, batch, case_id, method_cases, method_of, supports
 
 import vpeft
 from vpeft.api import read_delta
@@ -86,7 +86,7 @@ def test_frozen_weights_untouched_by_a_step(case, bb):
         if not p.requires_grad:
             assert torch.equal(p, params[n]), f"frozen {n} changed"
             assert p.grad is None, f"frozen {n} holds a .grad"
-    if vpeft.get_method(case[0]).freeze_norm_stats:
+    if method_of(*case).freeze_norm_stats:
         for n, b in model.named_buffers():
             assert torch.equal(b, buffers[n]), f"buffer {n} changed"
     assert any(not torch.equal(a, p) for a, p in zip(before, trainable)), "the step changed no trainable tensor"
@@ -104,7 +104,7 @@ def test_identity_at_init(case, bb):
     with torch.no_grad():
         out = model.eval()(x)
     assert out.shape == ref.shape
-    if vpeft.get_method(name).identity_at_init:
+    if method_of(*case).identity_at_init:
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     else:
         assert not torch.allclose(out, ref), f"{name} claims not to be the identity at init but is"
@@ -138,7 +138,7 @@ def test_delta_save_load_round_trip(case, bb, tmp_path):
     meta, tensors = read_delta(path)
     state = model.__dict__["_vpeft_state"]
     stored = set(tensors)
-    if vpeft.get_method(case[0]).saves_buffers:
+    if method_of(*case).saves_buffers:
         stored -= {n for n, _ in model.named_buffers()}
     assert stored == set(state.trainable), "the file holds exactly the trainable tensors"
     fresh = TINY_BACKBONES[bb][0]()
@@ -157,7 +157,7 @@ def test_merge_unmerge(case, bb):
     model.eval()
     with torch.no_grad():
         unmerged = model(x)
-    if not vpeft.get_method(name).mergeable:
+    if not method_of(*case).mergeable:
         with pytest.raises(vpeft.ConfigError, match="not mergeable"):
             vpeft.merge(model)
         return

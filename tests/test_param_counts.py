@@ -85,6 +85,8 @@ EXPECTED = {
     + L * (4 * 96 + 96 * 288 + 288 + 96 * 96 + 96 + 96 * 384 + 384 + 384 * 96 + 96)
     + 2 * 96
     + (96 * D + D),
+    # LoRA (q, v; r=8) + Pfeiffer adapter (8) + VPT-Deep (10), the default composition
+    "compose": L * 2 * (8 * D + D * 8) + L * (D * 8 + 8 + 8 * D + D) + L * 10 * D,
 }
 
 

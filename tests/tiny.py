@@ -88,6 +88,9 @@ EXTRA_CASES: list[tuple[str, dict]] = [
     ("vpt_deep", {"num_tokens": 3, "dropout": 0.0}),
     ("vpt_shallow", {"num_tokens": 1}),
     ("adaptformer", {"bottleneck": 16, "scale": 1.0}),
+    # composition: a mergeable stack (SSF stacks on LoRA's qkv), and a CNN-capable one
+    ("compose", {"methods": [{"method": "lora", "targets": ["q", "v", "fc1"]}, "bitfit", "ssf"]}),
+    ("compose", {"methods": ["bitfit", "ln_tune"]}),
 ]
 
 
@@ -105,7 +108,12 @@ def batch(size: int, n: int = 4, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=g)
 
 
+def method_of(name: str, kwargs: dict) -> vpeft.methods.Method:
+    """The method instance for a case (flags such as ``mergeable`` may depend on the config, e.g. compose)."""
+    cls = vpeft.get_method(name)
+    return cls(cls.config_cls.from_kwargs(kwargs))
+
+
 def supports(name: str, kwargs: dict, backbone: str) -> bool:
-    method_cls = vpeft.get_method(name)
     kind = "cnn" if backbone.startswith("cnn") else "vit"
-    return kind in method_cls.kinds
+    return kind in method_of(name, kwargs).kinds

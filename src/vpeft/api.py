@@ -118,16 +118,18 @@ def report(model: nn.Module) -> Report:
     state = _state(model)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
-    wrappers = sorted((n for n, m in modules.items() if isinstance(m, Wrapper)), key=len, reverse=True)
+    delta_kind = {
+        f"{mn}.{pn}": type(m).__name__
+        for mn, m in modules.items()
+        if isinstance(m, Wrapper)
+        for pn, _ in m.delta_parameters()
+    }
     by_kind: dict[str, int] = {}
     for name, p in params.items():
-        if not p.requires_grad:
-            continue
-        owner = name.rpartition(".")[0]
-        wrapper = next((w for w in wrappers if owner == w or owner.startswith(w + ".")), None)
-        kind = type(modules[wrapper if wrapper is not None else owner]).__name__
-        kind += "(head)" if name in state.head else ""
-        by_kind[kind] = by_kind.get(kind, 0) + p.numel()
+        if p.requires_grad:
+            kind = delta_kind.get(name) or type(modules[name.rpartition(".")[0]]).__name__
+            kind += "(head)" if name in state.head else ""
+            by_kind[kind] = by_kind.get(kind, 0) + p.numel()
     head = sum(params[n].numel() for n in state.head if n in params)
     return Report(
         method=state.config.method,
@@ -191,11 +193,36 @@ def _freeze_norm_stats(model: nn.Module, head: str) -> None:
 
 
 def _wrapper_parameters(model: nn.Module) -> list[str]:
-    names = []
-    for mod_name, module in model.named_modules():
-        if isinstance(module, Wrapper):
-            names += [f"{mod_name}.{n}" for n, _ in module.delta_parameters()]
-    return names
+    return [
+        f"{mod_name}.{n}"
+        for mod_name, module in model.named_modules()
+        if isinstance(module, Wrapper)
+        for n, _ in module.delta_parameters()
+    ]
+
+
+def _inject(model: nn.Module, method: Method, spec: ArchSpec) -> tuple[list[str], list[str]]:
+    model.requires_grad_(False)
+    if method.freeze_norm_stats:
+        _freeze_norm_stats(model, spec.head)
+    adapted = method.inject(model, spec)
+    head = _head_names(model, spec)
+    trainable = list(dict.fromkeys(_wrapper_parameters(model) + method.select(model, spec) + head))
+    params = dict(model.named_parameters())
+    for name in trainable:
+        params[name].requires_grad_(True)
+    if not trainable:
+        raise ConfigError(
+            f"{method.name}: nothing to train -- the model has no classification head (create it with num_classes > 0)"
+        )
+    return adapted, trainable
+
+
+def _unwrap_all(model: nn.Module) -> None:
+    """Replace every wrapper by its base layer (innermost first); base weights are untouched by injection."""
+    for name, wrapper in _wrappers(model):
+        parent, attr = parent_of(model, name)
+        setattr(parent, attr, wrapper.base_layer)
 
 
 def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any] | str, **overrides: Any) -> Report:
@@ -224,19 +251,15 @@ def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any] | str, **ov
     method.check(model, spec)
     head = _head_names(model, spec)
     base_print = fingerprint(model, exclude=tuple(head))
-    model.requires_grad_(False)
-    if method.freeze_norm_stats:
-        _freeze_norm_stats(model, spec.head)
-    adapted = method.inject(model, spec)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        adapted, trainable = _inject(model, method, spec)
+    except BaseException:  # leave a refused model exactly as it was
+        _unwrap_all(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires_grad[n])
+        raise
     head = _head_names(model, spec)
-    trainable = list(dict.fromkeys(_wrapper_parameters(model) + method.select(model, spec) + head))
-    params = dict(model.named_parameters())
-    for name in trainable:
-        params[name].requires_grad_(True)
-    if not trainable:
-        raise ConfigError(
-            f"{cfg.method}: nothing to train -- the model has no classification head (create it with num_classes > 0)"
-        )
     model.__dict__[_STATE] = _State(cfg, method, spec, backbone_name(model), base_print, adapted, trainable, head)
     rep = report(model)
     log.info("%s", rep)

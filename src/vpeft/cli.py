@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import ConfigError, VpeftError
 
-__all__ = ["main", "parse_method_options"]
+__all__ = ["main", "parse_method_options", "method_from_cli"]
 
 
 def parse_method_options(method: str, options: Sequence[str]) -> dict[str, Any]:
@@ -34,6 +34,22 @@ def parse_method_options(method: str, options: Sequence[str]) -> dict[str, Any]:
             )
         out[key] = _convert(method, key, raw, hints[key])
     return out
+
+
+def method_from_cli(method: str, options: Sequence[str]) -> dict[str, Any]:
+    """``--method lora --opt r=4`` -> a config dict; ``--method lora+vpt_deep --opt lora.r=4`` composes."""
+    parts = [m for m in method.split("+") if m]
+    if len(parts) <= 1:
+        return {"method": method, **parse_method_options(method, options)}
+    per: dict[str, list[str]] = {name: [] for name in parts}
+    for item in options:
+        name, dot, rest = item.partition(".")
+        if not dot or name not in per:
+            raise ConfigError(
+                f"option {item!r} must name its method when composing: one of {', '.join(parts)} + '.KEY=VALUE'"
+            )
+        per[name].append(rest)
+    return {"method": "compose", "methods": [{"method": n, **parse_method_options(n, per[n])} for n in parts]}
 
 
 def _convert(method: str, key: str, raw: str, hint: Any) -> Any:
@@ -99,7 +115,7 @@ def _train_config(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune, results_table
 
-    method = {"method": args.method, **parse_method_options(args.method, args.opt)}
+    method = method_from_cli(args.method, args.opt)
     rec = finetune(
         backbone=args.backbone,
         method=method,
@@ -193,13 +209,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="adapt a backbone to a task, save the delta, evaluate once")
     p.add_argument("--backbone", required=True, help="local backbone (vpeft backbones) or any timm model name")
-    p.add_argument("--method", required=True, help="method name (vpeft methods)")
+    p.add_argument("--method", required=True, help="method name (vpeft methods); join names with + to compose")
     p.add_argument(
         "--opt",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="method option, repeatable (e.g. r=8, targets=q,v)",
+        help="method option, repeatable (e.g. r=8, targets=q,v; lora.r=8 when composing with +)",
     )
     _add_data(p)
     p.add_argument("--train-split", default="train800val200")

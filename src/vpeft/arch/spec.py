@@ -112,23 +112,42 @@ def _is_timm_vit(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
+def _unwrap(module: nn.Module | None, name: str) -> tuple[nn.Module | None, str]:
+    """Look through vpeft wrappers: the wrapped module and its qualified name (``....base_layer``)."""
+    from ..layers.base import Wrapper
+
+    while isinstance(module, Wrapper):
+        module, name = module.base_layer, f"{name}.base_layer"
+    return module, name
+
+
+def _child(parent: nn.Module | None, prefix: str, attr: str) -> tuple[nn.Module | None, str]:
+    return _unwrap(getattr(parent, attr, None), f"{prefix}.{attr}")
+
+
+def _linear(parent: nn.Module | None, prefix: str, attr: str) -> str:
+    module, name = _child(parent, prefix, attr)
+    return name if isinstance(module, nn.Linear) else ""
+
+
 @register_arch("timm_vit", _is_timm_vit)
 def _timm_vit(model: nn.Module) -> ArchSpec:
+    # Names resolve through vpeft wrappers, so a second method (composition) finds the real sub-layers.
     parts = []
-    for i, blk in enumerate(model.blocks):
-        p = f"blocks.{i}"
-        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+    for i, outer in enumerate(model.blocks):
+        blk, p = _unwrap(outer, f"blocks.{i}")
+        (attn, a), (mlp, m) = _child(blk, p, "attn"), _child(blk, p, "mlp")
         parts.append(
             BlockParts(
-                block=p,
-                norm1=f"{p}.norm1",
-                attn=f"{p}.attn",
-                qkv=f"{p}.attn.qkv" if isinstance(getattr(attn, "qkv", None), nn.Linear) else "",
-                proj=f"{p}.attn.proj",
-                norm2=f"{p}.norm2",
-                mlp=f"{p}.mlp",
-                fc1=f"{p}.mlp.fc1" if isinstance(getattr(mlp, "fc1", None), nn.Linear) else "",
-                fc2=f"{p}.mlp.fc2" if isinstance(getattr(mlp, "fc2", None), nn.Linear) else "",
+                block=f"blocks.{i}",
+                norm1=_child(blk, p, "norm1")[1],
+                attn=a,
+                qkv=_linear(attn, a, "qkv"),
+                proj=_linear(attn, a, "proj"),
+                norm2=_child(blk, p, "norm2")[1],
+                mlp=m,
+                fc1=_linear(mlp, m, "fc1"),
+                fc2=_linear(mlp, m, "fc2"),
             )
         )
     ps = model.patch_embed.patch_size

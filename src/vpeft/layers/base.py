@@ -19,6 +19,8 @@ class Wrapper(nn.Module):
     """
 
     mergeable: bool = False
+    #: only transforms its base layer's output, so it composes with any other wrapper of the same module
+    stackable: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

@@ -39,6 +39,7 @@ class ScaleShift(Wrapper):
     """
 
     mergeable = True
+    stackable = True
 
     def __init__(self, base_layer: nn.Module, init_std: float = 0.02) -> None:
         super().__init__(base_layer)
