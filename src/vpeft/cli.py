@@ -257,6 +257,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_cmd_demo)
+
+    from .bench.cli import add_bench_commands  # bench, report
+
+    add_bench_commands(sub)
     return parser
 
 

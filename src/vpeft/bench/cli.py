@@ -1,0 +1,93 @@
+"""The ``vpeft bench`` and ``vpeft report`` subcommands (registered by :mod:`vpeft.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vpeft.errors import ConfigError
+
+__all__ = ["add_bench_commands"]
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v for v in value.split(",") if v]
+
+
+def _seeds(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {value!r}") from None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vpeft.bench import load_definition, run_bench, write_report
+
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    definition = load_definition(args.definition)
+    if args.device:
+        import dataclasses
+
+        definition = dataclasses.replace(definition, device=args.device)
+    summary = run_bench(
+        definition,
+        args.out,
+        methods=_csv(args.only),
+        tasks=_csv(args.tasks),
+        seeds=_seeds(args.seeds),
+        workers=args.workers,
+        threads=args.threads,
+        data_root=args.data_root,
+        progress=not args.quiet,
+        verbose=args.verbose,
+    )
+    print(
+        f"vpeft bench {definition.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done "
+        f"(of {summary.total}) in {summary.elapsed_s:.0f} s; results in {summary.out_dir}"
+    )
+    for line in summary.failures:
+        print(f"  failed: {line}", file=sys.stderr)
+    if summary.ok or summary.skipped:
+        _, md_path, html_path = write_report(args.out)
+        print(f"leaderboard: {md_path} and {html_path}")
+    return 1 if summary.failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from vpeft.bench import write_report
+
+    md, md_path, html_path = write_report(args.results, html_path=args.html, md_path=args.md)
+    print(md)
+    print(f"written: {md_path}, {html_path}", file=sys.stderr)
+    return 0
+
+
+def add_bench_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``bench`` and ``report`` to the ``vpeft`` subcommands."""
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark definition (YAML/JSON): select on val, retrain on train+val, test once; resumable",
+    )
+    p.add_argument("definition", help="bench definition file, e.g. experiments/mini.yaml")
+    p.add_argument("--out", required=True, help="results folder (finished runs there are skipped)")
+    p.add_argument("--workers", type=int, default=None, help="concurrent runs (default: cores/4, min 1; 0: in-process)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores/workers)")
+    p.add_argument("--only", default=None, metavar="LABEL,...", help="run only these method labels")
+    p.add_argument("--tasks", default=None, metavar="TASK,...", help="run only these tasks")
+    p.add_argument("--seeds", default=None, metavar="SEED,...", help="run only these seeds")
+    p.add_argument("--data-root", default=None, help="folder of task folders (overrides the definition's)")
+    p.add_argument("--device", default=None, help="override the definition's device (cpu, cuda, cuda:1)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("report", help="leaderboard of a bench results folder: Markdown + self-contained HTML")
+    p.add_argument("results", help="the --out folder of vpeft bench")
+    p.add_argument("--html", default=None, help="HTML output (default: RESULTS/leaderboard.html)")
+    p.add_argument("--md", default=None, help="Markdown output (default: RESULTS/leaderboard.md)")
+    p.set_defaults(fn=_cmd_report)

@@ -1,0 +1,305 @@
+"""One benchmark run under the VTAB-1k protocol, and its measurements.
+
+For one (method, task, seed):
+
+1. if the method has a grid, train each setting on ``train`` (train800) and evaluate it on ``val`` (val200);
+   the best validation top-1 wins (ties: the first setting in grid order);
+2. train the chosen setting on ``trainval`` (train800val200) and evaluate ``test`` exactly once, at the end.
+
+The test split is never touched in step 1, and no checkpoint is ever chosen on it. Both steps call
+:func:`vpeft.run.finetune`, the project's one training path. The final run is then measured: peak training memory,
+training throughput, stored delta size, and inference latency of the adapted model unmerged and merged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import statistics
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vpeft.bench.definition import RunSpec
+from vpeft.bench.records import environment, write_record
+
+__all__ = ["PeakMemory", "ensure_task", "execute_run", "measure_latency", "run_and_record"]
+
+logger = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def ensure_task(spec: RunSpec) -> None:
+    """Produce a generated task (digits, dSprites) under its root if it is not there yet (atomic, idempotent)."""
+    if spec.generate is None:
+        return
+    from vpeft.run import cache_data_root
+
+    root = Path(spec.data_root) if spec.data_root else cache_data_root()
+    if spec.generate == "digits":
+        from vpeft.data import ensure_digits_task
+
+        ensure_digits_task(root)
+    else:
+        from vpeft.data.dsprites import ensure_dsprites_task
+
+        ensure_dsprites_task(root, spec.generate)
+
+
+def _data_root(spec: RunSpec) -> str | None:
+    if spec.generate is not None and not spec.data_root:
+        from vpeft.run import cache_data_root
+
+        return str(cache_data_root())
+    return spec.data_root
+
+
+# ---- measurements -------------------------------------------------------------------------------------------------
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so an RSS baseline means something."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class PeakMemory:
+    """Peak memory while the ``with`` block runs.
+
+    On CUDA devices: ``torch.cuda.max_memory_allocated`` (``peak_bytes``) and its rise over the allocation at
+    entry (``delta_bytes``). On CPU: the process's resident set size, sampled every ``interval`` seconds by a
+    thread (``peak_bytes``), and its rise over the RSS at entry after freed memory was returned to the OS
+    (``delta_bytes``: what the block needed: backbone, data, activations, gradients, optimiser state).
+    """
+
+    def __init__(self, device: str = "cpu", interval: float = 0.01) -> None:
+        self.device, self.interval = torch.device(device), interval
+        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss"
+        self.base: int | None = None
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        _release_free_memory()
+        self.base = self.peak_bytes = _rss_bytes()
+        if self.base is not None:
+            self._thread = threading.Thread(target=self._sample, name="vpeft-rss-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = _rss_bytes()
+            if rss is not None and rss > (self.peak_bytes or 0):
+                self.peak_bytes = rss
+
+    def __exit__(self, *exc: object) -> None:
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            rss = _rss_bytes()
+            if rss is not None and rss > (self.peak_bytes or 0):
+                self.peak_bytes = rss
+
+    @property
+    def delta_bytes(self) -> int | None:
+        if self.peak_bytes is None or self.base is None:
+            return None
+        return self.peak_bytes - self.base
+
+
+def _time_forward(model: torch.nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> tuple[float, torch.Tensor]:
+    """Median wall time (ms) of ``repeats`` forward passes after ``warmup`` passes, and the output."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            out = model(x)
+            sync()
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times), out.float().cpu()
+
+
+def measure_latency(spec: RunSpec, delta: str | os.PathLike, num_classes: int, img_size: int) -> dict[str, Any]:
+    """Inference latency (ms per batch of random images) of the saved delta: unmerged, and merged if mergeable.
+
+    The model is rebuilt from the stored delta, so this also checks that the delta reloads; for mergeable methods
+    the largest difference between merged and unmerged logits is recorded.
+    """
+    from vpeft import load, merge
+    from vpeft.registry import get_method
+    from vpeft.run import build_backbone
+
+    lat = spec.latency
+    model = build_backbone(spec.backbone, num_classes, img_size, spec.pretrained)
+    load(model, delta)
+    model.eval().to(spec.device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(lat["batch_size"], 3, img_size, img_size, generator=gen).to(spec.device)
+    out: dict[str, Any] = {"batch_size": lat["batch_size"], "repeats": lat["repeats"], "unit": "ms/batch"}
+    out["unmerged_ms"], logits = _time_forward(model, x, lat["warmup"], lat["repeats"])
+    out["mergeable"] = bool(get_method(spec.method_name).mergeable)
+    out["merged_ms"] = out["merge_max_abs_diff"] = None
+    if out["mergeable"]:
+        merge(model, keep_original=False)
+        out["merged_ms"], merged = _time_forward(model, x, lat["warmup"], lat["repeats"])
+        out["merge_max_abs_diff"] = float((merged - logits).abs().max())
+    return out
+
+
+# ---- the protocol -------------------------------------------------------------------------------------------------
+def _finetune_kwargs(spec: RunSpec, cand: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    from vpeft.train import TrainConfig
+
+    return {
+        "backbone": spec.backbone,
+        "method": {"method": spec.method_name, **spec.settings, **cand.get("method", {})},
+        "task": spec.task,
+        "data_root": _data_root(spec),
+        "train_cfg": TrainConfig(**{**spec.train, **cand.get("train", {})}),
+        "img_size": spec.img_size,
+        "pretrained": spec.pretrained,
+        "device": spec.device,
+        "progress": False,
+    }
+
+
+def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str, Any] | None:
+    """Step 1: every grid setting trained on ``train`` and scored on ``val``; ``None`` without a choice to make."""
+    from vpeft.train import set_seed
+
+    candidates = spec.candidates()
+    if len(candidates) < 2:
+        return None
+    results = []
+    for i, cand in enumerate(candidates):
+        set_seed(spec.seed)  # method parameters are initialised before training seeds the RNG
+        rec = finetune(**_finetune_kwargs(spec, cand), train_split=spec.splits["train"], eval_split=spec.splits["val"])
+        results.append({"setting": cand, "val_top1": rec["top1"], "train_time_s": rec["train_time_s"]})
+        logger.info("%s: grid setting %d/%d %s: val top-1 %.4f", spec.run_id, i + 1, len(candidates), cand, rec["top1"])
+        gc.collect()
+    best = max(range(len(results)), key=lambda i: (results[i]["val_top1"], -i))
+    return {
+        "train_split": spec.splits["train"],
+        "val_split": spec.splits["val"],
+        "results": results,
+        "chosen": candidates[best],
+        "chosen_index": best,
+        "rule": "highest val top-1; ties go to the first setting in grid order",
+    }
+
+
+def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Run the protocol for one (method, task, seed); return the metrics part of its record.
+
+    Writes the final run's ``delta.safetensors``, ``metrics.json`` and ``result.json`` into ``out_dir``.
+    """
+    from vpeft.run import finetune
+    from vpeft.train import set_seed
+
+    ensure_task(spec)
+    selection = _select(spec, finetune)
+    chosen = selection["chosen"] if selection else {"train": {}, "method": {}}
+    set_seed(spec.seed)
+    kwargs = _finetune_kwargs(spec, chosen)
+    with PeakMemory(spec.device) as mem:
+        final = finetune(**kwargs, train_split=spec.splits["trainval"], eval_split=spec.splits["test"], out_dir=out_dir)
+    latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["num_classes"], final["img_size"])
+    return {
+        "top1": final["top1"],
+        "test_n": final["eval_n"],
+        "test_loss": final["eval_loss"],
+        "trainable_params": final["trainable_params"],
+        "method_params": final["method_params"],
+        "total_params": final["total_params"],
+        "delta_bytes": final.get("delta_bytes"),
+        "peak_train_mem_bytes": mem.delta_bytes,
+        "peak_mem_bytes": mem.peak_bytes,
+        "peak_mem_kind": mem.kind,
+        "train_images_per_s": final["train_images_per_s"],
+        "train_time_s": final["train_time_s"],
+        "eval_time_s": final["eval_time_s"],
+        "final_train_top1": final["final_train_top1"],
+        "latency": latency,
+        "selection": selection,
+        "resolved": {
+            "method_config": final["config"],
+            "train": final["train"],
+            "img_size": final["img_size"],
+            "num_classes": final["num_classes"],
+            "train_split": final["train_split"],
+            "eval_split": final["eval_split"],
+        },
+    }
+
+
+def run_and_record(spec: RunSpec, out_dir: str | os.PathLike, fingerprint: str | None = None) -> dict[str, Any]:
+    """:func:`execute_run` and write ``out_dir/record.json``: status ``ok``, or ``failed`` with the error.
+
+    Never raises for a failing run (the grid goes on); ``KeyboardInterrupt`` still propagates.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = {
+        "run_id": spec.run_id,
+        "method": spec.method_label,
+        "method_name": spec.method_name,
+        "task": spec.task,
+        "group": spec.group,
+        "seed": spec.seed,
+        "definition": spec.definition,
+        "fingerprint": fingerprint or spec.fingerprint(),
+        "spec": spec.to_dict(),
+        "started_at": _now(),
+    }
+    start = time.perf_counter()
+    try:
+        metrics = execute_run(spec, out_dir)
+        record = {**base, "status": "ok", **metrics}
+    except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the others go on
+        logger.error("%s failed: %s: %s", spec.run_id, type(exc).__name__, exc)
+        record = {
+            **base,
+            "status": "failed",
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
+    record.update(
+        finished_at=_now(), duration_s=time.perf_counter() - start, env=environment(spec.device), pid=os.getpid()
+    )
+    write_record(out_dir / "record.json", record)
+    return record

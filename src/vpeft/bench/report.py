@@ -1,0 +1,403 @@
+"""The leaderboard of a results folder: Markdown, and a self-contained HTML page with sortable tables and plots.
+
+Accuracy is the test top-1 of the final run of each (method, task, seed). Per task: mean +- std over seeds.
+Aggregates (group means, the mean over tasks and the mean of the group means) are computed per seed over the
+seeds that finished every task, then given as mean +- std over those seeds; a method missing a task for every
+seed gets no aggregate (shown as ``-``), never a mean over a subset of tasks.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vpeft.bench.definition import GROUPS
+from vpeft.bench.records import load_records, write_text_atomic
+from vpeft.errors import DataError
+
+__all__ = ["Leaderboard", "build_leaderboard", "render_html", "render_markdown", "write_report"]
+
+_AGG_COLUMNS = ("mean_tasks", "mean_groups")
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation of a list of values (std ``None`` for fewer than two)."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def fmt(self, scale: float = 100.0, digits: int = 1) -> str:
+        if self.mean is None:
+            return "-"
+        s = f"{scale * self.mean:.{digits}f}"
+        return s + (f" ± {scale * self.std:.{digits}f}" if self.std is not None else "")
+
+
+@dataclass
+class MethodRow:
+    label: str
+    method_name: str
+    cells: dict[str, Stat] = field(default_factory=dict)  # task -> top-1 over seeds
+    groups: dict[str, Stat] = field(default_factory=dict)  # group -> per-seed group mean
+    mean_tasks: Stat = field(default_factory=lambda: Stat([]))
+    mean_groups: Stat = field(default_factory=lambda: Stat([]))
+    complete_seeds: list[int] = field(default_factory=list)
+    cost: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class Leaderboard:
+    title: str
+    tasks: list[tuple[str, str]]  # (task, group), grouped in GROUPS order
+    groups: list[str]
+    rows: list[MethodRow]
+    failures: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(vals) if vals else None
+
+
+def _order(records: Sequence[Mapping[str, Any]], definition: Mapping[str, Any] | None):
+    """Task (with group) and method order: the definition's if known, else first appearance."""
+    tasks: dict[str, str] = {}
+    methods: dict[str, str] = {}
+    if definition:
+        tasks.update({t["name"]: t["group"] for t in definition.get("tasks", [])})
+        methods.update({m["label"]: m["name"] for m in definition.get("methods", [])})
+    for r in records:
+        tasks.setdefault(r["task"], r.get("group", "other"))
+        methods.setdefault(r["method"], r.get("method_name", r["method"]))
+    present_tasks = {r["task"] for r in records}
+    present_methods = {r["method"] for r in records}
+    rank = {g: i for i, g in enumerate(GROUPS)}
+    ordered = sorted(
+        ((t, g) for t, g in tasks.items() if t in present_tasks), key=lambda tg: rank.get(tg[1], len(GROUPS))
+    )
+    return ordered, [(m, n) for m, n in methods.items() if m in present_methods]
+
+
+def build_leaderboard(records: Sequence[Mapping[str, Any]], definition: Mapping[str, Any] | None = None) -> Leaderboard:
+    """Aggregate result records (see the module docstring for the statistics)."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    failures = [r for r in records if r.get("status") != "ok"]
+    tasks, methods = _order(ok, definition)
+    groups = list(dict.fromkeys(g for _, g in tasks))
+    rows = [_method_row(label, name, [r for r in ok if r["method"] == label], tasks, groups) for label, name in methods]
+    rows.sort(key=lambda row: -(row.mean_groups.mean if row.mean_groups.mean is not None else -1.0))
+    meta = {}
+    if definition:
+        meta = {k: definition.get(k) for k in ("name", "backbone", "img_size", "seeds", "description", "train")}
+    if ok:
+        env = ok[0].get("env", {})
+        meta["env"] = {k: env.get(k) for k in ("vpeft", "torch", "timm", "device", "gpu", "cpu_count", "git")}
+    title = f"vpeft leaderboard: {meta.get('name') or 'results'}"
+    return Leaderboard(title, tasks, groups, rows, failures, meta)
+
+
+def _method_row(label: str, name: str, recs: Sequence[Mapping[str, Any]], tasks, groups) -> MethodRow:
+    row = MethodRow(label, name)
+    by_task_seed = {(r["task"], r["seed"]): r for r in recs}
+    seeds = sorted({r["seed"] for r in recs})
+    for task, _ in tasks:
+        row.cells[task] = Stat([by_task_seed[(task, s)]["top1"] for s in seeds if (task, s) in by_task_seed])
+    row.complete_seeds = [s for s in seeds if all((t, s) in by_task_seed for t, _ in tasks)]
+    per_group: dict[str, list[float]] = {g: [] for g in groups}
+    means, group_means = [], []
+    for s in row.complete_seeds:
+        gm = {g: statistics.fmean(by_task_seed[(t, s)]["top1"] for t, tg in tasks if tg == g) for g in groups}
+        for g, v in gm.items():
+            per_group[g].append(v)
+        means.append(statistics.fmean(by_task_seed[(t, s)]["top1"] for t, _ in tasks))
+        group_means.append(statistics.fmean(gm.values()))
+    row.groups = {g: Stat(v) for g, v in per_group.items()}
+    row.mean_tasks, row.mean_groups = Stat(means), Stat(group_means)
+    lat = [r.get("latency") or {} for r in recs]
+    row.cost = {
+        "trainable_params": _mean([r["trainable_params"] for r in recs]),
+        "method_params": _mean([r["method_params"] for r in recs]),
+        "total_params": _mean([r["total_params"] for r in recs]),
+        "delta_bytes": _mean([r.get("delta_bytes") for r in recs]),
+        "peak_train_mem_bytes": _mean([r.get("peak_train_mem_bytes") for r in recs]),
+        "train_images_per_s": _mean([r.get("train_images_per_s") for r in recs]),
+        "train_time_s": _mean([r.get("train_time_s") for r in recs]),
+        "latency_unmerged_ms": _mean([x.get("unmerged_ms") for x in lat]),
+        "latency_merged_ms": _mean([x.get("merged_ms") for x in lat]),
+        "latency_batch": lat[0].get("batch_size") if lat else None,
+        "runs": len(recs),
+    }
+    return row
+
+
+# ---- formatting -----------------------------------------------------------------------------------------------------
+def _num(v: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "-" if v is None else format(v * scale, fmt)
+
+
+def _accuracy_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
+    """Header ``(key, title)`` pairs and rows of ``(text, sort value)`` cells."""
+    head = [("method", "method"), ("params", "params (M)")]
+    head += [(f"task:{t}", t) for t, _ in lb.tasks]
+    head += [(f"group:{g}", f"{g.capitalize()} mean") for g in lb.groups]
+    head += [("mean_tasks", "mean (tasks)"), ("mean_groups", "mean (groups)"), ("seeds", "seeds")]
+    rows = []
+    for r in lb.rows:
+        p = r.cost["trainable_params"]
+        cells: list[tuple[str, float | str | None]] = [(r.label, r.label), (_num(p, ".3f", 1e-6), p)]
+        cells += [(r.cells[t].fmt(), r.cells[t].mean) for t, _ in lb.tasks]
+        cells += [(r.groups[g].fmt(), r.groups[g].mean) for g in lb.groups]
+        cells += [(r.mean_tasks.fmt(), r.mean_tasks.mean), (r.mean_groups.fmt(), r.mean_groups.mean)]
+        cells.append((str(len(r.complete_seeds)), len(r.complete_seeds)))
+        rows.append(cells)
+    return head, rows
+
+
+def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
+    batch = next((r.cost["latency_batch"] for r in lb.rows if r.cost["latency_batch"]), None)
+    head = [
+        ("method", "method"),
+        ("trainable", "trainable params"),
+        ("pct", "% of model"),
+        ("delta", "delta (KiB)"),
+        ("mem", "peak train mem (MiB)"),
+        ("ips", "train img/s"),
+        ("time", "train time (s)"),
+        ("lat_u", f"latency unmerged (ms/{batch or '?'} img)"),
+        ("lat_m", f"latency merged (ms/{batch or '?'} img)"),
+    ]
+    rows = []
+    for r in lb.rows:
+        c = r.cost
+        pct = 100 * c["trainable_params"] / c["total_params"] if c["total_params"] else None
+        rows.append(
+            [
+                (r.label, r.label),
+                (_num(c["trainable_params"], ",.0f"), c["trainable_params"]),
+                (_num(pct, ".3f"), pct),
+                (_num(c["delta_bytes"], ",.1f", 1 / 1024), c["delta_bytes"]),
+                (_num(c["peak_train_mem_bytes"], ",.0f", 1 / 2**20), c["peak_train_mem_bytes"]),
+                (_num(c["train_images_per_s"], ".1f"), c["train_images_per_s"]),
+                (_num(c["train_time_s"], ".1f"), c["train_time_s"]),
+                (_num(c["latency_unmerged_ms"], ".1f"), c["latency_unmerged_ms"]),
+                (_num(c["latency_merged_ms"], ".1f"), c["latency_merged_ms"]),
+            ]
+        )
+    return head, rows
+
+
+def _md_table(head, rows) -> str:
+    lines = ["| " + " | ".join(title for _, title in head) + " |"]
+    lines.append("|" + "|".join("---" if key == "method" else "---:" for key, _ in head) + "|")
+    lines += ["| " + " | ".join(text for text, _ in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _describe(lb: Leaderboard) -> str:
+    m = lb.meta
+    bits = []
+    if m.get("backbone"):
+        bits.append(f"backbone `{m['backbone']}`" + (f" at {m['img_size']} px" if m.get("img_size") else ""))
+    env = m.get("env") or {}
+    if env:
+        git = env.get("git") or {}
+        commit = (git.get("commit") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
+        bits.append(f"vpeft {env.get('vpeft')}, torch {env.get('torch')}, device {env.get('gpu') or env.get('device')}")
+        bits.append(f"commit {commit}")
+    return "; ".join(bits)
+
+
+_PROTOCOL = (
+    "Test top-1 (%) of the final run (trained on train800val200 with the setting chosen on val200, test read once), "
+    "mean ± std over seeds. Group means, the mean over tasks and the mean of group means are computed per seed over "
+    "the seeds that finished every task. params: trainable parameters incl. the head, mean over tasks."
+)
+
+
+def render_markdown(lb: Leaderboard) -> str:
+    """The leaderboard as Markdown (accuracy table, cost table, failures)."""
+    out = [f"# {lb.title}", ""]
+    if _describe(lb):
+        out += [_describe(lb), ""]
+    out += [_PROTOCOL, "", _md_table(*_accuracy_table(lb)), "", "## Cost (final runs, mean over tasks and seeds)", ""]
+    out += [_md_table(*_cost_table(lb)), ""]
+    if lb.failures:
+        out += [f"## Failed runs ({len(lb.failures)})", ""]
+        out += [f"- `{f.get('run_id')}`: {f.get('error')}" for f in lb.failures]
+        out.append("")
+    return "\n".join(out)
+
+
+# ---- plots ---------------------------------------------------------------------------------------------------
+def _plot_png(lb: Leaderboard, x_key: str, xlabel: str, title: str) -> str | None:
+    """A scatter of mean-over-tasks top-1 against ``cost[x_key]`` (log x), as base64 PNG; None without data."""
+    pts = [
+        (r.cost[x_key], 100 * r.mean_tasks.mean, 100 * (r.mean_tasks.std or 0.0), r.label)
+        for r in lb.rows
+        if r.cost.get(x_key) and r.mean_tasks.mean is not None
+    ]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    try:
+        for x, y, e, label in pts:
+            ax.errorbar([x], [y], yerr=[e] if e else None, fmt="o", capsize=3)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean top-1 over tasks (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plots(lb: Leaderboard) -> list[tuple[str, str, str | None]]:
+    """``(id, caption, base64 png or None)`` for the two plots; None when matplotlib is missing or no data."""
+    specs = [
+        ("plot-params", "trainable_params", "trainable parameters (log)", "Accuracy vs trainable parameters"),
+        ("plot-cost", "train_time_s", "training time of the final run, s (log)", "Accuracy vs training cost"),
+    ]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return [
+            (pid, title + " (matplotlib is not installed: pip install 'vpeft[bench]')", None)
+            for pid, *_, title in specs
+        ]
+    return [(pid, title, _plot_png(lb, key, xlabel, title)) for pid, key, xlabel, title in specs]
+
+
+# ---- HTML ----------------------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#1b1f24;max-width:1400px}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}p.note{color:#57606a;font-size:.9rem;max-width:70rem}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}
+th,td{border:1px solid #d0d7de;padding:.3rem .5rem;text-align:right;white-space:nowrap}
+th{background:#f6f8fa;cursor:pointer;user-select:none}th:first-child,td:first-child{text-align:left}
+th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
+tr:nth-child(even) td{background:#fbfcfd}figure{display:inline-block;margin:1rem 1rem 0 0}
+figcaption{font-size:.85rem;color:#57606a}
+"""
+
+# Click a header to sort its table (numbers: descending first; text: ascending first); click again to flip.
+_JS = """
+function vpeftSort(th){
+  const table=th.closest('table'), body=table.tBodies[0], col=th.cellIndex, num=th.dataset.type==='num';
+  const order=th.getAttribute('aria-sort')==='descending'?'ascending':th.getAttribute('aria-sort')==='ascending'
+    ?'descending':(num?'descending':'ascending');
+  const key=r=>{const c=r.cells[col],v=c.dataset.value;return num?(v===''?-Infinity:parseFloat(v)):c.textContent};
+  const rows=Array.from(body.rows).sort((a,b)=>{const x=key(a),y=key(b);
+    const c=num?x-y:String(x).localeCompare(String(y));return order==='ascending'?c:-c});
+  rows.forEach(r=>body.appendChild(r));
+  table.querySelectorAll('th').forEach(h=>h.removeAttribute('aria-sort'));th.setAttribute('aria-sort',order);
+}
+document.querySelectorAll('table.sortable th').forEach(th=>th.addEventListener('click',()=>vpeftSort(th)));
+"""
+
+
+def _html_table(head, rows, table_id: str) -> str:
+    e = html.escape
+    numeric = [any(isinstance(row[i][1], (int, float)) for row in rows) for i in range(len(head))]
+    ths = "".join(
+        f'<th data-key="{e(k)}" data-type="{"num" if numeric[i] else "text"}">{e(t)}</th>'
+        for i, (k, t) in enumerate(head)
+    )
+    body = []
+    for row in rows:
+        tds = []
+        for i, (text, value) in enumerate(row):
+            v = "" if value is None else (repr(float(value)) if numeric[i] else str(value))
+            tds.append(f'<td data-value="{e(v)}">{e(text)}</td>')
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    return (
+        f'<table id="{table_id}" class="sortable"><thead><tr>{ths}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    )
+
+
+def render_html(lb: Leaderboard) -> str:
+    """A self-contained HTML page (inline CSS, JS and PNG plots; no external resources)."""
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(lb.title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(lb.title)}</h1>",
+        f'<p class="note">{e(_describe(lb))}</p>' if _describe(lb) else "",
+        f'<p class="note">{e(_PROTOCOL)} Click a column header to sort.</p>',
+        _html_table(*_accuracy_table(lb), "accuracy"),
+        "<h2>Cost (final runs, mean over tasks and seeds)</h2>",
+        _html_table(*_cost_table(lb), "cost"),
+        "<h2>Plots</h2>",
+    ]
+    for pid, caption, png in _plots(lb):
+        if png is None:
+            parts.append(f'<p class="note" id="{pid}">{e(caption)}: no data to plot.</p>')
+        else:
+            parts.append(
+                f'<figure><img id="{pid}" alt="{e(caption)}" src="data:image/png;base64,{png}">'
+                f"<figcaption>{e(caption)}</figcaption></figure>"
+            )
+    if lb.failures:
+        parts.append(f"<h2>Failed runs ({len(lb.failures)})</h2><ul>")
+        parts += [f"<li><code>{e(str(f.get('run_id')))}</code>: {e(str(f.get('error')))}</li>" for f in lb.failures]
+        parts.append("</ul>")
+    parts.append(f"<script>{_JS}</script></body></html>")
+    return "\n".join(p for p in parts if p)
+
+
+def write_report(
+    results_dir: str | Path, html_path: str | Path | None = None, md_path: str | Path | None = None
+) -> tuple[str, Path, Path]:
+    """Build the leaderboard of ``results_dir``; write Markdown and HTML (default: beside the results).
+
+    Returns:
+        ``(markdown text, markdown path, html path)``.
+
+    Raises:
+        DataError: No records in ``results_dir``.
+    """
+    results_dir = Path(results_dir)
+    records = load_records(results_dir)
+    if not records:
+        raise DataError(f"no bench records under {results_dir / 'runs'} (run `vpeft bench DEFINITION --out DIR` first)")
+    definition = None
+    if (results_dir / "definition.json").is_file():
+        definition = json.loads((results_dir / "definition.json").read_text(encoding="utf-8"))
+    lb = build_leaderboard(records, definition)
+    md = render_markdown(lb)
+    md_path = Path(md_path) if md_path else results_dir / "leaderboard.md"
+    html_path = Path(html_path) if html_path else results_dir / "leaderboard.html"
+    write_text_atomic(md_path, md)
+    write_text_atomic(html_path, render_html(lb))
+    return md, md_path, html_path

@@ -1,0 +1,322 @@
+"""Run a benchmark grid: plan (resume), prepare data, execute runs in a local process pool, show progress.
+
+Every run executes in its own fresh worker process (``spawn``), at most ``workers`` at a time, each with
+``threads`` torch threads (``workers x threads <= cores``). A fresh process per run isolates failures (a crash,
+an out-of-memory kill) and makes the RSS-based peak memory of one run independent of the others. The worker
+writes the run's record itself; if it dies without one, the parent records the failure. ``workers=0`` runs
+everything in the calling process (debugging, tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any, TextIO
+
+from vpeft.bench.definition import BenchDefinition, RunSpec
+from vpeft.bench.protocol import ensure_task, run_and_record
+from vpeft.bench.records import _cpu_count, environment, read_record, record_path, run_dir, write_record
+from vpeft.errors import ConfigError, DataError
+from vpeft.train.metrics import write_json_atomic
+
+__all__ = ["BenchSummary", "Progress", "default_parallelism", "plan_runs", "prepare_tasks", "run_bench"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_parallelism(workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """``(workers, torch threads per worker)`` with ``workers * threads <= cores``.
+
+    Default: one worker per 4 cores (at least one), the cores shared out evenly between the workers.
+    """
+    cores = _cpu_count()
+    if workers is None:
+        workers = max(1, cores // 4)
+    if threads is None:
+        threads = max(1, cores // max(workers, 1))
+    return workers, threads
+
+
+@dataclass
+class BenchSummary:
+    """What a :func:`run_bench` call did."""
+
+    out_dir: Path
+    total: int = 0
+    skipped: int = 0
+    ok: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+def resolve_roots(definition: BenchDefinition, data_root: str | os.PathLike | None = None) -> BenchDefinition:
+    """Fix the data roots once, in the parent: ``data_root`` (else the definition's, else
+    :func:`vpeft.data.default_data_root`) and the generated tasks' root (else :func:`vpeft.run.cache_data_root`)."""
+    from vpeft.data import default_data_root
+    from vpeft.run import cache_data_root
+
+    root = data_root if data_root is not None else definition.data_root or default_data_root()
+    gen = definition.generated_root or cache_data_root()
+    return dataclasses.replace(definition, data_root=str(Path(root).expanduser().resolve()), generated_root=str(gen))
+
+
+# ---- planning -----------------------------------------------------------------------------------------------------
+def plan_runs(runs: Sequence[RunSpec], out_dir: str | os.PathLike) -> tuple[list[RunSpec], list[RunSpec]]:
+    """Split runs into ``(to_do, finished)``: a run is finished if its record says ``ok`` for the same spec.
+
+    A record with another fingerprint (the definition changed) is removed and its run redone; failed runs are
+    retried.
+    """
+    todo, done = [], []
+    for spec in runs:
+        path = record_path(out_dir, spec.method_label, spec.task, spec.seed)
+        rec = read_record(path)
+        if rec is not None and rec.get("status") == "ok" and rec.get("fingerprint") == spec.fingerprint():
+            done.append(spec)
+            continue
+        if rec is not None and rec.get("fingerprint") != spec.fingerprint():
+            logger.warning("%s: the record was made by another definition of this run; redoing it", spec.run_id)
+            path.unlink(missing_ok=True)
+        todo.append(spec)
+    return todo, done
+
+
+def prepare_tasks(runs: Sequence[RunSpec]) -> None:
+    """Generate the generated tasks once, up front, and check every other task folder exists.
+
+    Raises:
+        DataError: Missing task folders (all of them named, with where they were looked for).
+    """
+    from vpeft.data import default_data_root
+
+    seen, missing = set(), []
+    for spec in runs:
+        key = (spec.task, spec.data_root, spec.generate)
+        if key in seen:
+            continue
+        seen.add(key)
+        if spec.generate is not None:
+            ensure_task(spec)
+            continue
+        root = Path(spec.data_root) if spec.data_root else default_data_root()
+        if not (root / spec.task).is_dir():
+            missing.append(f"{spec.task} (looked in {root})")
+    if missing:
+        raise DataError(
+            f"task folder(s) not found: {'; '.join(missing)}. Pass --data-root / set VPEFT_DATA, fix the definition, "
+            "or leave these tasks out with --tasks"
+        )
+
+
+# ---- progress -----------------------------------------------------------------------------------------------------
+class Progress:
+    """One line per event: ``[bench 3/16] done 3 | running 1 | failed 0 | ETA 5m20s | <what happened>``."""
+
+    def __init__(self, total: int, workers: int, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.total, self.workers, self.stream, self.enabled = total, max(workers, 1), stream or sys.stderr, enabled
+        self.done = self.failed = 0
+        self.running: dict[str, float] = {}
+        self.durations: list[float] = []
+        self.start = time.monotonic()
+
+    def started(self, run_id: str) -> None:
+        self.running[run_id] = time.monotonic()
+        self._line(f"started {run_id}")
+
+    def finished(self, run_id: str, record: dict[str, Any]) -> None:
+        started = self.running.pop(run_id, time.monotonic())
+        self.durations.append(time.monotonic() - started)
+        if record.get("status") == "ok":
+            self.done += 1
+            self._line(f"ok {run_id}: top-1 {100 * record['top1']:.2f}% ({self.durations[-1]:.0f} s)")
+        else:
+            self.failed += 1
+            self._line(f"FAILED {run_id}: {record.get('error', 'unknown error')}")
+
+    def eta_s(self) -> float | None:
+        if not self.durations:
+            return None
+        mean = sum(self.durations) / len(self.durations)
+        pending = self.total - self.done - self.failed - len(self.running)
+        now = time.monotonic()
+        left = pending * mean + sum(max(mean - (now - t), 0.0) for t in self.running.values())
+        return left / self.workers
+
+    def _line(self, what: str) -> None:
+        if not self.enabled:
+            return
+        eta = self.eta_s()
+        n = self.done + self.failed
+        elapsed = _fmt_s(time.monotonic() - self.start)
+        self.stream.write(
+            f"[bench {n}/{self.total}] done {self.done} | running {len(self.running)} | failed {self.failed} | "
+            f"elapsed {elapsed} | ETA {_fmt_s(eta) if eta is not None else '?'} | {what}\n"
+        )
+        self.stream.flush()
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# ---- workers ------------------------------------------------------------------------------------------------------
+def _worker_main(spec_dict: dict[str, Any], out_dir: str, threads: int, verbose: bool) -> None:
+    """Entry point of a worker process: log to ``out_dir/log.txt``, set the thread count, run and record."""
+    log_path = Path(out_dir) / "log.txt"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=log, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    import torch
+
+    torch.set_num_threads(threads)
+    spec = RunSpec.from_dict(spec_dict)
+    run_and_record(spec, out_dir)
+
+
+def _log_tail(out_dir: Path, n: int = 20) -> str:
+    try:
+        return "\n".join((out_dir / "log.txt").read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _died(spec: RunSpec, out_dir: Path, exitcode: int | None) -> dict[str, Any]:
+    """The failure record of a worker that exited without writing one (crash, kill)."""
+    why = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
+    record = {
+        "run_id": spec.run_id,
+        "method": spec.method_label,
+        "method_name": spec.method_name,
+        "task": spec.task,
+        "group": spec.group,
+        "seed": spec.seed,
+        "definition": spec.definition,
+        "fingerprint": spec.fingerprint(),
+        "spec": spec.to_dict(),
+        "status": "failed",
+        "error": f"WorkerDied: the worker process ended with {why} before writing its record",
+        "log_tail": _log_tail(out_dir),
+        "env": environment(spec.device),
+    }
+    write_record(out_dir / "record.json", record)
+    return record
+
+
+def _run_pool(
+    todo: Sequence[RunSpec], out: Path, workers: int, threads: int, progress: Progress, verbose: bool
+) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    pending, running, records = list(todo), {}, []
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                spec = pending.pop(0)
+                rdir = run_dir(out, spec.method_label, spec.task, spec.seed)
+                proc = ctx.Process(target=_worker_main, args=(spec.to_dict(), str(rdir), threads, verbose),
+                                   name=f"vpeft-bench-{spec.run_id}")  # fmt: skip
+                proc.start()
+                running[proc.sentinel] = (proc, spec, rdir)
+                progress.started(spec.run_id)
+            for sentinel in wait(list(running), timeout=30.0):
+                proc, spec, rdir = running.pop(sentinel)
+                proc.join()
+                rec = read_record(rdir / "record.json")
+                if rec is None or rec.get("fingerprint") != spec.fingerprint():
+                    rec = _died(spec, rdir, proc.exitcode)
+                records.append(rec)
+                progress.finished(spec.run_id, rec)
+    finally:
+        for proc, _, _ in running.values():  # interrupted: stop the workers we started
+            proc.terminate()
+            proc.join(timeout=10)
+    return records
+
+
+def _run_inline(todo: Sequence[RunSpec], out: Path, progress: Progress) -> list[dict[str, Any]]:
+    records = []
+    for spec in todo:
+        progress.started(spec.run_id)
+        rec = run_and_record(spec, run_dir(out, spec.method_label, spec.task, spec.seed))
+        records.append(rec)
+        progress.finished(spec.run_id, rec)
+    return records
+
+
+# ---- entry point --------------------------------------------------------------------------------------------------
+def run_bench(
+    definition: BenchDefinition,
+    out_dir: str | os.PathLike,
+    *,
+    methods: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    data_root: str | os.PathLike | None = None,
+    backend: str = "local",
+    progress: bool = True,
+    stream: TextIO | None = None,
+    verbose: bool = False,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> BenchSummary:
+    """Run every (method, task, seed) of ``definition`` not finished yet in ``out_dir``; return a summary.
+
+    Args:
+        definition: A validated definition (:func:`vpeft.bench.load_definition`).
+        out_dir: The results folder (created); finished runs found there are skipped.
+        methods, tasks, seeds: Restrict the grid (method labels, task names, seeds of the definition).
+        workers: Concurrent runs (default: one per 4 cores, at least 1); 0 runs everything in this process.
+        threads: Torch threads per worker (default: cores / workers).
+        data_root: Overrides the definition's ``data_root`` (the folder holding the task folders).
+        backend: ``local`` (a process pool on this machine).
+        progress: Print one progress line per event to ``stream`` (default stderr).
+        verbose: INFO-level logs in the workers' ``log.txt``.
+    """
+    out = Path(out_dir)
+    definition = resolve_roots(definition, data_root)
+    runs = definition.runs(methods, tasks, seeds)
+    prepare_tasks(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "definition.json", definition.to_dict())
+    todo, done = plan_runs(runs, out)
+    inline = workers == 0
+    workers, threads = default_parallelism(workers or None, threads)
+    summary = BenchSummary(out, total=len(runs), skipped=len(done))
+    bar = Progress(len(todo), 1 if inline else workers, stream, progress)
+    if progress and done:
+        bar.stream.write(f"[bench] {len(done)} of {len(runs)} runs already finished in {out}: skipped\n")
+    start = time.monotonic()
+    if not todo:
+        records = []
+    elif backend != "local":
+        raise ConfigError(f"unknown backend {backend!r}; valid: local")
+    elif inline:
+        records = _run_inline(todo, out, bar)
+    else:
+        records = _run_pool(todo, out, workers, threads, bar, verbose)
+    for rec in records:
+        if rec.get("status") == "ok":
+            summary.ok += 1
+        else:
+            summary.failed += 1
+            summary.failures.append(f"{rec['run_id']}: {rec.get('error')}")
+        if on_record is not None:
+            on_record(rec)
+    summary.elapsed_s = time.monotonic() - start
+    return summary
