@@ -68,22 +68,46 @@ def _convert(method: str, key: str, raw: str, hint: Any) -> Any:
 
 
 # ---- commands ---------------------------------------------------------------------------------------------
+def _vit_b16_counts(names: Sequence[str]) -> dict[str, str]:
+    """Trainable parameters (head excluded) of each method's default config on a random ViT-B/16."""
+    import copy
+
+    import timm
+
+    from .api import apply
+
+    base = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+    counts = {}
+    for name in names:
+        try:
+            counts[name] = f"{apply(copy.deepcopy(base), name).method_params:,}"
+        except VpeftError as exc:
+            counts[name] = f"n/a ({exc})"
+    return counts
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .registry import get_method, list_methods
 
+    names = list_methods()
+    counts = _vit_b16_counts(names) if args.counts else {}
     rows = []
-    for name in list_methods():
-        m = get_method(name)
-        rows.append(
-            {"name": name, "family": m.family, "mergeable": m.mergeable, "cnn": "cnn" in m.kinds, "paper": m.paper}
-        )
+    for name in names:
+        cls = get_method(name)
+        m = cls(cls.config_cls())  # flags of the default config (a composition's depend on its parts)
+        row = {"name": name, "family": m.family, "mergeable": m.mergeable, "cnn": "cnn" in m.kinds, "paper": m.paper}
+        if args.counts:
+            row["vit_b16_params"] = counts[name]
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print("| method | family | mergeable | CNN | paper |\n|---|---|---|---|---|")
+    extra = " ViT-B/16 params |" if args.counts else ""
+    print(f"| method | family | mergeable | CNN |{extra} paper |\n|---|---|---|---|{'---:|' if extra else ''}---|")
     for r in rows:
         flags = ["yes" if r[k] else "no" for k in ("mergeable", "cnn")]
-        print(f"| {r['name']} | {r['family']} | {flags[0]} | {flags[1]} | {r['paper']} |")
+        count = f" {r['vit_b16_params']} |" if args.counts else ""
+        print(f"| {r['name']} | {r['family']} | {flags[0]} | {flags[1]} |{count} {r['paper']} |")
     return 0
 
 
@@ -202,6 +226,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered methods")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--counts", action="store_true", help="add each default's trainable parameters on ViT-B/16")
     p.set_defaults(fn=_cmd_methods)
 
     p = sub.add_parser("backbones", help="list the local (offline) backbones")
