@@ -311,13 +311,15 @@ figcaption{font-size:.85rem;color:#57606a}
 """
 
 # Click a header to sort its table (numbers: descending first; text: ascending first); click again to flip.
+# Empty cells (no value) always sort last.
 _JS = """
 function vpeftSort(th){
   const table=th.closest('table'), body=table.tBodies[0], col=th.cellIndex, num=th.dataset.type==='num';
   const order=th.getAttribute('aria-sort')==='descending'?'ascending':th.getAttribute('aria-sort')==='ascending'
     ?'descending':(num?'descending':'ascending');
-  const key=r=>{const c=r.cells[col],v=c.dataset.value;return num?(v===''?-Infinity:parseFloat(v)):c.textContent};
+  const key=r=>{const c=r.cells[col];return num?parseFloat(c.dataset.value):c.textContent};
   const rows=Array.from(body.rows).sort((a,b)=>{const x=key(a),y=key(b);
+    if(num&&(isNaN(x)||isNaN(y)))return isNaN(x)-isNaN(y);  // cells without a value stay last
     const c=num?x-y:String(x).localeCompare(String(y));return order==='ascending'?c:-c});
   rows.forEach(r=>body.appendChild(r));
   table.querySelectorAll('th').forEach(h=>h.removeAttribute('aria-sort'));th.setAttribute('aria-sort',order);

@@ -13,7 +13,9 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -219,16 +221,24 @@ def _died(spec: RunSpec, out_dir: Path, exitcode: int | None) -> dict[str, Any]:
 
 
 def _run_pool(
-    todo: Sequence[RunSpec], out: Path, workers: int, threads: int, progress: Progress, verbose: bool
+    todo: Sequence[RunSpec],
+    out: Path,
+    workers: int,
+    threads: int,
+    progress: Progress,
+    verbose: bool,
+    target: Callable[[dict[str, Any], str, int, bool], None] = _worker_main,
 ) -> list[dict[str, Any]]:
+    """Run ``todo`` in fresh ``spawn`` processes, ``workers`` at a time; ``target`` is the worker entry point."""
     ctx = mp.get_context("spawn")
     pending, running, records = list(todo), {}, []
+    previous = _stop_on_sigterm()
     try:
         while pending or running:
             while pending and len(running) < workers:
                 spec = pending.pop(0)
                 rdir = run_dir(out, spec.method_label, spec.task, spec.seed)
-                proc = ctx.Process(target=_worker_main, args=(spec.to_dict(), str(rdir), threads, verbose),
+                proc = ctx.Process(target=target, args=(spec.to_dict(), str(rdir), threads, verbose),
                                    name=f"vpeft-bench-{spec.run_id}")  # fmt: skip
                 proc.start()
                 running[proc.sentinel] = (proc, spec, rdir)
@@ -245,7 +255,20 @@ def _run_pool(
         for proc, _, _ in running.values():  # interrupted: stop the workers we started
             proc.terminate()
             proc.join(timeout=10)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return records
+
+
+def _stop_on_sigterm():
+    """Turn SIGTERM into ``SystemExit`` (so the pool stops its workers); return the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _run_inline(todo: Sequence[RunSpec], out: Path, progress: Progress) -> list[dict[str, Any]]:
