@@ -284,8 +284,10 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_demo)
 
     from .bench.cli import add_bench_commands  # bench, report
+    from .search.cli import add_search_command  # search (NOAH / GLoRA structure search)
 
     add_bench_commands(sub)
+    add_search_command(sub)
     return parser
 
 

@@ -1,0 +1,146 @@
+"""GLoRA: generalised LoRA with a per-layer choice of support tensors.
+
+Reference: Chavan et al., "One-for-All: Generalized LoRA for Parameter-Efficient Fine-tuning", 2023; official
+code Arnav0400/ViT-Slim (``GLoRA/``). Every Linear of every block -- the fused ``qkv`` (one layer, as in the
+official code, which wraps every ``nn.Linear`` but the head), ``proj``, ``fc1``, ``fc2`` -- becomes
+``W' = W0 + W0*A + B``, ``b' = b0 + b0*D + E + W0 C`` (see :mod:`vpeft.layers.glora` for the forms of A..E and
+the five-letter layer codes). Identity at initialisation; merges into the weights (zero inference cost).
+
+The paper picks each layer's forms by an evolutionary search over a supernet (``vpeft search --space glora``,
+:mod:`vpeft.search`); the search exports its result as this config with one code per layer in ``layers``.
+Without ``layers`` every layer uses the uniform choice ``A``..``E``; the default is the official supernet's
+largest path (every tensor at its largest form, rank 4 = the official default rank).
+ViT-B/16 default: per block qkv 4*(2304+768)*2 + 4*769 + 2*2304, proj 4*(768+768)*2 + 4*769 + 2*768,
+fc1 4*(3072+768)*2 + 4*769 + 2*3072, fc2 4*(768+3072)*2 + 4*3073 + 2*768 = 133,648; x 12 = 1,603,776 parameters
+(the paper reports searched subnets of 0.29M-0.86M only, no fixed setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from .._modules import get_module, set_module
+from ..arch import ArchSpec
+from ..config import MethodConfig, check_choice, check_int, check_subset
+from ..errors import ConfigError, UnsupportedBackboneError
+from ..layers.glora import OPTIONS, TENSORS, GLoRALinear, glora_params, make_code, parse_code
+from ..registry import register_method
+from .base import REPARAMETER, Method
+
+TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+__all__ = ["GLoRAConfig", "GLoRA", "TARGETS", "layer_names", "layer_codes", "glora_param_count"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GLoRAConfig(MethodConfig):
+    """GLoRA.
+
+    Attributes:
+        r: rank of the ``lora`` forms (>= 1).
+        A, B: form of the weight scaling / weight shift: lora, vector, scalar or none.
+        C: form of the bias prompt ``W0 C``: lora, vector or none.
+        D, E: form of the bias scaling / bias shift: vector, scalar or none.
+        targets: Linear layers of every block to adapt: any of qkv (the fused projection as one layer),
+            proj, fc1, fc2; layers are ordered block by block, in this canonical order within a block.
+        layers: per-layer codes (five letters over A..E from L/V/S/N, e.g. ``"LVNSV"``) overriding A..E.
+            Its length is 1 (every layer), ``len(targets)`` (one code per target, repeated in every block)
+            or ``depth * len(targets)`` (one per layer); other lengths are refused when the model is adapted.
+    """
+
+    method = "glora"
+    r: int = 4
+    A: str = "lora"
+    B: str = "lora"
+    C: str = "lora"
+    D: str = "vector"
+    E: str = "vector"
+    targets: tuple[str, ...] = TARGETS
+    layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "layers"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+        object.__setattr__(self, "layers", tuple(str(c).upper() for c in self.layers))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check_int(self, "r", 1)
+        for t in TENSORS:
+            check_choice(self, t, OPTIONS[t])
+        check_subset(self, "targets", TARGETS)
+        for i, code in enumerate(self.layers):
+            try:
+                parse_code(code)
+            except ValueError as exc:
+                raise ConfigError(f"glora: layers[{i}]: {exc}") from None
+
+    @property
+    def uniform_code(self) -> str:
+        return make_code({t: getattr(self, t) for t in TENSORS})
+
+
+def _targets(cfg: GLoRAConfig) -> list[str]:
+    return [t for t in TARGETS if t in cfg.targets]
+
+
+def layer_names(spec: ArchSpec, targets: tuple[str, ...] = TARGETS) -> list[str]:
+    """Qualified names of the adapted Linears, block by block, in the canonical target order."""
+    names = []
+    for parts in spec.parts:
+        for t in (t for t in TARGETS if t in targets):
+            name = getattr(parts, t)
+            if not name:
+                raise UnsupportedBackboneError(f"glora: block {parts.block} has no {t} Linear layer")
+            names.append(name)
+    return names
+
+
+def layer_codes(cfg: GLoRAConfig, depth: int) -> list[str]:
+    """One code per adapted layer (block by block), broadcasting a short ``layers`` tuple."""
+    per_block = len(_targets(cfg))
+    n = depth * per_block
+    codes = cfg.layers or (cfg.uniform_code,)
+    if len(codes) == 1:
+        return list(codes) * n
+    if len(codes) == per_block:
+        return list(codes) * depth
+    if len(codes) == n:
+        return list(codes)
+    raise ConfigError(
+        f"glora: layers has {len(codes)} codes; this backbone needs 1, {per_block} (one per target) "
+        f"or {n} ({depth} blocks x {per_block} targets)"
+    )
+
+
+def glora_param_count(cfg: GLoRAConfig, model: nn.Module, spec: ArchSpec) -> int:
+    """Exact trainable parameters ``cfg`` adds to ``model`` (head excluded)."""
+    total = 0
+    for name, code in zip(layer_names(spec, cfg.targets), layer_codes(cfg, spec.depth)):
+        lin = get_module(model, name)
+        total += glora_params(code, lin.in_features, lin.out_features, cfg.r, lin.bias is not None)
+    return total
+
+
+@register_method
+class GLoRA(Method):
+    config_cls = GLoRAConfig
+    family = REPARAMETER
+    paper = "Chavan et al., One-for-All: Generalized LoRA for Parameter-Efficient Fine-tuning, 2023"
+    mergeable = True
+    kinds = ("vit",)
+
+    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
+        cfg = self.config
+        names = layer_names(spec, cfg.targets)
+        codes = layer_codes(cfg, spec.depth)
+        for name, code in zip(names, codes):
+            base = get_module(model, name)
+            if not isinstance(base, nn.Linear):
+                raise UnsupportedBackboneError(f"glora: {name} is a {type(base).__name__}, not a Linear layer")
+            set_module(model, name, GLoRALinear(base, code, cfg.r))
+        return names

@@ -1,0 +1,170 @@
+"""NOAH subnet: LoRA + Adapter + VPT with per-block sizes (the result of a Neural Prompt Search).
+
+Reference: Zhang, Zhou & Liu, "Neural Prompt Search", 2022 (NOAH); official code ZhangYuanhan-AI/NOAH.
+NOAH trains a supernet holding the three modules in every block, searches per-block sizes under a parameter
+budget (``vpeft search``, :mod:`vpeft.search`) and retrains the found subnet -- this method, whose config is
+what the search exports. Per block ``i``:
+
+* LoRA of rank ``lora[i]`` on the whole fused ``qkv`` (q, k and v share one ``A``: r x d; ``B``: 3d x r, zero),
+  scale 1 (NOAH adds ``B A x`` unscaled);
+* a sequential adapter of width ``adapter[i]`` after the MLP (``y + up(gelu(down(y)))``, Pfeiffer placement);
+* ``prompts[i]`` new VPT-Deep tokens at the block's input, replacing the previous prompts; a block with 0 keeps
+  the incoming prompts (NOAH's prompt depth: prompts inserted by the last prompted block travel to the end).
+
+``0`` means the module is absent in that block. Each tuple holds one size per block, or a single size for every
+block (so the default is valid on any depth).
+Default: every module at the largest size of NOAH's search space ({1, 5, 10}) in every block.
+ViT-B/16: 12 * (10 * (768 + 2304) + (768*10 + 10 + 10*768 + 768) + 10 * 768) = 654,456 parameters.
+
+Differences from the official code: the adapter's up-projection starts at zero and uses GELU (vpeft's adapter;
+NOAH: Xavier-initialised up-projection, QuickGELU), prompts sit after the class token instead of at the end of
+the sequence (equivalent for attention), and NOAH's unused input-level prompt and its position embedding are
+neither created nor counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from torch import nn
+
+from .._modules import get_module, set_module
+from ..arch import ArchSpec
+from ..config import MethodConfig, check_float
+from ..errors import ConfigError, UnsupportedBackboneError
+from ..layers import LoRALinear, PromptedBlock, SequentialAdapter
+from ..layers.prompt import vpt_init_bound
+from ..registry import register_method
+from .base import UNIFIED, Method
+
+__all__ = ["NOAHConfig", "NOAH", "MODULES", "per_block", "noah_param_count", "noah_block_params"]
+
+MODULES = ("lora", "adapter", "prompts")
+
+
+def _as_sizes(name: str, value) -> tuple[int, ...]:
+    if isinstance(value, str):  # "1,5,10" (the CLI's --opt lora=1,5,10)
+        items: tuple = tuple(v for v in value.split(",") if v.strip())
+    else:
+        items = (value,) if isinstance(value, int) else tuple(value)
+    out = []
+    for v in items:
+        try:
+            if isinstance(v, bool) or float(v) != int(v):
+                raise ValueError
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"noah: {name}={list(items)!r} is invalid; expected integers >= 0") from None
+        if n < 0:
+            raise ConfigError(f"noah: {name}={list(items)!r} is invalid; expected integers >= 0")
+        out.append(n)
+    if not out:
+        raise ConfigError(f"noah: {name}=[] is invalid; give one size per block or one size for every block")
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class NOAHConfig(MethodConfig):
+    """NOAH subnet.
+
+    Attributes:
+        lora: per-block LoRA rank on the fused qkv (0: none).
+        adapter: per-block adapter width after the MLP (0: none).
+        prompts: per-block number of new prompt tokens (0: keep the incoming ones).
+        prompt_dropout: dropout on the prompt tokens, in [0, 1).
+    Each tuple has one entry per block, or a single entry used for every block.
+    """
+
+    method = "noah"
+    lora: tuple[int, ...] = (10,)
+    adapter: tuple[int, ...] = (10,)
+    prompts: tuple[int, ...] = (10,)
+    prompt_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in MODULES:
+            object.__setattr__(self, name, _as_sizes(name, getattr(self, name)))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check_float(self, "prompt_dropout", 0.0, 0.999)
+
+
+def per_block(cfg: NOAHConfig, depth: int) -> dict[str, tuple[int, ...]]:
+    """The three size tuples expanded to ``depth`` blocks."""
+    out = {}
+    for name in MODULES:
+        sizes = getattr(cfg, name)
+        if len(sizes) == 1:
+            sizes = sizes * depth
+        elif len(sizes) != depth:
+            raise ConfigError(f"noah: {name} has {len(sizes)} sizes; the backbone has {depth} blocks (give 1 or all)")
+        out[name] = sizes
+    return out
+
+
+def noah_block_params(lora: int, adapter: int, prompts: int, dim: int, qkv_out: int) -> int:
+    """Parameters of one block: LoRA ``r (d + qkv_out)``, adapter ``2 d a + a + d``, prompts ``p d``."""
+    return lora * (dim + qkv_out) + (2 * dim * adapter + adapter + dim if adapter else 0) + prompts * dim
+
+
+def noah_param_count(sizes: dict[str, Sequence[int]], dim: int, qkv_out: int) -> int:
+    """Exact trainable parameters (head excluded) of a subnet with per-block ``sizes``."""
+    return sum(
+        noah_block_params(r, a, p, dim, qkv_out) for r, a, p in zip(sizes["lora"], sizes["adapter"], sizes["prompts"])
+    )
+
+
+@register_method
+class NOAH(Method):
+    config_cls = NOAHConfig
+    family = UNIFIED
+    paper = "Zhang, Zhou & Liu, Neural Prompt Search (NOAH), 2022"
+    identity_at_init = False
+    kinds = ("vit",)
+
+    def __init__(self, config: NOAHConfig) -> None:
+        super().__init__(config)
+        # an instance without prompts is the identity at init; without adapters and prompts it merges away
+        self.identity_at_init = not any(config.prompts)
+        self.mergeable = not any(config.prompts) and not any(config.adapter)
+
+    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
+        sizes = per_block(self.config, spec.depth)
+        adapted = []
+        for parts, r, a in zip(spec.parts, sizes["lora"], sizes["adapter"]):
+            if r:
+                base = get_module(model, parts.qkv) if parts.qkv else None
+                if not isinstance(base, nn.Linear):
+                    raise UnsupportedBackboneError(f"noah: block {parts.block} has no fused qkv Linear")
+                set_module(model, parts.qkv, LoRALinear(base, r, float(r)))
+                adapted.append(parts.qkv)
+            if a:
+                if not parts.mlp:
+                    raise UnsupportedBackboneError(f"noah: block {parts.block} has no MLP")
+                set_module(model, parts.mlp, SequentialAdapter(get_module(model, parts.mlp), spec.embed_dim, a))
+                adapted.append(parts.mlp)
+        return adapted + self._inject_prompts(model, spec, sizes["prompts"])
+
+    def _inject_prompts(self, model: nn.Module, spec: ArchSpec, prompts: tuple[int, ...]) -> list[str]:
+        bound = vpt_init_bound(spec.patch_size, spec.embed_dim)
+        adapted, present, last = [], 0, spec.depth - 1
+        for i, (name, new) in enumerate(zip(spec.blocks, prompts)):
+            strip = i == last and (present or new)
+            if not new and not strip:
+                continue
+            block = PromptedBlock(
+                get_module(model, name),
+                num_prefix_tokens=spec.num_prefix_tokens,
+                in_prompts=present,
+                new_prompts=new,
+                dim=spec.embed_dim,
+                bound=bound,
+                strip=bool(strip),
+                dropout=self.config.prompt_dropout,
+            )
+            set_module(model, name, block)
+            adapted.append(name)
+            present = new or present
+        return adapted
