@@ -8,10 +8,11 @@ the five-letter layer codes). Identity at initialisation; merges into the weight
 
 The paper picks each layer's forms by an evolutionary search over a supernet (``vpeft search --space glora``,
 :mod:`vpeft.search`); the search exports its result as this config with one code per layer in ``layers``.
-Without ``layers`` every layer uses the uniform choice ``A``..``E``; the default is the official supernet's
-largest path (every tensor at its largest form, rank 4 = the official default rank).
-ViT-B/16 default: per block qkv 4*(2304+768)*2 + 4*769 + 2*2304, proj 4*(768+768)*2 + 4*769 + 2*768,
-fc1 4*(3072+768)*2 + 4*769 + 2*3072, fc2 4*(768+3072)*2 + 4*3073 + 2*768 = 133,648; x 12 = 1,603,776 parameters
+Without ``layers`` every layer uses the uniform choice ``A``..``E``. The default is the official supernet's
+largest path (every tensor at its largest form, rank 4 = the official default rank) except ``D = none``: ``D`` scales
+the base bias, so it is dead (zero gradient) wherever that bias is zero, e.g. in freshly initialised timm models.
+ViT-B/16 default: per block qkv 4*(2304+768)*2 + 4*769 + 2304, proj 4*(768+768)*2 + 4*769 + 768,
+fc1 4*(3072+768)*2 + 4*769 + 3072, fc2 4*(768+3072)*2 + 4*3073 + 768 = 126,736; x 12 = 1,520,832 parameters
 (the paper reports searched subnets of 0.29M-0.86M only, no fixed setting).
 """
 
@@ -55,7 +56,7 @@ class GLoRAConfig(MethodConfig):
     A: str = "lora"
     B: str = "lora"
     C: str = "lora"
-    D: str = "vector"
+    D: str = "none"
     E: str = "vector"
     targets: tuple[str, ...] = TARGETS
     layers: tuple[str, ...] = ()
