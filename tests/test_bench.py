@@ -280,6 +280,21 @@ def test_process_pool_survives_a_dying_worker(tmp_path, data_root):
     assert "FAILED crash/tiny/seed0" in log and "[bench 2/2] done 1 | running 0 | failed 1" in log
 
 
+@pytest.mark.slow
+def test_ray_backend_runs_each_run_as_a_ray_task(tmp_path, data_root):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install ray)")
+    d = parse_definition(_definition(data_root, methods=["linear", "vpt_deep"], backbone="test_efficientnet"))
+    out = tmp_path / "out"
+    summary = run_bench(d, out, backend="ray", workers=1, threads=1, progress=False)
+    assert (summary.ok, summary.failed) == (1, 1)
+    recs = {r["method"]: r for r in load_records(out)}
+    assert recs["linear"]["status"] == "ok" and recs["linear"]["pid"] != os.getpid(), "ran in a Ray worker"
+    assert recs["vpt_deep"]["error"].startswith("UnsupportedBackboneError")
+    assert (run_dir(out, "linear", "tiny", 0) / "delta.safetensors").is_file()
+    again = run_bench(d, out, methods=["linear"], backend="ray", workers=1, threads=1, progress=False)
+    assert (again.skipped, again.ok) == (1, 0), "finished runs are skipped on Ray too (Ray is not even started)"
+
+
 # ---- report -------------------------------------------------------------------------------------------------------
 def _fake(method, task, group, seed, top1, params, status="ok"):
     rec = {

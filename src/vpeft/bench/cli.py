@@ -44,6 +44,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         workers=args.workers,
         threads=args.threads,
         data_root=args.data_root,
+        backend="ray" if args.ray is not None else "local",
+        ray_address=args.ray or None,
         progress=not args.quiet,
         verbose=args.verbose,
     )
@@ -83,6 +85,15 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default=None, metavar="SEED,...", help="run only these seeds")
     p.add_argument("--data-root", default=None, help="folder of task folders (overrides the definition's)")
     p.add_argument("--device", default=None, help="override the definition's device (cpu, cuda, cuda:1)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run each (method, task, seed) as a Ray task on the cluster at ADDRESS (e.g. auto, ray://head:10001); "
+        "without ADDRESS a local Ray is started (pip install ray)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(fn=_cmd_bench)
 

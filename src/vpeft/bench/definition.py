@@ -520,7 +520,7 @@ def _parse_grid(value: Any, where: str, train_cls, cfg_cls) -> dict[str, tuple[A
         valid = {"train": train_fields, "method": method_fields}.get(part)
         if not valid or fname not in valid:
             options = [*train_fields, *method_fields]
-            raise _err(f"{where}.{key}", suggest(fname, options, "grid key (training option or method setting)"))
+            raise _err(f"{where}.{key}", suggest(fname, options, "grid key"))
         if not isinstance(values, list) or not values:
             raise _err(f"{where}.{key}", f"expected a non-empty list of candidate values, got {values!r}")
         out[f"{part}.{fname}"] = tuple(tuple(v) if isinstance(v, list) else v for v in values)

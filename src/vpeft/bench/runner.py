@@ -130,13 +130,19 @@ class Progress:
         self.durations: list[float] = []
         self.start = time.monotonic()
 
-    def started(self, run_id: str) -> None:
+    def started(self, run_id: str, announce: bool = True) -> None:
         self.running[run_id] = time.monotonic()
-        self._line(f"started {run_id}")
+        if announce:
+            self._line(f"started {run_id}")
 
     def finished(self, run_id: str, record: dict[str, Any]) -> None:
-        started = self.running.pop(run_id, time.monotonic())
-        self.durations.append(time.monotonic() - started)
+        now = time.monotonic()
+        if run_id in self.running:
+            self.durations.append(now - self.running.pop(run_id))
+        else:  # a backend that cannot see when a run starts (Ray): free the oldest slot, use the run's own timing
+            if self.running:
+                self.running.pop(next(iter(self.running)))
+            self.durations.append(float(record.get("duration_s") or 0.0))
         if record.get("status") == "ok":
             self.done += 1
             self._line(f"ok {run_id}: top-1 {100 * record['top1']:.2f}% ({self.durations[-1]:.0f} s)")
@@ -293,6 +299,7 @@ def run_bench(
     threads: int | None = None,
     data_root: str | os.PathLike | None = None,
     backend: str = "local",
+    ray_address: str | None = None,
     progress: bool = True,
     stream: TextIO | None = None,
     verbose: bool = False,
@@ -307,7 +314,9 @@ def run_bench(
         workers: Concurrent runs (default: one per 4 cores, at least 1); 0 runs everything in this process.
         threads: Torch threads per worker (default: cores / workers).
         data_root: Overrides the definition's ``data_root`` (the folder holding the task folders).
-        backend: ``local`` (a process pool on this machine).
+        backend: ``local`` (a process pool on this machine) or ``ray`` (one Ray task per run, see
+            :mod:`vpeft.bench.ray_backend`): on the cluster at ``ray_address``, else a local Ray with
+            ``workers x threads`` CPUs.
         progress: Print one progress line per event to ``stream`` (default stderr).
         verbose: INFO-level logs in the workers' ``log.txt``.
     """
@@ -327,8 +336,12 @@ def run_bench(
     start = time.monotonic()
     if not todo:
         records = []
+    elif backend == "ray":
+        from vpeft.bench.ray_backend import run_ray
+
+        records = run_ray(todo, out, ray_address, workers, threads, bar)
     elif backend != "local":
-        raise ConfigError(f"unknown backend {backend!r}; valid: local")
+        raise ConfigError(f"unknown backend {backend!r}; valid: local, ray")
     elif inline:
         records = _run_inline(todo, out, bar)
     else:
