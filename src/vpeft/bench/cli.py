@@ -74,7 +74,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` and ``report`` to the ``vpeft`` subcommands."""
     p = sub.add_parser(
         "bench",
-        help="run a benchmark definition (YAML/JSON): select on val, retrain on train+val, test once; resumable",
+        help="run a benchmark definition (YAML/JSON): select on val, retrain on train+val, test once; resumable "
+        "(exit status 1 if a run failed)",
     )
     p.add_argument("definition", help="bench definition file, e.g. experiments/mini.yaml")
     p.add_argument("--out", required=True, help="results folder (finished runs there are skipped)")

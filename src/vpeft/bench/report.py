@@ -220,6 +220,10 @@ def _describe(lb: Leaderboard) -> str:
     if m.get("backbone"):
         bits.append(f"backbone `{m['backbone']}`" + (f" at {m['img_size']} px" if m.get("img_size") else ""))
     env = m.get("env") or {}
+    if m.get("seeds"):
+        bits.append(f"seeds {', '.join(map(str, m['seeds']))}")
+    if m.get("train"):
+        bits.append("recipe " + ", ".join(f"{k}={v}" for k, v in m["train"].items()))
     if env:
         git = env.get("git") or {}
         commit = (git.get("commit") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
