@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import timm
@@ -77,12 +78,22 @@ TINY_BACKBONES: dict[str, tuple[Callable[[], nn.Module], int]] = {
         _seeded(lambda: timm.create_model("test_efficientnet", pretrained=False, num_classes=NUM_CLASSES)),
         32,
     ),
+    # four stages of different widths (24..64), LayerNorm2d stem/downsampling, channels-last MLP Linears
+    "cnn_convnext": (
+        _seeded(
+            lambda: timm.create_model(
+                "test_convnext", pretrained=False, depths=(1, 1, 1, 1), ls_init_value=0.5, num_classes=NUM_CLASSES
+            )
+        ),
+        32,
+    ),
 }
 
 # Extra (method, options) cases run through the same contract bodies as every method's defaults.
 EXTRA_CASES: list[tuple[str, dict]] = [
     ("lora", {"r": 2, "targets": ["qkv", "proj", "fc1", "fc2"], "alpha": 4.0}),
     ("lora", {"r": 1, "targets": ["k"]}),
+    ("lora", {"r": 2, "targets": ["pw", "kxk"]}),  # CNNs: 1x1 and k x k convs (+ channel Linears)
     ("adapter", {"placement": "houlsby", "bottleneck": 4, "act": "relu"}),
     ("partial", {"k": 2}),
     ("vpt_deep", {"num_tokens": 3, "dropout": 0.0}),
@@ -114,6 +125,17 @@ def method_of(name: str, kwargs: dict) -> vpeft.methods.Method:
     return cls(cls.config_cls.from_kwargs(kwargs))
 
 
+@functools.cache
+def _probe(backbone: str) -> tuple[nn.Module, vpeft.arch.ArchSpec]:
+    model = TINY_BACKBONES[backbone][0]()
+    return model, vpeft.arch.get_spec(model)
+
+
 def supports(name: str, kwargs: dict, backbone: str) -> bool:
-    kind = "cnn" if backbone.startswith("cnn") else "vit"
-    return kind in method_of(name, kwargs).kinds
+    """Whether the method accepts the backbone: its ``kinds`` and its finer ``check`` (which must not mutate)."""
+    model, spec = _probe(backbone)
+    try:
+        method_of(name, kwargs).check(model, spec)
+    except vpeft.UnsupportedBackboneError:
+        return False
+    return True

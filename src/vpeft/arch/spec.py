@@ -1,4 +1,4 @@
-"""ArchSpec and the per-family builders (timm VisionTransformer, timm EfficientNet)."""
+"""ArchSpec and the per-family builders (timm VisionTransformer, EfficientNet, ConvNeXt, ...)."""
 
 from __future__ import annotations
 
@@ -184,5 +184,29 @@ def _timm_efficientnet(model: nn.Module) -> ArchSpec:
         head=_module_name(model, model.get_classifier()),
         post_blocks=_present(model, ("conv_head", "bn2")),
         stem=_present(model, ("conv_stem", "bn1")),
+        embed_dim=int(model.num_features),
+    )
+
+
+# ---- timm ConvNeXt -----------------------------------------------------------------------------
+def _is_timm_convnext(model: nn.Module) -> bool:
+    try:
+        from timm.models.convnext import ConvNeXt
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, ConvNeXt)
+
+
+@register_arch("timm_convnext", _is_timm_convnext)
+def _timm_convnext(model: nn.Module) -> ArchSpec:
+    # Blocks across the four stages; the downsampling layers (LayerNorm2d + 2x2 conv) sit between them.
+    blocks = tuple(f"stages.{s}.blocks.{b}" for s, stage in enumerate(model.stages) for b in range(len(stage.blocks)))
+    return ArchSpec(
+        family="timm_convnext",
+        kind="cnn",
+        blocks=blocks,
+        head=_module_name(model, model.get_classifier()),
+        post_blocks=_present(model, ("norm_pre", "head.norm")),
+        stem=_present(model, ("stem",)),
         embed_dim=int(model.num_features),
     )

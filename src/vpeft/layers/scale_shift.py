@@ -13,12 +13,20 @@ _CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
 _CHANNEL_FIRST = (nn.Conv2d,)
 
 
+def _channel_first_norm(module: nn.Module) -> bool:
+    try:  # timm's LayerNorm2d subclasses nn.LayerNorm but normalises the channels of an NCHW map
+        from timm.layers import LayerNorm2d
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(module, LayerNorm2d)
+
+
 def channel_dim_of(module: nn.Module) -> int | None:
-    """Output channel dimension of a supported layer (-1 for Linear/LayerNorm, 1 for Conv2d), else None."""
+    """Output channel dimension of a supported layer (-1: Linear/LayerNorm, 1: Conv2d/LayerNorm2d), else None."""
+    if isinstance(module, _CHANNEL_FIRST) or _channel_first_norm(module):
+        return 1
     if isinstance(module, _CHANNEL_LAST):
         return -1
-    if isinstance(module, _CHANNEL_FIRST):
-        return 1
     return None
 
 

@@ -23,11 +23,12 @@ from torch import nn
 
 from .._modules import get_module, set_module
 from ..arch import ArchSpec
+from ..config import check_subset
 from ..errors import ConfigError, UnsupportedBackboneError
 from ..layers.dora import DoRALinear
 from ..registry import register_method
 from .base import REPARAMETER, Method
-from .lora import QKV, LoRAConfig
+from .lora import QKV, VIT_TARGETS, LoRAConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class DoRAConfig(LoRAConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_subset(self, "targets", VIT_TARGETS)
         if not isinstance(self.detach_norm, bool):
             raise ConfigError(f"dora: detach_norm={self.detach_norm!r} is invalid; expected true or false")
 

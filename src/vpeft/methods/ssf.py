@@ -6,6 +6,13 @@ every Linear, Conv2d and LayerNorm outside the head. Initialisation: scale N(1, 
 N(0, 0.02) (not the identity). Merged into the preceding layer after training.
 ViT-B/16: 12 * 2 * (768 + 2304 + 768 + 768 + 3072 + 768) + 2 * 768 (patch embed) + 2 * 768
 (final norm) = 205,824 parameters.
+
+CNNs (the paper's ConvNeXt setting): after every Conv2d (depthwise ones included), Linear, LayerNorm and
+timm LayerNorm2d outside the head. BatchNorm layers are not wrapped: vpeft freezes their statistics
+(:class:`~vpeft.layers.FrozenStatsNorm`), so a frozen BatchNorm is a fixed per-channel affine map and a
+scale-shift after it spans the same functions as the one after the convolution before it -- and timm's
+``BatchNormAct2d`` applies its activation inside the module, where an outer scale-shift could not be
+merged. Every scale-shift merges into its convolution (a bias is created where the conv has none).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ class SSF(Method):
     paper = "Lian et al., Scaling & Shifting Your Features, NeurIPS 2022"
     mergeable = True
     identity_at_init = False
-    kinds = ("vit",)
+    kinds = ("vit", "cnn")
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         head = spec.head
