@@ -175,7 +175,6 @@ def _accuracy_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[t
 
 
 def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
-    batch = next((r.cost["latency_batch"] for r in lb.rows if r.cost["latency_batch"]), None)
     head = [
         ("method", "method"),
         ("trainable", "trainable params"),
@@ -184,8 +183,8 @@ def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple
         ("mem", "peak train mem (MiB)"),
         ("ips", "train img/s"),
         ("time", "train time (s)"),
-        ("lat_u", f"latency unmerged (ms/{batch or '?'} img)"),
-        ("lat_m", f"latency merged (ms/{batch or '?'} img)"),
+        ("lat_u", "latency unmerged (ms)"),
+        ("lat_m", "latency merged (ms)"),
     ]
     rows = []
     for r in lb.rows:
@@ -205,6 +204,12 @@ def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple
             ]
         )
     return head, rows
+
+
+def _cost_title(lb: Leaderboard) -> str:
+    batch = next((r.cost["latency_batch"] for r in lb.rows if r.cost["latency_batch"]), None)
+    lat = f"; latency: ms per batch of {batch} images" if batch else ""
+    return f"Cost (final runs, mean over tasks and seeds{lat})"
 
 
 def _md_table(head, rows) -> str:
@@ -268,12 +273,13 @@ def _plot_png(lb: Leaderboard, x_key: str, xlabel: str, title: str) -> str | Non
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=100)
     try:
         for x, y, e, label in pts:
             ax.errorbar([x], [y], yerr=[e] if e else None, fmt="o", capsize=3)
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.margins(x=0.2, y=0.15)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean top-1 over tasks (%)")
         ax.set_title(title, fontsize=10)
@@ -359,10 +365,10 @@ def render_html(lb: Leaderboard) -> str:
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{e(lb.title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(lb.title)}</h1>",
-        f'<p class="note">{e(_describe(lb))}</p>' if _describe(lb) else "",
+        f'<p class="note">{e(_describe(lb).replace("`", ""))}</p>' if _describe(lb) else "",
         f'<p class="note">{e(_PROTOCOL)} Click a column header to sort.</p>',
         _html_table(*_accuracy_table(lb), "accuracy"),
-        "<h2>Cost (final runs, mean over tasks and seeds)</h2>",
+        f"<h2>{e(_cost_title(lb))}</h2>",
         _html_table(*_cost_table(lb), "cost"),
         "<h2>Plots</h2>",
     ]
