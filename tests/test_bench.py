@@ -255,6 +255,25 @@ def test_record_contents_and_resume(tmp_path, data_root):
     assert (redone.ok, redone.skipped) == (1, 0), "a record of another definition of the run is not reused"
 
 
+def test_image_folder_task_with_named_splits(tmp_path, data_root):
+    """FGVC-style folders: one image folder per split, mapped onto the protocol by the task's ``splits``."""
+    src = data_root / "tiny"
+    for split, vtab in (("train", "train800"), ("val", "val200"), ("trainval", "train800val200"), ("test", "test")):
+        for line in (src / f"{vtab}.txt").read_text().splitlines():
+            path, label = line.split()
+            dst = tmp_path / "fgvc" / "birds" / split / ("left", "right")[int(label)] / Path(path).name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / path, dst)
+    splits = {"train": "train", "val": "val", "trainval": "trainval", "test": "test"}
+    tasks = [{"name": "birds", "group": "fgvc", "root": str(tmp_path / "fgvc"), "splits": splits}]
+    methods = [{"name": "linear", "grid": {"lr": [1e-3, 1e-2]}}]
+    d = parse_definition(_definition(data_root, tasks=tasks, methods=methods))
+    assert run_bench(d, tmp_path / "out", workers=0, progress=False).ok == 1
+    rec = read_record(record_path(tmp_path / "out", "linear", "birds", 0))
+    assert rec["selection"]["train_split"] == "train" and rec["selection"]["val_split"] == "val"
+    assert rec["resolved"]["train_split"] == "trainval" and rec["test_n"] == SIZES["test"]
+
+
 def test_failures_are_recorded_and_do_not_stop_the_grid(tmp_path, data_root):
     d = parse_definition(_definition(data_root, methods=["vpt_deep", "linear"], backbone="test_efficientnet"))
     summary = run_bench(d, tmp_path / "out", workers=0, progress=False)
