@@ -290,6 +290,8 @@ def test_process_pool_survives_a_dying_worker(tmp_path, data_root):
     d = parse_definition(_definition(data_root, methods=methods))
     out = tmp_path / "out"
     stream = io.StringIO()
+    stale = {"run_id": "crash/tiny/seed0", "status": "failed", "error": "an older attempt"}  # to be retried
+    write_record(record_path(out, "crash", "tiny", 0), {**stale, "fingerprint": d.runs()[0].fingerprint()})
     records = _run_pool(d.runs(), out, 1, 1, Progress(2, 1, stream), False, target=crash_or_run)
     status = {r["method"]: r["status"] for r in records}
     assert status == {"crash": "failed", "linear": "ok"}

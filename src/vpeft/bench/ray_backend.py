@@ -72,6 +72,7 @@ def run_ray(
         refs = {}
         for spec in todo:
             rdir = run_dir(out, spec.method_label, spec.task, spec.seed)
+            (rdir / "record.json").unlink(missing_ok=True)  # an old failure must not stand in for this attempt
             refs[remote.remote(spec.to_dict(), str(rdir.resolve()), threads)] = spec
         pending, records = list(refs), []
         for spec in todo[:workers]:  # Ray does not say when a task starts: count `workers` of them as running

@@ -244,6 +244,7 @@ def _run_pool(
             while pending and len(running) < workers:
                 spec = pending.pop(0)
                 rdir = run_dir(out, spec.method_label, spec.task, spec.seed)
+                (rdir / "record.json").unlink(missing_ok=True)  # an old failure must not stand in for this attempt
                 proc = ctx.Process(target=target, args=(spec.to_dict(), str(rdir), threads, verbose),
                                    name=f"vpeft-bench-{spec.run_id}")  # fmt: skip
                 proc.start()
