@@ -109,10 +109,13 @@ def build_leaderboard(records: Sequence[Mapping[str, Any]], definition: Mapping[
     rows.sort(key=lambda row: -(row.mean_groups.mean if row.mean_groups.mean is not None else -1.0))
     meta = {}
     if definition:
-        meta = {k: definition.get(k) for k in ("name", "backbone", "img_size", "seeds", "description", "train")}
+        meta = {k: definition.get(k) for k in ("name", "backbone", "img_size", "description", "train")}
+    meta["seeds"] = sorted({r["seed"] for r in ok})  # the seeds that ran, not all the definition names
     if ok:
         env = ok[0].get("env", {})
-        meta["env"] = {k: env.get(k) for k in ("vpeft", "torch", "timm", "device", "gpu", "cpu_count", "git")}
+        meta["env"] = {k: env.get(k) for k in ("vpeft", "torch", "timm", "device", "gpu", "cpu_count")}
+        commits = {_commit((r.get("env") or {}).get("git") or {}) for r in ok}
+        meta["env"]["commits"] = sorted(commits)
     title = f"vpeft leaderboard: {meta.get('name') or 'results'}"
     return Leaderboard(title, tasks, groups, rows, failures, meta)
 
@@ -219,6 +222,10 @@ def _md_table(head, rows) -> str:
     return "\n".join(lines)
 
 
+def _commit(git: Mapping[str, Any]) -> str:
+    return (git.get("commit") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
+
+
 def _describe(lb: Leaderboard) -> str:
     m = lb.meta
     bits = []
@@ -230,10 +237,9 @@ def _describe(lb: Leaderboard) -> str:
     if m.get("train"):
         bits.append("recipe " + ", ".join(f"{k}={v}" for k, v in m["train"].items()))
     if env:
-        git = env.get("git") or {}
-        commit = (git.get("commit") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
         bits.append(f"vpeft {env.get('vpeft')}, torch {env.get('torch')}, device {env.get('gpu') or env.get('device')}")
-        bits.append(f"commit {commit}")
+        commits = env.get("commits") or []
+        bits.append(("commit " if len(commits) == 1 else "commits ") + ", ".join(commits))
     return "; ".join(bits)
 
 
