@@ -1,4 +1,11 @@
-"""Low-rank update of a linear layer (Hu et al., 2021), with per-slice adapters for fused layers."""
+"""Low-rank update of a linear layer (Hu et al., 2021), with per-slice adapters for fused layers.
+
+The forward/backward pass of a LoRA linear over a frozen base is one custom autograd function
+(:class:`FusedLoRAFunction`): the low-rank terms are accumulated in place into the output of the base
+GEMM and into the input gradient, the scale is folded into the GEMMs' ``alpha`` and only the input (plus
+the small ``x A^T``) is saved. This brings LoRA on wide targets to the cost of backpropagating through
+the frozen backbone; see ``benchmarks/bench_step.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,97 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .base import Wrapper
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "FusedLoRAFunction", "fused_lora_linear"]
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * a @ b`` with the scale folded into the GEMM (no extra pass when it is 1)."""
+    if scale == 1.0:
+        return torch.mm(a, b)
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0.0, alpha=scale)
+
+
+class FusedLoRAFunction(torch.autograd.Function):
+    """``y = x W^T + b + s * sum_i pad_i(B_i A_i h)`` for a frozen ``W``, ``b``; gradients for ``x``, ``h``, A, B.
+
+    ``h`` is the input of the low-rank branch: ``None`` means ``x`` itself (no dropout), otherwise the
+    dropped-out ``x`` (its gradient is returned separately so autograd applies the dropout mask). Slice
+    ``i`` adds ``B_i A_i h`` to the output columns ``slices[i]``. ``W`` and ``b`` get no gradient: use
+    the unfused path when they are trainable.
+
+    Forward: one GEMM for the base (bias folded in by ``addmm``), one GEMM ``t = h [A_1; ...; A_k]^T``,
+    and per slice an in-place ``y[:, slice] += s * t_i B_i^T``. Saved: ``h`` (or ``x``) and ``t``.
+    Backward: ``u_i = g[:, slice_i] B_i``; ``dx = g W + s * u A`` accumulated in place; ``dA = s u^T h``;
+    ``dB_i = s g[:, slice_i]^T t_i``. Each thin GEMM is written in the operand layout BLAS runs fastest
+    (e.g. ``dB_i^T = t_i^T g_i`` instead of ``g_i^T t_i``, which is several times slower on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, weight, bias, scaling, slices, *lora):  # noqa: D102 (documented on the class)
+        k = len(slices)
+        lora_a, lora_b = lora[:k], lora[k:]
+        in_features, out_features = weight.shape[1], weight.shape[0]
+        x2 = x.reshape(-1, in_features)
+        y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+        src = x2 if h is None else h.reshape(-1, in_features)
+        a_cat = lora_a[0] if k == 1 else torch.cat(lora_a)
+        t = torch.mm(src, a_cat.t())
+        r = lora_a[0].shape[0]
+        for i, (start, stop) in enumerate(slices):
+            y[:, start:stop].addmm_(t[:, i * r : (i + 1) * r], lora_b[i].t(), alpha=scaling)
+        ctx.save_for_backward(src, t, weight, *lora)
+        ctx.scaling, ctx.slices, ctx.x_shape, ctx.has_h = scaling, slices, x.shape, h is not None
+        return y.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):  # noqa: D102
+        src, t, weight, *lora = ctx.saved_tensors
+        k, s, slices = len(ctx.slices), ctx.scaling, ctx.slices
+        lora_a, lora_b = lora[:k], lora[k:]
+        r = lora_a[0].shape[0]
+        g = grad_y.reshape(-1, weight.shape[0])
+        # u^T = [B_i^T g_i^T] (k r x N), written row block by row block; these layouts are the fast ones of BLAS
+        u_t = g.new_empty(k * r, g.shape[0])
+        for i, (a, b) in enumerate(slices):
+            torch.mm(lora_b[i].t(), g[:, a:b].t(), out=u_t[i * r : (i + 1) * r])
+        a_cat = lora_a[0] if k == 1 else torch.cat(lora_a)
+        grad_x = grad_h = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, weight)
+            if not ctx.has_h:
+                grad_x.addmm_(u_t.t(), a_cat, alpha=s)
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.has_h and ctx.needs_input_grad[1]:
+            grad_h = _gemm(u_t.t(), a_cat, s).view(ctx.x_shape)
+        grads_a: list[torch.Tensor | None] = [None] * k
+        grads_b: list[torch.Tensor | None] = [None] * k
+        if any(ctx.needs_input_grad[6 : 6 + k]):
+            grad_a_cat = _gemm(u_t, src, s)
+            grads_a = [grad_a_cat[i * r : (i + 1) * r] for i in range(k)]
+        for i, (a, b) in enumerate(slices):
+            if ctx.needs_input_grad[6 + k + i]:  # dB_i^T = s t_i^T g_i: the fast layout, transposed back
+                grads_b[i] = _gemm(t[:, i * r : (i + 1) * r].t(), g[:, a:b], s).t()
+        return grad_x, grad_h, None, None, None, None, *grads_a, *grads_b
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: float,
+    slices: list[tuple[int, int]],
+    h: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Functional form of :class:`FusedLoRAFunction` (``h``: dropped-out input of the branch, default ``x``)."""
+    return FusedLoRAFunction.apply(x, h, weight, bias, float(scaling), tuple(slices), *lora_a, *lora_b)
 
 
 class LoRALinear(Wrapper):
@@ -21,9 +114,14 @@ class LoRALinear(Wrapper):
     slices ``[(0, d), (2d, 3d)]``: the k rows receive no update, exactly as separate q and v
     projections would. ``A`` is Kaiming-uniform and ``B`` zero (the paper's initialisation), so the
     layer is the identity map of its base at initialisation.
+
+    The forward pass uses :class:`FusedLoRAFunction` whenever it applies (a plain frozen ``nn.Linear``
+    base, no autocast, one dtype); otherwise, or with ``fused = False`` (class or instance attribute),
+    the reference :meth:`forward_unfused`. Both compute the same function.
     """
 
     mergeable = True
+    fused: bool = True
 
     def __init__(
         self,
@@ -47,7 +145,28 @@ class LoRALinear(Wrapper):
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
+    def _fusable(self, x: torch.Tensor) -> bool:
+        base = self.base_layer
+        if not self.fused or type(base) is not nn.Linear or base.weight.requires_grad:
+            return False
+        if base.bias is not None and base.bias.requires_grad:
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        dtype = base.weight.dtype
+        return x.dtype == dtype and all(p.dtype == dtype for p in (*self.lora_A, *self.lora_B))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable(x):
+            return self.forward_unfused(x)
+        h = self.dropout(x)
+        base = self.base_layer
+        lora_a, lora_b = list(self.lora_A), list(self.lora_B)
+        h = None if h is x else h
+        return fused_lora_linear(x, base.weight, base.bias, lora_a, lora_b, self.scaling, self.slices, h=h)
+
+    def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference implementation: base output plus each slice's scaled low-rank term (plain autograd)."""
         y = self.base_layer(x)
         h = self.dropout(x)
         for (start, stop), a, b in zip(self.slices, self.lora_A, self.lora_B):
