@@ -1,0 +1,333 @@
+"""Cost of one training step of every PEFT method vs the forward pass and the activation-gradient limit.
+
+Measured in one process on one random-init timm model (default ViT-S/16, batch 16, 224 px, fp32):
+
+* ``forward``: inference forward pass (``torch.no_grad``), the unit of every "x forward" ratio;
+* ``limit``: every weight frozen, the input requires grad, cross-entropy backward to the input -- the cost any
+  method that backpropagates through the frozen backbone must pay (forward + activation gradients, no weight
+  gradient); the unit of every "x limit" ratio;
+* ``full``: full fine-tuning step (AdamW); ``linear``: linear probe (no backprop through the backbone);
+* vpeft LoRA (rank ``--rank``, alpha = rank) on q,k,v (= the whole fused ``qkv``) and on the wide target set
+  qkv+proj+fc1+fc2, with the fused autograd function and (``lora_wide_unfused``) with the plain-autograd
+  reference path; Hugging Face PEFT LoRA with the same targets and rank (``pip install -e '.[bench]'``);
+* adapter, VPT-deep, SSF and BitFit with vpeft's defaults.
+
+A training step is forward + cross-entropy + backward + ``optimizer.step()`` + ``zero_grad(set_to_none=True)``
+with AdamW over the trainable tensors only (vpeft's :func:`vpeft.train.build_optimizer`). Timing: one warm-up
+step per configuration, then ``--repeats`` interleaved rounds, medians (see ``_common.py``).
+
+Memory, measured during the warm-up step of a freshly built model (``_common.py`` explains the method):
+
+* ``peak MiB``: peak growth of the process's memory during one training step over the memory held before it
+  (the model's weights and the input batch), with the optimizer state already allocated (an AdamW step on
+  zero gradients is taken first): activations + gradients + optimizer state + transient buffers. On CPU this
+  is the sampled resident set with every allocation >= 64 KiB mmap'ed (so the resident set is the live bytes);
+  on CUDA ``torch.cuda.max_memory_allocated``.
+* ``saved MiB``: the distinct storages autograd saved for backward (``saved_tensors_hooks``), weights and
+  the input excluded -- the activation memory, exact and noise-free.
+
+Checks, per configuration, between backward and the optimizer step: no frozen tensor holds a ``.grad``, and
+the optimizer holds no frozen tensor (so it can hold no state for one).
+
+On a shared machine set ``--threads 1`` (the default): with more OpenMP threads than idle cores, every parallel
+kernel waits for a scheduler slice (we measured 40 ms for sub-millisecond GEMMs at load 8 on 2 cores), which
+swamps what is being measured. ``--threads 0`` uses torch's default.
+
+Usage::
+
+    python benchmarks/bench_step.py                      # ViT-S/16, batch 16, 224 px (about 10 min on 1 core)
+    python benchmarks/bench_step.py --quick              # tiny ViT, seconds
+    python benchmarks/bench_step.py --model vit_base_patch16_224 --device cuda --batch 64 --threads 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import _common as C
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vpeft
+from vpeft.layers import LoRALinear
+from vpeft.train import TrainConfig, build_optimizer
+
+WIDE = ("qkv", "proj", "fc1", "fc2")
+PEFT_TARGETS = {  # exact module paths of timm ViT blocks (a bare "proj" would also catch patch_embed.proj)
+    ("qkv",): r".*blocks\.\d+\.attn\.qkv",
+    WIDE: r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
+}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    what: str
+    kind: str  # forward | limit | train
+    build: Callable[[nn.Module], tuple[nn.Module, torch.optim.Optimizer | None]]
+    backprop: bool = True  # backpropagates through the backbone (judged against the limit)
+
+
+def _vpeft(method: str, unfused: bool = False, **kwargs: Any):
+    def build(model: nn.Module):
+        vpeft.apply(model, method, **kwargs)
+        if unfused:
+            for m in model.modules():
+                if isinstance(m, LoRALinear):
+                    m.fused = False
+        return model, build_optimizer(model, TrainConfig())
+
+    return build
+
+
+def _peft(targets: tuple[str, ...], rank: int):
+    def build(model: nn.Module):
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=PEFT_TARGETS[targets], modules_to_save=["head"]
+        )
+        model = get_peft_model(model, cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+
+    return build
+
+
+def _frozen(model: nn.Module):
+    return model.requires_grad_(False), None
+
+
+def cases(rank: int, with_peft: bool) -> list[Case]:
+    lora = {"r": rank, "alpha": float(rank)}
+    out = [
+        Case("forward", "inference forward (no_grad)", "forward", _frozen, backprop=False),
+        Case("limit", "all frozen, grad w.r.t. the input", "limit", _frozen, backprop=False),
+        Case("full", "full fine-tuning", "train", _vpeft("full"), backprop=False),
+        Case("linear", "linear probe (head only)", "train", _vpeft("linear"), backprop=False),
+        Case("lora_qkv", "vpeft LoRA q,k,v (fused)", "train", _vpeft("lora", targets=("qkv",), **lora)),
+        Case("lora_wide", "vpeft LoRA qkv,proj,fc1,fc2 (fused)", "train", _vpeft("lora", targets=WIDE, **lora)),
+        Case(
+            "lora_wide_unfused",
+            "vpeft LoRA wide, reference autograd",
+            "train",
+            _vpeft("lora", unfused=True, targets=WIDE, **lora),
+        ),
+    ]
+    if with_peft:
+        out += [
+            Case("peft_qkv", "HF PEFT LoRA on qkv", "train", _peft(("qkv",), rank)),
+            Case("peft_wide", "HF PEFT LoRA qkv,proj,fc1,fc2", "train", _peft(WIDE, rank)),
+        ]
+    out += [
+        Case("adapter", "vpeft adapter (defaults)", "train", _vpeft("adapter")),
+        Case("vpt_deep", "vpeft VPT-deep (defaults)", "train", _vpeft("vpt_deep")),
+        Case("ssf", "vpeft SSF", "train", _vpeft("ssf")),
+        Case("bitfit", "vpeft BitFit", "train", _vpeft("bitfit")),
+    ]
+    return out
+
+
+def _check(model: nn.Module, opt: torch.optim.Optimizer | None) -> bool:
+    """No frozen tensor holds a .grad; the optimizer holds (and so keeps state for) trainable tensors only."""
+    if any(p.grad is not None for p in model.parameters() if not p.requires_grad):
+        return False
+    if opt is None:
+        return True
+    held = [p for g in opt.param_groups for p in g["params"]] + list(opt.state)
+    return all(p.requires_grad for p in held)
+
+
+def make_step(case: Case, model: nn.Module, opt, x, y, checks: list[bool] | None = None) -> Callable[[], None]:
+    if case.kind == "forward":
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(x)
+
+        return forward
+    if case.kind == "limit":
+
+        def limit() -> None:
+            F.cross_entropy(model(x.detach().requires_grad_(True)), y).backward()
+            if checks is not None:
+                checks.append(_check(model, None))
+
+        return limit
+
+    def train() -> None:
+        F.cross_entropy(model(x), y).backward()
+        if checks is not None:
+            checks.append(_check(model, opt))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return train
+
+
+def _prime(model: nn.Module, opt: torch.optim.Optimizer | None) -> None:
+    """Allocate the optimizer state (an AdamW step on zero gradients) so the measured step includes it."""
+    if opt is None:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def build_and_measure(case: Case, args, device: torch.device, x, y, measure: bool):
+    """Build the case's model, take its warm-up step while measuring memory; returns (step, record)."""
+    model = C.create_model(args.model, args.size, quick=args.quick).to(device)
+    model, opt = case.build(model)
+    model.train(case.kind != "forward")
+    record: dict[str, Any] = {
+        "config": case.name,
+        "what": case.what,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    checks: list[bool] = []
+    step = make_step(case, model, opt, x, y, checks)
+    C.trim()
+    base = C.current_memory(device)
+    _prime(model, opt)
+    exclude = [*model.parameters(), *model.buffers(), x]
+    with C.SavedBytes(exclude) as saved, C.PeakMemory(device, base) as peak:
+        step()
+    if measure:
+        record["peak_mib"] = peak.growth / 2**20
+    record["saved_mib"] = saved.total / 2**20
+    record["checks_ok"] = all(checks) if checks else None
+    return make_step(case, model, opt, x, y), record
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def summarise(rows: list[dict[str, Any]], by: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["", "## Targets (issue 5)"]
+    for r in rows:
+        if r.get("backprop"):
+            ok = r["x_limit"] <= 1.05
+            lines.append(f"- {r['config']}: {r['x_limit']:.3f}x the limit -> {'met' if ok else 'NOT met'} (<= 1.05x)")
+    for tag in ("qkv", "wide"):
+        ours, theirs = by.get(f"lora_{tag}"), by.get(f"peft_{tag}")
+        if ours and theirs:
+            speed = theirs["step_s"] / ours["step_s"]
+            target = ">= 1.25x" if tag == "wide" else ">= 1.0x"
+            ok = speed >= (1.25 if tag == "wide" else 1.0)
+            lines.append(
+                f"- LoRA {tag}: vpeft {ours['step_s']:.3f} s vs PEFT {theirs['step_s']:.3f} s per step: "
+                f"{speed:.3f}x PEFT's speed ({100 * (1 - 1 / speed):.1f}% less time) -> "
+                f"{'met' if ok else 'NOT met'} ({target})"
+            )
+            if ours.get("peak_mib") and theirs.get("peak_mib"):
+                lines.append(
+                    f"  peak memory: vpeft {ours['peak_mib']:.0f} MiB, PEFT {theirs['peak_mib']:.0f} MiB, "
+                    f"{ours['x_limit_peak']:.2f}x the limit's (target <= 1.10x)"
+                )
+    checks = [r["config"] for r in rows if r.get("checks_ok") is False]
+    lines.append(
+        "- frozen tensors: no .grad and no optimizer state in any configuration"
+        if not checks
+        else f"- FAILED frozen-tensor checks: {checks}"
+    )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_small_patch16_224")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = torch's default")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--only", default="", help="comma-separated configurations (forward and limit always run)")
+    p.add_argument("--no-peft", action="store_true", help="skip the Hugging Face PEFT rows")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    p.add_argument("--quick", action="store_true", help="tiny ViT, batch 2, 2 repeats (a smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats = 2, min(args.repeats, 2)
+    logging.getLogger("vpeft").setLevel(logging.WARNING)
+    device = torch.device(args.device)
+    threads = C.set_threads(args.threads)
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        if not args.no_peft:
+            print("peft is not installed (pip install -e '.[bench]'): skipping the PEFT rows", file=sys.stderr)
+        args.no_peft = True
+    all_cases = cases(args.rank, not args.no_peft)
+    if args.only:
+        keep = {"forward", "limit", *args.only.split(",")}
+        all_cases = [c for c in all_cases if c.name in keep]
+    measure = not args.no_memory and C.memory_supported(device)
+    g = torch.Generator().manual_seed(0)
+    size = C.QUICK_VIT["img_size"] if args.quick else args.size
+    x = torch.randn(args.batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+
+    exact = measure and device.type == "cpu" and C.exact_cpu_memory(True)
+    steps, records = {}, {}
+    for case in all_cases:
+        print(f"building + warm-up: {case.name}", file=sys.stderr, flush=True)
+        steps[case.name], records[case.name] = build_and_measure(case, args, device, x, y, measure)
+    if exact:
+        C.exact_cpu_memory(False)
+    times = C.time_interleaved(steps, args.repeats, device)
+
+    rows = []
+    fwd, lim = C.median(times["forward"]), C.median(times["limit"])
+    lim_peak = records["limit"].get("peak_mib")
+    full_peak = records.get("full", {}).get("peak_mib")
+    for case in all_cases:
+        r = records[case.name]
+        r["step_s"] = C.median(times[case.name])
+        r["x_forward"], r["x_limit"] = r["step_s"] / fwd, r["step_s"] / lim
+        r["x_limit_peak"] = _ratio(r.get("peak_mib"), lim_peak)
+        r["x_full_peak"] = _ratio(r.get("peak_mib"), full_peak)
+        r["backprop"] = case.backprop
+        r["times_s"] = times[case.name]
+        rows.append(r)
+    model_desc = f"{C.QUICK_MODEL} (tiny, --quick)" if args.quick else args.model
+    print(
+        C.header(
+            f"Training step cost: {model_desc}, batch {args.batch}, {size} px, fp32",
+            device,
+            threads,
+            f", {args.repeats} rounds (median)",
+        )
+    )
+    print()
+    columns = [
+        ("config", "config", "s"),
+        ("what", "what", "s"),
+        ("trainable", "trainable", ","),
+        ("step_s", "step s", ".3f"),
+        ("x_forward", "x forward", ".2f"),
+        ("x_limit", "x limit", ".3f"),
+        ("peak_mib", "peak MiB", ".0f"),
+        ("x_limit_peak", "peak x limit", ".2f"),
+        ("x_full_peak", "peak x full", ".2f"),
+        ("saved_mib", "saved act MiB", ".1f"),
+        ("checks_ok", "frozen ok", ""),
+    ]
+    print(C.table(rows, columns))
+    print("\n".join(summarise(rows, records)))
+    C.write_json(args.json, {"args": vars(args), "threads": threads, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

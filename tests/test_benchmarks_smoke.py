@@ -1,0 +1,35 @@
+"""The benchmark scripts run (``--quick``: a tiny ViT) and print their tables; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPTS = {
+    "bench_step.py": ["| forward |", "| limit |", "| lora_wide |", "## Targets"],
+    "bench_merge.py": ["| plain backbone |", "| lora |", "| vpt_deep |", "mergeable methods within 1 %"],
+    "bench_cache.py": ["| linear probe | pre_logits |", "| partial-1 | 1 |", "cheaper with the cache"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_runs_quick(script, tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for needle in SCRIPTS[script]:
+        assert needle in proc.stdout, f"{needle!r} missing from the output of {script}:\n{proc.stdout}"
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(isinstance(r, dict) for r in rows)
