@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from tiny import TINY_BACKBONES, batch, case_id, method_cases, method_of, supports
+from tiny import TINY_BACKBONES, batch, case_id, features_and_logits, forward, method_cases, method_of, supports
 
 import vpeft
 from vpeft.api import read_delta
@@ -79,7 +79,7 @@ def test_frozen_weights_untouched_by_a_step(case, bb):
     before = [p.detach().clone() for p in trainable]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
     model.train()
-    loss = model(batch(size)).logsumexp(-1).mean()
+    loss = forward(model, batch(size)).logsumexp(-1).mean()
     loss.backward()
     opt.step()
     for n, p in model.named_parameters():
@@ -99,10 +99,10 @@ def test_identity_at_init(case, bb):
     ref_model = factory()
     x = batch(size)
     with torch.no_grad():
-        ref = ref_model(x)
+        ref = forward(ref_model, x)
     model, _, _ = _adapted(case, bb)
     with torch.no_grad():
-        out = model.eval()(x)
+        out = forward(model.eval(), x)
     assert out.shape == ref.shape
     if method_of(*case).identity_at_init:
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
@@ -118,8 +118,8 @@ def test_every_trainable_tensor_gets_a_gradient(case, bb):
     torch.manual_seed(0)
     x = batch(size, n=8)
     # every token's features (not only the pooled ones) so no branch is starved by the pooling
-    feats = model.forward_features(x)
-    (model.forward_head(feats).pow(2).mean() + feats.pow(2).mean()).backward()
+    feats, logits = features_and_logits(model, x)
+    (logits.pow(2).mean() + feats.pow(2).mean()).backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), n
@@ -132,7 +132,7 @@ def test_delta_save_load_round_trip(case, bb, tmp_path):
     _randomise_trainable(model)
     x = batch(size)
     with torch.no_grad():
-        expected = model.eval()(x)
+        expected = forward(model.eval(), x)
     path = vpeft.save(model, tmp_path / "delta.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["delta.safetensors"], "no temp files left"
     meta, tensors = read_delta(path)
@@ -144,7 +144,7 @@ def test_delta_save_load_round_trip(case, bb, tmp_path):
     fresh = TINY_BACKBONES[bb][0]()
     vpeft.load(fresh, path)
     with torch.no_grad():
-        got = fresh.eval()(x)
+        got = forward(fresh.eval(), x)
     assert torch.equal(got, expected)
 
 
@@ -156,7 +156,7 @@ def test_merge_unmerge(case, bb):
     x = batch(size)
     model.eval()
     with torch.no_grad():
-        unmerged = model(x)
+        unmerged = forward(model, x)
     if not method_of(*case).mergeable:
         with pytest.raises(vpeft.ConfigError, match="not mergeable"):
             vpeft.merge(model)
@@ -166,11 +166,11 @@ def test_merge_unmerge(case, bb):
     assert not any(isinstance(m, Wrapper) for m in model.modules()), "wrappers are gone after merge"
     assert [type(m) for m in model.modules()] == module_types_before, "merged model is a plain backbone"
     with torch.no_grad():
-        merged = model(x)
+        merged = forward(model, x)
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
     vpeft.unmerge(model)
     with torch.no_grad():
-        again = model(x)
+        again = forward(model, x)
     assert torch.equal(again, unmerged), "unmerge restores the exact unmerged model"
 
 

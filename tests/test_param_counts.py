@@ -95,6 +95,8 @@ EXPECTED = {
     # 10 (d + 3d), adapter 10 after the MLP d x 10 + 10 + 10 x d + d, 10 prompts 10 d. The paper's searched subnets
     # average 0.43M (the number usually quoted for its VTAB-1k table)
     "noah": L * (10 * (D + 3 * D) + (D * 10 + 10 + 10 * D + D) + 10 * D),
+    # peft_tuner default: PEFT's LoHa r = 8 on qkv and fc1; per layer w1_a, w2_a (out x r) + w1_b, w2_b (r x in)
+    "peft_tuner": L * sum(2 * 8 * (o + i) for i, o in ((D, 3 * D), (D, MLP))),
 }
 
 
@@ -106,6 +108,7 @@ def test_hand_arithmetic():
     assert EXPECTED["ssf"] == 205_824
     assert EXPECTED["glora"] == 1_520_832
     assert EXPECTED["noah"] == 654_456
+    assert EXPECTED["peft_tuner"] == 1_327_104
 
 
 def test_every_registered_method_has_an_expected_count():

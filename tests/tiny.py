@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 
@@ -89,6 +90,60 @@ TINY_BACKBONES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     ),
 }
 
+
+def _hf_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=NUM_CLASSES,
+    )
+    return ViTForImageClassification(cfg)
+
+
+TINY_BACKBONES.update(
+    {
+        # hierarchical: widths 32 then 64, window attention (a shifted block in stage 0), PatchMerging
+        "swin": (
+            _seeded(
+                lambda: timm.create_model(
+                    "swin_tiny_patch4_window7_224",
+                    pretrained=False,
+                    img_size=32,
+                    window_size=4,
+                    embed_dim=32,
+                    depths=(2, 1),
+                    num_heads=(1, 2),
+                    num_classes=NUM_CLASSES,
+                )
+            ),
+            32,
+        ),
+        # Hugging Face transformers: separate q/k/v Linears, pixel_values in, ImageClassifierOutput out
+        "hf_vit": (_seeded(_hf_vit), 32),
+    }
+)
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The logits of any tiny backbone (timm returns a tensor, transformers a ModelOutput)."""
+    return vpeft.arch.logits_of(model(x))
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token's (every position's) features after the last block, and the logits, from one pass."""
+    if hasattr(model, "forward_features"):
+        feats = model.forward_features(x)
+        return feats, model.forward_head(feats)
+    out = model(x, output_hidden_states=True)
+    return out.hidden_states[-1], out.logits
+
+
 # Extra (method, options) cases run through the same contract bodies as every method's defaults.
 EXTRA_CASES: list[tuple[str, dict]] = [
     ("lora", {"r": 2, "targets": ["qkv", "proj", "fc1", "fc2"], "alpha": 4.0}),
@@ -102,6 +157,8 @@ EXTRA_CASES: list[tuple[str, dict]] = [
     # composition: a mergeable stack (SSF stacks on LoRA's qkv), and a CNN-capable one
     ("compose", {"methods": [{"method": "lora", "targets": ["q", "v", "fc1"]}, "bitfit", "ssf"]}),
     ("compose", {"methods": ["bitfit", "ln_tune"]}),
+    # a multiplicatively merged PEFT tuner (orthogonal rotations of the weights) through the bridge
+    ("peft_tuner", {"peft_config": {"peft_type": "OFT", "r": 0, "oft_block_size": 8}, "targets": ["qkv", "fc2"]}),
 ]
 
 
@@ -126,16 +183,17 @@ def method_of(name: str, kwargs: dict) -> vpeft.methods.Method:
 
 
 @functools.cache
-def _probe(backbone: str) -> tuple[nn.Module, vpeft.arch.ArchSpec]:
-    model = TINY_BACKBONES[backbone][0]()
-    return model, vpeft.arch.get_spec(model)
+def _probe(backbone: str) -> nn.Module:
+    return TINY_BACKBONES[backbone][0]()
 
 
 def supports(name: str, kwargs: dict, backbone: str) -> bool:
-    """Whether the method accepts the backbone: its ``kinds`` and its finer ``check`` (which must not mutate)."""
-    model, spec = _probe(backbone)
+    """Whether applying the method to the backbone succeeds rather than raising UnsupportedBackboneError.
+
+    A trial apply on a copy: a method may refuse in its ``check`` (kinds, missing parts) or while injecting.
+    """
     try:
-        method_of(name, kwargs).check(model, spec)
+        vpeft.apply(copy.deepcopy(_probe(backbone)), name, **kwargs)
     except vpeft.UnsupportedBackboneError:
         return False
     return True

@@ -6,6 +6,16 @@ Methods never hard-code module paths or widths; they ask the :class:`ArchSpec` r
 
 from __future__ import annotations
 
+from . import swin as _swin  # noqa: F401  (registers timm Swin)
+from .hf import is_transformers_model, logits_of  # (registers Hugging Face ViT / CLIP vision)
 from .spec import ArchSpec, BlockParts, get_spec, register_arch, supported_families
 
-__all__ = ["ArchSpec", "BlockParts", "get_spec", "register_arch", "supported_families"]
+__all__ = [
+    "ArchSpec",
+    "BlockParts",
+    "get_spec",
+    "register_arch",
+    "supported_families",
+    "logits_of",
+    "is_transformers_model",
+]

@@ -14,7 +14,11 @@ __all__ = ["ArchSpec", "BlockParts", "get_spec", "register_arch", "supported_fam
 
 @dataclasses.dataclass(frozen=True)
 class BlockParts:
-    """Qualified module names inside one transformer block (empty string: not present)."""
+    """Qualified module names inside one transformer block (empty string: not present).
+
+    ``qkv`` is a fused q/k/v projection (timm); backbones with separate projections (Hugging Face) name
+    them in ``q``, ``k``, ``v`` instead. ``mlp`` is empty where the MLP is not one module.
+    """
 
     block: str
     norm1: str = ""
@@ -25,6 +29,9 @@ class BlockParts:
     mlp: str = ""
     fc1: str = ""
     fc2: str = ""
+    q: str = ""
+    k: str = ""
+    v: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +40,18 @@ class ArchSpec:
 
     Attributes:
         family: builder name, e.g. ``"timm_vit"``.
-        kind: ``"vit"`` (token sequence models) or ``"cnn"`` (feature-map models).
+        kind: ``"vit"`` (a token sequence of one width: class/register tokens + patch tokens), ``"swin"``
+            (hierarchical windowed transformers: per-stage widths, no prefix tokens, blocks on (B, H, W, C)
+            maps -- widths must come from the modules, never ``embed_dim``) or ``"cnn"`` (feature-map models).
         blocks: qualified names of the repeated blocks, input to output.
         parts: per-block part names (transformers only).
         head: qualified name of the classifier module ("" when the model has none).
         post_blocks: modules between the last block and the head (final norms, conv head).
         stem: modules before the first block (patch embedding, stem conv).
-        embed_dim: token width (transformers), or the final feature width (CNNs).
+        embed_dim: token width (ViTs), or the final feature width (Swin, CNNs).
         num_prefix_tokens: class + register tokens in front of the patch tokens.
         patch_size: (h, w) of a patch, transformers only.
+        image_size: (h, w) of the input images the backbone was built for ((0, 0): unknown).
     """
 
     family: str
@@ -54,6 +64,7 @@ class ArchSpec:
     embed_dim: int = 0
     num_prefix_tokens: int = 0
     patch_size: tuple[int, int] = (0, 0)
+    image_size: tuple[int, int] = (0, 0)
 
     @property
     def depth(self) -> int:
@@ -96,6 +107,21 @@ def _module_name(model: nn.Module, target: nn.Module | None) -> str:
         if mod is target:
             return name
     return ""
+
+
+def _pair(size) -> tuple[int, int]:
+    """``(h, w)`` from an int or a pair; ``()`` when unknown."""
+    if size is None:
+        return ()
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[-1]))
+
+
+def _cfg_input_size(model: nn.Module) -> tuple[int, int]:
+    """The input size in timm's ``pretrained_cfg`` (``(0, 0)`` when absent)."""
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return (int(size[1]), int(size[2])) if size else (0, 0)
 
 
 def _present(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -162,6 +188,7 @@ def _timm_vit(model: nn.Module) -> ArchSpec:
         embed_dim=int(model.embed_dim),
         num_prefix_tokens=int(model.num_prefix_tokens),
         patch_size=(int(ps[0]), int(ps[1])),
+        image_size=_pair(getattr(model.patch_embed, "img_size", None)) or _cfg_input_size(model),
     )
 
 
@@ -185,6 +212,7 @@ def _timm_efficientnet(model: nn.Module) -> ArchSpec:
         post_blocks=_present(model, ("conv_head", "bn2")),
         stem=_present(model, ("conv_stem", "bn1")),
         embed_dim=int(model.num_features),
+        image_size=_cfg_input_size(model),
     )
 
 
@@ -209,4 +237,5 @@ def _timm_convnext(model: nn.Module) -> ArchSpec:
         post_blocks=_present(model, ("norm_pre", "head.norm")),
         stem=_present(model, ("stem",)),
         embed_dim=int(model.num_features),
+        image_size=_cfg_input_size(model),
     )

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["Wrapper", "FrozenStatsNorm"]
+__all__ = ["Wrapper", "FrozenStatsNorm", "map_output", "input_of"]
+
+
+def input_of(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The main input of ``module(*args, **kwargs)``: the first positional argument, or the keyword named after
+    the first parameter of the (innermost wrapped) module's ``forward`` -- Hugging Face CLIP calls
+    ``self_attn(hidden_states=...)``."""
+    if args:
+        return args[0]
+    while isinstance(module, Wrapper):
+        module = module.base_layer
+    return kwargs[next(iter(inspect.signature(module.forward).parameters))]
+
+
+def map_output(output, fn):
+    """``fn(output)``; for a tuple output (Hugging Face attention returns ``(output, weights)``) only its first item."""
+    if isinstance(output, tuple):
+        return (fn(output[0]), *output[1:])
+    return fn(output)
 
 
 class Wrapper(nn.Module):
@@ -25,6 +44,16 @@ class Wrapper(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks come from the wrapped module (e.g. ``q_proj.weight.dtype`` read by
+        Hugging Face models, ``patch_embed.grid_size`` by timm), so a wrapped model keeps working unchanged."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self.base_layer, name)
 
     def delta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The wrapper's own parameters (not those of ``base_layer``)."""

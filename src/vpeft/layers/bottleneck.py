@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Wrapper
+from .base import Wrapper, input_of, map_output
 
 __all__ = ["Bottleneck", "SequentialAdapter", "ParallelAdapter"]
 
@@ -50,9 +50,8 @@ class SequentialAdapter(Wrapper):
         self.adapter = Bottleneck(dim, hidden, act, **_like(base_layer))
         self.scale = scale
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        return y + self.adapter(y) * self.scale
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return map_output(self.base_layer(*args, **kwargs), lambda y: y + self.adapter(y) * self.scale)
 
 
 class ParallelAdapter(Wrapper):
@@ -63,5 +62,6 @@ class ParallelAdapter(Wrapper):
         self.adapter = Bottleneck(dim, hidden, act, **_like(base_layer))
         self.scale = scale
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.base_layer(x, *args, **kwargs) + self.adapter(x) * self.scale
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        x = input_of(self.base_layer, args, kwargs)
+        return map_output(self.base_layer(*args, **kwargs), lambda y: y + self.adapter(x) * self.scale)

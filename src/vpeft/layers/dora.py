@@ -60,7 +60,9 @@ class DoRALinear(LoRALinear):
             ratio = m / (norm.detach() if self.detach_norm else norm)
             base_out = y[..., start:stop].clone() if bias is None else y[..., start:stop] - bias[start:stop]
             lora_out = F.linear(F.linear(h, a), b) * self.scaling
-            y[..., start:stop] += (ratio - 1) * base_out + ratio * lora_out
+            # add_ on the slice, not `y[...] += ...`: that writes back through __setitem__, which fails when y is
+            # an autograd leaf (a frozen first layer, e.g. a Hugging Face q_proj) and the slice spans all of y
+            y[..., start:stop].add_((ratio - 1) * base_out + ratio * lora_out)
         return y
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from torch import nn
 from .._modules import get_module, set_module
 from ..arch import ArchSpec
 from ..config import MethodConfig, check_choice, check_float, check_int
+from ..errors import UnsupportedBackboneError
 from ..layers import SequentialAdapter
 from ..layers.bottleneck import _ACTS
 from ..registry import register_method
@@ -51,14 +52,17 @@ class Adapter(Method):
     config_cls = AdapterConfig
     family = ADDITION
     paper = "Houlsby et al., ICML 2019; Pfeiffer et al., AdapterFusion, EACL 2021"
-    kinds = ("vit",)
+    kinds = ("vit", "swin")
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         cfg, adapted = self.config, []
         for parts in spec.parts:
-            names = [parts.attn, parts.mlp] if cfg.placement == "houlsby" else [parts.mlp]
-            for name in names:
-                base = get_module(model, name)
-                set_module(model, name, SequentialAdapter(base, spec.embed_dim, cfg.bottleneck, cfg.act, cfg.scale))
+            # (sub-layer to follow, its output projection: the width, read per block -- Swin widens per stage)
+            names = [("attention", parts.attn, parts.proj)] if cfg.placement == "houlsby" else []
+            for what, name, out in [*names, ("MLP", parts.mlp, parts.fc2)]:
+                if not (name and out):
+                    raise UnsupportedBackboneError(f"adapter: block {parts.block} has no single {what} module")
+                base, width = get_module(model, name), get_module(model, out).out_features
+                set_module(model, name, SequentialAdapter(base, width, cfg.bottleneck, cfg.act, cfg.scale))
                 adapted.append(name)
         return adapted

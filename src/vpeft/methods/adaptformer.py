@@ -17,6 +17,7 @@ from torch import nn
 from .._modules import get_module, set_module
 from ..arch import ArchSpec
 from ..config import MethodConfig, check_float, check_int
+from ..errors import UnsupportedBackboneError
 from ..layers import ParallelAdapter
 from ..registry import register_method
 from .base import ADDITION, Method
@@ -45,12 +46,14 @@ class AdaptFormer(Method):
     config_cls = AdaptFormerConfig
     family = ADDITION
     paper = "Chen et al., AdaptFormer, NeurIPS 2022"
-    kinds = ("vit",)
+    kinds = ("vit", "swin")
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         cfg, adapted = self.config, []
         for parts in spec.parts:
-            base = get_module(model, parts.mlp)
-            set_module(model, parts.mlp, ParallelAdapter(base, spec.embed_dim, cfg.bottleneck, "relu", cfg.scale))
+            if not (parts.mlp and parts.fc2):
+                raise UnsupportedBackboneError(f"adaptformer: block {parts.block} has no single MLP module")
+            base, width = get_module(model, parts.mlp), get_module(model, parts.fc2).out_features  # per block
+            set_module(model, parts.mlp, ParallelAdapter(base, width, cfg.bottleneck, "relu", cfg.scale))
             adapted.append(parts.mlp)
         return adapted

@@ -35,18 +35,24 @@ class AttentionOnly(Method):
     family = SPECIFICATION
     paper = "Touvron et al., Three things everyone should know about Vision Transformers, ECCV 2022"
     mergeable = True
-    kinds = ("vit",)
+    kinds = ("vit", "swin")
+
+    @staticmethod
+    def _projections(parts) -> list[str]:
+        """The fused qkv (timm) or the separate q, k, v (Hugging Face), and the output projection."""
+        qkv = [parts.qkv] if parts.qkv else [parts.q, parts.k, parts.v]
+        return [*qkv, parts.proj] if all(qkv) and parts.proj else []
 
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         super().check(model, spec)
         for parts in spec.parts:
-            if not (parts.qkv and parts.proj):
-                raise UnsupportedBackboneError(f"attention_only: block {parts.block} has no fused qkv/proj projections")
+            if not self._projections(parts):
+                raise UnsupportedBackboneError(f"attention_only: block {parts.block} lacks q/k/v or output projections")
 
     def select(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         return [
             f"{prefix}.{name}"
             for parts in spec.parts
-            for prefix in (parts.qkv, parts.proj)
+            for prefix in self._projections(parts)
             for name, _ in model.get_submodule(prefix).named_parameters()
         ]

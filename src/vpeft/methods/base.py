@@ -34,7 +34,7 @@ class Method:
         paper: citation of the paper the defaults come from.
         mergeable: the trained delta folds into the base weights (zero inference overhead).
         identity_at_init: the adapted model equals the frozen backbone before training.
-        kinds: backbone kinds the method supports (``"vit"``, ``"cnn"``).
+        kinds: backbone kinds the method supports (``"vit"``, ``"swin"``, ``"cnn"``; see ArchSpec.kind).
         freeze_norm_stats: keep BatchNorm running statistics frozen (all methods but full tuning).
         saves_buffers: the delta checkpoint also stores buffers (full tuning only).
     """
@@ -44,7 +44,7 @@ class Method:
     paper: ClassVar[str]
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
-    kinds: ClassVar[tuple[str, ...]] = ("vit", "cnn")
+    kinds: ClassVar[tuple[str, ...]] = ("vit", "swin", "cnn")
     freeze_norm_stats: ClassVar[bool] = True
     saves_buffers: ClassVar[bool] = False
 

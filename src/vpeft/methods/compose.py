@@ -89,7 +89,7 @@ class Compose(Method):
         self.parts = [get_method(c.method)(c) for c in config.methods]
         self.mergeable = all(p.mergeable for p in self.parts)
         self.identity_at_init = all(p.identity_at_init for p in self.parts)
-        self.kinds = tuple(k for k in ("vit", "cnn") if all(k in p.kinds for p in self.parts))
+        self.kinds = tuple(k for k in ("vit", "swin", "cnn") if all(k in p.kinds for p in self.parts))
         self.freeze_norm_stats = all(p.freeze_norm_stats for p in self.parts)
         self.saves_buffers = any(p.saves_buffers for p in self.parts)
 

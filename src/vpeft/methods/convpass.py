@@ -38,8 +38,8 @@ from torch import nn
 from .._modules import get_module, set_module
 from ..arch import ArchSpec
 from ..config import MethodConfig, check_choice, check_float, check_int
-from ..errors import ConfigError
-from ..layers.base import Wrapper
+from ..errors import ConfigError, UnsupportedBackboneError
+from ..layers.base import Wrapper, input_of, map_output
 from ..layers.token_grid import Grid, map_on_grid, model_grid
 from ..registry import register_method
 from .base import ADDITION, Method
@@ -103,8 +103,9 @@ class ConvBypass(Wrapper):
         self.adapter = branch
         self.scale = scale
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.base_layer(x, *args, **kwargs) + self.adapter(x) * self.scale
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        x = input_of(self.base_layer, args, kwargs)
+        return map_output(self.base_layer(*args, **kwargs), lambda y: y + self.adapter(x) * self.scale)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}"
@@ -148,12 +149,14 @@ class Convpass(Method):
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         cfg, grid, adapted = self.config, model_grid(model), []
         for parts in spec.parts:
-            names = [parts.attn, parts.mlp] if cfg.placement == "both" else [parts.attn]
-            for name in names:
+            names = [(parts.attn, parts.proj), (parts.mlp, parts.fc2)][: 2 if cfg.placement == "both" else 1]
+            for name, out in names:
+                if not (name and out):
+                    raise UnsupportedBackboneError(f"convpass: block {parts.block} has no single attention/MLP module")
                 base = get_module(model, name)
                 w = next(base.parameters())
                 branch = ConvpassBranch(
-                    spec.embed_dim,
+                    get_module(model, out).out_features,  # the sub-layer's own width
                     cfg.dim,
                     spec.num_prefix_tokens,
                     grid,

@@ -49,7 +49,7 @@ class DiffFit(Method):
     family = SPECIFICATION
     paper = "Xie et al., DiffFit: Unlocking Transferability of Large Diffusion Models, ICCV 2023"
     mergeable = True
-    kinds = ("vit",)
+    kinds = ("vit", "swin")
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         adapted = []

@@ -59,7 +59,7 @@ class DoRA(Method):
     family = REPARAMETER
     paper = "Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, ICML 2024"
     mergeable = True
-    kinds = ("vit",)
+    kinds = ("vit", "swin")
 
     def _wrap(self, model: nn.Module, name: str, what: str, slices: list[tuple[int, int]] | None) -> None:
         base = get_module(model, name) if name else None
@@ -72,7 +72,11 @@ class DoRA(Method):
         targets, adapted = self.config.targets, []
         qkv_index = [i for i, t in enumerate(QKV) if t in targets]
         for parts in spec.parts:
-            if qkv_index:
+            if qkv_index and not parts.qkv and any(getattr(parts, QKV[i]) for i in qkv_index):
+                for i in qkv_index:  # separate q/k/v Linears (Hugging Face): each one whole
+                    self._wrap(model, getattr(parts, QKV[i]), QKV[i], None)
+                    adapted.append(getattr(parts, QKV[i]))
+            elif qkv_index:
                 base = get_module(model, parts.qkv) if parts.qkv else None
                 width = base.out_features // 3 if isinstance(base, nn.Linear) else 0
                 self._wrap(model, parts.qkv, "fused qkv", [(i * width, (i + 1) * width) for i in qkv_index])

@@ -67,13 +67,18 @@ class IA3(Method):
         "NeurIPS 2022"
     )
     mergeable = True
-    kinds = ("vit",)
+    kinds = ("vit", "swin")
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         targets, adapted = self.config.targets, []
         qkv_index = [i for i, t in enumerate(QKV) if t in targets]
         for parts in spec.parts:
-            if qkv_index:
+            separate = [getattr(parts, QKV[i]) for i in qkv_index]
+            if qkv_index and not parts.qkv and all(separate):  # separate q/k/v Linears (Hugging Face)
+                for t, name in zip((QKV[i] for i in qkv_index), separate):
+                    set_module(model, name, OutputScale(_linear(model, name, t, parts.block)))
+                adapted += separate
+            elif qkv_index:
                 qkv = _linear(model, parts.qkv, "fused qkv", parts.block)
                 width = qkv.out_features // 3
                 set_module(model, parts.qkv, OutputScale(qkv, [(i * width, (i + 1) * width) for i in qkv_index]))

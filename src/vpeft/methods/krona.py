@@ -72,7 +72,7 @@ class KronA(Method):
     family = REPARAMETER
     paper = "Edalati et al., KronA: Parameter Efficient Tuning with Kronecker Adapter, 2022"
     mergeable = True
-    kinds = ("vit",)
+    kinds = ("vit", "swin")
 
     def _plan(self, model: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Linear, list[tuple[int, int]] | None]]:
         targets, (a1, a2), plan = self.config.targets, self.config.a_shape, []

@@ -106,7 +106,7 @@ class LoRA(Method):
     family = REPARAMETER
     paper = "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022"
     mergeable = True
-    kinds = ("vit", "cnn")
+    kinds = ("vit", "swin", "cnn")
 
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         super().check(model, spec)

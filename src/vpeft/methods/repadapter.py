@@ -69,7 +69,7 @@ class RepAdapter(Method):
     family = REPARAMETER
     paper = "Luo et al., Towards Efficient Visual Adaption via Structural Re-parameterization, 2023"
     mergeable = True
-    kinds = ("vit",)
+    kinds = ("vit", "swin")
 
     def _targets(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         names = []
@@ -85,8 +85,10 @@ class RepAdapter(Method):
                 if not isinstance(get_module(model, name) if name else None, nn.Linear):
                     raise UnsupportedBackboneError(f"repadapter: block {parts.block} has no {what} Linear layer")
                 names.append(name)
-        if spec.embed_dim % self.config.groups:
-            raise ConfigError(f"repadapter: groups={self.config.groups} must divide the width {spec.embed_dim}")
+        for name in names:  # the adapter's width is its layer's input width (Swin widens per stage)
+            width = get_module(model, name).in_features
+            if width % self.config.groups:
+                raise ConfigError(f"repadapter: groups={self.config.groups} must divide the width {width} of {name}")
         return names
 
     def check(self, model: nn.Module, spec: ArchSpec) -> None:

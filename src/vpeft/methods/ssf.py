@@ -52,7 +52,7 @@ class SSF(Method):
     paper = "Lian et al., Scaling & Shifting Your Features, NeurIPS 2022"
     mergeable = True
     identity_at_init = False
-    kinds = ("vit", "cnn")
+    kinds = ("vit", "swin", "cnn")
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         head = spec.head

@@ -112,12 +112,14 @@ class VisualPromptConfig(MethodConfig):
         _optional_int(self, "image_size", 3)
 
 
-def _input_size(model: nn.Module, image_size: int | None) -> tuple[int, int]:
+def _input_size(model: nn.Module, image_size: int | None, spec: ArchSpec | None = None) -> tuple[int, int]:
     if image_size is not None:
         return image_size, image_size
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size is None:
         size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,))[1:]
+    if not size and spec is not None and all(spec.image_size):
+        size = spec.image_size  # e.g. a Hugging Face model's config.image_size
     if not size:
         raise ConfigError(f"visual_prompt: cannot tell the input size of {type(model).__name__}; pass image_size")
     return int(size[0]), int(size[-1])
@@ -129,10 +131,10 @@ class VisualPrompt(Method):
     family = ADDITION
     paper = "Bahng et al., Exploring Visual Prompts for Adapting Large-Scale Models, 2022"
     identity_at_init = False
-    kinds = ("vit", "cnn")
+    kinds = ("vit", "swin", "cnn")
 
-    def _geometry(self, model: nn.Module) -> tuple[tuple[int, int], int]:
-        size = _input_size(model, self.config.image_size)
+    def _geometry(self, model: nn.Module, spec: ArchSpec) -> tuple[tuple[int, int], int]:
+        size = _input_size(model, self.config.image_size, spec)
         pad = self.config.pad_size
         if pad is None:
             pad = max(1, round(PAPER_PAD * min(size) / PAPER_SIZE))
@@ -147,12 +149,12 @@ class VisualPrompt(Method):
         super().check(model, spec)
         if not spec.stem or not any(isinstance(m, nn.Conv2d) for m in get_module(model, spec.stem[0]).modules()):
             raise UnsupportedBackboneError(f"method {self.name!r} needs a convolutional stem taking the image")
-        self._geometry(model)  # a bad pad size fails before anything is frozen
+        self._geometry(model, spec)  # a bad pad size fails before anything is frozen
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         name = spec.stem[0]
         stem = get_module(model, name)
         channels = next(m for m in stem.modules() if isinstance(m, nn.Conv2d)).in_channels
-        size, pad = self._geometry(model)
+        size, pad = self._geometry(model, spec)
         set_module(model, name, PaddingPrompt(stem, channels, size, pad))
         return [name]

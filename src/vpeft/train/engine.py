@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from vpeft.arch.hf import logits_of
 from vpeft.errors import ConfigError, DataError, suggest
 from vpeft.train.metrics import ClassificationMeter, write_json_atomic
 
@@ -316,7 +317,7 @@ class _Loop:
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            logits = self.model(images)
+            logits = logits_of(self.model(images))  # a tensor (timm) or a ModelOutput (transformers)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
         (loss / group_size).backward()
         return loss.detach(), logits.detach(), targets
@@ -510,7 +511,7 @@ def evaluate(
             for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(images)
+                    logits = logits_of(model(images))
                 meter.update(F.cross_entropy(logits.float(), targets), logits, targets)
     finally:
         model.train(was_training)

@@ -1,0 +1,140 @@
+"""ArchSpecs of Hugging Face ``transformers`` vision transformers: ViT and CLIP's vision tower.
+
+Supported classes: ``ViTModel`` / ``ViTForImageClassification`` (family ``hf_vit``) and ``CLIPVisionModel`` /
+``CLIPVisionModelWithProjection`` / ``CLIPForImageClassification`` (``hf_clip_vision``). Both are ViTs (kind
+``"vit"``): one class token in front of the patch tokens, one width. Unlike timm they have separate q, k, v
+Linears (``BlockParts.q/k/v``; LoRA's q/v targets map onto them directly), and their attention module
+returns ``(output, weights)``. Module names are resolved for both layouts transformers has used: 5.x
+(``layers.N.attention.q_proj/o_proj``, ``mlp.fc1/fc2``) and 4.x (``encoder.layer.N.attention.attention.query``,
+``attention.output.dense``, ``intermediate.dense``, ``output.dense``, no single MLP module); the tests run
+the installed 5.x.
+
+How vpeft treats these models: :func:`vpeft.apply` adapts them in place and they keep their own interface
+(``pixel_values`` in, a ``ModelOutput`` out), as PEFT does. Code that needs the logits of any backbone calls
+:func:`logits_of` on the output. Nothing here imports ``transformers``: models are recognised by class name
+and module, so vpeft works without it installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedBackboneError
+from .spec import ArchSpec, BlockParts, _child, _module_name, _pair, _present, _unwrap, register_arch
+
+__all__ = ["logits_of", "is_transformers_model"]
+
+VIT_CLASSES = ("ViTModel", "ViTForImageClassification")
+CLIP_CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPForImageClassification")
+
+# candidate paths inside one encoder layer, newest transformers layout first
+_PATHS: dict[str, tuple[str, ...]] = {
+    "norm1": ("layernorm_before", "layer_norm1"),
+    "attn": ("attention", "self_attn"),
+    "norm2": ("layernorm_after", "layer_norm2"),
+    "mlp": ("mlp",),
+}
+_LINEARS: dict[str, tuple[str, ...]] = {
+    "q": ("attention.q_proj", "attention.attention.query", "self_attn.q_proj"),
+    "k": ("attention.k_proj", "attention.attention.key", "self_attn.k_proj"),
+    "v": ("attention.v_proj", "attention.attention.value", "self_attn.v_proj"),
+    "proj": ("attention.o_proj", "attention.output.dense", "self_attn.out_proj"),
+    "fc1": ("mlp.fc1", "intermediate.dense"),
+    "fc2": ("mlp.fc2", "output.dense"),
+}
+_LAYER_LISTS = ("layers", "encoder.layers", "encoder.layer")
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself (timm) or ``output.logits`` (Hugging Face)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise ConfigError(
+            f"the model returned a {type(output).__name__} without logits; use a model with a classification "
+            "head (e.g. ViTForImageClassification, CLIPForImageClassification)"
+        )
+    return logits
+
+
+def is_transformers_model(model: nn.Module, names: Iterable[str] = VIT_CLASSES + CLIP_CLASSES) -> bool:
+    """Whether ``model`` is (a subclass of) one of the named ``transformers`` classes."""
+    names = tuple(names)
+    return any(c.__module__.startswith("transformers.") and c.__name__ in names for c in type(model).__mro__)
+
+
+def _resolve(block: nn.Module, prefix: str, path: str) -> tuple[nn.Module | None, str]:
+    module, name = block, prefix
+    for attr in path.split("."):
+        module, name = _child(module, name, attr)
+        if module is None:
+            return None, ""
+    return module, name
+
+
+def _first(block: nn.Module, prefix: str, paths: tuple[str, ...], linear: bool) -> str:
+    for path in paths:
+        module, name = _resolve(block, prefix, path)
+        if module is not None and (isinstance(module, nn.Linear) or not linear):
+            return name
+    return ""
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _tower(model: nn.Module) -> tuple[str, nn.Module, str, nn.ModuleList]:
+    """The module holding ``embeddings`` and the encoder layers: its name, itself, the layers' path and list."""
+    for name, module in model.named_modules():
+        if not isinstance(getattr(module, "embeddings", None), nn.Module):
+            continue
+        for path in _LAYER_LISTS:
+            layers, _ = _resolve(module, name, path)
+            if isinstance(layers, nn.ModuleList):
+                return name, module, path, layers
+    raise UnsupportedBackboneError(f"{type(model).__name__}: no embeddings + encoder layers found")
+
+
+def _parts(outer: nn.Module, name: str) -> BlockParts:
+    blk, p = _unwrap(outer, name)
+    found = {k: _first(blk, p, paths, linear=False) for k, paths in _PATHS.items()}
+    found.update({k: _first(blk, p, paths, linear=True) for k, paths in _LINEARS.items()})
+    return BlockParts(block=name, **found)
+
+
+def _build(model: nn.Module, family: str, post: tuple[str, ...], root_post: tuple[str, ...] = ()) -> ArchSpec:
+    """``post``: final modules inside the tower; ``root_post``: ones on the model itself (a projection)."""
+    tname, tower, path, layers = _tower(model)
+    parts = tuple(_parts(layer, _join(tname, f"{path}.{i}")) for i, layer in enumerate(layers))
+    cfg = tower.config
+    classifier = getattr(model, "classifier", None)
+    return ArchSpec(
+        family=family,
+        kind="vit",
+        blocks=tuple(p.block for p in parts),
+        parts=parts,
+        head=_module_name(model, classifier) if isinstance(classifier, nn.Linear) else "",
+        post_blocks=_present(model, tuple(_join(tname, n) for n in post) + root_post),
+        stem=_present(model, (_join(tname, "embeddings"), _join(tname, "pre_layrnorm"))),
+        embed_dim=int(cfg.hidden_size),
+        num_prefix_tokens=1,
+        patch_size=_pair(cfg.patch_size),
+        image_size=_pair(cfg.image_size),
+    )
+
+
+@register_arch("hf_vit", lambda m: is_transformers_model(m, VIT_CLASSES))
+def _hf_vit(model: nn.Module) -> ArchSpec:
+    return _build(model, "hf_vit", ("layernorm", "pooler"))
+
+
+@register_arch("hf_clip_vision", lambda m: is_transformers_model(m, CLIP_CLASSES))
+def _hf_clip(model: nn.Module) -> ArchSpec:
+    # CLIPForImageClassification mean-pools the patch tokens without post_layernorm: that norm is unused there
+    post = () if is_transformers_model(model, ("CLIPForImageClassification",)) else ("post_layernorm",)
+    return _build(model, "hf_clip_vision", post, ("visual_projection",))
