@@ -18,6 +18,13 @@ REPARAMETER = "partial/reparameter"
 UNIFIED = "unified"
 FAMILIES = (ADDITION, SPECIFICATION, REPARAMETER, UNIFIED)
 
+# why methods written for one kind of backbone do not carry over to another
+_KIND_NOTES = {
+    "swin": " (Swin blocks work on windowed (B, H, W, C) maps whose width changes per stage, with no class or "
+    "prefix tokens to prompt or pool)",
+    "cnn": " (a CNN has feature maps, no tokens, attention or transformer blocks)",
+}
+
 
 class Method:
     """A PEFT method: a config class plus the way it changes a frozen backbone.
@@ -62,7 +69,7 @@ class Method:
         if spec.kind not in self.kinds:
             raise UnsupportedBackboneError(
                 f"method {self.name!r} cannot be applied to {spec.family} ({spec.kind}) backbones; "
-                f"it supports {'/'.join(self.kinds)} backbones only"
+                f"it supports {'/'.join(self.kinds)} backbones only{_KIND_NOTES.get(spec.kind, '')}"
             )
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
