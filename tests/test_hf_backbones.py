@@ -155,3 +155,13 @@ def test_vpeft_trainer_trains_a_transformers_model():
     result = train(model, loader, TrainConfig(epochs=1, lr=1e-2, batch_size=8), val_loader=loader, progress=False)
     assert result.steps == 2 and math.isfinite(result.final["val_loss"])
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_unfused_low_rank_paths_train_on_a_frozen_first_projection(method, monkeypatch):
+    # the q_proj of the first HF layer sees an input without grad: its output is an autograd leaf
+    monkeypatch.setattr(LoRALinear, "fused", False)
+    model = TINY_BACKBONES["hf_vit"][0]()
+    vpeft.apply(model, method, targets=["qkv"])
+    forward(model.train(), batch(32)).pow(2).mean().backward()
+    assert model.vit.layers[0].attention.q_proj.lora_A[0].grad is not None

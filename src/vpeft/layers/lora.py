@@ -1,9 +1,9 @@
 """Low-rank update of a linear layer (Hu et al., 2021), with per-slice adapters for fused layers.
 
 The forward/backward pass of a LoRA linear over a frozen base is one custom autograd function
-(:class:`FusedLoRAFunction`): the low-rank terms are accumulated in place into the output of the base
-GEMM and into the input gradient, the scale is folded into the GEMMs' ``alpha`` and only the input (plus
-the small ``x A^T``) is saved. This brings LoRA on wide targets to the cost of backpropagating through
+(:class:`FusedLoRAFunction`): the low-rank terms go into the base GEMMs (through a temporary merged
+weight) or are accumulated in place into the output and the input gradient, the scale is folded into the
+GEMMs' ``alpha`` and only the input (plus the small ``x A^T``) is saved. This brings LoRA on wide targets to the cost of backpropagating through
 the frozen backbone; see ``benchmarks/bench_step.py``.
 """
 
@@ -28,6 +28,14 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0.0, alpha=scale)
 
 
+def _merged_weight(weight: torch.Tensor, lora_a, lora_b, slices, scale: float) -> torch.Tensor:
+    """A temporary ``W + s * pad(B A)`` (the frozen ``weight`` is not modified)."""
+    merged = weight.clone()
+    for i, (start, stop) in enumerate(slices):
+        merged[start:stop].addmm_(lora_b[i], lora_a[i], alpha=scale)
+    return merged
+
+
 class FusedLoRAFunction(torch.autograd.Function):
     """``y = x W^T + b + s * sum_i pad_i(B_i A_i h)`` for a frozen ``W``, ``b``; gradients for ``x``, ``h``, A, B.
 
@@ -36,27 +44,37 @@ class FusedLoRAFunction(torch.autograd.Function):
     ``i`` adds ``B_i A_i h`` to the output columns ``slices[i]``. ``W`` and ``b`` get no gradient: use
     the unfused path when they are trainable.
 
-    Forward: one GEMM for the base (bias folded in by ``addmm``), one GEMM ``t = h [A_1; ...; A_k]^T``,
-    and per slice an in-place ``y[:, slice] += s * t_i B_i^T``. Saved: ``h`` (or ``x``) and ``t``.
-    Backward: ``u_i = g[:, slice_i] B_i``; ``dx = g W + s * u A`` accumulated in place; ``dA = s u^T h``;
-    ``dB_i = s g[:, slice_i]^T t_i``. Each thin GEMM is written in the operand layout BLAS runs fastest
-    (e.g. ``dB_i^T = t_i^T g_i`` instead of ``g_i^T t_i``, which is several times slower on CPU).
+    The low-rank term never costs an output-sized temporary or an extra elementwise pass. Forward: when
+    the batch has more rows than ``W`` has input features (training batches), the low-rank term is folded
+    into a temporary merged weight ``W + s pad(B A)`` (``out x in``, smaller than one pass over the output)
+    and ``y`` is one GEMM; otherwise ``y = x W^T + b`` and every slice adds ``s t_i B_i^T`` in place into
+    its columns, ``t = h [A_1; ...; A_k]^T`` (one GEMM). ``t`` is computed when a ``B`` needs a gradient.
+    Saved for backward: ``h`` (or ``x``) when an ``A`` needs a gradient, ``t`` when a ``B`` does.
+    Backward: ``u_i = g[:, slice_i] B_i``; ``dx = g W + s u A`` -- one GEMM with the merged weight when
+    the batch has more rows than ``W`` has outputs, else accumulated in place; ``dA = s u^T h``;
+    ``dB_i = s g[:, slice_i]^T t_i``. The scale is the GEMMs' ``alpha`` (no multiply when it is 1), and
+    each thin GEMM is written in the operand layout BLAS runs fastest (e.g. ``dB_i^T = t_i^T g_i``
+    rather than ``g_i^T t_i``, several times slower on CPU).
     """
 
     @staticmethod
     def forward(ctx, x, h, weight, bias, scaling, slices, *lora):  # noqa: D102 (documented on the class)
         k = len(slices)
         lora_a, lora_b = lora[:k], lora[k:]
+        need_a, need_b = any(ctx.needs_input_grad[6 : 6 + k]), any(ctx.needs_input_grad[6 + k :])
         in_features, out_features = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, in_features)
-        y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
         src = x2 if h is None else h.reshape(-1, in_features)
         a_cat = lora_a[0] if k == 1 else torch.cat(lora_a)
-        t = torch.mm(src, a_cat.t())
-        r = lora_a[0].shape[0]
-        for i, (start, stop) in enumerate(slices):
-            y[:, start:stop].addmm_(t[:, i * r : (i + 1) * r], lora_b[i].t(), alpha=scaling)
-        ctx.save_for_backward(src, t, weight, *lora)
+        fold = h is None and x2.shape[0] > in_features
+        w = _merged_weight(weight, lora_a, lora_b, slices, scaling) if fold else weight
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+        t = torch.mm(src, a_cat.t()) if need_b or not fold else None
+        if not fold:
+            r = lora_a[0].shape[0]
+            for i, (start, stop) in enumerate(slices):
+                y[:, start:stop].addmm_(t[:, i * r : (i + 1) * r], lora_b[i].t(), alpha=scaling)
+        ctx.save_for_backward(src if need_a else None, t if need_b else None, weight, *lora)
         ctx.scaling, ctx.slices, ctx.x_shape, ctx.has_h = scaling, slices, x.shape, h is not None
         return y.view(*x.shape[:-1], out_features)
 
@@ -66,24 +84,32 @@ class FusedLoRAFunction(torch.autograd.Function):
         src, t, weight, *lora = ctx.saved_tensors
         k, s, slices = len(ctx.slices), ctx.scaling, ctx.slices
         lora_a, lora_b = lora[:k], lora[k:]
+        need_x, need_h = ctx.needs_input_grad[0], ctx.has_h and ctx.needs_input_grad[1]
+        need_a = any(ctx.needs_input_grad[6 : 6 + k])
         r = lora_a[0].shape[0]
         g = grad_y.reshape(-1, weight.shape[0])
-        # u^T = [B_i^T g_i^T] (k r x N), written row block by row block; these layouts are the fast ones of BLAS
-        u_t = g.new_empty(k * r, g.shape[0])
-        for i, (a, b) in enumerate(slices):
-            torch.mm(lora_b[i].t(), g[:, a:b].t(), out=u_t[i * r : (i + 1) * r])
+        fold = not ctx.has_h and g.shape[0] > weight.shape[0]
         a_cat = lora_a[0] if k == 1 else torch.cat(lora_a)
+        u_t = None
+        if need_a or need_h or (need_x and not fold):
+            # u^T = [B_i^T g_i^T] (k r x N), written row block by row block: the fast layouts of BLAS
+            u_t = g.new_empty(k * r, g.shape[0])
+            for i, (a, b) in enumerate(slices):
+                torch.mm(lora_b[i].t(), g[:, a:b].t(), out=u_t[i * r : (i + 1) * r])
         grad_x = grad_h = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, weight)
-            if not ctx.has_h:
-                grad_x.addmm_(u_t.t(), a_cat, alpha=s)
+        if need_x:
+            if fold:
+                grad_x = torch.mm(g, _merged_weight(weight, lora_a, lora_b, slices, s))
+            else:
+                grad_x = torch.mm(g, weight)
+                if not ctx.has_h:
+                    grad_x.addmm_(u_t.t(), a_cat, alpha=s)
             grad_x = grad_x.view(ctx.x_shape)
-        if ctx.has_h and ctx.needs_input_grad[1]:
+        if need_h:
             grad_h = _gemm(u_t.t(), a_cat, s).view(ctx.x_shape)
         grads_a: list[torch.Tensor | None] = [None] * k
         grads_b: list[torch.Tensor | None] = [None] * k
-        if any(ctx.needs_input_grad[6 : 6 + k]):
+        if need_a:
             grad_a_cat = _gemm(u_t, src, s)
             grads_a = [grad_a_cat[i * r : (i + 1) * r] for i in range(k)]
         for i, (a, b) in enumerate(slices):
@@ -170,7 +196,9 @@ class LoRALinear(Wrapper):
         y = self.base_layer(x)
         h = self.dropout(x)
         for (start, stop), a, b in zip(self.slices, self.lora_A, self.lora_B):
-            y[..., start:stop] += F.linear(F.linear(h, a), b) * self.scaling
+            # add_ on the slice: `y[...] += ...` writes back via __setitem__, which fails when y is an autograd
+            # leaf (a frozen first layer such as a Hugging Face q_proj) and the slice spans all of y
+            y[..., start:stop].add_(F.linear(F.linear(h, a), b) * self.scaling)
         return y
 
     @torch.no_grad()
