@@ -239,7 +239,8 @@ def _describe(lb: Leaderboard) -> str:
     if env:
         bits.append(f"vpeft {env.get('vpeft')}, torch {env.get('torch')}, device {env.get('gpu') or env.get('device')}")
         commits = env.get("commits") or []
-        bits.append(("commit " if len(commits) == 1 else "commits ") + ", ".join(commits))
+        more = f" and {len(commits) - 3} more" if len(commits) > 3 else ""
+        bits.append(("commit " if len(commits) == 1 else "commits ") + ", ".join(commits[:3]) + more)
     return "; ".join(bits)
 
 
