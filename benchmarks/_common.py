@@ -3,7 +3,9 @@
 Timing: every configuration is warmed up, then measured in ``repeats`` rounds; each round runs every
 configuration once, in an order rotated by one per round, so slow phases of a shared machine hit all
 configurations alike. The median per configuration is reported, and ratios are taken between medians of
-the same run only.
+the same run only. With one intra-op thread on CPU the clock is the process's CPU time
+(``time.process_time``), which does not count the time the scheduler gives to other processes on a shared
+machine (wall time there varied by 2x between identical calls); otherwise, and on CUDA, wall time.
 
 Peak memory on CPU (:class:`RSSPeak`): glibc is told to serve every allocation of 64 KiB or more with its
 own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), so freed tensors leave the resident set at once and the
@@ -58,19 +60,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def pick_clock(device: torch.device, threads: int) -> str:
+    """``"cpu"`` (process CPU time) for single-threaded CPU runs, else ``"wall"``."""
+    return "cpu" if device.type == "cpu" and threads == 1 else "wall"
+
+
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, progress: bool = True
+    fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, progress: bool = True, clock: str = "wall"
 ) -> dict[str, list[float]]:
     """Seconds per call of every function, ``repeats`` rounds, each round in a rotated order (warm them up first)."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     names, times = list(fns), {n: [] for n in fns}
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             sync(device)
-            start = time.perf_counter()
+            start = now()
             fns[name]()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
         if progress:
             print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
     return times
@@ -230,10 +238,11 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         print(f"results written to {path}")
 
 
-def header(title: str, device: torch.device, threads: int, extra: str = "") -> str:
+def header(title: str, device: torch.device, threads: int, extra: str = "", clock: str | None = None) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    what = {"cpu": ", times are process CPU time", "wall": ", times are wall time", None: ""}[clock]
     return (
         f"# {title}\n"
         f"torch {torch.__version__}, timm {timm.__version__}, device {device}, {threads} intra-op thread(s), "
-        f"{os.cpu_count()} CPUs, load average {load:.1f}{extra}"
+        f"{os.cpu_count()} CPUs, load average {load:.1f}{what}{extra}"
     )

@@ -10,11 +10,11 @@ changes the weights), and then
   (target: within 1 %);
 * non-mergeable methods (prompts, adapters, side networks) are timed as they are: their overhead.
 
-Latency is an inference forward (``torch.inference_mode``, ``eval()``) of a batch of ``--batch`` images.
-One warm-up call per model, then ``--repeats`` interleaved rounds (order rotated every round); for each
-round the ratio to the plain backbone *of the same round* is taken, and the median ratio is reported, which
-cancels the slow drift of a shared machine. ``--threads 1`` (default) for the reason given in
-``bench_step.py``.
+Latency is an inference forward (``torch.inference_mode``, ``eval()``) of a batch of ``--batch`` images,
+timed in process CPU time with one thread, else wall time (``_common.py``). One warm-up call per model,
+then ``--repeats`` interleaved rounds (order rotated every round); for each round the ratio to the plain
+backbone *of the same round* is taken, and the median ratio is reported, which cancels the slow drift of a
+shared machine. ``--threads 1`` (default) for the reason given in ``bench_step.py``.
 
 Usage::
 
@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     fns = {n: infer(m) for n, m in models.items()}
+    clock = C.pick_clock(device, threads)
     C.time_interleaved(fns, 1, device, progress=False)  # warm-up
-    times = C.time_interleaved(fns, args.repeats, device)
+    times = C.time_interleaved(fns, args.repeats, device, clock=clock)
     by_name = {r["method"]: r for r in records}
     by_name["plain"] = records[0]
     for n in models:
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             device,
             threads,
             f", {args.repeats} rounds (median of per-round ratios)",
+            clock,
         )
     )
     print()
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nmergeable methods within 1 %: {len(done) - len(missed)}/{len(done)}"
         + (f" (outside: {', '.join(missed)})" if missed else "")
     )
-    C.write_json(args.json, {"args": vars(args), "threads": threads, "rows": records})
+    C.write_json(args.json, {"args": vars(args), "threads": threads, "clock": clock, "rows": records})
     return 0
 
 

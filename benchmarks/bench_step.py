@@ -13,8 +13,9 @@ Measured in one process on one random-init timm model (default ViT-S/16, batch 1
 * adapter, VPT-deep, SSF and BitFit with vpeft's defaults.
 
 A training step is forward + cross-entropy + backward + ``optimizer.step()`` + ``zero_grad(set_to_none=True)``
-with AdamW over the trainable tensors only (vpeft's :func:`vpeft.train.build_optimizer`). Timing: one warm-up
-step per configuration, then ``--repeats`` interleaved rounds, medians (see ``_common.py``).
+with AdamW over the trainable tensors only (vpeft's :func:`vpeft.train.build_optimizer`). Timing: the memory
+step and one more warm-up round, then ``--repeats`` interleaved rounds, medians; process CPU time with one
+thread on CPU, else wall time (see ``_common.py``).
 
 Memory, measured during the warm-up step of a freshly built model (``_common.py`` explains the method):
 
@@ -35,7 +36,7 @@ swamps what is being measured. ``--threads 0`` uses torch's default.
 
 Usage::
 
-    python benchmarks/bench_step.py                      # ViT-S/16, batch 16, 224 px (about 10 min on 1 core)
+    python benchmarks/bench_step.py                      # ViT-S/16, batch 16, 224 px (~10 min on a free core)
     python benchmarks/bench_step.py --quick              # tiny ViT, seconds
     python benchmarks/bench_step.py --model vit_base_patch16_224 --device cuda --batch 64 --threads 0
 """
@@ -285,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         steps[case.name], records[case.name] = build_and_measure(case, args, device, x, y, measure)
     if exact:
         C.exact_cpu_memory(False)
-    times = C.time_interleaved(steps, args.repeats, device)
+    clock = C.pick_clock(device, threads)
+    print("warm-up round (after the memory phase)", file=sys.stderr, flush=True)
+    C.time_interleaved(steps, 1, device, progress=False)
+    times = C.time_interleaved(steps, args.repeats, device, clock=clock)
 
     rows = []
     fwd, lim = C.median(times["forward"]), C.median(times["limit"])
@@ -307,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             device,
             threads,
             f", {args.repeats} rounds (median)",
+            clock,
         )
     )
     print()
@@ -325,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(C.table(rows, columns))
     print("\n".join(summarise(rows, records)))
-    C.write_json(args.json, {"args": vars(args), "threads": threads, "rows": rows})
+    C.write_json(args.json, {"args": vars(args), "threads": threads, "clock": clock, "rows": rows})
     return 0
 
 

@@ -18,10 +18,15 @@ SLICES = {
 }
 
 
-def _operands(slices, r=2, bias=True, seed=0):
+# rows of x (batch * tokens) vs in = 5 and out = 12 features: each path of the function (the low-rank
+# term in place, or folded into a temporary merged weight) is taken in forward and in backward
+ROWS = {"in-place": (1, 2), "fold-forward": (2, 3), "fold-both": (4, 4)}
+
+
+def _operands(slices, r=2, bias=True, seed=0, rows=(2, 3)):
     g = torch.Generator().manual_seed(seed)
     dt = torch.float64
-    x = torch.randn(2, 3, 5, generator=g, dtype=dt, requires_grad=True)
+    x = torch.randn(*rows, 5, generator=g, dtype=dt, requires_grad=True)
     w = torch.randn(12, 5, generator=g, dtype=dt)
     b = torch.randn(12, generator=g, dtype=dt) if bias else None
     a = [torch.randn(r, 5, generator=g, dtype=dt, requires_grad=True) for _ in slices]
@@ -32,8 +37,9 @@ def _operands(slices, r=2, bias=True, seed=0):
 @pytest.mark.parametrize("slices", SLICES.values(), ids=SLICES.keys())
 @pytest.mark.parametrize("scaling", [1.0, 0.5])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck(slices, scaling, bias):
-    x, w, b, a, bb = _operands(slices, bias=bias)
+@pytest.mark.parametrize("rows", ROWS.values(), ids=ROWS.keys())
+def test_gradcheck(slices, scaling, bias, rows):
+    x, w, b, a, bb = _operands(slices, bias=bias, rows=rows)
     k = len(slices)
 
     def fn(x, *ab):
@@ -77,9 +83,10 @@ def _grads(layer, x, fused):
 
 @pytest.mark.parametrize("slices", [None, [(0, 8), (16, 24)], [(0, 8), (8, 16), (16, 24)]])
 @pytest.mark.parametrize("alpha", [3.0, 6.0])
-def test_equals_unfused_reference(slices, alpha):
+@pytest.mark.parametrize("rows", [(1, 7), (4, 7)])
+def test_equals_unfused_reference(slices, alpha, rows):
     layer = _pair(slices, alpha=alpha)
-    x = torch.randn(4, 7, 16)
+    x = torch.randn(*rows, 16)
     out_f, grads_f = _grads(layer, x, fused=True)
     out_u, grads_u = _grads(layer, x, fused=False)
     torch.testing.assert_close(out_f, out_u, rtol=1e-5, atol=1e-5)
@@ -87,6 +94,28 @@ def test_equals_unfused_reference(slices, alpha):
     for gf, gu in zip(grads_f, grads_u):
         torch.testing.assert_close(gf, gu, rtol=1e-5, atol=1e-5)
     assert layer.base_layer.weight.grad is None and layer.base_layer.bias.grad is None
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_inference_equals_reference(rows):
+    layer = _pair([(0, 8), (16, 24)])
+    x = torch.randn(rows, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.forward_unfused(x), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), layer.forward_unfused(x), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_lora_tensors_get_no_gradient():
+    layer = _pair([(0, 8), (16, 24)])
+    layer.lora_A.requires_grad_(False)
+    x = torch.randn(40, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert all(b.grad is not None for b in layer.lora_B) and all(a.grad is None for a in layer.lora_A)
+    layer.fused = False
+    x2 = x.detach().clone().requires_grad_(True)
+    layer(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_same_mask_as_reference():

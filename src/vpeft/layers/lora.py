@@ -4,7 +4,7 @@ The forward/backward pass of a LoRA linear over a frozen base is one custom auto
 (:class:`FusedLoRAFunction`): the low-rank terms go into the base GEMMs (through a temporary merged
 weight) or are accumulated in place into the output and the input gradient, the scale is folded into the
 GEMMs' ``alpha`` and only the input (plus the small ``x A^T``) is saved. This brings LoRA on wide targets
-to the cost of backpropagating through the frozen backbone; see ``benchmarks/bench_step.py``.
+close to the cost of backpropagating through the frozen backbone; see ``benchmarks/bench_step.py``.
 """
 
 from __future__ import annotations
