@@ -256,7 +256,7 @@ def render_markdown(lb: Leaderboard) -> str:
     out = [f"# {lb.title}", ""]
     if _describe(lb):
         out += [_describe(lb), ""]
-    out += [_PROTOCOL, "", _md_table(*_accuracy_table(lb)), "", "## Cost (final runs, mean over tasks and seeds)", ""]
+    out += [_PROTOCOL, "", _md_table(*_accuracy_table(lb)), "", f"## {_cost_title(lb)}", ""]
     out += [_md_table(*_cost_table(lb)), ""]
     if lb.failures:
         out += [f"## Failed runs ({len(lb.failures)})", ""]
