@@ -8,7 +8,8 @@ training (``vpeft.train.train``, same config, same seeded loaders) runs twice in
 * cached: :func:`vpeft.train.cache.cached_training_setup` runs the frozen prefix once over the training and
   validation data (its time is charged to the first epoch), then every epoch trains the suffix only.
 
-Reported: the median time of the epochs after the first (training + validation), the speed-up (target for
+Reported: the median wall time (the training loop's ``epoch_time_s``) of the epochs after the first
+(training + validation), the speed-up (target for
 linear probe: >= 10x), the first epoch including the caching pass, the cache size, and whether the two runs
 give the same results (largest difference of any trained tensor and of the per-epoch losses).
 

@@ -11,14 +11,19 @@ changes the weights), and then
 * non-mergeable methods (prompts, adapters, side networks) are timed as they are: their overhead.
 
 Latency is an inference forward (``torch.inference_mode``, ``eval()``) of a batch of ``--batch`` images,
-timed in process CPU time with one thread, else wall time (``_common.py``). One warm-up call per model,
-then ``--repeats`` interleaved rounds (order rotated every round); for each round the ratio to the plain
-backbone *of the same round* is taken, and the median ratio is reported, which cancels the slow drift of a
-shared machine. ``--threads 1`` (default) for the reason given in ``bench_step.py``.
+timed in process CPU time with one thread, else wall time (``_common.py``). After one warm-up call per model,
+every model is timed ``--repeats`` times *in a pair with the plain backbone* (plain then model, or model then
+plain, alternating). Two ratios are reported: the median over the pairs of ``model / plain`` (adjacent calls
+see the same machine state) and the ratio of the fastest calls (``best``: the least disturbed run of each, as
+``timeit`` recommends for equal work); the 1 % target is judged on the latter. A second copy of the plain backbone is
+timed the same way (``plain backbone (copy)``): its ratio is the measurement's own noise floor. A merged model
+has exactly the plain backbone's modules and shapes (column ``plain modules``), so it runs the same kernels;
+its measured ratio can only differ from 1 by that noise. ``--threads 1`` (default) for the reason given in
+``bench_step.py``.
 
 Usage::
 
-    python benchmarks/bench_merge.py            # ViT-S/16, batch 8 (about 10 min on one loaded core)
+    python benchmarks/bench_merge.py            # ViT-S/16, batch 4 (about 10 min on one core)
     python benchmarks/bench_merge.py --quick    # tiny ViT, seconds
 """
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import _common as C
@@ -70,12 +76,35 @@ def prepare(name: str, args, x: torch.Tensor, plain_sig: list[Any]) -> tuple[nn.
     return model, record
 
 
+def time_paired(
+    fns: dict[str, Callable[[], None]], ref: str, repeats: int, device: torch.device, clock: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time every function next to ``fns[ref]``, ``repeats`` times.
+
+    Returns (seconds per function, the reference's seconds in each function's own pairs), so that a function's
+    fastest call is compared with the fastest reference call among equally many samples (the reference is timed
+    once per pair, so its overall minimum would be biased low).
+    """
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    paired_ref: dict[str, list[float]] = {n: [] for n in fns if n != ref}
+    names = [n for n in fns if n != ref]
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            pair = (ref, name) if r % 2 == 0 else (name, ref)
+            got = {n: C.time_interleaved({n: fns[n]}, 1, device, progress=False, clock=clock)[n][0] for n in pair}
+            for n, t in got.items():
+                times[n].append(t)
+            paired_ref[name].append(got[ref])
+        print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return times, paired_ref
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_small_patch16_224")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = torch's default")
     p.add_argument("--methods", default="", help="comma-separated methods (default: every ViT method)")
     p.add_argument("--json", default=None)
@@ -93,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
 
     plain = C.create_model(args.model, args.size, quick=args.quick).eval()
     plain_sig = _signature(plain)
-    models, records = {"plain": plain}, [{"method": "plain backbone", "mergeable": None}]
+    control = C.create_model(args.model, args.size, quick=args.quick).eval()
+    models = {"plain": plain, "plain (copy)": control}
+    records = [
+        {"method": "plain backbone", "mergeable": None},
+        {"method": "plain (copy)", "mergeable": None, "plain_modules": True, "note": "noise floor"},
+    ]
     for name in names:
         print(f"preparing {name}", file=sys.stderr, flush=True)
         model, record = prepare(name, args, x, plain_sig)
@@ -111,16 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     fns = {n: infer(m) for n, m in models.items()}
     clock = C.pick_clock(device, threads)
     C.time_interleaved(fns, 1, device, progress=False)  # warm-up
-    times = C.time_interleaved(fns, args.repeats, device, clock=clock)
+    times, paired_ref = time_paired(fns, "plain", args.repeats, device, clock)
     by_name = {r["method"]: r for r in records}
     by_name["plain"] = records[0]
     for n in models:
         r = by_name[n]
         r["latency_ms"] = 1e3 * C.median(times[n])
-        r["ratio"] = C.median([t / tp for t, tp in zip(times[n], times["plain"])])
-        r["overhead_pct"] = 100 * (r["ratio"] - 1)
-        if n != "plain":
-            r["target"] = ("met" if abs(r["overhead_pct"]) <= 1.0 else "NOT met") if r["mergeable"] else "n/a"
+        ref = paired_ref.get(n, times[n])
+        r["ratio"] = C.median([t / tr for t, tr in zip(times[n], ref)])
+        r["ratio_best"] = min(times[n]) / min(ref)
+        r["overhead_pct"] = 100 * (r["ratio_best"] - 1)
+        if n not in ("plain", "plain (copy)"):
+            r["target"] = ("met" if r["overhead_pct"] <= 1.0 else "NOT met") if r["mergeable"] else "n/a"
 
     desc = f"{C.QUICK_MODEL} (tiny, --quick)" if args.quick else args.model
     print(
@@ -128,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             f"Inference latency after merge: {desc}, batch {args.batch}, {size} px, fp32",
             device,
             threads,
-            f", {args.repeats} rounds (median of per-round ratios)",
+            f", {args.repeats} pairs with the plain backbone per model (median ratio)",
             clock,
         )
     )
     print()
-    merged = [r for r in records if r["mergeable"] is not False]
+    merged = [r for r in records if r["mergeable"] is not False]  # with the plain rows
     others = [r for r in records if r["mergeable"] is False]
     print("## Mergeable methods, merged (target: within 1 % of the plain backbone)\n")
     print(
@@ -142,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             [
                 ("method", "method", "s"),
                 ("latency_ms", "latency ms", ".1f"),
-                ("ratio", "x plain", ".4f"),
-                ("overhead_pct", "overhead %", "+.2f"),
+                ("ratio", "x plain (median pair)", ".4f"),
+                ("ratio_best", "x plain (best)", ".4f"),
+                ("overhead_pct", "overhead % (best)", "+.2f"),
                 ("plain_modules", "plain modules", ""),
                 ("max_abs_diff", "max |merged - unmerged|", ".1e"),
-                ("target", "within 1 %", "s"),
+                ("target", "at most +1 %", "s"),
                 ("note", "note", "s"),
             ],
         )
@@ -158,17 +195,22 @@ def main(argv: list[str] | None = None) -> int:
             [
                 ("method", "method", "s"),
                 ("latency_ms", "latency ms", ".1f"),
-                ("ratio", "x plain", ".3f"),
-                ("overhead_pct", "overhead %", "+.1f"),
+                ("ratio", "x plain (median pair)", ".3f"),
+                ("ratio_best", "x plain (best)", ".3f"),
+                ("overhead_pct", "overhead % (best)", "+.1f"),
                 ("note", "note", "s"),
             ],
         )
     )
     done = [r for r in merged if r.get("target")]
     missed = [r["method"] for r in done if r["target"] != "met"]
+    same = all(r.get("plain_modules") for r in done)
+    floor = by_name["plain (copy)"]["overhead_pct"]
     print(
         f"\nmergeable methods within 1 %: {len(done) - len(missed)}/{len(done)}"
         + (f" (outside: {', '.join(missed)})" if missed else "")
+        + f"; measurement noise floor (plain vs its copy): {floor:+.2f} %; every merged model has exactly the "
+        + f"plain backbone's modules and shapes: {same}"
     )
     C.write_json(args.json, {"args": vars(args), "threads": threads, "clock": clock, "rows": records})
     return 0
