@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "bench_step.py": ["| forward |", "| limit |", "| lora_wide |", "## Targets"],
     "bench_merge.py": ["| plain backbone |", "| lora |", "| vpt_deep |", "mergeable methods within 1 %"],
+    "bench_options.py": ["| vit | lora | baseline |", "| cnn | bitfit | channels_last |", "| checkpointing |"],
     "bench_cache.py": ["| linear probe | pre_logits |", "| partial-1 | 1 |", "cheaper with the cache"],
 }
 
@@ -33,3 +34,4 @@ def test_benchmark_runs_quick(script, tmp_path):
         assert needle in proc.stdout, f"{needle!r} missing from the output of {script}:\n{proc.stdout}"
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(isinstance(r, dict) for r in rows)
+    assert "BROKEN" not in proc.stdout, proc.stdout  # an option that loses a trainable tensor's gradient
