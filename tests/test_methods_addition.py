@@ -14,6 +14,7 @@ from tiny import TINY_BACKBONES, batch
 from torch import nn
 
 import vpeft
+from vpeft.arch import get_spec
 from vpeft.layers import PromptedBlock
 from vpeft.layers.kv_prompt import KVPromptAttention, attention_with_kv
 from vpeft.methods.convpass import ConvBypass
@@ -85,6 +86,43 @@ def test_convpass_output_is_sublayer_plus_scaled_branch():
     x = torch.randn(2, 17, 32)
     with torch.no_grad():
         torch.testing.assert_close(wrapper(x), wrapper.base_layer(x) + 10.0 * wrapper.adapter(x))
+
+
+@pytest.mark.parametrize("backbone", ["cnn_effnet", "cnn_convnext"])
+def test_convpass_on_cnns_bypasses_every_block_with_its_output_shape(backbone):
+    model = make(backbone).train()
+    stats = [b.clone() for b in model.buffers()]
+    spec = get_spec(model)
+    vpeft.apply(model, "convpass", scale=10.0, dropout=0.0)
+    assert all(m.training for m in model.modules())  # the train/eval flags are restored after the shape probe
+    after = list(model.buffers())  # the probe ran in eval mode: no normalisation statistics moved
+    assert len(after) == len(stats) and all(torch.equal(a, b) for a, b in zip(after, stats))
+    wrappers = [model.get_submodule(n) for n in spec.blocks]
+    assert all(isinstance(w, ConvBypass) for w in wrappers)
+    strides = {w.adapter.conv.stride[0] for w in wrappers}
+    widths = {(w.adapter.down.in_channels, w.adapter.up.out_channels) for w in wrappers}
+    if backbone == "cnn_effnet":  # EfficientNet blocks downsample and change the width
+        assert strides == {1, 2} and any(a != b for a, b in widths)
+    x = torch.randn(2, 3, size_of(backbone), size_of(backbone))
+    model.eval()
+    for w in wrappers:
+        _randomise(w.adapter, 3)
+    feats = {}
+
+    def keep(name):
+        def hook(_module, args, output):
+            feats[name] = (args[0], output)
+
+        return hook
+
+    hooks = [w.register_forward_hook(keep(n)) for n, w in zip(spec.blocks, wrappers)]
+    with torch.no_grad():
+        model(x)
+        for h in hooks:
+            h.remove()
+        for n, w in zip(spec.blocks, wrappers):
+            inp, out = feats[n]
+            torch.testing.assert_close(out, w.base_layer(inp) + 10.0 * w.adapter(inp))
 
 
 # ---- Mona ------------------------------------------------------------------------------------------------------

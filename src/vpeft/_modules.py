@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["get_module", "set_module", "parent_of"]
+__all__ = ["get_module", "set_module", "parent_of", "probe_shapes"]
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -19,3 +20,31 @@ def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, attr = parent_of(model, name)
     setattr(parent, attr, module)
+
+
+def probe_shapes(model: nn.Module, names: list[str], size: tuple[int, int]) -> dict[str, tuple[torch.Size, torch.Size]]:
+    """Input and output shapes of the named sub-modules for one ``size`` image (no gradients, eval mode).
+
+    The model's train/eval flags are restored afterwards; in eval mode no normalisation statistics change.
+    """
+    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            shapes[name] = (args[0].shape, output.shape)
+
+        return record
+
+    w = next(model.parameters())
+    modes = {m: m.training for m in model.modules()}
+    handles = [get_module(model, n).register_forward_hook(hook(n)) for n in names]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *size, device=w.device, dtype=w.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return shapes

@@ -21,6 +21,14 @@ Scale s: the official code's default is ``s=1``; its per-task VTAB configs searc
 s in {0.01, 0.1, 1, 10, 100} (e.g. dtd 0.01, sun397 0.1, clevr_count 1, dmlab 10, dsprites_loc 100) and
 switch ``xavier_init`` per task. vpeft defaults to s = 1.
 
+CNN backbones (EfficientNet, ConvNeXt): the same bypass on feature maps, parallel to every block --
+``y = block(x) + s * bypass(x)`` with 1x1 conv down (C_in -> 8), QuickGELU, 3x3 conv (8 -> 8, the block's
+spatial stride, identity-centred), QuickGELU, dropout, 1x1 conv up (8 -> C_out, zero). This is the "residual
+parallel" placement of Conv-Adapter (Chen et al., "Conv-Adapter: Exploring Parameter Efficient Transfer Learning
+for ConvNets", 2022, arXiv 2208.07463) with Convpass's bottleneck; blocks that change the width or the
+resolution get a bypass with the same output shape (channels and stride read from one probe forward pass at
+inject time). Identity at initialisation as on ViTs.
+
 Deviation: on LayerScale backbones (DINOv2) the bypass sits inside the sub-layer, so the block's
 LayerScale also scales it (the paper's ViT-B has no LayerScale; there the placement is exact).
 
@@ -35,7 +43,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .._modules import get_module, set_module
+from .._modules import get_module, probe_shapes, set_module
 from ..arch import ArchSpec
 from ..config import MethodConfig, check_choice, check_float, check_int
 from ..errors import ConfigError, UnsupportedBackboneError
@@ -44,7 +52,9 @@ from ..layers.token_grid import Grid, map_on_grid, model_grid
 from ..registry import register_method
 from .base import ADDITION, Method
 
-__all__ = ["ConvpassConfig", "Convpass", "ConvBypass", "ConvpassBranch"]
+__all__ = ["ConvpassConfig", "Convpass", "ConvBypass", "ConvpassBranch", "ConvpassBranch2d"]
+
+PROBE_SIZE = 64  # input side of the shape probe on CNNs (every timm CNN downsamples by at most 32)
 
 
 class QuickGELU(nn.Module):
@@ -93,6 +103,44 @@ class ConvpassBranch(nn.Module):
         h = self.act(self.down(x))
         h = map_on_grid(self.conv, h, self.num_prefix, self.grid)
         return self.up(self.dropout(self.act(h)))
+
+
+class ConvpassBranch2d(nn.Module):
+    """The Convpass bottleneck on a feature map: 1x1 down -> QuickGELU -> 3x3 (stride) -> QuickGELU -> 1x1 up."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden: int,
+        stride: int,
+        *,
+        xavier_init: bool = False,
+        dropout: float = 0.1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.down = nn.Conv2d(in_channels, hidden, 1, **kw)
+        self.conv = nn.Conv2d(hidden, hidden, 3, stride, 1, **kw)
+        self.up = nn.Conv2d(hidden, out_channels, 1, **kw)
+        self.act = QuickGELU()
+        self.dropout = nn.Dropout(dropout)
+        with torch.no_grad():
+            nn.init.xavier_uniform_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
+            if xavier_init:
+                nn.init.xavier_uniform_(self.conv.weight)
+            else:
+                nn.init.zeros_(self.conv.weight)
+                self.conv.weight[:, :, 1, 1] += torch.eye(hidden, **kw)
+            nn.init.zeros_(self.conv.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.dropout(self.act(self.conv(self.act(self.down(x))))))
 
 
 class ConvBypass(Wrapper):
@@ -144,9 +192,11 @@ class Convpass(Method):
     config_cls = ConvpassConfig
     family = ADDITION
     paper = "Jie & Deng, Convolutional Bypasses Are Better Vision Transformer Adapters, 2022"
-    kinds = ("vit",)
+    kinds = ("vit", "cnn")
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
+        if spec.kind == "cnn":
+            return self._inject_cnn(model, spec)
         cfg, grid, adapted = self.config, model_grid(model), []
         for parts in spec.parts:
             names = [(parts.attn, parts.proj), (parts.mlp, parts.fc2)][: 2 if cfg.placement == "both" else 1]
@@ -168,3 +218,29 @@ class Convpass(Method):
                 set_module(model, name, ConvBypass(base, branch, cfg.scale))
                 adapted.append(name)
         return adapted
+
+    def _inject_cnn(self, model: nn.Module, spec: ArchSpec) -> list[str]:
+        cfg, names = self.config, list(spec.blocks)
+        size = tuple(min(v, PROBE_SIZE) if v else PROBE_SIZE for v in spec.image_size)
+        shapes = probe_shapes(model, names, size)
+        w = next(model.parameters())
+        for name in names:
+            (_, c_in, h_in, w_in), (_, c_out, h_out, w_out) = shapes[name]
+            stride = h_in // h_out if h_out else 0
+            if stride < 1 or (h_in + stride - 1) // stride != h_out or (w_in + stride - 1) // stride != w_out:
+                raise UnsupportedBackboneError(
+                    f"convpass: block {name} maps a {h_in}x{w_in} feature map to {h_out}x{w_out}, which no strided "
+                    "3x3 bypass reproduces"
+                )
+            branch = ConvpassBranch2d(
+                c_in,
+                c_out,
+                cfg.dim,
+                stride,
+                xavier_init=cfg.xavier_init,
+                dropout=cfg.dropout,
+                device=w.device,
+                dtype=w.dtype,
+            )
+            set_module(model, name, ConvBypass(get_module(model, name), branch, cfg.scale))
+        return names
