@@ -7,6 +7,7 @@ whole; deciding how frozen parts behave (BatchNorm statistics, dropout) is the m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -26,6 +27,8 @@ from tqdm.auto import tqdm
 
 from vpeft.arch.hf import logits_of
 from vpeft.errors import ConfigError, DataError, suggest
+from vpeft.train import distributed as dist_utils
+from vpeft.train.distributed import DistContext
 from vpeft.train.metrics import ClassificationMeter, write_json_atomic
 
 __all__ = [
@@ -87,6 +90,8 @@ class TrainConfig:
         weight_decay: Decoupled weight decay for >= 2-D tensors not marked no-decay (>= 0).
         warmup_epochs: Linear warm-up length in epochs; fractions allowed (in [0, epochs]).
         batch_size: Batch size the caller should build the loaders with (the loop uses the loader as given).
+            Under DDP (``torchrun``) it is the global batch: each of the ``W`` processes gets ``batch_size / W``
+            samples of every batch, so it must be divisible by ``W``.
         label_smoothing: Cross-entropy label smoothing (in [0, 1)).
         grad_accum: Micro-batches per optimizer step (>= 1).
         bf16: Run the forward pass under ``torch.autocast(dtype=torch.bfloat16)``.
@@ -275,6 +280,13 @@ class _Loop:
     scheduler: LambdaLR
     step: int = 0
     last_lr: float = 0.0
+    dist: DistContext | None = None  # with it, ``model`` is the DDP wrapper and ``module`` the model it wraps
+    module: nn.Module | None = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this process logs and writes files (rank 0, or the only process)."""
+        return self.dist is None or self.dist.is_main
 
     def run_epoch(self, loader: Iterable[Any], epoch: int, progress: bool) -> dict[str, Any]:
         """Train one epoch; return ``{train_loss, train_top1, lr, n, train_time_s}``."""
@@ -291,8 +303,14 @@ class _Loop:
         )
         for i, (images, targets) in enumerate(bar):
             group_size = min(accum, n_batches - (i // accum) * accum)
-            loss, logits, targets = self._forward_backward(images, targets, group_size)
-            meter.update(loss, logits, targets)
+            if self.dist is None:
+                loss, logits, targets = self._forward_backward(images, targets, group_size)
+                meter.update(loss, logits, targets)
+            else:
+                sizes = loader.batch_sampler.shard_sizes(i)  # type: ignore[attr-defined]
+                out = self._forward_backward_ddp(images, targets, group_size, sizes, pending + 1 == group_size)
+                if out is not None:
+                    meter.update(*out)
             pending += 1
             if pending == group_size:
                 self._optimizer_step()
@@ -300,7 +318,7 @@ class _Loop:
                 self._maybe_log(bar, meter, epoch)
         if pending:  # loader yielded fewer batches than len() announced
             self._optimizer_step()
-        stats = meter.compute()
+        stats = self._stats(meter)
         self._check_finite(stats["loss"], epoch)
         elapsed = time.perf_counter() - start
         return {
@@ -322,6 +340,34 @@ class _Loop:
         (loss / group_size).backward()
         return loss.detach(), logits.detach(), targets
 
+    def _forward_backward_ddp(
+        self, images: torch.Tensor, targets: torch.Tensor, group_size: int, sizes: tuple[int, int], sync: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """One rank's share of a global micro-batch; ``sizes`` is ``(local, global)`` samples (local 0: stand-in).
+
+        The summed loss is scaled by ``world_size / global``, so DDP's average over ranks is the global batch mean
+        (divided by ``group_size`` as in the single-process path). Gradients are all-reduced only on the last
+        micro-batch of an accumulation group (``sync``).
+        """
+        assert self.dist is not None
+        local, total = sizes
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        with contextlib.nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                logits = logits_of(self.model(images))
+            loss_sum = F.cross_entropy(
+                logits.float(), targets, label_smoothing=self.cfg.label_smoothing, reduction="sum"
+            )
+            scale = self.dist.world_size / (total * group_size) if local else 0.0  # a stand-in weighs nothing
+            (loss_sum * scale).backward()
+        if not local:
+            return None
+        return loss_sum.detach() / local, logits.detach(), targets
+
+    def _stats(self, meter: ClassificationMeter) -> dict[str, float | int]:
+        return meter.compute() if self.dist is None else _reduce_meter(meter, self.dist)
+
     def _optimizer_step(self) -> None:
         if self.cfg.max_grad_norm is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -335,8 +381,10 @@ class _Loop:
     def _maybe_log(self, bar: tqdm, meter: ClassificationMeter, epoch: int) -> None:
         if not self.cfg.log_every or self.step % self.cfg.log_every:
             return
-        stats = meter.compute()
+        stats = self._stats(meter)  # under DDP: global numbers, so every rank takes the same decision below
         self._check_finite(stats["loss"], epoch)
+        if not self.main:
+            return
         bar.set_postfix(loss=f"{stats['loss']:.4f}", top1=f"{stats['top1']:.3f}", lr=f"{self.last_lr:.2e}")
         logger.debug(
             "epoch %d step %d: loss %.4f top1 %.3f lr %.3e",
@@ -365,6 +413,7 @@ def train(
     out_dir: str | Path | None = None,
     progress: bool = True,
     callbacks: Sequence[Callback] | None = None,
+    find_unused_parameters: bool = False,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``train_loader``.
 
@@ -379,6 +428,14 @@ def train(
     With ``out_dir`` the file ``out_dir/metrics.json`` (``{config, history, steps, elapsed_s, complete}``) is
     rewritten atomically after every epoch.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call runs data-parallel (see :mod:`vpeft.train.distributed`):
+    it joins (or initialises, and then destroys at the end) the process group, wraps ``model`` in
+    DistributedDataParallel (only trainable parameters are synchronised), and gives each rank a contiguous slice
+    of every batch of ``train_loader``, whose ``batch_size`` is the global batch (divisible by the world size).
+    Validation is sharded the same way with the counts all-reduced; losses, metrics and the trained parameters
+    equal a single-process run's up to floating-point summation order. Only rank 0 shows progress, logs and
+    writes ``metrics.json``; every rank returns the same history (timings aside).
+
     Args:
         model: The model; parameters with ``requires_grad=True`` are trained.
         train_loader: Yields ``(images, int64 targets)`` batches and has a ``len()``.
@@ -388,35 +445,72 @@ def train(
         out_dir: Folder for ``metrics.json`` (created if missing).
         progress: Show a tqdm progress bar per epoch.
         callbacks: Called with each epoch record; a callback returning ``True`` stops training after that epoch.
+        find_unused_parameters: Under DDP, let DDP tolerate trainable parameters that get no gradient in a step
+            (needed for models that use a different subset of parameters per step; slower). Ignored otherwise.
 
     Returns:
         The per-epoch history, final metrics, total time and number of optimizer steps.
 
     Raises:
-        ConfigError: No trainable parameters, or a loader without ``len()``.
+        ConfigError: No trainable parameters, or a loader without ``len()``; under DDP also a loader that cannot
+            be sharded or a batch size not divisible by the world size.
         DataError: An empty training or validation loader.
         FloatingPointError: The training loss became NaN/inf.
     """
+    with dist_utils.session(device) as ctx:  # None in a single-process run
+        return _train(
+            model, train_loader, cfg, val_loader, device, out_dir, progress, callbacks, ctx, find_unused_parameters
+        )
+
+
+def _train(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    cfg: TrainConfig,
+    val_loader: Iterable[Any] | None,
+    device: str | torch.device,
+    out_dir: str | Path | None,
+    progress: bool,
+    callbacks: Sequence[Callback] | None,
+    ctx: DistContext | None,
+    find_unused_parameters: bool,
+) -> TrainResult:
     set_seed(cfg.seed)
-    device = torch.device(device)
+    device = torch.device(device) if ctx is None else ctx.device
     model.to(device)
     steps_per_epoch = math.ceil(_num_batches(train_loader) / cfg.grad_accum)
-    _warn_batch_size(train_loader, cfg)
+    if ctx is None or ctx.is_main:
+        _warn_batch_size(train_loader, cfg)
     optimizer = build_optimizer(model, cfg)
     optimizer.zero_grad(set_to_none=True)
-    loop = _Loop(model, cfg, device, optimizer, build_scheduler(optimizer, cfg, steps_per_epoch))
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    if ctx is None:
+        loop = _Loop(model, cfg, device, optimizer, scheduler)
+    else:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ConfigError("under torchrun pass the plain model to train(); it wraps it in DDP itself")
+        train_loader = dist_utils.shard_loader(train_loader, ctx, train=True, seed=cfg.seed)
+        if val_loader is not None:
+            val_loader = dist_utils.shard_loader(val_loader, ctx, train=False)
+        ddp = dist_utils.wrap_ddp(model, ctx, find_unused_parameters)
+        loop = _Loop(ddp, cfg, device, optimizer, scheduler, dist=ctx, module=model)
+    write = out_dir is not None and loop.main
     result, start = TrainResult(), time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        record = _epoch_record(loop, train_loader, val_loader, epoch, progress)
+        record = _epoch_record(loop, train_loader, val_loader, epoch, progress and loop.main)
         result.history.append(record)
         result.total_time_s, result.steps, result.final = time.perf_counter() - start, loop.step, record
-        if out_dir is not None:
-            _write_metrics(Path(out_dir), cfg, result, complete=epoch == cfg.epochs)
-        if any([cb(record) is True for cb in callbacks or ()]):  # a list: every callback sees every epoch
-            logger.info("a callback stopped training after epoch %d", epoch)
+        if write:
+            _write_metrics(Path(out_dir), cfg, result, complete=epoch == cfg.epochs)  # type: ignore[arg-type]
+        stop = any([cb(record) is True for cb in callbacks or ()])  # a list: every callback sees every epoch
+        if ctx is not None:  # one rank's callback stopping alone would leave the others waiting
+            stop = dist_utils.all_reduce_sum([float(stop)], ctx)[0] > 0
+        if stop:
+            if loop.main:
+                logger.info("a callback stopped training after epoch %d", epoch)
             result.stopped_early = True
-            if out_dir is not None:
-                _write_metrics(Path(out_dir), cfg, result, complete=True)
+            if write:
+                _write_metrics(Path(out_dir), cfg, result, complete=True)  # type: ignore[arg-type]
             break
     return result
 
@@ -426,7 +520,12 @@ def _epoch_record(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     stats = loop.run_epoch(train_loader, epoch, progress)
-    val = evaluate(loop.model, val_loader, loop.device, loop.cfg.bf16) if val_loader is not None else {}
+    if val_loader is None:
+        val = {}
+    elif loop.dist is None:
+        val = evaluate(loop.model, val_loader, loop.device, loop.cfg.bf16)
+    else:  # the unwrapped model on this rank's (already sharded) part of the split; counts all-reduced
+        val = _evaluate(loop.module, val_loader, loop.device, loop.cfg.bf16, False, loop.dist)  # type: ignore[arg-type]
     record = {
         "epoch": epoch,
         "train_loss": stats["train_loss"],
@@ -438,6 +537,8 @@ def _epoch_record(
         "images_per_s": stats["n"] / max(stats["train_time_s"], 1e-9),
         "steps": loop.step,
     }
+    if not loop.main:
+        return record
     logger.info(
         "epoch %d/%d: train loss %.4f top1 %.4f | val loss %s top1 %s | lr %.3e | %.1f img/s",
         epoch,
@@ -483,25 +584,48 @@ def evaluate(
     device: str | torch.device = "cpu",
     bf16: bool = False,
     progress: bool = False,
+    *,
+    distributed: bool = False,
 ) -> dict[str, float | int]:
     """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader``.
 
     Runs under ``torch.inference_mode()`` with ``model.eval()``, and restores the model's previous
     training mode afterwards. The model must already be on ``device``.
 
+    With ``distributed=True`` inside a process group of more than one process (e.g. under ``torchrun``, within
+    :func:`vpeft.train.distributed.session`), every rank evaluates its slice of each batch of ``loader`` (a
+    DataLoader) and the sums are all-reduced: every rank must call it, and every rank gets the full-split result.
+
     Args:
         model: The classifier.
         loader: Yields ``(images, int64 targets)``.
         device: Where batches are moved.
         bf16: Run the forward pass under bf16 autocast.
-        progress: Show a tqdm progress bar.
+        progress: Show a tqdm progress bar (rank 0 only under DDP).
+        distributed: Shard the evaluation over the ranks of the current process group (no-op without one).
 
     Returns:
         ``{"top1": fraction correct in [0, 1], "loss": mean cross-entropy (no label smoothing), "n": samples}``.
 
     Raises:
         DataError: The loader yielded no samples.
+        ConfigError: ``distributed`` with a loader that cannot be sharded (see
+            :func:`vpeft.train.distributed.shard_loader`).
     """
+    ctx = dist_utils.current(device) if distributed else None
+    if ctx is not None:
+        loader = dist_utils.shard_loader(loader, ctx, train=False)
+    return _evaluate(model, loader, device, bf16, progress and (ctx is None or ctx.is_main), ctx)
+
+
+def _evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    device: str | torch.device,
+    bf16: bool,
+    progress: bool,
+    ctx: DistContext | None,
+) -> dict[str, float | int]:
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -515,7 +639,15 @@ def evaluate(
                 meter.update(F.cross_entropy(logits.float(), targets), logits, targets)
     finally:
         model.train(was_training)
-    stats = meter.compute()
+    stats = meter.compute() if ctx is None else _reduce_meter(meter, ctx)
     if stats["n"] == 0:
         raise DataError("evaluation loader yielded no samples")
     return stats
+
+
+def _reduce_meter(meter: ClassificationMeter, ctx: DistContext) -> dict[str, float | int]:
+    """The meter's statistics summed over all ranks (every rank must call it)."""
+    loss_sum, correct, n = dist_utils.all_reduce_sum([meter.loss_sum, meter.correct, meter.n], ctx)
+    total = ClassificationMeter()
+    total.loss_sum, total.correct, total.n = loss_sum, round(correct), round(n)
+    return total.compute()
