@@ -138,6 +138,7 @@ def _train_config(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune, results_table
+    from .train.distributed import is_main_process
 
     method = method_from_cli(args.method, args.opt)
     rec = finetune(
@@ -155,8 +156,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         progress=not args.quiet,
     )
-    print(results_table([rec]))
-    print(f"delta and results written to {args.out}")
+    if is_main_process():  # under torchrun every process trains; rank 0 reports
+        print(results_table([rec]))
+        print(f"delta and results written to {args.out}")
     return 0
 
 

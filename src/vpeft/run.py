@@ -32,6 +32,7 @@ from .data import (
 )
 from .errors import DataError
 from .train import TrainConfig, evaluate, train
+from .train.distributed import main_first, session
 from .train.metrics import write_json_atomic
 
 __all__ = [
@@ -155,54 +156,65 @@ def finetune(
     The VTAB-1k protocol: hyper-parameters are chosen with ``train_split="train800"``,
     ``eval_split="val200"``; the final run trains on ``train800val200`` and evaluates ``test`` once.
     With ``out_dir``: ``delta.safetensors``, ``metrics.json`` (per epoch) and ``result.json``.
+
+    Under ``torchrun`` every process runs this function: training is data-parallel with ``train_cfg.batch_size``
+    as the global batch, the final evaluation is sharded over the processes, and only rank 0 logs and writes
+    files; the others wait for it at a barrier, then return the same record (without ``delta_bytes``).
     """
-    cfg = train_cfg or TrainConfig()
-    t = open_task(data_root, task)
-    model = build_backbone(backbone, t.num_classes, img_size, pretrained)
-    rep = apply(model, method)
-    size = _input_size(model, img_size)
-    tf = build_transform(model, input_size=size)
-    train_ds, eval_ds = t.dataset(train_split, tf), t.dataset(eval_split, tf)
-    loader = build_dataloader(train_ds, cfg.batch_size, shuffle=True, num_workers=num_workers, seed=cfg.seed)
-    out = Path(out_dir) if out_dir is not None else None
-    log.info("%s on %s/%s (%d train, %d eval images, %d px)", rep, task, train_split, len(train_ds), len(eval_ds), size)
-    result = train(model, loader, cfg, device=device, out_dir=out, progress=progress)
-    start = time.perf_counter()
-    ev = evaluate(model, build_dataloader(eval_ds, 2 * cfg.batch_size, shuffle=False, num_workers=num_workers), device)
-    record = {
-        "vpeft_version": __version__,
-        "backbone": backbone,
-        "img_size": size,
-        "method": rep.method,
-        "config": _config_dict(model),
-        "task": task,
-        "num_classes": t.num_classes,
-        "train_split": train_split,
-        "eval_split": eval_split,
-        "train": cfg.to_dict(),
-        "trainable_params": rep.trainable,
-        "method_params": rep.method_params,
-        "total_params": rep.total,
-        "top1": ev["top1"],
-        "eval_loss": ev["loss"],
-        "eval_n": ev["n"],
-        "train_time_s": result.total_time_s,
-        "train_images_per_s": len(train_ds) * cfg.epochs / max(result.total_time_s, 1e-9),
-        "eval_time_s": time.perf_counter() - start,
-        "final_train_top1": result.final.get("train_top1"),
-    }
-    if out is not None:
-        extra = {
+    with session(device) as ctx:  # None in a single-process run
+        cfg = train_cfg or TrainConfig()
+        main = ctx is None or ctx.is_main
+        device = ctx.device if ctx is not None else device
+        with main_first(ctx):  # rank 0 alone exports generated data and converts weights into the caches
+            t = open_task(data_root, task)
+            model = build_backbone(backbone, t.num_classes, img_size, pretrained)
+        rep = apply(model, method)
+        size = _input_size(model, img_size)
+        tf = build_transform(model, input_size=size)
+        train_ds, eval_ds = t.dataset(train_split, tf), t.dataset(eval_split, tf)
+        loader = build_dataloader(train_ds, cfg.batch_size, shuffle=True, num_workers=num_workers, seed=cfg.seed)
+        out = Path(out_dir) if out_dir is not None else None
+        if main:
+            n_train, n_eval = len(train_ds), len(eval_ds)
+            log.info("%s on %s/%s (%d train, %d eval images, %d px)", rep, task, train_split, n_train, n_eval, size)
+        result = train(model, loader, cfg, device=device, out_dir=out, progress=progress)
+        start = time.perf_counter()
+        eval_loader = build_dataloader(eval_ds, 2 * cfg.batch_size, shuffle=False, num_workers=num_workers)
+        ev = evaluate(model, eval_loader, device, distributed=True)  # sharded over the processes under torchrun
+        record = {
+            "vpeft_version": __version__,
+            "backbone": backbone,
+            "img_size": size,
+            "method": rep.method,
+            "config": _config_dict(model),
             "task": task,
             "num_classes": t.num_classes,
-            "img_size": size,
-            "backbone_arg": backbone,
-            "pretrained": pretrained,
+            "train_split": train_split,
+            "eval_split": eval_split,
+            "train": cfg.to_dict(),
+            "trainable_params": rep.trainable,
+            "method_params": rep.method_params,
+            "total_params": rep.total,
+            "top1": ev["top1"],
+            "eval_loss": ev["loss"],
+            "eval_n": ev["n"],
+            "train_time_s": result.total_time_s,
+            "train_images_per_s": len(train_ds) * cfg.epochs / max(result.total_time_s, 1e-9),
+            "eval_time_s": time.perf_counter() - start,
+            "final_train_top1": result.final.get("train_top1"),
         }
-        save(model, out / "delta.safetensors", extra=extra)
-        record["delta_bytes"] = (out / "delta.safetensors").stat().st_size
-        write_json_atomic(out / "result.json", record)
-    return record
+        if out is not None and main:
+            extra = {
+                "task": task,
+                "num_classes": t.num_classes,
+                "img_size": size,
+                "backbone_arg": backbone,
+                "pretrained": pretrained,
+            }
+            save(model, out / "delta.safetensors", extra=extra)
+            record["delta_bytes"] = (out / "delta.safetensors").stat().st_size
+            write_json_atomic(out / "result.json", record)
+        return record
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
