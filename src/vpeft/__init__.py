@@ -32,6 +32,7 @@ from .methods.lora import LoRAConfig
 from .methods.partial import PartialConfig
 from .methods.ssf import SSFConfig
 from .methods.vpt import VPTDeepConfig, VPTShallowConfig
+from .multitask import MultiTaskModel, MultiTaskOutput
 from .registry import get_method, list_methods, register_method
 
 __all__ = [
@@ -68,4 +69,6 @@ __all__ = [
     "VPTShallowConfig",
     "VPTDeepConfig",
     "SSFConfig",
+    "MultiTaskModel",
+    "MultiTaskOutput",
 ]

@@ -54,6 +54,8 @@ class KronALinear(Wrapper):
         y = self.base_layer(x)
         a2 = self.a_shape[1]
         xm = x.reshape(*x.shape[:-1], a2, x.shape[-1] // a2)
+        if self.slices == [(0, y.shape[-1])]:  # the whole output (a separate q/k/v projection): out of place
+            return y + (self.kron_A[0] @ xm @ self.kron_B[0].transpose(0, 1)).flatten(-2) * self.scale
         for (start, stop), a, b in zip(self.slices, self.kron_A, self.kron_B):
             delta = (a @ xm @ b.transpose(0, 1)).flatten(-2)
             y[..., start:stop] += delta * self.scale

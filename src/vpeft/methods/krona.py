@@ -43,7 +43,8 @@ class KronAConfig(MethodConfig):
         a_shape: ``(a1, a2)``, the shape of factor A; a1 must divide each adapted output width and a2
             the input width (B's shape follows).
         scale: multiplier s of the update (> 0).
-        targets: q, k, v (slices of a fused qkv), proj, fc1, fc2; ``"qkv"`` is shorthand for q, k, v.
+        targets: q, k, v (slices of a fused qkv, or the separate projections of Hugging Face backbones), proj,
+            fc1, fc2; ``"qkv"`` is shorthand for q, k, v.
     """
 
     method = "krona"
@@ -78,9 +79,11 @@ class KronA(Method):
         targets, (a1, a2), plan = self.config.targets, self.config.a_shape, []
         qkv_index = [i for i, t in enumerate(QKV) if t in targets]
         for parts in spec.parts:
-            wanted = ([(parts.qkv, "qkv", True)] if qkv_index else []) + [
-                (getattr(parts, t), t, False) for t in ("proj", "fc1", "fc2") if t in targets
-            ]
+            if parts.qkv or not parts.q:  # fused (timm) or missing: one qkv wrapper with a slice per target
+                wanted = [(parts.qkv, "qkv", True)] if qkv_index else []
+            else:  # separate q/k/v projections (Hugging Face): one wrapper each
+                wanted = [(getattr(parts, t), t, False) for t in QKV if t in targets]
+            wanted += [(getattr(parts, t), t, False) for t in ("proj", "fc1", "fc2") if t in targets]
             for name, what, fused in wanted:
                 base = get_module(model, name) if name else None
                 if not isinstance(base, nn.Linear):

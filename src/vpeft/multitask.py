@@ -1,0 +1,655 @@
+"""Many tasks on one frozen backbone: a mixed batch whose samples belong to different tasks.
+
+:class:`MultiTaskModel` loads N task deltas (vpeft delta files, ``read_delta`` pairs or adapted models) onto
+**one** frozen backbone. The backbone's weights are shared, never copied: every module that some task adapts
+is wrapped once by a layer holding every task's (small) delta for it, and the classification head is replaced
+by one head per task (heads may have different numbers of classes). ``model(x, task_ids)`` runs one forward
+pass of the whole batch through the frozen weights; each sample gets its own task's low-rank update, adapter,
+scale-shift and head, and a task whose delta does not touch a module adds nothing there.
+
+Supported methods: ``linear`` (head only), ``lora`` (any targets, q/k/v slices of a fused ``qkv`` included,
+any rank), ``adapter`` (sequential, Pfeiffer or Houlsby), ``adaptformer`` (parallel) and ``ssf`` (per-channel
+scale and shift), in any mix of configurations; on timm / Hugging Face ViTs and timm Swin. Methods that change
+the token sequence (prompts, prefixes), the weights themselves (BitFit, partial or full tuning) or stack several
+methods (compose) are refused with a :class:`~vpeft.errors.ConfigError` naming them.
+
+Per-sample selection (``selection``):
+
+* ``"grouped"`` (default): the batch is sorted by task once at the input (one copy of the images), so the rows
+  of every task are one contiguous slice of every activation. A LoRA'd Linear computes each task group with
+  more rows than the layer has inputs as one GEMM with a temporary merged weight ``W + s B A`` (built per call,
+  one layer at a time, freed at once: the cost of a merged model, no persistent copy); other groups share GEMMs
+  with the frozen weight and get their low-rank term as two thin GEMMs. Adapters, SSF and heads run on each
+  task's slice. The outputs are put back in batch order at the end.
+* ``"gather"``: every layer stacks its tasks' deltas (zero-padded to the largest rank / width) and gathers one
+  copy per sample (``stack[task_of_sample]``), then applies them with batched matrix products (``bmm``).
+
+``benchmarks/bench_multitask.py`` times both (and grouping without the merged-weight GEMMs). On one CPU core
+(ViT-S/16, 4 tasks x 8 images, LoRA r=8 on q, v), one fused ``qkv`` layer costs 1.05x the frozen layer grouped,
+1.09x grouped without folding and 1.14x with ``gather`` (which copies weights per sample and pads the q/v
+slices to the full ``qkv`` width); an adapter 1.19x grouped vs 1.27x gathered.
+
+Samples are rows of the leading dimension; a layer that sees ``k * batch`` rows (Swin's windows) is read as
+``k`` consecutive rows per sample. Outside :meth:`MultiTaskModel.forward` the wrapped backbone computes its
+frozen function (no task applied). Inference only: the deltas are frozen and applied in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import api
+from ._modules import get_module, set_module
+from .arch import ArchSpec, get_spec, logits_of
+from .config import MethodConfig
+from .errors import CheckpointError, ConfigError, UnknownNameError, UnsupportedBackboneError, suggest
+from .layers import LoRALinear, ParallelAdapter, ScaleShift, SequentialAdapter, Wrapper
+from .layers.base import input_of, map_output
+from .registry import get_method
+
+__all__ = ["MultiTaskModel", "MultiTaskOutput", "SUPPORTED_METHODS", "SELECTIONS"]
+
+log = logging.getLogger(__name__)
+
+#: methods whose deltas can be selected per sample
+SUPPORTED_METHODS = ("linear", "lora", "adapter", "adaptformer", "ssf")
+#: ways of applying per-sample deltas (see the module docstring)
+SELECTIONS = ("grouped", "gather")
+_KINDS = ("vit", "swin")
+
+#: a task delta: a delta file, ``(metadata, tensors)`` as returned by :func:`vpeft.api.read_delta`, or a model
+#: adapted with :func:`vpeft.apply` (its current trainable tensors)
+DeltaSource = str | os.PathLike | tuple[Mapping[str, str], Mapping[str, torch.Tensor]] | nn.Module
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=False)
+
+
+# ---- routing: which rows of the current batch belong to which task ------------------------------------------
+class _Route:
+    """The task layout of the batch being run: sorted by task, ``counts[t]`` samples of task ``t``."""
+
+    def __init__(self, counts: list[int], sample_task: torch.Tensor) -> None:
+        self.batch, self.counts, self.sample_task = int(sample_task.numel()), counts, sample_task
+        self._ranges: dict[int, list[tuple[int, int, int]]] = {}
+        self._row_task: dict[int, torch.Tensor] = {}
+
+    def rows_per_sample(self, rows: int, where: str) -> int:
+        if self.batch == 0 or rows % self.batch:
+            raise UnsupportedBackboneError(
+                f"{where} sees a leading dimension of {rows} for a batch of {self.batch}; per-sample deltas need "
+                "every layer's rows to be whole samples (batch or batch x windows, sample-major)"
+            )
+        return rows // self.batch
+
+    def ranges(self, rows: int, where: str) -> list[tuple[int, int, int]]:
+        """``(task, start, stop)`` row ranges of the tasks present, for a layer seeing ``rows`` rows."""
+        if rows not in self._ranges:
+            k, start, out = self.rows_per_sample(rows, where), 0, []
+            for t, n in enumerate(self.counts):
+                if n:
+                    out.append((t, start * k, (start + n) * k))
+                start += n
+            self._ranges[rows] = out
+        return self._ranges[rows]
+
+    def row_task(self, rows: int, where: str) -> torch.Tensor:
+        """The task index of every row (``rows`` = k x batch)."""
+        if rows not in self._row_task:
+            k = self.rows_per_sample(rows, where)
+            self._row_task[rows] = self.sample_task if k == 1 else self.sample_task.repeat_interleave(k)
+        return self._row_task[rows]
+
+
+class _Router:
+    """Shared by the model and all its layers: the route of the forward pass in progress (None outside one)."""
+
+    route: _Route | None = None
+
+
+# ---- one task's delta on one module ---------------------------------------------------------------------------
+class _LoRAPart(nn.Module):
+    """LoRA on output slices of a Linear: ``y[:, slice_i] += (x A_i^T) (s B_i)^T`` (scale folded into B)."""
+
+    def __init__(self, layer: LoRALinear) -> None:
+        super().__init__()
+        self.r, self.slices = layer.r, [tuple(s) for s in layer.slices]
+        self.a = _frozen(torch.cat(list(layer.lora_A)))  # (k r, in)
+        self.b = nn.ParameterList(_frozen(b * layer.scaling) for b in layer.lora_B)  # (width_i, r)
+
+    def apply_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        t = torch.mm(x.reshape(-1, x.shape[-1]), self.a.t())
+        y2, r = y.view(-1, y.shape[-1]), self.r
+        for i, ((start, stop), b) in enumerate(zip(self.slices, self.b)):
+            y2[:, start:stop].addmm_(t[:, i * r : (i + 1) * r], b.t())
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """A temporary ``W + pad(s B A)``, written in one pass (``weight`` itself is not modified)."""
+        w, r, done = torch.empty_like(weight), self.r, 0
+        for i, ((start, stop), b) in sorted(enumerate(zip(self.slices, self.b)), key=lambda item: item[1][0]):
+            w[done:start].copy_(weight[done:start])
+            torch.addmm(weight[start:stop], b, self.a[i * r : (i + 1) * r], out=w[start:stop])
+            done = stop
+        w[done:].copy_(weight[done:])
+        return w
+
+
+class _BottleneckPart(nn.Module):
+    """An adapter: ``y += s up(act(down(src)))`` with ``src`` the layer's input (parallel) or output (sequential)."""
+
+    def __init__(self, layer: SequentialAdapter | ParallelAdapter) -> None:
+        super().__init__()
+        ad, s = layer.adapter, float(layer.scale)
+        self.on_input = isinstance(layer, ParallelAdapter)
+        self.down_w, self.down_b = _frozen(ad.down.weight), _frozen(ad.down.bias)
+        self.up_w, self.up_b = _frozen(ad.up.weight * s), _frozen(ad.up.bias * s)
+        self.act = ad.act
+
+    def apply_(self, x: torch.Tensor | None, y: torch.Tensor) -> None:
+        src = x if self.on_input else y
+        y.add_(F.linear(self.act(F.linear(src, self.down_w, self.down_b)), self.up_w, self.up_b))
+
+
+class _ScaleShiftPart(nn.Module):
+    """SSF: ``y = y * gamma + beta`` per output channel."""
+
+    def __init__(self, layer: ScaleShift) -> None:
+        super().__init__()
+        self.channel_dim = layer.channel_dim
+        self.scale, self.shift = _frozen(layer.scale), _frozen(layer.shift)
+
+    def apply_(self, x: torch.Tensor | None, y: torch.Tensor) -> None:
+        shape = [-1] + [1] * (y.ndim - 2) if self.channel_dim == 1 else [-1]
+        y.mul_(self.scale.view(shape)).add_(self.shift.view(shape))
+
+
+_PARTS: dict[type, type[nn.Module]] = {
+    LoRALinear: _LoRAPart,
+    SequentialAdapter: _BottleneckPart,
+    ParallelAdapter: _BottleneckPart,
+    ScaleShift: _ScaleShiftPart,
+}
+
+
+def _channel_view(t: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    """``(rows, C)`` per-row values viewed to broadcast over a ``(rows, ...)`` activation."""
+    if channel_dim == 1:
+        return t.view(t.shape[0], t.shape[1], *[1] * (ndim - 2))
+    return t.view(t.shape[0], *[1] * (ndim - 2), t.shape[1])
+
+
+class MultiTaskLayer(Wrapper):
+    """Wraps one frozen module and applies, to each sample, the delta of that sample's task for this module.
+
+    Args:
+        base_layer: the frozen module (shared, never copied).
+        where: its qualified name (for error messages).
+        parts: task index -> that task's delta here (tasks that do not adapt this module are absent).
+        num_tasks: number of tasks of the model.
+        router: the model's router (the task layout of the batch in flight).
+        selection: ``"grouped"`` or ``"gather"`` (see the module docstring).
+
+    ``fold`` (class attribute, read at construction): with ``"grouped"``, a LoRA'd Linear computes a task group
+    larger than its input width with a temporary merged weight (see :meth:`_grouped_linear`).
+    """
+
+    fold: bool = True
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        where: str,
+        parts: Mapping[int, nn.Module],
+        num_tasks: int,
+        router: _Router,
+        selection: str = "grouped",
+    ) -> None:
+        super().__init__(base_layer)
+        self.where, self.selection = where, selection
+        self.parts = nn.ModuleDict({str(t): p for t, p in sorted(parts.items())})
+        self.__dict__["_by_task"] = dict(parts)
+        self.__dict__["_router"] = router
+        self.needs_input = any(isinstance(p, _LoRAPart) or getattr(p, "on_input", False) for p in parts.values())
+        self._banks: list[tuple] = []
+        self._fold_lora = (
+            selection == "grouped"
+            and self.fold
+            and type(base_layer) is nn.Linear
+            and any(isinstance(p, _LoRAPart) for p in parts.values())
+        )
+        if selection == "gather":
+            self._build_banks(num_tasks)
+
+    # -- gather: per-layer stacks over tasks, zero (identity) where a task does not adapt the layer; the banks
+    # name their buffers (looked up per call, so .to() / .half() carry them along)
+    def _stack(self, name: str, shape: tuple[int, ...], fill: float = 0.0) -> str:
+        p = next(iter(self.parts.parameters()))
+        key = f"bank{len(self._buffers)}_{name}"
+        self.register_buffer(key, torch.full(shape, fill, device=p.device, dtype=p.dtype), persistent=False)
+        return key
+
+    @torch.no_grad()
+    def _build_banks(self, num_tasks: int) -> None:
+        by_kind: dict[tuple, dict[int, nn.Module]] = {}
+        for t, p in self._by_task.items():
+            key = (type(p), getattr(p, "on_input", None), type(getattr(p, "act", None)))
+            by_kind.setdefault(key, {})[t] = p
+        buf = self._buffers
+        for (kind, on_input, _), parts in by_kind.items():
+            first = next(iter(parts.values()))
+            if kind is _LoRAPart:
+                width = max(p.a.shape[0] for p in parts.values())
+                a = self._stack("lora_a", (num_tasks, width, first.a.shape[1]))
+                bt = self._stack("lora_bt", (num_tasks, width, self.base_layer.out_features))
+                for t, p in parts.items():
+                    buf[a][t, : p.a.shape[0]] = p.a
+                    for i, ((start, stop), b) in enumerate(zip(p.slices, p.b)):
+                        buf[bt][t, i * p.r : (i + 1) * p.r, start:stop] = b.t()
+                self._banks.append(("lora", a, bt))
+            elif kind is _BottleneckPart:
+                hidden, dim = max(p.down_w.shape[0] for p in parts.values()), first.down_w.shape[1]
+                dw, db = self._stack("down_w", (num_tasks, hidden, dim)), self._stack("down_b", (num_tasks, hidden))
+                uwt, ub = self._stack("up_wt", (num_tasks, hidden, dim)), self._stack("up_b", (num_tasks, dim))
+                for t, p in parts.items():
+                    h = p.down_w.shape[0]
+                    buf[dw][t, :h], buf[db][t, :h], buf[uwt][t, :h], buf[ub][t] = p.down_w, p.down_b, p.up_w.t(), p.up_b
+                self._banks.append(("bottleneck", on_input, first.act, dw, db, uwt, ub))
+            else:
+                channels = first.scale.shape[0]
+                scale = self._stack("scale", (num_tasks, channels), 1.0)
+                shift = self._stack("shift", (num_tasks, channels))
+                for t, p in parts.items():
+                    buf[scale][t], buf[shift][t] = p.scale, p.shift
+                self._banks.append(("scale_shift", first.channel_dim, scale, shift))
+
+    def forward(self, *args, **kwargs):
+        route = self._router.route
+        if route is not None and self._fold_lora:
+            x = input_of(self.base_layer, args, kwargs)
+            if not torch.is_autocast_enabled(x.device.type) and x.dtype == self.base_layer.weight.dtype:
+                return self._grouped_linear(route, x)
+        out = self.base_layer(*args, **kwargs)
+        if route is None:
+            return out
+        x = input_of(self.base_layer, args, kwargs) if self.needs_input else None
+        apply = self._gather if self.selection == "gather" else self._grouped
+        return map_output(out, lambda y: apply(route, x, y))
+
+    def _grouped(self, route: _Route, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        for t, start, stop in route.ranges(y.shape[0], self.where):
+            part = self._by_task.get(t)
+            if part is not None:
+                part.apply_(None if x is None else x[start:stop], y[start:stop])
+        return y
+
+    def _grouped_linear(self, route: _Route, x: torch.Tensor) -> torch.Tensor:
+        """A LoRA'd Linear, task group by task group: a group with more rows than the layer has inputs is one
+        GEMM with a temporary merged weight ``W + s B A`` (no pass over the activations for the low-rank term,
+        as a merged model); other groups share GEMMs with the frozen ``W`` and then get their deltas."""
+        base, rows = self.base_layer, x.shape[0]
+        weight, bias = base.weight, base.bias
+        x2 = x.reshape(-1, weight.shape[1])
+        y2 = x2.new_empty(x2.shape[0], weight.shape[0])
+        k = x2.shape[0] // rows if rows else 1
+        segments: list[list] = []  # [start, stop, merged weight or None], adjacent frozen-W groups joined
+        for t, start, stop in route.ranges(rows, self.where):
+            part = self._by_task.get(t)
+            merged = part.merged(weight) if isinstance(part, _LoRAPart) and (stop - start) * k > x2.shape[1] else None
+            if merged is None and segments and segments[-1][2] is None and segments[-1][1] == start:
+                segments[-1][1] = stop
+            else:
+                segments.append([start, stop, merged])
+        for start, stop, merged in segments:
+            w = weight if merged is None else merged
+            out = y2[start * k : stop * k]
+            if bias is None:
+                torch.mm(x2[start * k : stop * k], w.t(), out=out)
+            else:
+                torch.addmm(bias, x2[start * k : stop * k], w.t(), out=out)
+        y = y2.view(*x.shape[:-1], weight.shape[0])
+        for t, start, stop in route.ranges(rows, self.where):
+            part = self._by_task.get(t)
+            folded = isinstance(part, _LoRAPart) and (stop - start) * k > x2.shape[1]
+            if part is not None and not folded:
+                part.apply_(x[start:stop], y[start:stop])
+        return y
+
+    def _gather(self, route: _Route, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        rows, buf = y.shape[0], self._buffers
+        task = route.row_task(rows, self.where)
+        y3 = y.view(rows, -1, y.shape[-1])
+        for bank in self._banks:
+            if bank[0] == "lora":
+                a, bt = buf[bank[1]], buf[bank[2]]
+                t = torch.bmm(x.reshape(rows, -1, x.shape[-1]), a[task].transpose(1, 2))
+                y3.baddbmm_(t, bt[task])
+            elif bank[0] == "bottleneck":
+                on_input, act = bank[1], bank[2]
+                dw, db, uwt, ub = (buf[k] for k in bank[3:])
+                src = (x if on_input else y).reshape(rows, -1, dw.shape[-1])
+                h = act(torch.baddbmm(db[task].unsqueeze(1), src, dw[task].transpose(1, 2)))
+                y3.add_(torch.baddbmm(ub[task].unsqueeze(1), h, uwt[task]))
+            else:
+                channel_dim, scale, shift = bank[1], buf[bank[2]][task], buf[bank[3]][task]
+                y.mul_(_channel_view(scale, y.ndim, channel_dim)).add_(_channel_view(shift, y.ndim, channel_dim))
+        return y
+
+    def extra_repr(self) -> str:
+        kinds = {t: type(p).__name__.strip("_").removesuffix("Part") for t, p in self._by_task.items()}
+        return f"{self.where}: tasks {kinds}, selection={self.selection}"
+
+
+class _Head(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.bias = None if bias is None else _frozen(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+# ---- reading deltas -------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _TaskDelta:
+    name: str
+    config: MethodConfig
+    parts: dict[str, nn.Module]
+    head: nn.Module
+
+
+def _read_source(task: str, source: DeltaSource) -> tuple[Mapping[str, str], Mapping[str, torch.Tensor], str]:
+    """``(metadata, tensors, description)`` of one task's delta."""
+    if isinstance(source, (str, os.PathLike)):
+        meta, tensors = api.read_delta(source)
+        return meta, tensors, repr(str(source))
+    if isinstance(source, nn.Module):
+        state = api._state(source)
+        if state.merged is not None:
+            raise CheckpointError(f"task {task!r}: the model is merged; unmerge it (or pass its delta file)")
+        meta = {"config": state.config.to_json(), "backbone": state.backbone, "fingerprint": state.fingerprint}
+        return meta, api._delta_tensors(source, state), f"task {task!r} (adapted {type(source).__name__})"
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], Mapping):
+        meta, tensors = source
+        missing = [k for k in ("config", "backbone", "fingerprint") if k not in meta]
+        if missing:
+            raise CheckpointError(f"task {task!r}: delta metadata lacks {missing}; use vpeft.api.read_delta output")
+        return meta, tensors, f"task {task!r}"
+    raise ConfigError(
+        f"task {task!r}: a delta must be a file path, a (metadata, tensors) pair from vpeft.api.read_delta or an "
+        f"adapted model, got {type(source).__name__}"
+    )
+
+
+def _harvest(backbone: nn.Module, spec, cfg: MethodConfig, tensors: Mapping[str, torch.Tensor], where: str):
+    """Inject ``cfg``'s method into the clean ``backbone``, fill it from ``tensors``, keep the per-module deltas
+    and take the wrappers out again (the backbone ends as it started). Returns ``(parts, body_keys)``."""
+    method = get_method(cfg.method)(cfg)
+    method.check(backbone, spec)
+    try:
+        method.inject(backbone, spec)
+        wrappers = [(n, m) for n, m in backbone.named_modules() if isinstance(m, Wrapper)]
+        expected = {f"{n}.{pn}": p for n, w in wrappers for pn, p in w.delta_parameters()}
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"delta {where} does not fit its method: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        with torch.no_grad():
+            for n, p in expected.items():
+                if p.shape != tensors[n].shape:
+                    raise CheckpointError(
+                        f"delta {where}: {n} has shape {tuple(tensors[n].shape)}, the method expects {tuple(p.shape)}"
+                    )
+                p.copy_(tensors[n])
+        parts = {}
+        for n, w in wrappers:
+            kind = _PARTS.get(type(w))
+            if kind is None:  # pragma: no cover - every supported method injects only the wrappers above
+                raise ConfigError(f"{cfg.method}: {type(w).__name__} at {n} has no per-sample form")
+            parts[n] = kind(w)
+        return parts
+    finally:
+        for n, m in reversed(list(backbone.named_modules())):
+            if isinstance(m, Wrapper):
+                set_module(backbone, n, m.base_layer)
+
+
+# ---- the model ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MultiTaskOutput:
+    """Logits of a mixed batch, grouped by task.
+
+    Attributes:
+        logits: task -> ``(n_task, num_classes_task)`` logits of that task's samples, in batch order; every
+            task of the model is present (``(0, C)`` when the batch has no sample of it).
+        index: task -> ``(n_task,)`` LongTensor: the batch positions of those rows.
+        batch_size: number of samples in the batch.
+    """
+
+    logits: dict[str, torch.Tensor]
+    index: dict[str, torch.Tensor]
+    batch_size: int
+
+    def per_sample(self) -> list[torch.Tensor]:
+        """One 1-D logits tensor per sample, in batch order (lengths differ when the tasks' classes do)."""
+        out: list[torch.Tensor | None] = [None] * self.batch_size
+        for task, rows in self.logits.items():
+            for i, row in zip(self.index[task].tolist(), rows):
+                out[i] = row
+        return out  # type: ignore[return-value]
+
+
+class MultiTaskModel(nn.Module):
+    """N task deltas on one shared frozen backbone; ``forward(x, task_ids)`` runs a mixed batch.
+
+    Build it with :meth:`from_deltas`. The backbone is modified in place (wrapped layers, per-task heads
+    instead of its own head); :meth:`unload` gives it back unchanged.
+
+    Attributes:
+        tasks: task names; a task's id is its position here.
+        num_classes: task -> number of logits (the feature width for a delta without a head).
+        selection: ``"grouped"`` or ``"gather"``.
+        backbone: the shared backbone.
+        heads: one head per task (``nn.Identity`` for a delta trained without one).
+    """
+
+    def __init__(self, backbone: nn.Module, deltas: Sequence[_TaskDelta], selection: str, spec: ArchSpec) -> None:
+        super().__init__()
+        self.tasks = tuple(d.name for d in deltas)
+        self.selection = selection
+        self._index = {name: i for i, name in enumerate(self.tasks)}
+        self.__dict__["_router"] = _Router()
+        self.backbone = backbone
+        by_module: dict[str, dict[int, nn.Module]] = {}
+        for t, d in enumerate(deltas):
+            for name, part in d.parts.items():
+                by_module.setdefault(name, {})[t] = part
+        # innermost first: a name then always resolves through unwrapped parents (mlp.fc1 before mlp)
+        for name in sorted(by_module, key=lambda n: -n.count(".")):
+            layer = MultiTaskLayer(
+                get_module(backbone, name), name, by_module[name], len(deltas), self._router, selection
+            )
+            set_module(backbone, name, layer)
+        # the backbone's own head is set aside (kept for unload, not a sub-module): the backbone yields features
+        self.__dict__["_head"] = (spec.head, get_module(backbone, spec.head) if spec.head else None)
+        if spec.head:
+            set_module(backbone, spec.head, nn.Identity())
+        self.heads = nn.ModuleList(d.head for d in deltas)
+        self.num_classes = {
+            d.name: int(d.head.weight.shape[0]) if isinstance(d.head, _Head) else spec.embed_dim for d in deltas
+        }
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_deltas(
+        cls, backbone: nn.Module, deltas: Mapping[str, DeltaSource], *, selection: str = "grouped"
+    ) -> MultiTaskModel:
+        """Load task deltas onto one frozen backbone without copying its weights.
+
+        Args:
+            backbone: the frozen backbone every delta was trained from (plain, no method applied); its head
+                (any number of classes) is set aside: each task brings its own.
+            deltas: task name -> a delta file path, a ``(metadata, tensors)`` pair from
+                :func:`vpeft.api.read_delta`, or a model adapted with :func:`vpeft.apply`. Methods from
+                :data:`SUPPORTED_METHODS`, any configurations (ranks, targets, bottlenecks) mixed.
+            selection: how per-sample deltas are applied: ``"grouped"`` (default, fastest on CPU) or
+                ``"gather"``; see the module docstring.
+
+        Returns:
+            The model, in eval mode, every parameter frozen.
+
+        Raises:
+            ConfigError: no deltas, an unsupported method, an unknown ``selection``, or an adapted backbone.
+            CheckpointError: a delta of another backbone (name or fingerprint), or tensors that do not fit.
+            UnsupportedBackboneError: a backbone kind other than ViT / Swin.
+        """
+        if selection not in SELECTIONS:
+            raise ConfigError(f"selection={selection!r} is invalid; valid options: {', '.join(SELECTIONS)}")
+        if not deltas:
+            raise ConfigError("deltas is empty; pass {task name: delta file (or delta)} for at least one task")
+        if api.is_adapted(backbone) or any(isinstance(m, Wrapper) for m in backbone.modules()):
+            raise ConfigError(
+                "the backbone already holds vpeft wrappers (a method applied, or another MultiTaskModel); "
+                "pass the plain frozen backbone"
+            )
+        spec = get_spec(backbone)
+        if spec.kind not in _KINDS:
+            raise UnsupportedBackboneError(
+                f"MultiTaskModel supports {'/'.join(_KINDS)} backbones, not {spec.family} ({spec.kind}): per-sample "
+                "deltas need layers whose rows are samples (tokens), and CNN LoRA is convolutional"
+            )
+        head_names = tuple(api._head_names(backbone, spec))
+        name, print_ = api.backbone_name(backbone), api.fingerprint(backbone, exclude=head_names)
+        head_module = get_module(backbone, spec.head) if spec.head else None
+        feature_dim = head_module.in_features if isinstance(head_module, nn.Linear) else None
+        loaded = []
+        for task, source in deltas.items():
+            if not isinstance(task, str) or not task:
+                raise ConfigError(f"task names must be non-empty strings, got {task!r}")
+            meta, tensors, where = _read_source(task, source)
+            if meta["backbone"] != name:
+                raise CheckpointError(f"delta {where} was trained on backbone {meta['backbone']!r}, not {name!r}")
+            if meta["fingerprint"] != print_:
+                raise CheckpointError(
+                    f"delta {where} belongs to other weights of {name!r} (fingerprint {meta['fingerprint']}, "
+                    f"backbone {print_}); load it onto the backbone it was trained from"
+                )
+            cfg = MethodConfig.from_json(meta["config"])
+            if cfg.method not in SUPPORTED_METHODS:
+                raise ConfigError(
+                    f"task {task!r}: method {cfg.method!r} cannot be selected per sample; supported methods: "
+                    f"{', '.join(SUPPORTED_METHODS)}"
+                )
+            prefix = spec.head + "." if spec.head else None
+            head = {k[len(prefix) :]: v for k, v in tensors.items() if prefix and k.startswith(prefix)}
+            body = {k: v for k, v in tensors.items() if not (prefix and k.startswith(prefix))}
+            parts = _harvest(backbone, spec, cfg, body, where)
+            loaded.append(
+                _TaskDelta(task, cfg, parts, _make_head(head, feature_dim, where, next(backbone.parameters())))
+            )
+            log.info("task %s: %s on %d modules", task, cfg.method, len(parts))
+        return cls(backbone, loaded, selection, spec)
+
+    def task_index(self, task_ids: torch.Tensor | Sequence[str | int], batch: int) -> torch.Tensor:
+        """The task id of every sample as a CPU LongTensor; validates names, range and length."""
+        if isinstance(task_ids, torch.Tensor):
+            if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool or task_ids.ndim != 1:
+                raise ConfigError(
+                    f"task_ids must be a 1-D integer tensor, got {task_ids.dtype} {tuple(task_ids.shape)}"
+                )
+            ids = task_ids.to("cpu", torch.long)
+        else:
+            values = []
+            for t in task_ids:
+                if isinstance(t, str):
+                    if t not in self._index:
+                        raise UnknownNameError(suggest(t, self.tasks, "task"))
+                    values.append(self._index[t])
+                else:
+                    values.append(int(t))
+            ids = torch.tensor(values, dtype=torch.long)
+        if ids.numel() != batch:
+            raise ConfigError(f"task_ids has {ids.numel()} entries for a batch of {batch}; give one per sample")
+        bad = ids[(ids < 0) | (ids >= len(self.tasks))]
+        if bad.numel():
+            valid = ", ".join(f"{i}={n}" for i, n in enumerate(self.tasks))
+            raise ConfigError(f"task id {int(bad[0])} is out of range; valid ids: {valid}")
+        return ids
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | Sequence[str | int]) -> MultiTaskOutput:
+        """Run a mixed batch: sample ``i`` gets the delta and head of task ``task_ids[i]``.
+
+        Args:
+            x: the input batch (what the backbone takes).
+            task_ids: one task per sample: a LongTensor of task ids, or a list of task names (or ids).
+
+        Returns:
+            A :class:`MultiTaskOutput`: logits per task (with the batch positions they belong to);
+            ``.per_sample()`` gives one logits vector per sample in batch order.
+        """
+        if "_unloaded" in self.__dict__:
+            raise ConfigError("this MultiTaskModel was unloaded; build a new one with MultiTaskModel.from_deltas")
+        batch = x.shape[0]
+        ids = self.task_index(task_ids, batch)
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids, minlength=len(self.tasks)).tolist()
+        in_order = bool(torch.equal(order, torch.arange(batch)))
+        xs = x if in_order else x.index_select(0, order.to(x.device))
+        self._router.route = _Route(counts, ids[order].to(x.device))
+        try:
+            feats = logits_of(self.backbone(xs))
+        finally:
+            self._router.route = None
+        logits, index, start = {}, {}, 0
+        for t, (task, n) in enumerate(zip(self.tasks, counts)):
+            logits[task] = self.heads[t](feats[start : start + n])
+            index[task] = order[start : start + n]
+            start += n
+        return MultiTaskOutput(logits, index, batch)
+
+    def unload(self) -> nn.Module:
+        """Take every multi-task layer out and put the original head back; returns the plain backbone."""
+        for name, m in reversed(list(self.backbone.named_modules())):
+            if isinstance(m, MultiTaskLayer):
+                set_module(self.backbone, name, m.base_layer)
+        head_name, head = self._head
+        if head_name:
+            set_module(self.backbone, head_name, head)
+        self.__dict__["_unloaded"] = True
+        return self.backbone
+
+    def delta_parameters(self) -> list[nn.Parameter]:
+        """The tasks' own tensors (per-module deltas and heads), not the shared backbone's."""
+        return [p for m in self.modules() if isinstance(m, MultiTaskLayer) for p in m.parts.parameters()] + list(
+            self.heads.parameters()
+        )
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self.tasks)}, selection={self.selection}"
+
+
+def _make_head(head: Mapping[str, torch.Tensor], feature_dim: int | None, where: str, like: torch.Tensor) -> nn.Module:
+    """A task's head from its delta's head tensors (``nn.Identity`` when the delta has none)."""
+    if not head:
+        return nn.Identity()
+    if set(head) - {"weight", "bias"} or "weight" not in head or head["weight"].ndim != 2:
+        raise UnsupportedBackboneError(
+            f"delta {where}: the head holds {sorted(head)}; per-task heads must be Linear (weight, bias)"
+        )
+    weight, bias = head["weight"], head.get("bias")
+    if feature_dim is not None and weight.shape[1] != feature_dim:
+        raise CheckpointError(
+            f"delta {where}: its head reads {weight.shape[1]} features, the backbone gives {feature_dim}"
+        )
+    weight = weight.to(device=like.device, dtype=like.dtype)
+    return _Head(weight, None if bias is None else bias.to(device=like.device, dtype=like.dtype))
