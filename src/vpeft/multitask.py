@@ -54,7 +54,7 @@ from .layers import LoRALinear, ParallelAdapter, ScaleShift, SequentialAdapter, 
 from .layers.base import input_of, map_output
 from .registry import get_method
 
-__all__ = ["MultiTaskModel", "MultiTaskOutput", "SUPPORTED_METHODS", "SELECTIONS"]
+__all__ = ["MultiTaskModel", "MultiTaskOutput", "MultiTaskLayer", "SUPPORTED_METHODS", "SELECTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,9 @@ class _Route:
         self._row_task: dict[int, torch.Tensor] = {}
 
     def rows_per_sample(self, rows: int, where: str) -> int:
-        if self.batch == 0 or rows % self.batch:
+        if self.batch == 0:  # an empty batch: nothing to select
+            return 1
+        if rows % self.batch:
             raise UnsupportedBackboneError(
                 f"{where} sees a leading dimension of {rows} for a batch of {self.batch}; per-sample deltas need "
                 "every layer's rows to be whole samples (batch or batch x windows, sample-major)"
