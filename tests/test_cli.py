@@ -137,3 +137,13 @@ def test_compose_from_the_command_line(data_root, tmp_path):
 def test_compose_option_must_name_its_method(data_root, tmp_path, capsys):
     assert _train(data_root, tmp_path / "o", "--method", "lora+vpt_deep", "--opt", "r=2") == 2
     assert "must name its method when composing" in capsys.readouterr().err
+
+
+def test_train_is_reproducible_from_its_seed(data_root, tmp_path):
+    """The head and the method's parameters are drawn from --seed: two runs give identical deltas."""
+    runs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for out, seed in zip(runs, (0, 0, 1)):
+        assert _train(data_root, out, "--method", "lora", "--seed", str(seed)) == 0
+    a, b, c = (load_file(out / "delta.safetensors") for out in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a), "another seed gives another run"

@@ -31,7 +31,7 @@ from .data import (
     ensure_digits_task,
 )
 from .errors import DataError
-from .train import TrainConfig, evaluate, train
+from .train import TrainConfig, evaluate, set_seed, train
 from .train.distributed import main_first, session
 from .train.metrics import write_json_atomic
 
@@ -167,8 +167,9 @@ def finetune(
         device = ctx.device if ctx is not None else device
         with main_first(ctx):  # rank 0 alone exports generated data and converts weights into the caches
             t = open_task(data_root, task)
+            set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
             model = build_backbone(backbone, t.num_classes, img_size, pretrained)
-        rep = apply(model, method)
+            rep = apply(model, method)
         size = _input_size(model, img_size)
         tf = build_transform(model, input_size=size)
         train_ds, eval_ds = t.dataset(train_split, tf), t.dataset(eval_split, tf)
