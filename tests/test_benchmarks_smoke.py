@@ -16,6 +16,7 @@ SCRIPTS = {
     "bench_merge.py": ["| plain backbone |", "| lora |", "| vpt_deep |", "mergeable methods within 1 %"],
     "bench_options.py": ["| vit | lora | baseline |", "| cnn | bitfit | channels_last |", "| checkpointing |"],
     "bench_cache.py": ["| linear probe | pre_logits |", "| partial-1 | 1 |", "cheaper with the cache"],
+    "bench_multitask.py": ["| multi-task, grouped |", "| N separate models |", "| mixed |", "vs 4 separate models"],
 }
 
 
