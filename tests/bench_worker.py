@@ -1,4 +1,5 @@
-"""A worker entry point for the process-pool test of vpeft bench (kept light: the crashing worker imports nothing)."""
+"""Worker entry points for the process-pool and Ray tests of vpeft bench (kept light: the crashing and hanging workers
+import nothing of vpeft)."""
 
 from __future__ import annotations
 
@@ -12,3 +13,42 @@ def crash_or_run(spec: dict, out_dir: str, threads: int, verbose: bool) -> None:
     from vpeft.bench.runner import _worker_main
 
     _worker_main(spec, out_dir, threads, verbose)
+
+
+def hang_or_run(spec: dict, out_dir: str, threads: int, verbose: bool) -> None:
+    """The run labelled 'hang' never ends and shrugs off SIGTERM, like a wedged run, and so does the child process it
+    starts (a stand-in for a data-loader worker; it writes its pid to ``child.pid``); any other run starts such a
+    child too, publishes the record the test prepared for it (a fast successful run) and exits, leaving the child
+    behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    os.setpgrp()  # as vpeft's own worker entry point does
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if spec["method_label"] == "hang":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the child
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(out_dir, "child.pid").write_text(str(child.pid))
+    if spec["method_label"] != "hang":  # finishes, leaving its child behind
+        os.replace(Path(out_dir, "prepared.json"), Path(out_dir, "record.json"))
+        return
+    with open(Path(out_dir) / "log.txt", "w") as log:
+        log.write("waiting for a data loader that never answers\n")
+    time.sleep(600)
+
+
+def hang_or_run_ray(spec: dict, out_dir: str, threads: int, started=None) -> dict:
+    """Ray task body: the run labelled 'hang' reports its start and never ends; any other run returns the record the
+    test prepared for it."""
+    import json
+    import time
+    from pathlib import Path
+
+    if spec["method_label"] != "hang":
+        return json.loads(Path(out_dir, "prepared.json").read_text())
+    started.put_nowait(f"{spec['method_label']}/{spec['task']}/seed{spec['seed']}")
+    time.sleep(600)
+    return {}

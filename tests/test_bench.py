@@ -13,19 +13,22 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from bench_worker import crash_or_run
+from bench_worker import crash_or_run, hang_or_run, hang_or_run_ray
 from PIL import Image
 
 import vpeft.run
 from vpeft.bench import build_leaderboard, load_definition, parse_definition, render_markdown, run_bench, write_report
+from vpeft.bench.definition import check_run_timeout
 from vpeft.bench.records import load_records, read_record, record_path, run_dir, write_record
-from vpeft.bench.runner import Progress, _run_pool, default_parallelism
+from vpeft.bench.runner import Deadlines, Progress, _run_pool, default_parallelism, plan_runs
 from vpeft.cli import main
 from vpeft.data.dsprites import DSPRITES_TASKS, FACTOR_SIZES, ensure_dsprites_task
 from vpeft.errors import ConfigError, DataError
@@ -143,6 +146,8 @@ def test_yaml_exponent_floats_and_grid(tmp_path):
         ({"train": {"epochs": 0}}, "definition.train: TrainConfig.epochs must be"),
         ({"train": {"epoch": 3}}, "unknown training option 'epoch'. Did you mean 'epochs'"),
         ({"img_size": "big"}, "definition.img_size: expected an int"),
+        ({"run_timeout_s": 0}, "definition.run_timeout_s: expected a number of seconds > 0"),
+        ({"run_timeout_s": "10m"}, "definition.run_timeout_s: expected a number of seconds > 0"),
     ],
 )
 def test_definition_errors_name_the_place(change, message):
@@ -301,6 +306,95 @@ def test_process_pool_survives_a_dying_worker(tmp_path, data_root):
     assert "FAILED crash/tiny/seed0" in log and "[bench 2/2] done 1 | running 0 | failed 1" in log
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by whoever adopted it, counts as dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _prepare_ok_record(out: Path, spec) -> None:
+    """What a successful run would record, for a fake worker to publish (a real run takes longer than the limit)."""
+    rec = {"run_id": spec.run_id, "method": spec.method_label, "task": spec.task, "seed": spec.seed, "status": "ok"}
+    write_record(run_dir(out, spec.method_label, spec.task, spec.seed) / "prepared.json",
+                 {**rec, "fingerprint": spec.fingerprint(), "top1": 0.5})  # fmt: skip
+
+
+def test_process_pool_stops_a_run_past_its_time_limit(tmp_path, data_root):
+    """A run that hangs (ignoring SIGTERM, with a child that does too) is killed at the limit with its child and
+    recorded as failed; its sibling, running alongside, finishes; a re-run retries only the timed-out run."""
+    methods = [{"name": "linear", "label": "hang"}, {"name": "linear"}]
+    d = parse_definition(_definition(data_root, methods=methods))
+    out, stream = tmp_path / "out", io.StringIO()
+    _prepare_ok_record(out, d.runs()[1])
+    records = _run_pool(
+        d.runs(), out, 2, 1, Progress(2, 2, stream), False, target=hang_or_run, run_timeout_s=3, kill_grace_s=1
+    )
+    assert {r["method"]: r["status"] for r in records} == {"hang": "failed", "linear": "ok"}
+    hung = read_record(record_path(out, "hang", "tiny", 0))
+    assert re.fullmatch(r"RunTimeout: timed out after \d+ s \(limit --run-timeout 3\)", hung["error"]), hung["error"]
+    assert hung["timed_out"] and hung["run_timeout_s"] == 3 and hung["fingerprint"] == d.runs()[0].fingerprint()
+    assert "a data loader that never answers" in hung["log_tail"]
+    children = [int((run_dir(out, m, "tiny", 0) / "child.pid").read_text()) for m in ("hang", "linear")]
+    deadline = time.monotonic() + 10
+    while any(map(_alive, children)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [_alive(pid) for pid in children]
+    for pid in (pid for pid, a in zip(children, alive) if a):  # don't leave them running if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive[0], "the run's child process (a data-loader worker) is killed with it"
+    assert not alive[1], "a child left behind by a finished worker is killed too"
+    log = stream.getvalue()
+    assert "FAILED hang/tiny/seed0: RunTimeout: timed out after" in log
+    assert "[bench 2/2] done 1 | running 0 | failed 1" in log
+    todo, done = plan_runs(d.runs(), out)
+    assert [s.run_id for s in todo] == ["hang/tiny/seed0"] and len(done) == 1, "a re-run retries the timed-out run"
+
+
+def test_deadlines_bookkeeping():
+    now = [100.0]
+    dl = Deadlines(10.0, clock=lambda: now[0])
+    assert dl.wait_s(30.0) == 30.0 and dl.overdue() == []
+    dl.start("a")
+    now[0] = 104.0
+    dl.start("b")
+    assert dl.wait_s(30.0) == pytest.approx(6.0) and dl.wait_s(2.0) == 2.0
+    now[0] = 110.5
+    assert dl.overdue() == ["a"] and dl.wait_s(30.0) == 0.0
+    assert dl.stop("a") == pytest.approx(10.5) and dl.stop("a") == 0.0
+    assert dl.wait_s(30.0) == pytest.approx(3.5)
+    now[0] = 200.0
+    assert dl.overdue() == ["b"]
+    unlimited = Deadlines(None, clock=lambda: now[0])
+    unlimited.start("a")
+    now[0] = 1e9
+    assert unlimited.overdue() == [] and unlimited.wait_s(30.0) == 30.0
+
+
+@pytest.mark.parametrize("value", [0, -1, -0.5, "0", "abc", "", "nan", "inf", float("inf"), True, [5]])
+def test_run_timeout_rejects_bad_values(value):
+    with pytest.raises(ConfigError, match=r"--run-timeout: expected a number of seconds > 0 .*got"):
+        check_run_timeout(value, "--run-timeout")
+
+
+def test_run_timeout_values_and_definition_field(tmp_path, data_root):
+    assert check_run_timeout(None) is None and check_run_timeout("2.5") == 2.5 and check_run_timeout(600) == 600.0
+    path = tmp_path / "d.yaml"
+    path.write_text(
+        "name: t\nbackbone: test_vit\nrun_timeout_s: 900\ntasks: [{name: a, group: natural}]\nmethods: [lora]\n"
+    )
+    d = load_definition(path)
+    assert d.run_timeout_s == 900.0 and d.to_dict()["run_timeout_s"] == 900.0
+    assert load_definition(ROOT / "experiments" / "mini.yaml").run_timeout_s is None, "default: no limit"
+    inline = parse_definition(_definition(data_root))
+    with pytest.raises(ConfigError, match="--run-timeout 5 needs worker processes: with --workers 0"):
+        run_bench(inline, tmp_path / "out", workers=0, run_timeout_s=5, progress=False)
+    with pytest.raises(ConfigError, match="--run-timeout: expected a number of seconds > 0"):
+        run_bench(inline, tmp_path / "out", workers=1, run_timeout_s=-3, progress=False)
+    assert not (tmp_path / "out").exists(), "bad options are refused before anything is written"
+
+
 @pytest.mark.slow
 def test_ray_backend_runs_each_run_as_a_ray_task(tmp_path, data_root):
     pytest.importorskip("ray", reason="Ray is not installed (pip install ray)")
@@ -314,6 +408,29 @@ def test_ray_backend_runs_each_run_as_a_ray_task(tmp_path, data_root):
     assert (run_dir(out, "linear", "tiny", 0) / "delta.safetensors").is_file()
     again = run_bench(d, out, methods=["linear"], backend="ray", workers=1, threads=1, progress=False)
     assert (again.skipped, again.ok) == (1, 0), "finished runs are skipped on Ray too (Ray is not even started)"
+
+
+@pytest.mark.slow
+def test_ray_backend_cancels_a_run_past_its_time_limit(tmp_path, data_root):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray)")
+    import bench_worker
+
+    from vpeft.bench.ray_backend import run_ray
+
+    methods = [{"name": "linear", "label": "hang"}, {"name": "linear"}]
+    d = parse_definition(_definition(data_root, methods=methods))
+    out, stream = tmp_path / "out", io.StringIO()
+    _prepare_ok_record(out, d.runs()[1])
+    ray.cloudpickle.register_pickle_by_value(bench_worker)  # the Ray workers cannot import the tests folder
+    try:
+        records = run_ray(d.runs(), out, None, 2, 1, Progress(2, 2, stream), run_timeout_s=3, task=hang_or_run_ray)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(bench_worker)
+    assert {r["method"]: r["status"] for r in records} == {"hang": "failed", "linear": "ok"}
+    hung = read_record(record_path(out, "hang", "tiny", 0))
+    assert re.fullmatch(r"RunTimeout: timed out after \d+ s \(limit --run-timeout 3\)", hung["error"]), hung["error"]
+    assert read_record(record_path(out, "linear", "tiny", 0))["status"] == "ok"
+    assert "[bench 2/2] done 1 | running 0 | failed 1" in stream.getvalue()
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
@@ -444,6 +561,18 @@ def test_cli_bench_then_report(tmp_path, data_root, capsys):
     assert "| linear |" in capsys.readouterr().out
 
 
+def test_cli_run_timeout_from_the_definition_and_the_command_line(tmp_path, data_root, capsys, caplog):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(_definition(data_root, run_timeout_s=600)))
+    out = tmp_path / "out"
+    assert main(["bench", str(path), "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    assert "run_timeout_s (600 s) is not enforced with workers=0" in caplog.text, "in-process: a warning only"
+    assert json.loads((out / "definition.json").read_text())["run_timeout_s"] == 600
+    assert main(["bench", str(path), "--out", str(out), "--workers", "1", "--run-timeout", "30", "--quiet"]) == 0
+    assert "0 ok, 0 failed, 1 already done" in capsys.readouterr().out
+    assert json.loads((out / "definition.json").read_text())["run_timeout_s"] == 30, "the command line overrides"
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -452,6 +581,10 @@ def test_cli_bench_then_report(tmp_path, data_root, capsys):
         (["{def}", "--tasks", "nope"], "unknown task 'nope'"),
         (["{def}", "--seeds", "x"], "--seeds must be comma-separated integers"),
         (["{def}", "--data-root", "{tmp}"], "task folder(s) not found: tiny (looked in"),
+        (["{def}", "--run-timeout", "0"], "--run-timeout: expected a number of seconds > 0 (a per-run wall-clock"),
+        (["{def}", "--run-timeout", "-5"], "--run-timeout: expected a number of seconds > 0"),
+        (["{def}", "--run-timeout", "10m"], "--run-timeout: expected a number of seconds > 0"),
+        (["{def}", "--run-timeout", "60", "--workers", "0"], "--run-timeout 60 needs worker processes"),
     ],
 )
 def test_cli_bench_bad_input(tmp_path, data_root, capsys, args, message):

@@ -25,7 +25,9 @@ def _seeds(value: str | None) -> list[int] | None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from vpeft.bench import load_definition, run_bench, write_report
+    from vpeft.bench.definition import check_run_timeout
 
+    run_timeout_s = check_run_timeout(args.run_timeout, "--run-timeout")
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     if args.threads is not None and args.threads < 1:
@@ -48,6 +50,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ray_address=args.ray or None,
         progress=not args.quiet,
         verbose=args.verbose,
+        run_timeout_s=run_timeout_s,
     )
     print(
         f"vpeft bench {definition.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done "
@@ -86,6 +89,13 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default=None, metavar="SEED,...", help="run only these seeds")
     p.add_argument("--data-root", default=None, help="folder of task folders (overrides the definition's)")
     p.add_argument("--device", default=None, help="override the definition's device (cpu, cuda, cuda:1)")
+    p.add_argument(
+        "--run-timeout",
+        default=None,
+        metavar="SECONDS",
+        help="wall-clock limit per run: a run past it is killed (with its child processes) and recorded as failed; "
+        "overrides the definition's run_timeout_s (default: no limit; needs --workers >= 1 or --ray)",
+    )
     p.add_argument(
         "--ray",
         nargs="?",

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,7 @@ __all__ = [
     "LatencySpec",
     "BenchDefinition",
     "RunSpec",
+    "check_run_timeout",
     "load_definition",
     "parse_definition",
 ]
@@ -221,6 +223,7 @@ class BenchDefinition:
     generated_root: str | None = None
     device: str = "cpu"
     latency: LatencySpec = field(default_factory=LatencySpec)
+    run_timeout_s: float | None = None
     description: str = ""
     source: str | None = None
 
@@ -331,7 +334,7 @@ class RunSpec:
 # ---- parsing ------------------------------------------------------------------------------------------------------
 _TOP_KEYS = (
     "name", "description", "backbone", "img_size", "pretrained", "seeds", "train", "tasks", "methods",
-    "data_root", "generated_root", "device", "latency",
+    "data_root", "generated_root", "device", "latency", "run_timeout_s",
 )  # fmt: skip
 
 
@@ -421,10 +424,34 @@ def parse_definition(data: Any, base: str | os.PathLike = ".", where: str = "def
         train=train,
         device=device,
         latency=LatencySpec.parse(data.get("latency"), f"{where}.latency"),
+        run_timeout_s=check_run_timeout(data.get("run_timeout_s"), f"{where}.run_timeout_s"),
         description=description.strip(),
         source=where,
         **roots,
     )
+
+
+def check_run_timeout(value: Any, where: str = "run_timeout_s") -> float | None:
+    """A per-run wall-clock limit in seconds: ``None`` (no limit) or a finite number > 0.
+
+    Args:
+        value: The limit; a string (from the command line) is read as a number.
+        where: Names the setting in the error message (``--run-timeout``, ``mini.yaml.run_timeout_s``).
+
+    Raises:
+        ConfigError: Not a number, not finite, or not positive.
+    """
+    if value is None:
+        return None
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or number <= 0:
+        raise _err(where, f"expected a number of seconds > 0 (a per-run wall-clock limit), got {value!r}")
+    return float(number)
 
 
 def _parse_seeds(value: Any, where: str) -> tuple[int, ...]:

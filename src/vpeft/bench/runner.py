@@ -5,6 +5,13 @@ Every run executes in its own fresh worker process (``spawn``), at most ``worker
 an out-of-memory kill) and makes the RSS-based peak memory of one run independent of the others. The worker
 writes the run's record itself; if it dies without one, the parent records the failure. ``workers=0`` runs
 everything in the calling process (debugging, tests).
+
+A per-run wall-clock limit (``run_timeout_s``, ``vpeft bench --run-timeout``) stops a hung or runaway run: each
+worker makes itself a process group, and a worker past the limit gets SIGTERM, then SIGKILL after
+:data:`KILL_GRACE_S`, sent to the whole group (its data-loader workers and other children too). The run gets a
+failure record (``RunTimeout: timed out after ...`` and the tail of its log) and the other runs go on. In-process
+runs (``workers=0``) cannot be stopped, so there the limit is refused when given explicitly (and ignored, with a
+warning, when it only comes from the definition).
 """
 
 from __future__ import annotations
@@ -23,15 +30,27 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, TextIO
 
-from vpeft.bench.definition import BenchDefinition, RunSpec
+from vpeft.bench.definition import BenchDefinition, RunSpec, check_run_timeout
 from vpeft.bench.protocol import ensure_task, run_and_record
 from vpeft.bench.records import _cpu_count, environment, read_record, record_path, run_dir, write_record
 from vpeft.errors import ConfigError, DataError
 from vpeft.train.metrics import write_json_atomic
 
-__all__ = ["BenchSummary", "Progress", "default_parallelism", "plan_runs", "prepare_tasks", "run_bench"]
+__all__ = [
+    "BenchSummary",
+    "Deadlines",
+    "Progress",
+    "default_parallelism",
+    "plan_runs",
+    "prepare_tasks",
+    "run_bench",
+    "timeout_error",
+]
 
 logger = logging.getLogger(__name__)
+
+KILL_GRACE_S = 10.0
+"""Seconds between SIGTERM and SIGKILL when a run is stopped (time limit, interrupted grid)."""
 
 
 def default_parallelism(workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
@@ -181,7 +200,9 @@ def _fmt_s(seconds: float) -> str:
 
 # ---- workers ------------------------------------------------------------------------------------------------------
 def _worker_main(spec_dict: dict[str, Any], out_dir: str, threads: int, verbose: bool) -> None:
-    """Entry point of a worker process: log to ``out_dir/log.txt``, set the thread count, run and record."""
+    """Entry point of a worker process: lead a process group, log to ``out_dir/log.txt``, set the thread count,
+    run and record."""
+    _own_group()
     log_path = Path(out_dir) / "log.txt"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
@@ -197,6 +218,13 @@ def _worker_main(spec_dict: dict[str, Any], out_dir: str, threads: int, verbose:
     run_and_record(spec, out_dir)
 
 
+def _own_group() -> None:
+    """Make the calling worker the leader of a new process group, so that stopping its run (time limit, interrupted
+    grid) reaches its children too (data-loader workers). The first thing a worker entry point should do."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+
+
 def _log_tail(out_dir: Path, n: int = 20) -> str:
     try:
         return "\n".join((out_dir / "log.txt").read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
@@ -207,6 +235,21 @@ def _log_tail(out_dir: Path, n: int = 20) -> str:
 def _died(spec: RunSpec, out_dir: Path, exitcode: int | None) -> dict[str, Any]:
     """The failure record of a worker that exited without writing one (crash, kill)."""
     why = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
+    return _failure(spec, out_dir, f"WorkerDied: the worker process ended with {why} before writing its record")
+
+
+def timeout_error(elapsed_s: float, limit_s: float, source: str = "--run-timeout") -> str:
+    """The ``error`` of a run stopped at its time limit; ``source`` names where the limit was set."""
+    return f"RunTimeout: timed out after {elapsed_s:.0f} s (limit {source} {limit_s:g})"
+
+
+def _timed_out(spec: RunSpec, out_dir: Path, elapsed_s: float, limit_s: float, source: str) -> dict[str, Any]:
+    """The failure record of a run stopped at its time limit (with the tail of its log)."""
+    return _failure(spec, out_dir, timeout_error(elapsed_s, limit_s, source), timed_out=True, run_timeout_s=limit_s)
+
+
+def _failure(spec: RunSpec, out_dir: Path, error: str, **extra: Any) -> dict[str, Any]:
+    """Write and return the failure record of a run that did not write its own."""
     record = {
         "run_id": spec.run_id,
         "method": spec.method_label,
@@ -218,12 +261,80 @@ def _died(spec: RunSpec, out_dir: Path, exitcode: int | None) -> dict[str, Any]:
         "fingerprint": spec.fingerprint(),
         "spec": spec.to_dict(),
         "status": "failed",
-        "error": f"WorkerDied: the worker process ended with {why} before writing its record",
+        "error": error,
+        **extra,
         "log_tail": _log_tail(out_dir),
         "env": environment(spec.device),
     }
     write_record(out_dir / "record.json", record)
     return record
+
+
+class Deadlines:
+    """Start times of running runs against a wall-clock limit (``None``: no limit); keys are any hashables.
+
+    Shared by the process pool and the Ray backend: :meth:`wait_s` bounds how long to wait for the next event,
+    :meth:`overdue` lists the runs past the limit.
+    """
+
+    def __init__(self, limit_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_s, self.clock = limit_s, clock
+        self.started: dict[Any, float] = {}
+
+    def start(self, key: Any) -> None:
+        self.started[key] = self.clock()
+
+    def stop(self, key: Any) -> float:
+        """Forget ``key``; return how long it ran (0 if it was not started)."""
+        start = self.started.pop(key, None)
+        return 0.0 if start is None else self.clock() - start
+
+    def overdue(self) -> list[Any]:
+        if self.limit_s is None:
+            return []
+        now = self.clock()
+        return [k for k, t in self.started.items() if now - t >= self.limit_s]
+
+    def wait_s(self, longest: float) -> float:
+        """Seconds until the next run is due (``longest`` at most, 0 if one is due already)."""
+        if self.limit_s is None or not self.started:
+            return longest
+        due = min(self.started.values()) + self.limit_s - self.clock()
+        return min(longest, max(due, 0.0))
+
+
+def _signal_tree(proc: mp.process.BaseProcess, sig: int) -> None:
+    """Send ``sig`` to the worker's process group (the worker and its children), else to the worker alone.
+
+    A worker has no group of its own on non-POSIX systems, and before its entry point called :func:`_own_group`
+    (while it is still starting), when it has no children yet either.
+    """
+    if proc.pid is None:
+        return
+    if hasattr(os, "killpg"):
+        try:
+            os.killpg(proc.pid, sig)
+            return
+        except (ProcessLookupError, PermissionError):
+            pass  # no such group: not made yet, or gone with all its members
+    if proc.exitcode is None:
+        if sig == signal.SIGTERM:
+            proc.terminate()
+        else:
+            proc.kill()
+
+
+def _stop_workers(procs: Sequence[mp.process.BaseProcess], grace_s: float = KILL_GRACE_S) -> None:
+    """SIGTERM every worker's process group, wait up to ``grace_s`` for the workers, then SIGKILL the groups."""
+    for proc in procs:
+        _signal_tree(proc, signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    for proc in procs:
+        proc.join(timeout=max(end - time.monotonic(), 0.0))
+    for proc in procs:  # what ignored SIGTERM, and any child left behind by its worker
+        _signal_tree(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
+    for proc in procs:
+        proc.join(timeout=5)
 
 
 def _run_pool(
@@ -234,10 +345,35 @@ def _run_pool(
     progress: Progress,
     verbose: bool,
     target: Callable[[dict[str, Any], str, int, bool], None] = _worker_main,
+    run_timeout_s: float | None = None,
+    timeout_source: str = "--run-timeout",
+    kill_grace_s: float = KILL_GRACE_S,
 ) -> list[dict[str, Any]]:
-    """Run ``todo`` in fresh ``spawn`` processes, ``workers`` at a time; ``target`` is the worker entry point."""
+    """Run ``todo`` in fresh ``spawn`` processes, ``workers`` at a time; ``target`` is the worker entry point
+    (it should call :func:`_own_group` first).
+
+    A worker still running ``run_timeout_s`` seconds after it started is stopped (SIGTERM to its process group,
+    SIGKILL after ``kill_grace_s``) and its run recorded as failed (``timeout_source`` names the limit's origin).
+    """
     ctx = mp.get_context("spawn")
     pending, running, records = list(todo), {}, []
+    deadlines = Deadlines(run_timeout_s)
+
+    def collect(sentinel: Any, elapsed: float | None = None) -> None:
+        proc, spec, rdir = running.pop(sentinel)
+        deadlines.stop(sentinel)
+        if elapsed is None:  # a stopped worker was joined by _stop_workers
+            proc.join()
+            _signal_tree(proc, getattr(signal, "SIGKILL", signal.SIGTERM))  # children it left behind, if any
+        rec = read_record(rdir / "record.json")
+        if rec is None or rec.get("fingerprint") != spec.fingerprint():
+            if elapsed is not None:
+                rec = _timed_out(spec, rdir, elapsed, run_timeout_s, timeout_source)
+            else:
+                rec = _died(spec, rdir, proc.exitcode)
+        records.append(rec)
+        progress.finished(spec.run_id, rec)
+
     previous = _stop_on_sigterm()
     try:
         while pending or running:
@@ -249,33 +385,36 @@ def _run_pool(
                                    name=f"vpeft-bench-{spec.run_id}")  # fmt: skip
                 proc.start()
                 running[proc.sentinel] = (proc, spec, rdir)
+                deadlines.start(proc.sentinel)
                 progress.started(spec.run_id)
-            for sentinel in wait(list(running), timeout=30.0):
-                proc, spec, rdir = running.pop(sentinel)
-                proc.join()
-                rec = read_record(rdir / "record.json")
-                if rec is None or rec.get("fingerprint") != spec.fingerprint():
-                    rec = _died(spec, rdir, proc.exitcode)
-                records.append(rec)
-                progress.finished(spec.run_id, rec)
+            for sentinel in wait(list(running), timeout=deadlines.wait_s(30.0)):
+                collect(sentinel)
+            overdue = {s: deadlines.clock() - deadlines.started[s] for s in deadlines.overdue()}
+            if overdue:
+                for sentinel, elapsed in overdue.items():
+                    logger.warning("%s: no result after %.0f s: stopping it", running[sentinel][1].run_id, elapsed)
+                _stop_workers([running[s][0] for s in overdue], kill_grace_s)
+                for sentinel, elapsed in overdue.items():
+                    collect(sentinel, elapsed)
     finally:
-        for proc, _, _ in running.values():  # interrupted: stop the workers we started
-            proc.terminate()
-            proc.join(timeout=10)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        _stop_workers([proc for proc, _, _ in running.values()], kill_grace_s)  # interrupted: stop what we started
+        for sig, handler in (previous or {}).items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be restored
+                signal.signal(sig, handler)
     return records
 
 
-def _stop_on_sigterm():
-    """Turn SIGTERM into ``SystemExit`` (so the pool stops its workers); return the previous handler."""
+def _stop_on_sigterm() -> dict[int, Any] | None:
+    """Turn SIGTERM and SIGHUP into ``SystemExit`` (so the pool stops its workers, which lead their own process
+    groups and so miss a terminal's hangup); return the previous handlers."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    return signal.signal(signal.SIGTERM, handler)
+    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    return {sig: signal.signal(sig, handler) for sig in sigs}
 
 
 def _run_inline(todo: Sequence[RunSpec], out: Path, progress: Progress) -> list[dict[str, Any]]:
@@ -305,6 +444,7 @@ def run_bench(
     stream: TextIO | None = None,
     verbose: bool = False,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    run_timeout_s: float | None = None,
 ) -> BenchSummary:
     """Run every (method, task, seed) of ``definition`` not finished yet in ``out_dir``; return a summary.
 
@@ -320,15 +460,34 @@ def run_bench(
             ``workers x threads`` CPUs.
         progress: Print one progress line per event to ``stream`` (default stderr).
         verbose: INFO-level logs in the workers' ``log.txt``.
+        on_record: Called with each new record.
+        run_timeout_s: Wall-clock limit per run in seconds (overrides the definition's ``run_timeout_s``); a run
+            past it is stopped and recorded as failed. Not enforceable with ``workers=0`` (in-process runs).
+
+    Raises:
+        ConfigError: A bad option (``run_timeout_s`` <= 0, or given with ``workers=0``), an unknown backend,
+            method label, task or seed.
+        DataError: Task folders missing.
     """
     out = Path(out_dir)
+    inline = workers == 0
+    given = check_run_timeout(run_timeout_s, "--run-timeout")
+    if given is not None:
+        if inline and backend == "local":
+            raise ConfigError(
+                f"--run-timeout {given:g} needs worker processes: with --workers 0 the runs execute in this "
+                "process, where a hung run cannot be stopped; use --workers 1 or more, or leave out --run-timeout"
+            )
+        definition = dataclasses.replace(definition, run_timeout_s=given)
+    elif inline and backend == "local" and definition.run_timeout_s is not None:
+        logger.warning("the definition's run_timeout_s (%g s) is not enforced with workers=0", definition.run_timeout_s)
+    limit, source = definition.run_timeout_s, "--run-timeout" if given is not None else "run_timeout_s:"
     definition = resolve_roots(definition, data_root)
     runs = definition.runs(methods, tasks, seeds)
     prepare_tasks(runs)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "definition.json", definition.to_dict())
     todo, done = plan_runs(runs, out)
-    inline = workers == 0
     workers, threads = default_parallelism(workers or None, threads)
     summary = BenchSummary(out, total=len(runs), skipped=len(done))
     bar = Progress(len(todo), 1 if inline else workers, stream, progress)
@@ -340,13 +499,13 @@ def run_bench(
     elif backend == "ray":
         from vpeft.bench.ray_backend import run_ray
 
-        records = run_ray(todo, out, ray_address, workers, threads, bar)
+        records = run_ray(todo, out, ray_address, workers, threads, bar, run_timeout_s=limit, timeout_source=source)
     elif backend != "local":
         raise ConfigError(f"unknown backend {backend!r}; valid: local, ray")
     elif inline:
         records = _run_inline(todo, out, bar)
     else:
-        records = _run_pool(todo, out, workers, threads, bar, verbose)
+        records = _run_pool(todo, out, workers, threads, bar, verbose, run_timeout_s=limit, timeout_source=source)
     for rec in records:
         if rec.get("status") == "ok":
             summary.ok += 1
