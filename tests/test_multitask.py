@@ -125,6 +125,18 @@ def test_tasks_without_samples_and_sorted_batch(tmp_path):
         check_against_refs(mt(x, torch.full((5,), 2)), refs, x, torch.full((5,), 2), list(tasks))
 
 
+def test_headless_backbone(tmp_path):
+    """A backbone created without a head (num_classes=0) takes deltas trained with heads."""
+    tasks = {k: TASKS[k] for k in ("lora_qv", "linear")}
+    paths, refs = setup(tmp_path, tasks=tasks)
+    mt = MultiTaskModel.from_deltas(fresh("vit_cls", 0), paths)
+    assert mt.num_classes == {"lora_qv": 3, "linear": 4}
+    ids = torch.tensor([1, 0, 0, 1])
+    x = batch(32, n=4)
+    with torch.inference_mode():
+        check_against_refs(mt(x, ids), refs, x, ids, list(tasks))
+
+
 def test_deltas_in_memory_and_adapted_models(tmp_path):
     tasks = {k: TASKS[k] for k in ("lora_qv", "adaptformer")}
     paths, refs = setup(tmp_path, tasks=tasks)

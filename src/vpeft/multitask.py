@@ -500,7 +500,7 @@ class MultiTaskModel(nn.Module):
 
         Args:
             backbone: the frozen backbone every delta was trained from (plain, no method applied); its head
-                (any number of classes) is set aside: each task brings its own.
+                (any number of classes, or none: ``num_classes=0``) is set aside: each task brings its own.
             deltas: task name -> a delta file path, a ``(metadata, tensors)`` pair from
                 :func:`vpeft.api.read_delta`, or a model adapted with :func:`vpeft.apply`. Methods from
                 :data:`SUPPORTED_METHODS`, any configurations (ranks, targets, bottlenecks) mixed.
@@ -534,6 +534,7 @@ class MultiTaskModel(nn.Module):
         name, print_ = api.backbone_name(backbone), api.fingerprint(backbone, exclude=head_names)
         head_module = get_module(backbone, spec.head) if spec.head else None
         feature_dim = head_module.in_features if isinstance(head_module, nn.Linear) else None
+        head_name = spec.head or _headless_classifier(backbone)
         loaded = []
         for task, source in deltas.items():
             if not isinstance(task, str) or not task:
@@ -552,7 +553,7 @@ class MultiTaskModel(nn.Module):
                     f"task {task!r}: method {cfg.method!r} cannot be selected per sample; supported methods: "
                     f"{', '.join(SUPPORTED_METHODS)}"
                 )
-            prefix = spec.head + "." if spec.head else None
+            prefix = head_name + "." if head_name else None
             head = {k[len(prefix) :]: v for k, v in tensors.items() if prefix and k.startswith(prefix)}
             body = {k: v for k, v in tensors.items() if not (prefix and k.startswith(prefix))}
             parts = _harvest(backbone, spec, cfg, body, where)
@@ -638,6 +639,18 @@ class MultiTaskModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks)}, selection={self.selection}"
+
+
+def _headless_classifier(backbone: nn.Module) -> str:
+    """Where a timm backbone created with ``num_classes=0`` had its head (deltas name their head tensors so)."""
+    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier")
+    if not isinstance(name, str) or not name:
+        return ""
+    try:
+        backbone.get_submodule(name)
+    except AttributeError:
+        return ""
+    return name
 
 
 def _make_head(head: Mapping[str, torch.Tensor], feature_dim: int | None, where: str, like: torch.Tensor) -> nn.Module:
