@@ -7,9 +7,9 @@ adapter, LoRA r=16 on q,k,v,fc1, AdaptFormer, repeated up to N). A batch of ``--
 interleaved over the N tasks (sample i belongs to task i mod N). Compared, on the same batch:
 
 * the multi-task model (one shared backbone, every delta file loaded by ``MultiTaskModel.from_deltas``) on the
-  mixed batch, with each per-sample selection: ``grouped`` (the default: the batch is sorted by task, each task
-  group of a LoRA'd Linear is one GEMM with a temporary merged weight), ``grouped`` without that folding (the
-  low-rank term as two thin GEMMs per group), and ``gather`` (per-sample weight copies, batched ``bmm``);
+  mixed batch, with per-sample selection ``grouped`` (the default: the batch is sorted by task, each task group
+  of a LoRA'd Linear is one GEMM with a temporary merged weight) and ``gather`` (per-sample weight copies,
+  batched ``bmm``);
 * N separate single-task models (each a full backbone, loaded from its delta file and merged when the method
   is mergeable), each run on its own task's samples, one after another (the same images in all);
 * the plain backbone on the whole batch (the floor of one pass), and on the N per-task chunks one after another
@@ -18,7 +18,12 @@ interleaved over the N tasks (sample i belongs to task i mod N). Compared, on th
 Throughput is images per second of an inference forward (``torch.inference_mode``, ``eval()``), timed in
 process CPU time with one thread, else wall time (``_common.py``): one warm-up round, then ``--repeats``
 interleaved rounds (order rotated every round); ratios are medians of per-round ratios. The largest difference
-between the multi-task logits and the separate models' logits is printed as a check. Memory: bytes of the
+between the multi-task logits and the separate models' logits is printed as a check.
+
+Whole-model differences between the selections are a few percent, below the noise of a shared machine, so the
+selections (and ``grouped`` without the merged-weight GEMMs: the low-rank term as two thin GEMMs per group) are
+also timed on single layers of block 0 (its ``qkv``, and its MLP where adapted) against the frozen layer, with
+the inputs of the mixed batch, in ``--layer-rounds`` short interleaved rounds. Memory: bytes of the
 distinct tensors (parameters and buffers) each set-up holds: the multi-task model vs N full copies, and the
 deltas themselves.
 
@@ -43,7 +48,7 @@ from torch import nn
 
 import vpeft
 from vpeft.api import read_delta
-from vpeft.multitask import MultiTaskLayer, MultiTaskModel
+from vpeft.multitask import MultiTaskLayer, MultiTaskModel, _Route
 
 TASK_SETS = {
     "lora": [("lora", {"r": 8, "targets": ["q", "v"]})],
@@ -61,6 +66,7 @@ MULTI = {
     "multi-task, grouped, no fold": ("grouped", False),
     "multi-task, gather": ("gather", False),
 }
+FULL = ("multi-task, grouped", "multi-task, gather")  # timed as whole models (all three: layer by layer)
 SEPARATE, PLAIN, PLAIN_CHUNKS = "N separate models", "plain backbone", "plain backbone, per-task chunks"
 
 
@@ -147,14 +153,14 @@ def run_task_set(args, task_set: str, x: torch.Tensor, ids: torch.Tensor, clock:
     fns = {
         PLAIN: infer_plain,
         PLAIN_CHUNKS: infer_plain_chunks,
-        **{label: infer_multi(m) for label, m in multi.items()},
+        **{label: infer_multi(multi[label]) for label in FULL},
         SEPARATE: infer_separate,
     }
     print(f"[{task_set}] timing {len(fns)} configurations", file=sys.stderr, flush=True)
     outputs = {label: fn() for label, fn in fns.items()}  # the warm-up round, and the check
     diffs = {
         label: max((got - want).abs().max().item() for got, want in zip(outputs[label], outputs[SEPARATE]))
-        for label in multi
+        for label in FULL
     }
     times = C.time_interleaved(fns, args.repeats, device, clock=clock)
     rows = []
@@ -180,7 +186,73 @@ def run_task_set(args, task_set: str, x: torch.Tensor, ids: torch.Tensor, clock:
         "delta_mb": delta_bytes / 2**20,
     }
     memory["ratio"] = memory["multi_mb"] / memory["copies_mb"]
-    return {"rows": rows, "memory": memory, "methods": [f"{m} {o} ({c} classes)" for m, o, c in specs]}
+    layers = time_layers(args, task_set, multi, x, ids, clock)
+    methods = [f"{m} {o} ({c} classes)" for m, o, c in specs]
+    return {"rows": rows, "memory": memory, "layers": layers, "methods": methods}
+
+
+def time_layers(
+    args, task_set: str, multi: dict[str, MultiTaskModel], x: torch.Tensor, ids: torch.Tensor, clock: str
+) -> list[dict[str, Any]]:
+    """Each selection on single layers of block 0 (the first block's qkv, and its MLP where adapted), against
+    the frozen layer, in many short interleaved rounds: the per-sample cost without the rest of the model.
+
+    The layers' inputs are captured from one forward of the mixed batch; each call then runs with the routing
+    of that batch set on the model (an internal of :mod:`vpeft.multitask`, read here for the measurement only).
+    """
+    device = torch.device("cpu")
+    grouped = multi["multi-task, grouped"]
+    names = [
+        n
+        for n in ("blocks.0.attn.qkv", "blocks.0.mlp")
+        if isinstance(grouped.backbone.get_submodule(n), MultiTaskLayer)
+    ]
+    captured: dict[str, tuple] = {}
+    hooks = [
+        grouped.backbone.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, kw, n=n: captured.setdefault(n, (a, kw)), with_kwargs=True
+        )
+        for n in names
+    ]
+    with torch.inference_mode():
+        grouped(x, ids)
+    for h in hooks:
+        h.remove()
+    order = torch.argsort(ids, stable=True)
+    route = _Route(torch.bincount(ids, minlength=len(grouped.tasks)).tolist(), ids[order])
+
+    def call(model: MultiTaskModel, routed: bool, layer: nn.Module, a: tuple, kw: dict):
+        def run() -> None:
+            model._router.route = route if routed else None
+            try:
+                with torch.inference_mode():
+                    layer(*a, **kw)
+            finally:
+                model._router.route = None
+
+        return run
+
+    rows = []
+    for name in names:
+        a, kw = captured[name]
+        layer = grouped.backbone.get_submodule(name)
+        adapted = sorted({int(t) for m in layer.modules() if isinstance(m, MultiTaskLayer) for t in m.parts})
+
+        fns = {"frozen": call(grouped, False, layer, a, kw)}
+        fns.update({label: call(m, True, m.backbone.get_submodule(name), a, kw) for label, m in multi.items()})
+        print(f"[{task_set}] timing layer {name}", file=sys.stderr, flush=True)
+        C.time_interleaved(fns, 1, device, progress=False)
+        times = C.time_interleaved(fns, args.layer_rounds, device, progress=False, clock=clock)
+        row = {
+            "task_set": task_set,
+            "layer": name,
+            "tasks": ", ".join(f"task{t}" for t in adapted),
+            "frozen_ms": 1e3 * C.median(times["frozen"]),
+        }
+        for label in multi:
+            row[label] = C.median([t / tf for t, tf in zip(times[label], times["frozen"])])
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,13 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tasks", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layer-rounds", type=int, default=40, help="rounds of the single-layer comparison")
     p.add_argument("--task-sets", default="lora,mixed", help=f"comma-separated, from {', '.join(TASK_SETS)}")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = torch's default")
     p.add_argument("--json", default=None)
-    p.add_argument("--quick", action="store_true", help="tiny ViT, batch 8, 2 repeats (a smoke test)")
+    p.add_argument("--quick", action="store_true", help="tiny ViT, batch 8, 2 repeats, 3 layer rounds (a smoke test)")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch, args.repeats = 8, min(args.repeats, 2)
+        args.batch, args.repeats, args.layer_rounds = 8, min(args.repeats, 2), min(args.layer_rounds, 3)
     task_sets = args.task_sets.split(",")
     unknown = [t for t in task_sets if t not in TASK_SETS]
     if unknown:
@@ -237,6 +310,22 @@ def main(argv: list[str] | None = None) -> int:
                 ],
             )
         )
+    print(
+        f"\n## Per-sample selection on single layers of block 0 (time x the frozen layer, median of "
+        f"{args.layer_rounds} rounds)\n"
+    )
+    print(
+        C.table(
+            [r for res in results.values() for r in res["layers"]],
+            [
+                ("task_set", "task set", "s"),
+                ("layer", "layer", "s"),
+                ("tasks", "adapted by", "s"),
+                ("frozen_ms", "frozen ms", ".1f"),
+                *[(label, label.removeprefix("multi-task, "), ".3f") for label in MULTI],
+            ],
+        )
+    )
     print("\n## Memory (distinct parameter and buffer bytes held)\n")
     print(
         C.table(
@@ -259,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["configuration"] == "multi-task, grouped"
     )
     print(f"\nmulti-task (grouped) throughput vs {args.tasks} separate models: {summary}")
-    rows = [r for res in results.values() for r in res["rows"]] + [res["memory"] for res in results.values()]
+    rows = [r for res in results.values() for r in [*res["rows"], *res["layers"], res["memory"]]]
     C.write_json(args.json, {"args": vars(args), "threads": threads, "clock": clock, "rows": rows})
     return 0
 
