@@ -296,3 +296,54 @@ def test_repadapter_merges_into_the_next_linear():
         assert torch.equal(blk.norm1.weight, norm1_before), "nothing else changed"
         torch.testing.assert_close(blk.attn.qkv(h), adapted, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+
+
+# ---- SSF's autograd function --------------------------------------------------------------------------------
+@pytest.mark.parametrize("base", ["linear", "conv", "layernorm"])
+@pytest.mark.parametrize("tiny_scale", [False, True])
+def test_ssf_function_matches_autograd_of_the_formula(base, tiny_scale):
+    """Same output and gradients as ``y * gamma + beta``; with a near-zero gamma it saves ``y`` instead."""
+    from vpeft.layers import ScaleShift
+
+    torch.manual_seed(0)
+    layer, x = {
+        "linear": (nn.Linear(6, 5), torch.randn(3, 4, 6)),
+        "conv": (nn.Conv2d(3, 5, 3, padding=1), torch.randn(2, 3, 4, 4)),
+        "layernorm": (nn.LayerNorm(5), torch.randn(3, 4, 5)),
+    }[base]
+    layer = layer.double().requires_grad_(False)
+    wrapper = ScaleShift(layer).double()
+    with torch.no_grad():
+        wrapper.shift.normal_()
+        if tiny_scale:
+            wrapper.scale[0] = 1e-5
+    x = x.double().requires_grad_(True)
+    shape = [1, -1, 1, 1] if base == "conv" else [-1]
+    ref = layer(x) * wrapper.scale.view(shape) + wrapper.shift.view(shape)
+    out = wrapper(x)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, wrapper.scale, wrapper.shift), g)
+    got = torch.autograd.grad(out, (x, wrapper.scale, wrapper.shift), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda inp, s, b: wrapper.forward(inp), (x, wrapper.scale, wrapper.shift))
+
+
+def test_ssf_saves_no_second_copy_of_the_activation():
+    """After a Linear, SSF's saved tensor is its own output, which the next layer (GELU) saves too."""
+    from vpeft.layers import ScaleShift
+
+    model = nn.Sequential(ScaleShift(nn.Linear(8, 8).requires_grad_(False)), nn.GELU())
+    x = torch.randn(4, 8)
+    storages = []
+
+    def pack(t):
+        storages.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = [s for s in storages if s not in params]
+    assert len(activations) >= 2 and len(set(activations)) == 1, "SSF and GELU share one saved activation"

@@ -40,10 +40,17 @@ class Wrapper(nn.Module):
     mergeable: bool = False
     #: only transforms its base layer's output, so it composes with any other wrapper of the same module
     stackable: bool = False
+    #: set when another wrapper wraps this one (the outer one may then modify this one's output in place)
+    wrapped: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "base_layer" and isinstance(value, Wrapper):  # also when a wrapper is slid in underneath later
+            value.wrapped = True
+        super().__setattr__(name, value)
 
     def __getattr__(self, name: str):
         """Attributes the wrapper lacks come from the wrapped module (e.g. ``q_proj.weight.dtype`` read by

@@ -38,6 +38,52 @@ def _num_channels(module: nn.Module) -> int:
     return int(module.normalized_shape[-1])
 
 
+_PLAIN = (nn.Linear, nn.Conv2d, nn.LayerNorm)  # their backward never reads their own output
+_MIN_SCALE = 1e-3  # below this |gamma|, the input is saved instead of being recomputed from the output
+
+
+class _ScaleShiftFn(torch.autograd.Function):
+    """``out = y * gamma + beta`` that saves ``out`` (not ``y``) for backward and may run in place on ``y``.
+
+    Used on token layers (channel-last) that no other wrapper wraps; the output must not be modified in
+    place later (autograd would raise), which holds for the transformer blocks vpeft adapts. The gradient of
+    ``gamma`` needs ``y``; autograd's ``y * gamma + beta`` saves it although the next layer already saves
+    ``out`` (GELU, attention, the next SSF), so every SSF held a second copy of an activation. Here
+    ``sum(g * y) = (sum(g * out) - beta * sum(g)) / gamma`` is computed from ``out``, whose storage the next
+    layer's saved tensor shares. With ``inplace`` the output overwrites ``y`` (callers pass it only for the
+    fresh output of a layer whose backward does not read its output). When some ``|gamma| < 1e-3`` the
+    division would be ill-conditioned, and ``y`` is saved as autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx, y, scale, shift, channel_dim: int, inplace: bool):
+        shape = [1] * y.ndim
+        shape[channel_dim] = -1
+        s, b = scale.view(shape), shift.view(shape)
+        recompute = bool(scale.detach().abs().min() >= _MIN_SCALE)
+        if recompute and inplace:
+            ctx.mark_dirty(y)
+            out = y.mul_(s).add_(b)
+        else:
+            out = torch.addcmul(b, y, s)
+        ctx.save_for_backward(out if recompute else y, scale, shift)
+        ctx.recompute, ctx.shape = recompute, shape
+        ctx.dims = [d for d in range(y.ndim) if d != channel_dim % y.ndim]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        t, scale, shift = ctx.saved_tensors
+        s = scale.view(ctx.shape)
+        grad_y = g * s if ctx.needs_input_grad[0] else None
+        grad_shift = g.sum(ctx.dims) if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            gt = (g * t).sum(ctx.dims)
+            grad_scale = (gt - shift * grad_shift) / scale if ctx.recompute else gt
+        return grad_y, grad_scale, grad_shift if ctx.needs_input_grad[2] else None, None, None
+
+
 class ScaleShift(Wrapper):
     """``y = f(x) * gamma + beta`` per output channel.
 
@@ -71,7 +117,17 @@ class ScaleShift(Wrapper):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        return y * self._view(self.scale, y.ndim) + self._view(self.shift, y.ndim)
+        inplace = type(self.base_layer) in _PLAIN  # a fresh output its own backward does not read
+        if (self.channel_dim != -1 or self.wrapped) and torch.is_grad_enabled():
+            # feature maps: CNNs modify outputs in place downstream (SiLU(inplace=True), BatchNormAct), and an
+            # outer wrapper (fused LoRA) adds into this output in place, so the output cannot be what backward
+            # reads; plain autograd saves the input
+            s, b = self._view(self.scale, y.ndim), self._view(self.shift, y.ndim)
+            return y * s + b
+        if torch.is_grad_enabled() and (self.scale.requires_grad or self.shift.requires_grad):
+            return _ScaleShiftFn.apply(y, self.scale, self.shift, self.channel_dim, inplace)
+        s, b = self._view(self.scale, y.ndim), self._view(self.shift, y.ndim)
+        return y.mul_(s).add_(b) if inplace and not y.requires_grad else torch.addcmul(b, y, s)
 
     @torch.no_grad()
     def merge_into_base(self) -> None:
