@@ -24,10 +24,11 @@ Per-sample selection (``selection``):
 * ``"gather"``: every layer stacks its tasks' deltas (zero-padded to the largest rank / width) and gathers one
   copy per sample (``stack[task_of_sample]``), then applies them with batched matrix products (``bmm``).
 
-``benchmarks/bench_multitask.py`` times both (and grouping without the merged-weight GEMMs). On one CPU core
-(ViT-S/16, 4 tasks x 8 images, LoRA r=8 on q, v), one fused ``qkv`` layer costs 1.05x the frozen layer grouped,
-1.09x grouped without folding and 1.14x with ``gather`` (which copies weights per sample and pads the q/v
-slices to the full ``qkv`` width); an adapter 1.19x grouped vs 1.27x gathered.
+``benchmarks/bench_multitask.py`` times both (and grouping without the merged-weight GEMMs). Single layers of
+ViT-S/16 block 0, one CPU core, 4 tasks x 8 images, time x the frozen layer: ``qkv`` with 4 LoRA tasks (r=8,
+q and v) 1.05 grouped, 1.11 grouped without folding, 1.16 gathered (per-sample weight copies, q/v slices padded
+to the full ``qkv`` width); ``qkv`` with 2 LoRA tasks 1.03 / 1.02 / 1.10; the MLP with an adapter, AdaptFormer
+and an fc1 LoRA 1.02 / 1.02 / 1.09. Hence ``grouped``, with folding, is the default.
 
 Samples are rows of the leading dimension; a layer that sees ``k * batch`` rows (Swin's windows) is read as
 ``k`` consecutive rows per sample. Outside :meth:`MultiTaskModel.forward` the wrapped backbone computes its
