@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -288,3 +289,70 @@ def test_evaluate_restores_mode_and_reports_fraction() -> None:
 def test_evaluate_empty_loader() -> None:
     with pytest.raises(DataError, match="no samples"):
         evaluate(_mlp(), [])
+
+
+# ---- step options: channels-last, gradient checkpointing, torch.compile ----------------------------------------
+def _images(n: int = 16, size: int = 32, classes: int = 5) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))
+    return DataLoader(ds, batch_size=8)
+
+
+def _tiny(name: str, method: str) -> nn.Module:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import TINY_BACKBONES
+
+    import vpeft
+
+    model = TINY_BACKBONES[name][0]()
+    vpeft.apply(model, method)
+    return model
+
+
+@pytest.mark.parametrize("name,method,auto", [("cnn_effnet", "bitfit", True), ("vit_cls", "lora", False)])
+def test_channels_last_is_automatic_for_cnns_and_changes_no_result(name, method, auto):
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=8, warmup_epochs=0)
+    runs = {}
+    for option in (None, not auto):
+        model = _tiny(name, method)
+        history = train(model, _images(), dataclasses.replace(cfg, channels_last=option), progress=False).history
+        convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1]
+        nhwc = all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+        assert nhwc == (auto if option is None else option)
+        runs[option] = history[0]["train_loss"]
+    assert runs[None] == pytest.approx(runs[not auto], rel=1e-4, abs=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_training():
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=8, warmup_epochs=0)
+    got = []
+    for ckpt in (False, True):
+        model = _tiny("vit_cls", "lora")
+        history = train(model, _images(), dataclasses.replace(cfg, grad_checkpointing=ckpt), progress=False).history
+        assert model.grad_checkpointing is ckpt
+        got.append((history[0]["train_loss"], [p.detach().clone() for p in model.parameters() if p.requires_grad]))
+    assert got[0][0] == pytest.approx(got[1][0], rel=1e-5)
+    for a, b in zip(got[0][1], got[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_checkpointing_on_a_model_without_it_is_a_clear_error():
+    with pytest.raises(ConfigError, match="grad_checkpointing=True needs a timm model"):
+        train(_mlp(), _loader(_blobs(), 32), TrainConfig(epochs=1, grad_checkpointing=True), progress=False)
+
+
+@pytest.mark.parametrize("bad", [{"compile": 1}, {"channels_last": "yes"}, {"grad_checkpointing": None}])
+def test_step_options_validated(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        TrainConfig(**bad)
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_model():
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=32, warmup_epochs=0)
+    eager = train(_mlp(), _loader(_blobs(), 32), cfg, progress=False).history
+    compiled = train(_mlp(), _loader(_blobs(), 32), dataclasses.replace(cfg, compile=True), progress=False).history
+    for a, b in zip(eager, compiled):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)

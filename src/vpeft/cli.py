@@ -132,6 +132,9 @@ def _train_config(args: argparse.Namespace):
         label_smoothing=args.label_smoothing,
         grad_accum=args.grad_accum,
         bf16=args.bf16,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing,
         seed=args.seed,
     )
 
@@ -256,6 +259,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on GPUs, slow on CPUs without bf16)")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC weights and inputs (default: on for CNN backbones only)",
+    )
+    p.add_argument("--compile", action="store_true", help="train through torch.compile (no gain measured on CPU)")
+    p.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
