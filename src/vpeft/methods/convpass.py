@@ -64,6 +64,22 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+@torch.no_grad()
+def _init_official(branch: nn.Module, xavier_init: bool) -> None:
+    """Official Convpass init: Xavier down, identity-centred (or Xavier) 3x3 kernel, zero up; zero biases."""
+    nn.init.xavier_uniform_(branch.down.weight)
+    nn.init.zeros_(branch.down.bias)
+    w = branch.conv.weight
+    if xavier_init:
+        nn.init.xavier_uniform_(w)
+    else:
+        nn.init.zeros_(w)
+        w[:, :, 1, 1] += torch.eye(w.shape[0], device=w.device, dtype=w.dtype)
+    nn.init.zeros_(branch.conv.bias)
+    nn.init.zeros_(branch.up.weight)
+    nn.init.zeros_(branch.up.bias)
+
+
 class ConvpassBranch(nn.Module):
     """down (d -> dim) -> QuickGELU -> 3x3 conv on the patch grid -> QuickGELU -> dropout -> up (dim -> d)."""
 
@@ -87,17 +103,7 @@ class ConvpassBranch(nn.Module):
         self.up = nn.Linear(hidden, dim, **kw)
         self.act = QuickGELU()
         self.dropout = nn.Dropout(dropout)
-        with torch.no_grad():
-            nn.init.xavier_uniform_(self.down.weight)
-            nn.init.zeros_(self.down.bias)
-            if xavier_init:
-                nn.init.xavier_uniform_(self.conv.weight)
-            else:
-                nn.init.zeros_(self.conv.weight)
-                self.conv.weight[:, :, 1, 1] += torch.eye(hidden, **kw)
-            nn.init.zeros_(self.conv.bias)
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
+        _init_official(self, xavier_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.down(x))
@@ -127,17 +133,7 @@ class ConvpassBranch2d(nn.Module):
         self.up = nn.Conv2d(hidden, out_channels, 1, **kw)
         self.act = QuickGELU()
         self.dropout = nn.Dropout(dropout)
-        with torch.no_grad():
-            nn.init.xavier_uniform_(self.down.weight)
-            nn.init.zeros_(self.down.bias)
-            if xavier_init:
-                nn.init.xavier_uniform_(self.conv.weight)
-            else:
-                nn.init.zeros_(self.conv.weight)
-                self.conv.weight[:, :, 1, 1] += torch.eye(hidden, **kw)
-            nn.init.zeros_(self.conv.bias)
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
+        _init_official(self, xavier_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.dropout(self.act(self.conv(self.act(self.down(x))))))
