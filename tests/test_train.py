@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_BACKBONES
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import vpeft
 from vpeft.errors import ConfigError, DataError
 from vpeft.train import (
     TrainConfig,
@@ -299,13 +301,6 @@ def _images(n: int = 16, size: int = 32, classes: int = 5) -> DataLoader:
 
 
 def _tiny(name: str, method: str) -> nn.Module:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny import TINY_BACKBONES
-
-    import vpeft
-
     model = TINY_BACKBONES[name][0]()
     vpeft.apply(model, method)
     return model

@@ -25,8 +25,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from vpeft.arch import get_spec
 from vpeft.arch.hf import logits_of
-from vpeft.errors import ConfigError, DataError, suggest
+from vpeft.errors import ConfigError, DataError, UnsupportedBackboneError, suggest
 from vpeft.train import distributed as dist_utils
 from vpeft.train.distributed import DistContext
 from vpeft.train.metrics import ClassificationMeter, write_json_atomic
@@ -544,11 +545,9 @@ def _apply_options(model: nn.Module, cfg: TrainConfig) -> bool:
     """Apply ``cfg.channels_last`` / ``cfg.grad_checkpointing`` to ``model`` in place; returns channels-last."""
     channels_last = cfg.channels_last
     if channels_last is None:  # automatic: CNN backbones (the measured winner), not transformers
-        from vpeft.arch import get_spec
-
         try:
             channels_last = get_spec(model).kind == "cnn"
-        except Exception:  # a model vpeft has no spec for: leave it as it is
+        except UnsupportedBackboneError:  # a model vpeft has no spec for: leave it as it is
             channels_last = False
     if channels_last:
         model.to(memory_format=torch.channels_last)
