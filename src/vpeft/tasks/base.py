@@ -1,0 +1,141 @@
+"""The task slot: what a task adds around a frozen backbone (head or decoder, loss, metrics, batch format).
+
+A :class:`Task` is a small object the training loop, :func:`vpeft.train.evaluate`, :func:`vpeft.run.finetune`,
+the benchmark runner and :func:`vpeft.save` / :func:`vpeft.load` go through, so none of them knows which kind of
+task it trains. A task:
+
+- builds the model that is trained from a backbone (:meth:`Task.build`): the backbone itself when the task's head
+  lives inside it (classification: timm's classifier), or a :class:`TaskModel` holding the backbone and a
+  ``decoder`` module outside it (segmentation decoders, vision-language prompt learners);
+- computes the loss of a batch (:meth:`Task.loss`) from the model's output and the batch's targets;
+- accumulates its metrics over a whole split in a :class:`Meter` (sums only, so that distributed evaluation
+  all-reduces them exactly);
+- describes itself as JSON (:meth:`Task.to_dict`), which the delta header records, so a delta is only loaded for
+  the kind of task it was trained on.
+
+Batches are ``(inputs, targets)`` pairs for every task; what a target is (class index, mask) is the task's
+business. A new task type is one module defining a :class:`Task` subclass registered with :func:`register_task`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, suggest
+
+__all__ = ["Meter", "Task", "TaskModel", "register_task", "task_from_dict", "task_kinds"]
+
+
+class Meter(abc.ABC):
+    """Metrics of one task accumulated over batches as sums (never a mean of per-batch means)."""
+
+    @abc.abstractmethod
+    def update(self, loss: torch.Tensor, output: Any, target: torch.Tensor) -> None:
+        """Add one batch: ``loss`` is the batch-mean loss, ``output`` the model's output, ``target`` the targets."""
+
+    @abc.abstractmethod
+    def sums(self) -> torch.Tensor:
+        """All accumulated sums as one 1-D float64 CPU tensor (what distributed evaluation all-reduces)."""
+
+    @abc.abstractmethod
+    def load_sums(self, sums: torch.Tensor) -> None:
+        """Replace the accumulated sums by ``sums`` (the all-reduced result of :meth:`sums`)."""
+
+    @abc.abstractmethod
+    def compute(self) -> dict[str, Any]:
+        """The metrics: at least ``"loss"`` (mean) and ``"n"`` (samples), plus the task's own (floats or lists)."""
+
+
+class Task(abc.ABC):
+    """What a task adds around a backbone.
+
+    Attributes:
+        kind: the registry name of the task type (``"classification"``, ``"segmentation"`` ...).
+        primary_metric: the key of :meth:`Meter.compute` that selects models and ranks leaderboards.
+    """
+
+    kind: ClassVar[str]
+    primary_metric: ClassVar[str]
+
+    def backbone_classes(self, num_classes: int) -> int:
+        """The classifier size to create the backbone with (0: no classifier; the task brings its own head)."""
+        return num_classes
+
+    def build(self, backbone: nn.Module) -> nn.Module:
+        """The model that is trained and evaluated: ``backbone`` itself, or a :class:`TaskModel` around it."""
+        return backbone
+
+    @abc.abstractmethod
+    def loss(self, output: Any, target: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+        """The batch-mean training loss (float32) of ``output`` against ``target``."""
+
+    @abc.abstractmethod
+    def new_meter(self) -> Meter:
+        """An empty :class:`Meter` for this task's metrics."""
+
+    @abc.abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable description, ``{"kind": ..., **settings}``; :func:`task_from_dict` inverts it."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Task:
+        """Build from :meth:`to_dict`'s output (without ``kind``); subclasses with settings override it."""
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+    def check_compatible(self, other: Mapping[str, Any], where: str) -> None:
+        """Raise ConfigError unless a delta recorded for task ``other`` (its ``to_dict``) fits this task."""
+        mine = self.to_dict()
+        if other.get("kind") != mine["kind"]:
+            raise ConfigError(
+                f"{where} was trained for a {other.get('kind')!r} task; this model is a {mine['kind']!r} task"
+            )
+
+
+class TaskModel(nn.Module):
+    """A backbone plus a task module outside it (a decoder), trained and saved as one model.
+
+    :func:`vpeft.apply` adapts ``self.backbone`` with the method and trains every parameter of ``self.decoder``;
+    :func:`vpeft.save` writes both (backbone tensors under ``backbone.``, decoder tensors under ``decoder.``),
+    :func:`vpeft.merge` folds the method into the backbone and keeps the decoder. Subclasses define ``forward``.
+    """
+
+    def __init__(self, backbone: nn.Module, decoder: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+        self.__dict__["task"] = task  # a plain attribute: not a sub-module, not in state_dict
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The backbone's timm ``pretrained_cfg`` (mean/std/input size), so transforms read it as from a backbone."""
+        return getattr(self.backbone, "pretrained_cfg", None) or {}
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make ``cls`` known to :func:`task_from_dict` under ``cls.kind``."""
+    _TASKS[cls.kind] = cls
+    return cls
+
+
+def task_kinds() -> list[str]:
+    """The registered task kinds."""
+    return sorted(_TASKS)
+
+
+def task_from_dict(data: Mapping[str, Any]) -> Task:
+    """Rebuild a task from its :meth:`Task.to_dict` record (e.g. a delta header)."""
+    kind = data.get("kind")
+    if kind not in _TASKS:
+        raise ConfigError(suggest(str(kind), task_kinds(), "task kind"))
+    return _TASKS[kind].from_dict(data)
+
+
+TaskFactory = Callable[..., Task]
