@@ -35,8 +35,8 @@ def test_lora_on_real_digits_beats_chance_by_far(tmp_path):
         out_dir=tmp_path / "run",
         progress=False,
     )
-    assert rec["num_classes"] == 10 and rec["eval_n"] == 200
-    assert rec["top1"] > 0.6, f"top-1 {rec['top1']:.3f} is not far above chance (0.1)"
-    assert rec["method_params"] == 12 * 2 * (8 * 384 + 384 * 8)  # LoRA r=8 on q, v of ViT-S (d=384, 12 blocks)
+    assert rec.num_classes == 10 and rec.eval_n == 200
+    assert rec.top1 > 0.6, f"top-1 {rec.top1:.3f} is not far above chance (0.1)"
+    assert rec.method_params == 12 * 2 * (8 * 384 + 384 * 8)  # LoRA r=8 on q, v of ViT-S (d=384, 12 blocks)
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert saved["top1"] == rec["top1"]
+    assert saved["top1"] == rec.top1

@@ -122,3 +122,35 @@ def test_the_suffix_trains_the_original_tensors(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+
+
+# ---- on by default in finetune (vpeft train / bench), where exact --------------------------------------------
+def _finetune(tmp_path, method, **train):
+    from vpeft.data import ensure_digits_task
+    from vpeft.run import finetune
+
+    ensure_digits_task(tmp_path)
+    return finetune(
+        backbone="test_vit",
+        method=method,
+        task="digits",
+        data_root=tmp_path,
+        train_cfg=TrainConfig(epochs=2, lr=1e-2, batch_size=32, **train),
+        img_size=32,
+        train_split="val200",
+        eval_split="val200",
+        pretrained=False,
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize("method", ["linear", {"method": "partial", "k": 1}], ids=["linear", "partial1"])
+def test_finetune_caches_by_default_with_identical_results(tmp_path, method):
+    cached, uncached = _finetune(tmp_path, method), _finetune(tmp_path, method, feature_cache=False)
+    assert cached.feature_cache is not None and uncached.feature_cache is None
+    assert cached.metrics == uncached.metrics
+    assert cached.final_train == uncached.final_train
+
+
+def test_finetune_does_not_cache_what_the_method_changes(tmp_path):
+    assert _finetune(tmp_path, "lora").feature_cache is None

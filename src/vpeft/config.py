@@ -13,9 +13,12 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownNameError, suggest
 
 __all__ = ["MethodConfig", "check_int", "check_float", "check_choice", "check_subset"]
+
+
+_CONFIGS: dict[str, type[MethodConfig]] = {}
 
 
 def check_int(cfg: MethodConfig, field: str, low: int, high: int | None = None) -> None:
@@ -67,6 +70,12 @@ class MethodConfig:
 
     method: ClassVar[str] = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every config class with a ``method`` name registers itself, so configs rebuild without the registry."""
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("method"):
+            _CONFIGS[cls.method] = cls
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -92,11 +101,12 @@ class MethodConfig:
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> MethodConfig:
         """Build the config of the method named by ``data["method"]``."""
-        from .registry import get_method
-
         if "method" not in data:
             raise ConfigError(f"config {dict(data)!r} has no 'method' key")
-        cls = get_method(str(data["method"])).config_cls
+        name = str(data["method"])
+        if name not in _CONFIGS:
+            raise UnknownNameError(suggest(name, _CONFIGS, "method"))
+        cls = _CONFIGS[name]
         return cls.from_kwargs({k: v for k, v in data.items() if k != "method"})
 
     @classmethod

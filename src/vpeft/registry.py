@@ -30,13 +30,8 @@ def register_method(cls: M) -> M:
     return cls
 
 
-def _ensure_builtin() -> None:
-    from . import methods  # noqa: F401  (importing registers the built-in methods)
-
-
 def get_method(name: str) -> type[Method]:
     """Return the Method class registered as ``name``; unknown names list close matches."""
-    _ensure_builtin()
     try:
         return _METHODS[name]
     except KeyError:
@@ -45,5 +40,4 @@ def get_method(name: str) -> type[Method]:
 
 def list_methods() -> list[str]:
     """Names of all registered methods, sorted."""
-    _ensure_builtin()
     return sorted(_METHODS)

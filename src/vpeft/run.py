@@ -19,24 +19,28 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import __version__
 from .api import apply, load, merge, read_delta, save, save_merged
 from .config import MethodConfig
 from .data import (
     ImageFolderDataset,
     VTABTask,
     build_dataloader,
-    build_transform,
     default_data_root,
     ensure_digits_task,
 )
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .state import state_of
+from .tasks import ClassificationTask, Task, TaskModel, task_for_folder, task_from_dict
 from .train import TrainConfig, evaluate, set_seed, train
+from .train.cache import cached_training_setup, frozen_split
 from .train.distributed import main_first, session
 from .train.metrics import write_json_atomic
+from .version import __version__
 
 __all__ = [
     "finetune",
+    "RunResult",
+    "TaskFolder",
     "evaluate_delta",
     "merge_delta",
     "open_task",
@@ -56,31 +60,35 @@ def cache_data_root() -> Path:
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
-    """A task folder: VTAB-1k lists (``train800.txt`` ...) or one image folder per split (``train/``, ``test/``)."""
+class TaskFolder:
+    """A located task folder; what it holds (and so the task type) is read by :func:`vpeft.tasks.task_for_folder`."""
 
     root: Path
     name: str
-    num_classes: int
 
     @property
     def path(self) -> Path:
         return self.root / self.name
 
+    def task(self, kind: str | None = None, **options: Any) -> Task:
+        """The folder's task (its type detected from the files unless ``kind`` is given)."""
+        return task_for_folder(self.path, kind, **options)
+
+    @property
+    def num_classes(self) -> int:
+        """The class count of a classification folder (VTAB-1k lists or split image folders)."""
+        return ClassificationTask.from_folder(self.path).backbone_classes()
+
     def dataset(self, split: str, transform) -> Dataset:
+        """A classification split read with ``transform`` (the search's data path)."""
         if (self.path / f"{split}.txt").is_file():
             return VTABTask.from_dir(self.path).dataset(split, transform)
         if (self.path / split).is_dir():
             return ImageFolderDataset(self.path / split, transform)
-        options = sorted(
-            {p.stem for p in self.path.glob("*.txt")} | {p.name for p in self.path.iterdir() if p.is_dir()}
-        )
-        raise DataError(
-            f"task {self.name!r} has no split {split!r} (no {split}.txt, no {split}/ folder); found: {options}"
-        )
+        return ClassificationTask(self.num_classes).dataset(self.path, split, nn.Identity())  # raises the DataError
 
 
-def open_task(data_root: str | os.PathLike | None, task: str) -> Task:
+def open_task(data_root: str | os.PathLike | None, task: str) -> TaskFolder:
     """Locate ``task`` under ``data_root`` (default :func:`vpeft.data.default_data_root`).
 
     ``digits`` (scikit-learn's bundled 8x8 digits) is exported in VTAB-1k format on first use.
@@ -95,14 +103,7 @@ def open_task(data_root: str | os.PathLike | None, task: str) -> Task:
     if not path.is_dir():
         present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise DataError(f"task {task!r} not found under data root {root}; tasks there: {present or 'none'}")
-    if any((path / f"{s}.txt").is_file() for s in ("train800", "train800val200", "test", "val200")):
-        n = VTABTask.from_dir(path).num_classes
-    else:
-        splits = [p for p in path.iterdir() if p.is_dir()]
-        if not splits:
-            raise DataError(f"task folder {path} holds neither VTAB-1k split lists nor split image folders")
-        n = max(ImageFolderDataset(p).num_classes for p in splits)
-    return Task(root, task, n)
+    return TaskFolder(root, task)
 
 
 # ---- backbone ---------------------------------------------------------------------------------------------
@@ -130,8 +131,74 @@ def build_backbone(name: str, num_classes: int, img_size: int | None = None, pre
 def _input_size(model: nn.Module, img_size: int | None) -> int:
     if img_size is not None:
         return img_size
+    model = model.backbone if isinstance(model, TaskModel) else model
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     return int(size[0]) if size else int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """The outcome of :func:`finetune`, typed; :meth:`to_dict` is the JSON record written to ``result.json``.
+
+    ``metrics`` holds the task's evaluation metrics on ``eval_split`` (classification: ``top1``, ``loss``, ``n``;
+    segmentation: ``miou``, ``per_class_iou``, ``pixel_acc`` ...); ``score`` is its primary metric.
+    ``train_time_s`` includes building the feature cache; ``feature_cache`` names the cached prefix
+    (``"pre_logits"`` or a number of blocks), ``None`` when training ran uncached.
+    """
+
+    backbone: str
+    img_size: int
+    method: str
+    config: dict[str, Any]
+    task: str
+    task_spec: dict[str, Any]
+    primary_metric: str
+    num_classes: int | None
+    train_split: str
+    eval_split: str
+    train: dict[str, Any]
+    trainable_params: int
+    method_params: int
+    decoder_params: int
+    total_params: int
+    metrics: dict[str, Any]
+    train_time_s: float
+    train_images_per_s: float
+    eval_time_s: float
+    final_train: dict[str, Any]
+    feature_cache: str | None = None
+    delta_bytes: int | None = None
+    vpeft_version: str = __version__
+
+    @property
+    def score(self) -> float:
+        """The primary metric on ``eval_split`` (a fraction in [0, 1])."""
+        return float(self.metrics[self.primary_metric])
+
+    @property
+    def eval_n(self) -> int:
+        return int(self.metrics["n"])
+
+    @property
+    def top1(self) -> float | None:
+        """Top-1 accuracy of a classification run (``None`` for other tasks)."""
+        return self.metrics.get("top1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON record (earlier records' keys kept: ``top1``, ``eval_loss``, ``eval_n`` ...)."""
+        d = dataclasses.asdict(self)
+        d.pop("final_train")
+        d.update(
+            {k: v for k, v in self.metrics.items() if k not in ("loss", "n")},
+            eval_loss=self.metrics.get("loss"),
+            eval_n=self.eval_n,
+            score=self.score,
+            final_train_top1=self.final_train.get("train_top1"),
+            **{f"final_{k}": v for k, v in self.final_train.items() if k.startswith("train_") and k != "train_top1"},
+        )
+        if self.delta_bytes is None:
+            d.pop("delta_bytes")
+        return d
 
 
 # ---- the one end-to-end path ------------------------------------------------------------------------------------
@@ -150,88 +217,138 @@ def finetune(
     device: str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Adapt ``backbone`` to ``task`` with ``method``; return (and write) a result record.
+    task_kind: str | None = None,
+    task_options: Mapping[str, Any] | None = None,
+) -> RunResult:
+    """Adapt ``backbone`` to ``task`` with ``method``; return (and write) the run's result.
 
-    The VTAB-1k protocol: hyper-parameters are chosen with ``train_split="train800"``,
-    ``eval_split="val200"``; the final run trains on ``train800val200`` and evaluates ``test`` once.
-    With ``out_dir``: ``delta.safetensors``, ``metrics.json`` (per epoch) and ``result.json``.
+    The task folder's format decides the task type (:func:`vpeft.tasks.task_for_folder`; ``task_kind`` forces
+    one, ``task_options`` configures it, e.g. ``{"decoder": "fpn"}`` for segmentation), which builds the model
+    around the backbone, its loss and its metrics. The protocol: hyper-parameters are chosen with a train split
+    and a validation split (VTAB-1k: ``train800`` / ``val200``); the final run trains on both
+    (``train800val200``) and evaluates ``test`` once. With ``out_dir``: ``delta.safetensors``, ``metrics.json``
+    (per epoch) and ``result.json``.
 
     Under ``torchrun`` every process runs this function: training is data-parallel with ``train_cfg.batch_size``
     as the global batch, the final evaluation is sharded over the processes, and only rank 0 logs and writes
-    files; the others wait for it at a barrier, then return the same record (without ``delta_bytes``).
+    files; the others wait for it at a barrier, then return the same result (without ``delta_bytes``).
     """
     with session(device) as ctx:  # None in a single-process run
         cfg = train_cfg or TrainConfig()
         main = ctx is None or ctx.is_main
         device = ctx.device if ctx is not None else device
         with main_first(ctx):  # rank 0 alone exports generated data and converts weights into the caches
-            t = open_task(data_root, task)
+            folder = open_task(data_root, task)
+            t = folder.task(task_kind, **dict(task_options or {}))
             set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
-            model = build_backbone(backbone, t.num_classes, img_size, pretrained)
+            model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained))
             rep = apply(model, method)
         size = _input_size(model, img_size)
-        tf = build_transform(model, input_size=size)
-        train_ds, eval_ds = t.dataset(train_split, tf), t.dataset(eval_split, tf)
+        train_ds = t.dataset(folder.path, train_split, model, input_size=size, train=True)
+        eval_ds = t.dataset(folder.path, eval_split, model, input_size=size)
         loader = build_dataloader(train_ds, cfg.batch_size, shuffle=True, num_workers=num_workers, seed=cfg.seed)
         out = Path(out_dir) if out_dir is not None else None
         if main:
             n_train, n_eval = len(train_ds), len(eval_ds)
-            log.info("%s on %s/%s (%d train, %d eval images, %d px)", rep, task, train_split, n_train, n_eval, size)
-        result = train(model, loader, cfg, device=device, out_dir=out, progress=progress)
+            log.info(
+                "%s on %s/%s (%s; %d train, %d eval, %d px)",
+                rep,
+                task,
+                train_split,
+                t.describe(),
+                n_train,
+                n_eval,
+                size,
+            )
+        start = time.perf_counter()
+        trained, loader, cached = _maybe_cache(model, loader, cfg, device, ctx is None, progress and main)
+        result = train(trained, loader, cfg, device=device, out_dir=out, progress=progress, task=t)
+        train_time = time.perf_counter() - start
         start = time.perf_counter()
         eval_loader = build_dataloader(eval_ds, 2 * cfg.batch_size, shuffle=False, num_workers=num_workers)
-        ev = evaluate(model, eval_loader, device, distributed=True)  # sharded over the processes under torchrun
-        record = {
-            "vpeft_version": __version__,
-            "backbone": backbone,
-            "img_size": size,
-            "method": rep.method,
-            "config": _config_dict(model),
-            "task": task,
-            "num_classes": t.num_classes,
-            "train_split": train_split,
-            "eval_split": eval_split,
-            "train": cfg.to_dict(),
-            "trainable_params": rep.trainable,
-            "method_params": rep.method_params,
-            "total_params": rep.total,
-            "top1": ev["top1"],
-            "eval_loss": ev["loss"],
-            "eval_n": ev["n"],
-            "train_time_s": result.total_time_s,
-            "train_images_per_s": len(train_ds) * cfg.epochs / max(result.total_time_s, 1e-9),
-            "eval_time_s": time.perf_counter() - start,
-            "final_train_top1": result.final.get("train_top1"),
-        }
+        ev = evaluate(model, eval_loader, device, distributed=True, task=t)  # sharded over the processes
+        spec = t.to_dict()
+        run = RunResult(
+            backbone=backbone,
+            img_size=size,
+            method=rep.method,
+            config=_config_dict(model),
+            task=task,
+            task_spec=spec,
+            primary_metric=t.primary_metric,
+            num_classes=spec.get("num_classes"),
+            train_split=train_split,
+            eval_split=eval_split,
+            train=cfg.to_dict(),
+            trainable_params=rep.trainable,
+            method_params=rep.method_params,
+            decoder_params=rep.decoder,
+            total_params=rep.total,
+            metrics=dict(ev),
+            train_time_s=train_time,
+            train_images_per_s=len(train_ds) * cfg.epochs / max(train_time, 1e-9),
+            feature_cache=cached,
+            eval_time_s=time.perf_counter() - start,
+            final_train={k: v for k, v in result.final.items() if k.startswith("train_")},
+        )
         if out is not None and main:
             extra = {
                 "task": task,
-                "num_classes": t.num_classes,
+                "num_classes": spec.get("num_classes"),
                 "img_size": size,
                 "backbone_arg": backbone,
                 "pretrained": pretrained,
+                "task_spec": spec,
             }
             save(model, out / "delta.safetensors", extra=extra)
-            record["delta_bytes"] = (out / "delta.safetensors").stat().st_size
-            write_json_atomic(out / "result.json", record)
-        return record
+            run = dataclasses.replace(run, delta_bytes=(out / "delta.safetensors").stat().st_size)
+            write_json_atomic(out / "result.json", run.to_dict())
+        return run
+
+
+def _maybe_cache(
+    model: nn.Module, loader, cfg: TrainConfig, device: str, single_process: bool, progress: bool
+) -> tuple[nn.Module, Any, str | None]:
+    """``(model to train, its loader, cached depth)``: the cached suffix where caching is exact, else as given.
+
+    Exact means: ``cfg.feature_cache``, a single process, no gradient checkpointing (it belongs to the whole
+    model), a training set without random augmentation, and a frozen deterministic prefix
+    (:func:`vpeft.train.cache.frozen_split`).
+    """
+    if not (cfg.feature_cache and single_process and not cfg.grad_checkpointing):
+        return model, loader, None
+    if getattr(loader.dataset, "random_augmentation", False):
+        return model, loader, None
+    try:
+        split = frozen_split(model)
+    except ConfigError:  # not a timm model with forward_features / forward_head
+        return model, loader, None
+    if split is None:
+        return model, loader, None
+    set_seed(cfg.seed)  # as train() will: the cached loader then shuffles exactly as the original
+    setup = cached_training_setup(model, loader, device=device, progress=progress)
+    log.info("training on cached features of the frozen prefix (%s, %.1f MiB)", setup.depth, setup.nbytes / 2**20)
+    return setup.model, setup.train_loader, str(setup.depth)
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
-    return model.__dict__["_vpeft_state"].config.to_dict()
+    return state_of(model).config.to_dict()
 
 
-def _model_from_delta(delta: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+def _model_from_delta(delta: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], Task]:
+    """Rebuild the model a delta was trained with (backbone, and the task's model around it) and load the delta."""
     meta, _ = read_delta(delta)
     extra = json.loads(meta.get("extra") or "{}")
     missing = [k for k in ("num_classes", "backbone_arg") if k not in extra]
     if missing:
         raise DataError(f"delta {str(delta)!r} lacks {missing} in its metadata; it was not written by vpeft train")
+    spec = extra.get("task_spec") or {"kind": "classification", "num_classes": extra["num_classes"]}
+    task = task_from_dict(spec)
     pretrained = extra.get("pretrained", True)
-    model = build_backbone(extra["backbone_arg"], extra["num_classes"], extra.get("img_size"), pretrained)
+    backbone = build_backbone(extra["backbone_arg"], task.backbone_classes(), extra.get("img_size"), pretrained)
+    model = task.build(backbone)
     load(model, delta)
-    return model, extra
+    return model, extra, task
 
 
 def evaluate_delta(
@@ -244,19 +361,20 @@ def evaluate_delta(
     device: str = "cpu",
     merged: bool = False,
 ) -> dict[str, Any]:
-    """Rebuild the backbone a delta was trained on, load it, and evaluate top-1 on ``split``."""
-    model, extra = _model_from_delta(delta)
+    """Rebuild the model a delta was trained with, load it, and evaluate the task's metrics on ``split``."""
+    model, extra, t = _model_from_delta(delta)
     if merged:
         merge(model)
-    t = open_task(data_root, task or extra["task"])
-    ds = t.dataset(split, build_transform(model, input_size=extra.get("img_size")))
+    folder = open_task(data_root, task or extra["task"])
+    ds = t.dataset(folder.path, split, model, input_size=extra.get("img_size"))
     model.to(device)
-    return {"task": t.name, "split": split, **evaluate(model, build_dataloader(ds, batch_size, shuffle=False), device)}
+    metrics = evaluate(model, build_dataloader(ds, batch_size, shuffle=False), device, task=t)
+    return {"task": folder.name, "split": split, "primary_metric": t.primary_metric, **metrics}
 
 
 def merge_delta(delta: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the full merged model (a plain timm state dict) of a mergeable delta."""
-    model, _ = _model_from_delta(delta)
+    model, _, _ = _model_from_delta(delta)
     merge(model, keep_original=False)
     return save_merged(model, out)
 
@@ -289,8 +407,8 @@ def demo(
     out_dir: str | os.PathLike = "runs/demo",
     batch_size: int = 32,
     progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Adapt the real DINOv2 ViT-S/14 with several methods on a real dataset, offline; one record per method.
+) -> list[RunResult]:
+    """Adapt the real DINOv2 ViT-S/14 with several methods on a real dataset, offline; one result per method.
 
     Default data: scikit-learn's digits (real handwritten digits, shipped with scikit-learn), exported in
     VTAB-1k format under ``~/.cache/vpeft/data`` (or ``$VPEFT_CACHE/data``).
@@ -310,21 +428,27 @@ def demo(
             progress=progress,
         )
         records.append(rec)
-        log.info("%s: top-1 %.4f", name, rec["top1"])
-    write_json_atomic(Path(out_dir) / "results.json", records)
+        log.info("%s: %s %.4f", name, rec.primary_metric, rec.score)
+    write_json_atomic(Path(out_dir) / "results.json", [r.to_dict() for r in records])
     return records
 
 
-def results_table(records: Sequence[Mapping[str, Any]], chance: float | None = None) -> str:
-    """A Markdown table of result records (method, trainable params, top-1, times)."""
+_METRIC_NAMES = {"top1": "top-1", "miou": "mIoU"}
+
+
+def results_table(records: Sequence[RunResult | Mapping[str, Any]], chance: float | None = None) -> str:
+    """A Markdown table of results (method, trainable params, the primary metric, times)."""
+    rows = [r.to_dict() if isinstance(r, RunResult) else dict(r) for r in records]
+    key = rows[0].get("primary_metric", "top1") if rows else "top1"
+    name = _METRIC_NAMES.get(key, key)
     lines = [
-        "| method | trainable params | % of model | top-1 (%) | train time (s) | eval time (s) |",
+        f"| method | trainable params | % of model | {name} (%) | train time (s) | eval time (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in records:
+    for r in rows:
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} | {100 * r['trainable_params'] / r['total_params']:.3f} | "
-            f"{100 * r['top1']:.2f} | {r['train_time_s']:.1f} | {r['eval_time_s']:.1f} |"
+            f"{100 * r[key]:.2f} | {r['train_time_s']:.1f} | {r['eval_time_s']:.1f} |"
         )
     if chance is not None:
         lines.append(f"\nchance level: {100 * chance:.1f}%")

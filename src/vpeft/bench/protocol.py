@@ -209,8 +209,8 @@ def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str,
     for i, cand in enumerate(candidates):
         set_seed(spec.seed)  # method parameters are initialised before training seeds the RNG
         rec = finetune(**_finetune_kwargs(spec, cand), train_split=spec.splits["train"], eval_split=spec.splits["val"])
-        results.append({"setting": cand, "val_top1": rec["top1"], "train_time_s": rec["train_time_s"]})
-        logger.info("%s: grid setting %d/%d %s: val top-1 %.4f", spec.run_id, i + 1, len(candidates), cand, rec["top1"])
+        results.append({"setting": cand, "val_top1": rec.score, "train_time_s": rec.train_time_s})
+        logger.info("%s: grid setting %d/%d %s: val %.4f", spec.run_id, i + 1, len(candidates), cand, rec.score)
         gc.collect()
     best = max(range(len(results)), key=lambda i: (results[i]["val_top1"], -i))
     return {
@@ -237,11 +237,12 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     set_seed(spec.seed)
     kwargs = _finetune_kwargs(spec, chosen)
     with PeakMemory(spec.device) as mem:
-        final = finetune(**kwargs, train_split=spec.splits["trainval"], eval_split=spec.splits["test"], out_dir=out_dir)
+        run = finetune(**kwargs, train_split=spec.splits["trainval"], eval_split=spec.splits["test"], out_dir=out_dir)
+    final = run.to_dict()
     latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["num_classes"], final["img_size"])
     return {
-        "top1": final["top1"],
-        "test_n": final["eval_n"],
+        "top1": run.score,
+        "test_n": run.eval_n,
         "test_loss": final["eval_loss"],
         "trainable_params": final["trainable_params"],
         "method_params": final["method_params"],

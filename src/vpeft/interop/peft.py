@@ -53,6 +53,7 @@ from ..errors import CheckpointError, ConfigError
 from ..layers.dora import DoRALinear
 from ..layers.lora import LoRALinear
 from ..registry import get_method
+from ..state import detach_state, head_names, state_of, unwrap_all
 
 __all__ = ["export_peft", "import_peft", "read_peft", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
 
@@ -189,7 +190,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, pad_fused: bo
     """
     from ..layers.lora_conv import LoRAConv2d
 
-    state = api._state(model)
+    state = state_of(model)
     if state.merged is not None:
         raise CheckpointError("PEFT export: the model is merged; call vpeft.unmerge(model) first")
     if state.config.method not in _METHODS:
@@ -372,7 +373,7 @@ def _config_from_meta(model: nn.Module, spec: ArchSpec, meta: Mapping[str, str])
     if "vpeft_config" not in meta:
         return None
     cfg = MethodConfig.from_json(meta["vpeft_config"])
-    got = api.fingerprint(model, exclude=tuple(api._head_names(model, spec)))
+    got = api.fingerprint(model, exclude=tuple(head_names(model, spec)))
     if meta.get("vpeft_fingerprint") not in (None, got):
         raise CheckpointError(
             f"PEFT import: this adapter was exported from other weights of {meta.get('vpeft_backbone')!r} "
@@ -452,8 +453,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> api.Report:
         with torch.no_grad():
             _load(model, layers, head_tensors)
     except BaseException:  # leave the model as it was
-        api._unwrap_all(model)
-        del model.__dict__[api._STATE]
+        unwrap_all(model)
+        detach_state(model)
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad[n])
         raise

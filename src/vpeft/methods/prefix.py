@@ -40,6 +40,7 @@ from ..config import MethodConfig, check_float, check_int
 from ..errors import ConfigError
 from ..layers.kv_prompt import KVPromptAttention, check_timm_attention
 from ..registry import register_method
+from ..state import state_of, wrapper_parameters
 from .base import ADDITION, Method
 
 __all__ = ["PrefixConfig", "Prefix", "PrefixAttention", "PrefixEncoder", "fold"]
@@ -183,9 +184,7 @@ def fold(model: nn.Module) -> list[str]:
     Raises:
         ConfigError: the model is not adapted with ``prefix`` and ``reparam=True``.
     """
-    from ..api import _state, _wrapper_parameters  # the trainable set lives in the api's per-model state
-
-    state = _state(model)
+    state = state_of(model)
     cfg = state.config
     if not isinstance(cfg, PrefixConfig) or not cfg.reparam:
         raise ConfigError(f"fold needs a model adapted with prefix(reparam=True); this one has {cfg.to_json()}")
@@ -195,7 +194,7 @@ def fold(model: nn.Module) -> list[str]:
     for (_, layer), (key, value) in zip(layers, prefixes):
         layer.set_prefixes(key, value)
     new = dataclasses.replace(cfg, reparam=False)
-    trainable = list(dict.fromkeys(_wrapper_parameters(model) + state.head))
+    trainable = list(dict.fromkeys(wrapper_parameters(model) + state.head))
     params = dict(model.named_parameters())
     for name in trainable:
         params[name].requires_grad_(True)

@@ -163,16 +163,16 @@ def run_search(
             num_workers=num_workers,
             progress=progress,
         )
-        if rec["method_params"] != best.params:  # the budget check must have used the exact count
-            raise RuntimeError(f"exported config: {rec['method_params']} parameters; the search counted {best.params}")
+        if rec.method_params != best.params:  # the budget check must have used the exact count
+            raise RuntimeError(f"exported config: {rec.method_params} parameters; the search counted {best.params}")
         summary.update(
             retrain_epochs=retrain_epochs,
             retrain_split=retrain_splits[0],
             eval_split=retrain_splits[1],
-            retrain_params=rec["method_params"],
-            trainable_with_head=rec["trainable_params"],
-            top1=rec["top1"],
-            retrain_time_s=rec["train_time_s"],
+            retrain_params=rec.method_params,
+            trainable_with_head=rec.trainable_params,
+            top1=rec.score,
+            retrain_time_s=rec.train_time_s,
         )
     write_json_atomic(out / "search_result.json", summary)
     return summary

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError, suggest
 
-__all__ = ["Meter", "Task", "TaskModel", "register_task", "task_from_dict", "task_kinds"]
+__all__ = ["Meter", "Task", "TaskModel", "register_task", "task_for_folder", "task_from_dict", "task_kinds"]
 
 
 class Meter(abc.ABC):
@@ -61,10 +63,34 @@ class Task(abc.ABC):
 
     kind: ClassVar[str]
     primary_metric: ClassVar[str]
+    #: folder detection order of :func:`task_for_folder` (higher first); the generic fallback has the lowest
+    detect_priority: ClassVar[int] = 0
 
-    def backbone_classes(self, num_classes: int) -> int:
+    # ---- data: what a task folder holds and how its batches look ----------------------------------------------
+    @classmethod
+    def matches_folder(cls, path: Path) -> bool:
+        """Whether the task folder at ``path`` is in this task type's format."""
+        return False
+
+    @classmethod
+    @abc.abstractmethod
+    def from_folder(cls, path: Path, **options: Any) -> Task:
+        """The task of the folder at ``path`` (class count from its files) with the given task options."""
+
+    @abc.abstractmethod
+    def dataset(
+        self, path: Path, split: str, model: nn.Module, *, input_size: int | None = None, train: bool = False
+    ) -> Dataset:
+        """The ``split`` of the folder at ``path`` as ``(input, target)`` samples prepared for ``model``."""
+
+    def describe(self) -> str:
+        """A short human description, e.g. ``"classification, 10 classes"``."""
+        return self.kind
+
+    # ---- model, loss and metrics --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def backbone_classes(self) -> int:
         """The classifier size to create the backbone with (0: no classifier; the task brings its own head)."""
-        return num_classes
 
     def build(self, backbone: nn.Module) -> nn.Module:
         """The model that is trained and evaluated: ``backbone`` itself, or a :class:`TaskModel` around it."""
@@ -136,6 +162,18 @@ def task_from_dict(data: Mapping[str, Any]) -> Task:
     if kind not in _TASKS:
         raise ConfigError(suggest(str(kind), task_kinds(), "task kind"))
     return _TASKS[kind].from_dict(data)
+
+
+def task_for_folder(path: Path, kind: str | None = None, **options: Any) -> Task:
+    """The task of a task folder: of type ``kind``, or of the first registered type whose format the folder has."""
+    if kind is not None:
+        if kind not in _TASKS:
+            raise ConfigError(suggest(str(kind), task_kinds(), "task kind"))
+        return _TASKS[kind].from_folder(Path(path), **options)
+    for cls in sorted(_TASKS.values(), key=lambda c: -c.detect_priority):
+        if cls.matches_folder(Path(path)):
+            return cls.from_folder(Path(path), **options)
+    raise ConfigError(f"task folder {path} is in none of the known formats ({', '.join(task_kinds())})")
 
 
 TaskFactory = Callable[..., Task]

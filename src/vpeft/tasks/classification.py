@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
 
+from ..errors import ConfigError, DataError
 from .base import Meter, Task, register_task
 
 __all__ = ["ClassificationMeter", "ClassificationTask", "logits_of", "topk_correct"]
@@ -59,12 +63,77 @@ class ClassificationMeter(Meter):
         return {"loss": float(self.loss_sum) / self.n, "top1": float(self.correct) / self.n, "n": self.n}
 
 
+_VTAB_LISTS = ("train800", "train800val200", "test", "val200")
+
+
+def _split_options(path: Path) -> list[str]:
+    return sorted(
+        {p.stem for p in path.glob("*.txt") if p.stem != "classes"}
+        | {p.name for p in path.iterdir() if p.is_dir() and p.name != "images"}
+    )
+
+
 @register_task
 class ClassificationTask(Task):
-    """One label per image; the head is the backbone's classifier (created with ``num_classes``)."""
+    """One label per image; the head is the backbone's classifier (created with ``num_classes``).
+
+    Task folders: VTAB-1k lists (``train800.txt`` ... with ``<image> <label>`` lines, see
+    :class:`vpeft.data.VTABTask`) or one image folder per split with a sub-folder per class (``train/cat/...``).
+    ``num_classes`` is ``None`` for a task used without a folder (the model's head decides).
+    """
 
     kind: ClassVar[str] = "classification"
     primary_metric: ClassVar[str] = "top1"
+    detect_priority: ClassVar[int] = -100  # the generic fallback: any folder of lists or split folders
+
+    def __init__(self, num_classes: int | None = None) -> None:
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
+            raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+
+    @classmethod
+    def matches_folder(cls, path: Path) -> bool:
+        return path.is_dir() and (
+            any((path / f"{s}.txt").is_file() for s in _VTAB_LISTS) or any(p.is_dir() for p in path.iterdir())
+        )
+
+    @classmethod
+    def from_folder(cls, path: Path, **options: Any) -> ClassificationTask:
+        from ..data import ImageFolderDataset, VTABTask
+
+        if options:
+            raise ConfigError(f"classification tasks take no task options, got {sorted(options)}")
+        if any((path / f"{s}.txt").is_file() for s in _VTAB_LISTS):
+            return cls(VTABTask.from_dir(path).num_classes)
+        splits = [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+        if not splits:
+            raise DataError(f"task folder {path} holds neither VTAB-1k split lists nor split image folders")
+        return cls(max(ImageFolderDataset(p).num_classes for p in splits))
+
+    def dataset(
+        self, path: Path, split: str, model: nn.Module, *, input_size: int | None = None, train: bool = False
+    ) -> Dataset:
+        from ..data import ImageFolderDataset, VTABTask, build_transform
+
+        transform = build_transform(model, input_size=input_size)
+        if (path / f"{split}.txt").is_file():
+            return VTABTask.from_dir(path).dataset(split, transform)
+        if (path / split).is_dir():
+            return ImageFolderDataset(path / split, transform)
+        raise DataError(
+            f"task {path.name!r} has no split {split!r} (no {split}.txt, no {split}/ folder); "
+            f"found: {_split_options(path)}"
+        )
+
+    def describe(self) -> str:
+        return f"classification, {self.num_classes} classes" if self.num_classes else "classification"
+
+    def backbone_classes(self) -> int:
+        if self.num_classes is None:
+            raise ConfigError("ClassificationTask(num_classes=None) cannot size a classifier; give num_classes")
+        return self.num_classes
 
     def loss(self, output: Any, target: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
         return F.cross_entropy(logits_of(output).float(), target, label_smoothing=label_smoothing)
@@ -73,4 +142,4 @@ class ClassificationTask(Task):
         return ClassificationMeter()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind}
+        return {"kind": self.kind, "num_classes": self.num_classes}

@@ -20,17 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from vpeft.arch import get_spec
-from vpeft.arch.hf import logits_of
 from vpeft.errors import ConfigError, DataError, UnsupportedBackboneError, suggest
+from vpeft.tasks import ClassificationTask, Meter, Task, TaskModel
 from vpeft.train import distributed as dist_utils
 from vpeft.train.distributed import DistContext
-from vpeft.train.metrics import ClassificationMeter, write_json_atomic
+from vpeft.train.metrics import write_json_atomic
 
 __all__ = [
     "NO_DECAY_ATTR",
@@ -42,6 +41,7 @@ __all__ = [
     "build_scheduler",
     "evaluate",
     "mark_no_decay",
+    "resolve_task",
     "set_seed",
     "train",
 ]
@@ -109,6 +109,10 @@ class TrainConfig:
         min_lr: Learning rate at the end of the cosine schedule (in [0, lr]).
         max_grad_norm: Clip the global gradient norm to this value; ``None`` disables clipping.
         log_every: Refresh the progress bar and emit a debug log line every this many optimizer steps (0: never).
+        feature_cache: In :func:`vpeft.run.finetune` (``vpeft train``, ``vpeft bench``): train on cached outputs of
+            the frozen prefix of the model when that is exact -- the method leaves the embedding and the first
+            blocks untouched (linear probe, partial-k) and the training data has no random augmentation; the
+            results equal an uncached run's. :func:`train` itself trains whatever model and loader it is given.
     """
 
     epochs: int = 10
@@ -126,6 +130,7 @@ class TrainConfig:
     min_lr: float = 1e-8
     max_grad_norm: float | None = None
     log_every: int = 10
+    feature_cache: bool = True
 
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, 1)
@@ -133,7 +138,7 @@ class TrainConfig:
         _check_int("grad_accum", self.grad_accum, 1)
         _check_int("seed", self.seed, 0, _MAX_SEED)
         _check_int("log_every", self.log_every, 0)
-        for name in ("bf16", "compile", "grad_checkpointing"):
+        for name in ("bf16", "compile", "grad_checkpointing", "feature_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, getattr(self, name), "a bool")
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
@@ -188,6 +193,13 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields."""
         return dataclasses.asdict(self)
+
+
+def resolve_task(model: nn.Module, task: Task | None = None) -> Task:
+    """The task a model trains for: ``task`` if given, a :class:`~vpeft.tasks.TaskModel`'s own, else classification."""
+    if task is not None:
+        return task
+    return model.task if isinstance(model, TaskModel) else ClassificationTask()
 
 
 def set_seed(seed: int) -> None:
@@ -296,6 +308,7 @@ class _Loop:
     scheduler: LambdaLR
     step: int = 0
     last_lr: float = 0.0
+    task: Task = dataclasses.field(default_factory=ClassificationTask)
     dist: DistContext | None = None  # with it, ``model`` is the DDP wrapper and ``module`` the model it wraps
     module: nn.Module | None = None
     channels_last: bool = False  # 4-D input batches are converted to NHWC
@@ -306,9 +319,9 @@ class _Loop:
         return self.dist is None or self.dist.is_main
 
     def run_epoch(self, loader: Iterable[Any], epoch: int, progress: bool) -> dict[str, Any]:
-        """Train one epoch; return ``{train_loss, train_top1, lr, n, train_time_s}``."""
+        """Train one epoch; return the meter's statistics, ``lr`` and ``train_time_s``."""
         self.model.train()
-        meter, n_batches, accum = ClassificationMeter(), len(loader), self.cfg.grad_accum  # type: ignore[arg-type]
+        meter, n_batches, accum = self.task.new_meter(), len(loader), self.cfg.grad_accum  # type: ignore[arg-type]
         start, pending = time.perf_counter(), 0
         bar = tqdm(
             loader,
@@ -337,34 +350,27 @@ class _Loop:
             self._optimizer_step()
         stats = self._stats(meter)
         self._check_finite(stats["loss"], epoch)
-        elapsed = time.perf_counter() - start
-        return {
-            "train_loss": stats["loss"],
-            "train_top1": stats["top1"],
-            "lr": self.last_lr,
-            "n": stats["n"],
-            "train_time_s": elapsed,
-        }
+        return {**stats, "lr": self.last_lr, "train_time_s": time.perf_counter() - start}
 
     def _forward_backward(
         self, images: torch.Tensor, targets: torch.Tensor, group_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, Any, torch.Tensor]:
         images = self._images(images)
         targets = targets.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            logits = logits_of(self.model(images))  # a tensor (timm) or a ModelOutput (transformers)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
+            output = self.model(images)  # a tensor (timm), a ModelOutput (transformers), or the task model's
+        loss = self.task.loss(output, targets, label_smoothing=self.cfg.label_smoothing)
         (loss / group_size).backward()
-        return loss.detach(), logits.detach(), targets
+        return loss.detach(), _detach(output), targets
 
     def _forward_backward_ddp(
         self, images: torch.Tensor, targets: torch.Tensor, group_size: int, sizes: tuple[int, int], sync: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[torch.Tensor, Any, torch.Tensor] | None:
         """One rank's share of a global micro-batch; ``sizes`` is ``(local, global)`` samples (local 0: stand-in).
 
-        The summed loss is scaled by ``world_size / global``, so DDP's average over ranks is the global batch mean
-        (divided by ``group_size`` as in the single-process path). Gradients are all-reduced only on the last
-        micro-batch of an accumulation group (``sync``).
+        The rank's batch-mean loss times its sample count is scaled by ``world_size / global``, so DDP's average
+        over ranks is the global batch mean (divided by ``group_size`` as in the single-process path). Gradients
+        are all-reduced only on the last micro-batch of an accumulation group (``sync``).
         """
         assert self.dist is not None
         local, total = sizes
@@ -372,15 +378,13 @@ class _Loop:
         targets = targets.to(self.device, non_blocking=True)
         with contextlib.nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                logits = logits_of(self.model(images))
-            loss_sum = F.cross_entropy(
-                logits.float(), targets, label_smoothing=self.cfg.label_smoothing, reduction="sum"
-            )
+                output = self.model(images)
+            loss_sum = self.task.loss(output, targets, label_smoothing=self.cfg.label_smoothing) * local
             scale = self.dist.world_size / (total * group_size) if local else 0.0  # a stand-in weighs nothing
             (loss_sum * scale).backward()
         if not local:
             return None
-        return loss_sum.detach() / local, logits.detach(), targets
+        return loss_sum.detach() / local, _detach(output), targets
 
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -388,8 +392,8 @@ class _Loop:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def _stats(self, meter: ClassificationMeter) -> dict[str, float | int]:
-        return meter.compute() if self.dist is None else _reduce_meter(meter, self.dist)
+    def _stats(self, meter: Meter) -> dict[str, Any]:
+        return meter.compute() if self.dist is None else _reduce_meter(meter, self.task, self.dist)
 
     def _optimizer_step(self) -> None:
         if self.cfg.max_grad_norm is not None:
@@ -401,22 +405,16 @@ class _Loop:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def _maybe_log(self, bar: tqdm, meter: ClassificationMeter, epoch: int) -> None:
+    def _maybe_log(self, bar: tqdm, meter: Meter, epoch: int) -> None:
         if not self.cfg.log_every or self.step % self.cfg.log_every:
             return
         stats = self._stats(meter)  # under DDP: global numbers, so every rank takes the same decision below
         self._check_finite(stats["loss"], epoch)
         if not self.main:
             return
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", top1=f"{stats['top1']:.3f}", lr=f"{self.last_lr:.2e}")
-        logger.debug(
-            "epoch %d step %d: loss %.4f top1 %.3f lr %.3e",
-            epoch,
-            self.step,
-            stats["loss"],
-            stats["top1"],
-            self.last_lr,
-        )
+        key = self.task.primary_metric
+        bar.set_postfix({"loss": f"{stats['loss']:.4f}", key: f"{stats[key]:.3f}", "lr": f"{self.last_lr:.2e}"})
+        logger.debug("epoch %d step %d: loss %.4f %s %.3f", epoch, self.step, stats["loss"], key, stats[key])
 
     def _check_finite(self, loss: float, epoch: int) -> None:
         if not math.isfinite(loss):
@@ -437,17 +435,20 @@ def train(
     progress: bool = True,
     callbacks: Sequence[Callback] | None = None,
     find_unused_parameters: bool = False,
+    task: Task | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``train_loader``.
 
     Seeds everything with ``cfg.seed``, moves ``model`` to ``device``, then for each epoch: ``model.train()``,
-    cross-entropy (with ``cfg.label_smoothing``) under optional bf16 autocast, backward of ``loss / k`` where
+    the task's loss (:meth:`vpeft.tasks.Task.loss`; classification: cross-entropy with ``cfg.label_smoothing``)
+    under optional bf16 autocast, backward of ``loss / k`` where
     ``k`` is the number of micro-batches in the current accumulation group, an optimizer step (after optional
     gradient clipping) every ``cfg.grad_accum`` micro-batches and at the end of the epoch, and a scheduler step
     after every optimizer step. After each epoch the model is evaluated on ``val_loader`` (if given) and a record
-    ``{epoch, train_loss, train_top1, lr, val_top1, val_loss, epoch_time_s, images_per_s, steps}`` is appended to
-    the history (``lr`` is the rate used by the epoch's last step; ``val_*`` are ``None`` without a val loader;
-    top-1 values are fractions in [0, 1]; ``images_per_s`` counts training images over training time only).
+    ``{epoch, train_loss, train_<metric>, lr, val_<metric>, val_loss, epoch_time_s, images_per_s, steps}`` is
+    appended to the history, one ``train_``/``val_`` key per scalar metric of the task's meter (classification:
+    ``train_top1``, ``val_top1``; ``lr`` is the rate used by the epoch's last step; ``val_*`` are ``None`` without a
+    val loader; fractions in [0, 1]; ``images_per_s`` counts training images over training time only).
     With ``out_dir`` the file ``out_dir/metrics.json`` (``{config, history, steps, elapsed_s, complete}``) is
     rewritten atomically after every epoch.
 
@@ -461,8 +462,9 @@ def train(
 
     Args:
         model: The model; parameters with ``requires_grad=True`` are trained.
-        train_loader: Yields ``(images, int64 targets)`` batches and has a ``len()``.
+        train_loader: Yields ``(inputs, targets)`` batches in the task's format and has a ``len()``.
         cfg: Hyper-parameters.
+        task: What the model is trained for (loss, metrics); default: a TaskModel's own task, else classification.
         val_loader: Optional loader evaluated after every epoch.
         device: Where the model and batches go.
         out_dir: Folder for ``metrics.json`` (created if missing).
@@ -482,7 +484,17 @@ def train(
     """
     with dist_utils.session(device) as ctx:  # None in a single-process run
         return _train(
-            model, train_loader, cfg, val_loader, device, out_dir, progress, callbacks, ctx, find_unused_parameters
+            model,
+            train_loader,
+            cfg,
+            val_loader,
+            device,
+            out_dir,
+            progress,
+            callbacks,
+            ctx,
+            find_unused_parameters,
+            resolve_task(model, task),
         )
 
 
@@ -497,6 +509,7 @@ def _train(
     callbacks: Sequence[Callback] | None,
     ctx: DistContext | None,
     find_unused_parameters: bool,
+    task: Task,
 ) -> TrainResult:
     set_seed(cfg.seed)
     device = torch.device(device) if ctx is None else ctx.device
@@ -509,7 +522,7 @@ def _train(
     optimizer.zero_grad(set_to_none=True)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     if ctx is None:
-        loop = _Loop(torch.compile(model) if cfg.compile else model, cfg, device, optimizer, scheduler)
+        loop = _Loop(torch.compile(model) if cfg.compile else model, cfg, device, optimizer, scheduler, task=task)
     else:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise ConfigError("under torchrun pass the plain model to train(); it wraps it in DDP itself")
@@ -518,7 +531,7 @@ def _train(
             val_loader = dist_utils.shard_loader(val_loader, ctx, train=False)
         ddp = dist_utils.wrap_ddp(model, ctx, find_unused_parameters)
         ddp = torch.compile(ddp) if cfg.compile else ddp
-        loop = _Loop(ddp, cfg, device, optimizer, scheduler, dist=ctx, module=model)
+        loop = _Loop(ddp, cfg, device, optimizer, scheduler, task=task, dist=ctx, module=model)
     loop.channels_last = channels_last
     write = out_dir is not None and loop.main
     result, start = TrainResult(), time.perf_counter()
@@ -572,34 +585,45 @@ def _epoch_record(
     if val_loader is None:
         val = {}
     elif loop.dist is None:
-        val = evaluate(loop.model, val_loader, loop.device, loop.cfg.bf16)
+        val = evaluate(loop.model, val_loader, loop.device, loop.cfg.bf16, task=loop.task)
     else:  # the unwrapped model on this rank's (already sharded) part of the split; counts all-reduced
-        val = _evaluate(loop.module, val_loader, loop.device, loop.cfg.bf16, False, loop.dist)  # type: ignore[arg-type]
-    record = {
-        "epoch": epoch,
-        "train_loss": stats["train_loss"],
-        "train_top1": stats["train_top1"],
-        "lr": stats["lr"],
-        "val_top1": val.get("top1"),
-        "val_loss": val.get("loss"),
-        "epoch_time_s": time.perf_counter() - start,
-        "images_per_s": stats["n"] / max(stats["train_time_s"], 1e-9),
-        "steps": loop.step,
-    }
+        val = _evaluate(loop.module, val_loader, loop.device, loop.cfg.bf16, False, loop.dist, loop.task)  # type: ignore[arg-type]
+    key = loop.task.primary_metric
+    record: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"]}
+    skip = ("loss", "n", "lr", "train_time_s")
+    record.update({f"train_{k}": v for k, v in stats.items() if k not in skip and _scalar(v)})
+    record.update({"lr": stats["lr"], f"val_{key}": None, "val_loss": None})
+    record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+    record.update(
+        epoch_time_s=time.perf_counter() - start,
+        images_per_s=stats["n"] / max(stats["train_time_s"], 1e-9),
+        steps=loop.step,
+    )
     if not loop.main:
         return record
     logger.info(
-        "epoch %d/%d: train loss %.4f top1 %.4f | val loss %s top1 %s | lr %.3e | %.1f img/s",
+        "epoch %d/%d: train loss %.4f %s %.4f | val loss %s %s %s | lr %.3e | %.1f img/s",
         epoch,
         loop.cfg.epochs,
         record["train_loss"],
-        record["train_top1"],
+        key,
+        record[f"train_{key}"],
         _fmt(record["val_loss"]),
-        _fmt(record["val_top1"]),
+        key,
+        _fmt(record[f"val_{key}"]),
         record["lr"],
         record["images_per_s"],
     )
     return record
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _detach(output: Any) -> Any:
+    """The model output without its autograd graph (tensors detached; other outputs, e.g. ModelOutputs, as given)."""
+    return output.detach() if isinstance(output, torch.Tensor) else output
 
 
 def _fmt(value: float | None) -> str:
@@ -635,8 +659,9 @@ def evaluate(
     progress: bool = False,
     *,
     distributed: bool = False,
-) -> dict[str, float | int]:
-    """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader``.
+    task: Task | None = None,
+) -> dict[str, Any]:
+    """The task's metrics of ``model`` over ``loader`` (classification: mean cross-entropy and top-1 accuracy).
 
     Runs under ``torch.inference_mode()`` with ``model.eval()``, and restores the model's previous
     training mode afterwards. The model must already be on ``device``.
@@ -652,9 +677,11 @@ def evaluate(
         bf16: Run the forward pass under bf16 autocast.
         progress: Show a tqdm progress bar (rank 0 only under DDP).
         distributed: Shard the evaluation over the ranks of the current process group (no-op without one).
+        task: The task whose loss and meter are used (default: a TaskModel's own task, else classification).
 
     Returns:
-        ``{"top1": fraction correct in [0, 1], "loss": mean cross-entropy (no label smoothing), "n": samples}``.
+        The meter's metrics, e.g. ``{"top1": fraction correct in [0, 1], "loss": mean cross-entropy (no label
+        smoothing), "n": samples}`` for classification.
 
     Raises:
         DataError: The loader yielded no samples.
@@ -664,7 +691,8 @@ def evaluate(
     ctx = dist_utils.current(device) if distributed else None
     if ctx is not None:
         loader = dist_utils.shard_loader(loader, ctx, train=False)
-    return _evaluate(model, loader, device, bf16, progress and (ctx is None or ctx.is_main), ctx)
+    task = resolve_task(model, task)
+    return _evaluate(model, loader, device, bf16, progress and (ctx is None or ctx.is_main), ctx, task)
 
 
 def _evaluate(
@@ -674,29 +702,29 @@ def _evaluate(
     bf16: bool,
     progress: bool,
     ctx: DistContext | None,
-) -> dict[str, float | int]:
+    task: Task,
+) -> dict[str, Any]:
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    meter = ClassificationMeter()
+    meter = task.new_meter()
     try:
         with torch.inference_mode():
             for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = logits_of(model(images))
-                meter.update(F.cross_entropy(logits.float(), targets), logits, targets)
+                    output = model(images)
+                meter.update(task.loss(output, targets), output, targets)
     finally:
         model.train(was_training)
-    stats = meter.compute() if ctx is None else _reduce_meter(meter, ctx)
+    stats = meter.compute() if ctx is None else _reduce_meter(meter, task, ctx)
     if stats["n"] == 0:
         raise DataError("evaluation loader yielded no samples")
     return stats
 
 
-def _reduce_meter(meter: ClassificationMeter, ctx: DistContext) -> dict[str, float | int]:
+def _reduce_meter(meter: Meter, task: Task, ctx: DistContext) -> dict[str, Any]:
     """The meter's statistics summed over all ranks (every rank must call it)."""
-    loss_sum, correct, n = dist_utils.all_reduce_sum([meter.loss_sum, meter.correct, meter.n], ctx)
-    total = ClassificationMeter()
-    total.loss_sum, total.correct, total.n = loss_sum, round(correct), round(n)
+    total = task.new_meter()
+    total.load_sums(torch.tensor(dist_utils.all_reduce_sum(meter.sums().tolist(), ctx), dtype=torch.float64))
     return total.compute()

@@ -9,42 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from ..tasks.classification import ClassificationMeter, topk_correct
 
 __all__ = ["ClassificationMeter", "topk_correct", "write_json_atomic"]
-
-
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """Number of rows whose target is among the ``k`` highest logits (a 0-d tensor on the logits' device)."""
-    k = min(k, logits.shape[-1])
-    top = logits.topk(k, dim=-1).indices
-    return (top == targets.unsqueeze(-1)).any(dim=-1).sum()
-
-
-class ClassificationMeter:
-    """Running mean loss and top-1 accuracy over batches.
-
-    Sums stay on the device as tensors, so updating never synchronises with an accelerator; call
-    :meth:`compute` (which does) when the numbers are needed.
-    """
-
-    def __init__(self) -> None:
-        self.loss_sum: torch.Tensor | float = 0.0
-        self.correct: torch.Tensor | int = 0
-        self.n = 0
-
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add one batch: ``loss`` is the batch-mean loss, ``logits`` ``(B, C)``, ``targets`` ``(B,)``."""
-        batch = targets.shape[0]
-        self.loss_sum = self.loss_sum + loss.detach().float() * batch
-        self.correct = self.correct + topk_correct(logits.detach(), targets, 1)
-        self.n += batch
-
-    def compute(self) -> dict[str, float | int]:
-        """Return ``{"loss": mean loss, "top1": fraction correct in [0, 1], "n": samples}`` (NaN when empty)."""
-        if self.n == 0:
-            return {"loss": float("nan"), "top1": float("nan"), "n": 0}
-        return {"loss": float(self.loss_sum) / self.n, "top1": float(self.correct) / self.n, "n": self.n}
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
