@@ -33,6 +33,7 @@ from .state import state_of
 from .tasks import ClassificationTask, Task, TaskModel, task_for_folder, task_from_dict
 from .train import TrainConfig, evaluate, set_seed, train
 from .train.cache import cached_training_setup, frozen_split
+from .train.checkpoint import CHECKPOINT_NAME
 from .train.distributed import main_first, session
 from .train.metrics import write_json_atomic
 from .version import __version__
@@ -219,6 +220,7 @@ def finetune(
     progress: bool = True,
     task_kind: str | None = None,
     task_options: Mapping[str, Any] | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Adapt ``backbone`` to ``task`` with ``method``; return (and write) the run's result.
 
@@ -227,7 +229,9 @@ def finetune(
     around the backbone, its loss and its metrics. The protocol: hyper-parameters are chosen with a train split
     and a validation split (VTAB-1k: ``train800`` / ``val200``); the final run trains on both
     (``train800val200``) and evaluates ``test`` once. With ``out_dir``: ``delta.safetensors``, ``metrics.json``
-    (per epoch) and ``result.json``.
+    (per epoch) and ``result.json``; while training, ``checkpoint.pt`` (every ``train_cfg.checkpoint_every``
+    epochs), from which ``resume=True`` continues a killed run to the same result; it is removed once
+    ``result.json`` is written.
 
     Under ``torchrun`` every process runs this function: training is data-parallel with ``train_cfg.batch_size``
     as the global batch, the final evaluation is sharded over the processes, and only rank 0 logs and writes
@@ -262,8 +266,9 @@ def finetune(
             )
         start = time.perf_counter()
         trained, loader, cached = _maybe_cache(model, loader, cfg, device, ctx is None, progress and main)
-        result = train(trained, loader, cfg, device=device, out_dir=out, progress=progress, task=t)
-        train_time = time.perf_counter() - start
+        cache_time = time.perf_counter() - start
+        result = train(trained, loader, cfg, device=device, out_dir=out, progress=progress, task=t, resume=resume)
+        train_time = cache_time + result.total_time_s  # a resumed run counts the epochs before the crash too
         start = time.perf_counter()
         eval_loader = build_dataloader(eval_ds, 2 * cfg.batch_size, shuffle=False, num_workers=num_workers)
         ev = evaluate(model, eval_loader, device, distributed=True, task=t)  # sharded over the processes
@@ -303,6 +308,7 @@ def finetune(
             save(model, out / "delta.safetensors", extra=extra)
             run = dataclasses.replace(run, delta_bytes=(out / "delta.safetensors").stat().st_size)
             write_json_atomic(out / "result.json", run.to_dict())
+            (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # the run is complete: its delta and result are written
         return run
 
 

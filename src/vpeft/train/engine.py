@@ -25,8 +25,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from vpeft.arch import get_spec
-from vpeft.errors import ConfigError, DataError, UnsupportedBackboneError, suggest
+from vpeft.errors import CheckpointError, ConfigError, DataError, UnsupportedBackboneError, suggest
 from vpeft.tasks import ClassificationTask, Meter, Task, TaskModel
+from vpeft.train import checkpoint as ckpt
 from vpeft.train import distributed as dist_utils
 from vpeft.train.distributed import DistContext
 from vpeft.train.metrics import write_json_atomic
@@ -109,6 +110,8 @@ class TrainConfig:
         min_lr: Learning rate at the end of the cosine schedule (in [0, lr]).
         max_grad_norm: Clip the global gradient norm to this value; ``None`` disables clipping.
         log_every: Refresh the progress bar and emit a debug log line every this many optimizer steps (0: never).
+        checkpoint_every: With an ``out_dir``, write a resumable training checkpoint (``checkpoint.pt``) atomically
+            every this many epochs and after the last (0: never); :func:`train` with ``resume=True`` continues from it.
         feature_cache: In :func:`vpeft.run.finetune` (``vpeft train``, ``vpeft bench``): train on cached outputs of
             the frozen prefix of the model when that is exact -- the method leaves the embedding and the first
             blocks untouched (linear probe, partial-k) and the training data has no random augmentation; the
@@ -130,6 +133,7 @@ class TrainConfig:
     min_lr: float = 1e-8
     max_grad_norm: float | None = None
     log_every: int = 10
+    checkpoint_every: int = 1
     feature_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -138,6 +142,7 @@ class TrainConfig:
         _check_int("grad_accum", self.grad_accum, 1)
         _check_int("seed", self.seed, 0, _MAX_SEED)
         _check_int("log_every", self.log_every, 0)
+        _check_int("checkpoint_every", self.checkpoint_every, 0)
         for name in ("bf16", "compile", "grad_checkpointing", "feature_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, getattr(self, name), "a bool")
@@ -436,6 +441,7 @@ def train(
     callbacks: Sequence[Callback] | None = None,
     find_unused_parameters: bool = False,
     task: Task | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``train_loader``.
 
@@ -465,6 +471,11 @@ def train(
         train_loader: Yields ``(inputs, targets)`` batches in the task's format and has a ``len()``.
         cfg: Hyper-parameters.
         task: What the model is trained for (loss, metrics); default: a TaskModel's own task, else classification.
+        resume: Continue from ``out_dir/checkpoint.pt`` when it exists (written every ``cfg.checkpoint_every``
+            epochs): trainable tensors, buffers, optimizer, scheduler, RNG and loader-generator states, step and
+            history are restored, and training goes on from the next epoch. The run must be built as the killed
+            one was (same model, method, data and config; ``cfg.epochs`` may grow). Without a checkpoint it
+            starts from scratch.
         val_loader: Optional loader evaluated after every epoch.
         device: Where the model and batches go.
         out_dir: Folder for ``metrics.json`` (created if missing).
@@ -495,6 +506,7 @@ def train(
             ctx,
             find_unused_parameters,
             resolve_task(model, task),
+            resume,
         )
 
 
@@ -510,6 +522,7 @@ def _train(
     ctx: DistContext | None,
     find_unused_parameters: bool,
     task: Task,
+    resume: bool = False,
 ) -> TrainResult:
     set_seed(cfg.seed)
     device = torch.device(device) if ctx is None else ctx.device
@@ -535,12 +548,25 @@ def _train(
     loop.channels_last = channels_last
     write = out_dir is not None and loop.main
     result, start = TrainResult(), time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    generator = getattr(train_loader, "generator", None)
+    ckpt_path = Path(out_dir) / ckpt.CHECKPOINT_NAME if out_dir is not None else None
+    first = 1
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        first, elapsed = _restore(loop, ckpt_path, result, generator)
+        start -= elapsed
+    elif resume:
+        logger.info("no checkpoint to resume from%s: training from scratch", f" in {out_dir}" if out_dir else "")
+    if ckpt_path is not None and loop.main:
+        ckpt.clean_stale(ckpt_path.parent)
+    for epoch in range(first, cfg.epochs + 1):
         record = _epoch_record(loop, train_loader, val_loader, epoch, progress and loop.main)
         result.history.append(record)
         result.total_time_s, result.steps, result.final = time.perf_counter() - start, loop.step, record
         if write:
             _write_metrics(Path(out_dir), cfg, result, complete=epoch == cfg.epochs)  # type: ignore[arg-type]
+            every = cfg.checkpoint_every
+            if every and (epoch % every == 0 or epoch == cfg.epochs):
+                _checkpoint(loop, ckpt_path, epoch, result, generator)  # type: ignore[arg-type]
         stop = any([cb(record) is True for cb in callbacks or ()])  # a list: every callback sees every epoch
         if ctx is not None:  # one rank's callback stopping alone would leave the others waiting
             stop = dist_utils.all_reduce_sum([float(stop)], ctx)[0] > 0
@@ -552,6 +578,54 @@ def _train(
                 _write_metrics(Path(out_dir), cfg, result, complete=True)  # type: ignore[arg-type]
             break
     return result
+
+
+def _trained_module(loop: _Loop) -> nn.Module:
+    return loop.module if loop.module is not None else loop.model
+
+
+def _checkpoint(loop: _Loop, path: Path, epoch: int, result: TrainResult, generator) -> None:
+    payload = {
+        "config": loop.cfg.to_dict(),
+        "epoch": epoch,
+        "step": loop.step,
+        "last_lr": loop.last_lr,
+        "elapsed_s": result.total_time_s,
+        "history": result.history,
+        "model": ckpt.model_tensors(_trained_module(loop)),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "rng": ckpt.capture_rng(generator),
+    }
+    ckpt.write_checkpoint(path, payload)
+
+
+def _restore(loop: _Loop, path: Path, result: TrainResult, generator) -> tuple[int, float]:
+    """Load ``path`` into the loop; return ``(first epoch to run, elapsed seconds before)``."""
+    payload = ckpt.read_checkpoint(path, loop.cfg.to_dict())
+    module = _trained_module(loop)
+    own = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    own.update(dict(module.named_buffers()))
+    saved = payload["model"]
+    if set(saved) != set(own) or any(saved[n].shape != own[n].shape for n in own):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} belongs to another model (its trainable tensors and buffers differ); "
+            "resume with the method, backbone and task the run was started with"
+        )
+    with torch.no_grad():
+        for n, t in saved.items():
+            own[n].copy_(t)
+    loop.optimizer.load_state_dict(payload["optimizer"])
+    loop.scheduler.load_state_dict(payload["scheduler"])
+    loop.step, loop.last_lr = int(payload["step"]), float(payload["last_lr"])
+    ckpt.restore_rng(payload["rng"], generator)
+    result.history = list(payload["history"])
+    result.steps = loop.step
+    result.final = result.history[-1] if result.history else {}
+    result.total_time_s = float(payload["elapsed_s"])
+    if loop.main:
+        logger.info("resumed from %s after epoch %d (step %d)", path, payload["epoch"], loop.step)
+    return int(payload["epoch"]) + 1, float(payload["elapsed_s"])
 
 
 def _apply_options(model: nn.Module, cfg: TrainConfig) -> bool:

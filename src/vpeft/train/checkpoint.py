@@ -1,0 +1,112 @@
+"""Training checkpoints for resuming a killed run: everything the loop needs to continue as if never stopped.
+
+A checkpoint holds the tensors that change during training (trainable parameters and every buffer), the
+optimizer's and scheduler's state, the RNG states (python, numpy, torch, the training loader's generator), the
+optimizer step, the epoch history and the elapsed time, and the training config it was written under. It is
+written atomically after every ``TrainConfig.checkpoint_every`` epochs (a temporary file, then ``os.replace``):
+a crash at any moment, mid-write included, leaves the previous complete checkpoint. Resumed training takes the
+same optimizer steps on the same batches in the same order with the same random numbers, so on CPU with a fixed
+seed a resumed run ends bit-identical to an uninterrupted one (``tests/test_resume.py`` kills real processes).
+
+The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vpeft.errors import CheckpointError, ConfigError
+
+__all__ = ["CHECKPOINT_NAME", "FORMAT_VERSION", "capture_rng", "read_checkpoint", "restore_rng", "write_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+def capture_rng(generator: torch.Generator | None) -> dict[str, Any]:
+    """The python, numpy and torch RNG states (and ``generator``'s), as tensors and plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "loader": generator.get_state() if generator is not None else None,
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if generator is not None and state.get("loader") is not None:
+        generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` that training changes: trainable parameters and all buffers (CPU copies)."""
+    tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    tensors.update({n: b.detach() for n, b in model.named_buffers()})
+    return {n: t.to("cpu").clone() for n, t in tensors.items()}
+
+
+def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Read a checkpoint written under the training config ``config`` (a resumed run must not change it).
+
+    Raises:
+        CheckpointError: an unreadable, truncated or foreign file.
+        ConfigError: the checkpoint was written under another training config (the differing fields named).
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged zip / pickle stream
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a vpeft training checkpoint (version {FORMAT_VERSION})")
+    # a run may be resumed with more epochs; every other field must match
+    saved = {k: v for k, v in payload["config"].items() if k != "epochs"}
+    now = {k: v for k, v in config.items() if k != "epochs"}
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
+        raise ConfigError(f"cannot resume {str(path)!r}: the training config differs ({pairs})")
+    return payload
+
+
+def clean_stale(folder: Path) -> None:
+    """Remove temporary files left by a process killed while writing a checkpoint."""
+    for tmp in folder.glob(f".{CHECKPOINT_NAME}.*.tmp"):
+        tmp.unlink(missing_ok=True)
