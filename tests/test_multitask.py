@@ -205,7 +205,9 @@ def test_unsupported_method_is_named(tmp_path):
     paths, _ = setup(tmp_path, tasks={"lora_qv": TASKS["lora_qv"], "prompts": ("vpt_deep", {"num_tokens": 2}, 5)})
     backbone = fresh("vit_cls")
     with pytest.raises(
-        vpeft.ConfigError, match=r"task 'prompts': method 'vpt_deep' cannot .*supported methods: linear, lora, adapter"
+        vpeft.ConfigError,
+        match=r"task 'prompts': method 'vpt_deep' cannot be selected per sample \(its PromptedBlock at blocks.0 has no "
+        r"per-sample form.*\); supported methods: adapter, adaptformer, linear, lora, ssf$",
     ):
         MultiTaskModel.from_deltas(backbone, paths)
     assert not any(isinstance(m, vpeft.layers.Wrapper) for m in backbone.modules()), "a refused load leaves no trace"

@@ -7,11 +7,15 @@ by one head per task (heads may have different numbers of classes). ``model(x, t
 pass of the whole batch through the frozen weights; each sample gets its own task's low-rank update, adapter,
 scale-shift and head, and a task whose delta does not touch a module adds nothing there.
 
-Supported methods: ``linear`` (head only), ``lora`` (any targets, q/k/v slices of a fused ``qkv`` included,
-any rank), ``adapter`` (sequential, Pfeiffer or Houlsby), ``adaptformer`` (parallel) and ``ssf`` (per-channel
-scale and shift), in any mix of configurations; on timm / Hugging Face ViTs and timm Swin. Methods that change
-the token sequence (prompts, prefixes), the weights themselves (BitFit, partial or full tuning) or stack several
-methods (compose) are refused with a :class:`~vpeft.errors.ConfigError` naming them.
+Supported methods are found by a protocol, not a list: a method can be selected per sample when it trains nothing
+of the backbone itself and every layer it injects implements :meth:`vpeft.layers.Wrapper.apply_delta` (its
+function given its base layer's output, applied here to each task's rows), one layer per module. The built-in
+ones: ``linear`` (head only), ``lora`` (any targets, q/k/v slices of a fused ``qkv`` included, any rank),
+``adapter`` (sequential, Pfeiffer or Houlsby), ``adaptformer`` (parallel) and ``ssf`` (per-channel scale and
+shift), in any mix of configurations, on timm / Hugging Face ViTs and timm Swin; a new layer class implementing
+the protocol makes its method multi-task-capable without a change here. Methods that change the token sequence
+(prompts, prefixes) or the weights themselves (BitFit, partial or full tuning) are refused with a
+:class:`~vpeft.errors.ConfigError` naming the supported ones (:func:`supported_methods`).
 
 Per-sample selection (``selection``):
 
@@ -19,10 +23,13 @@ Per-sample selection (``selection``):
   of every task are one contiguous slice of every activation. A LoRA'd Linear computes each task group with
   more rows than the layer has inputs as one GEMM with a temporary merged weight ``W + s B A`` (built per call,
   one layer at a time, freed at once: the cost of a merged model, no persistent copy); other groups share GEMMs
-  with the frozen weight and get their low-rank term as two thin GEMMs. Adapters, SSF and heads run on each
-  task's slice. The outputs are put back in batch order at the end.
+  with the frozen weight and get their low-rank term as two thin GEMMs (the layer's ``merged_weight`` and
+  ``apply_delta``). Adapters, SSF and heads run on each task's slice. The outputs are put back in batch order at
+  the end.
 * ``"gather"``: every layer stacks its tasks' deltas (zero-padded to the largest rank / width) and gathers one
-  copy per sample (``stack[task_of_sample]``), then applies them with batched matrix products (``bmm``).
+  copy per sample (``stack[task_of_sample]``), then applies them with batched matrix products (``bmm``); the
+  stacks come from the layer classes (:meth:`~vpeft.layers.Wrapper.stack_deltas`), and a class without one is
+  applied task group by task group.
 
 ``benchmarks/bench_multitask.py`` times both (and grouping without the merged-weight GEMMs). Single layers of
 ViT-S/16 block 0, one CPU core, 4 tasks x 8 images, time x the frozen layer: ``qkv`` with 4 LoRA tasks (r=8,
@@ -37,10 +44,12 @@ frozen function (no task applied). Inference only: the deltas are frozen and app
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -51,16 +60,17 @@ from ._modules import get_module, set_module
 from .arch import ArchSpec, get_spec, logits_of
 from .config import MethodConfig
 from .errors import CheckpointError, ConfigError, UnknownNameError, UnsupportedBackboneError, suggest
-from .layers import LoRALinear, ParallelAdapter, ScaleShift, SequentialAdapter, Wrapper
-from .layers.base import input_of, map_output
-from .registry import get_method
+from .layers import Wrapper
+from .layers.base import has_task_delta, input_of, map_output
+from .registry import get_method, list_methods
 
-__all__ = ["MultiTaskModel", "MultiTaskOutput", "MultiTaskLayer", "SUPPORTED_METHODS", "SELECTIONS"]
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+__all__ = ["MultiTaskModel", "MultiTaskOutput", "MultiTaskLayer", "supported_methods", "SELECTIONS"]
 
 log = logging.getLogger(__name__)
 
-#: methods whose deltas can be selected per sample
-SUPPORTED_METHODS = ("linear", "lora", "adapter", "adaptformer", "ssf")
 #: ways of applying per-sample deltas (see the module docstring)
 SELECTIONS = ("grouped", "gather")
 _KINDS = ("vit", "swin")
@@ -118,90 +128,22 @@ class _Router:
     route: _Route | None = None
 
 
-# ---- one task's delta on one module ---------------------------------------------------------------------------
-class _LoRAPart(nn.Module):
-    """LoRA on output slices of a Linear: ``y[:, slice_i] += (x A_i^T) (s B_i)^T`` (scale folded into B)."""
-
-    def __init__(self, layer: LoRALinear) -> None:
-        super().__init__()
-        self.r, self.slices = layer.r, [tuple(s) for s in layer.slices]
-        self.a = _frozen(torch.cat(list(layer.lora_A)))  # (k r, in)
-        self.b = nn.ParameterList(_frozen(b * layer.scaling) for b in layer.lora_B)  # (width_i, r)
-
-    def apply_(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        t = torch.mm(x.reshape(-1, x.shape[-1]), self.a.t())
-        y2, r = y.view(-1, y.shape[-1]), self.r
-        for i, ((start, stop), b) in enumerate(zip(self.slices, self.b)):
-            y2[:, start:stop].addmm_(t[:, i * r : (i + 1) * r], b.t())
-
-    def merged(self, weight: torch.Tensor) -> torch.Tensor:
-        """A temporary ``W + pad(s B A)``, written in one pass (``weight`` itself is not modified)."""
-        w, r, done = torch.empty_like(weight), self.r, 0
-        for i, ((start, stop), b) in sorted(enumerate(zip(self.slices, self.b)), key=lambda item: item[1][0]):
-            w[done:start].copy_(weight[done:start])
-            torch.addmm(weight[start:stop], b, self.a[i * r : (i + 1) * r], out=w[start:stop])
-            done = stop
-        w[done:].copy_(weight[done:])
-        return w
-
-
-class _BottleneckPart(nn.Module):
-    """An adapter: ``y += s up(act(down(src)))`` with ``src`` the layer's input (parallel) or output (sequential)."""
-
-    def __init__(self, layer: SequentialAdapter | ParallelAdapter) -> None:
-        super().__init__()
-        ad, s = layer.adapter, float(layer.scale)
-        self.on_input = isinstance(layer, ParallelAdapter)
-        self.down_w, self.down_b = _frozen(ad.down.weight), _frozen(ad.down.bias)
-        self.up_w, self.up_b = _frozen(ad.up.weight * s), _frozen(ad.up.bias * s)
-        self.act = ad.act
-
-    def apply_(self, x: torch.Tensor | None, y: torch.Tensor) -> None:
-        src = x if self.on_input else y
-        y.add_(F.linear(self.act(F.linear(src, self.down_w, self.down_b)), self.up_w, self.up_b))
-
-
-class _ScaleShiftPart(nn.Module):
-    """SSF: ``y = y * gamma + beta`` per output channel."""
-
-    def __init__(self, layer: ScaleShift) -> None:
-        super().__init__()
-        self.channel_dim = layer.channel_dim
-        self.scale, self.shift = _frozen(layer.scale), _frozen(layer.shift)
-
-    def apply_(self, x: torch.Tensor | None, y: torch.Tensor) -> None:
-        shape = [-1] + [1] * (y.ndim - 2) if self.channel_dim == 1 else [-1]
-        y.mul_(self.scale.view(shape)).add_(self.shift.view(shape))
-
-
-_PARTS: dict[type, type[nn.Module]] = {
-    LoRALinear: _LoRAPart,
-    SequentialAdapter: _BottleneckPart,
-    ParallelAdapter: _BottleneckPart,
-    ScaleShift: _ScaleShiftPart,
-}
-
-
-def _channel_view(t: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
-    """``(rows, C)`` per-row values viewed to broadcast over a ``(rows, ...)`` activation."""
-    if channel_dim == 1:
-        return t.view(t.shape[0], t.shape[1], *[1] * (ndim - 2))
-    return t.view(t.shape[0], *[1] * (ndim - 2), t.shape[1])
-
-
 class MultiTaskLayer(Wrapper):
     """Wraps one frozen module and applies, to each sample, the delta of that sample's task for this module.
 
     Args:
         base_layer: the frozen module (shared, never copied).
         where: its qualified name (for error messages).
-        parts: task index -> that task's delta here (tasks that do not adapt this module are absent).
+        parts: task index -> that task's layer here: a wrapper implementing the per-sample protocol
+            (:meth:`~vpeft.layers.Wrapper.apply_delta`), its base layer released (tasks that do not adapt this
+            module are absent).
         num_tasks: number of tasks of the model.
         router: the model's router (the task layout of the batch in flight).
         selection: ``"grouped"`` or ``"gather"`` (see the module docstring).
 
-    ``fold`` (class attribute, read at construction): with ``"grouped"``, a LoRA'd Linear computes a task group
-    larger than its input width with a temporary merged weight (see :meth:`_grouped_linear`).
+    ``fold`` (class attribute, read at construction): with ``"grouped"``, a task group of a Linear larger than
+    its input width whose layer folds into a weight (:meth:`~vpeft.layers.Wrapper.merged_weight`, LoRA) is
+    computed with that temporary merged weight (see :meth:`_grouped_linear`).
     """
 
     fold: bool = True
@@ -210,7 +152,7 @@ class MultiTaskLayer(Wrapper):
         self,
         base_layer: nn.Module,
         where: str,
-        parts: Mapping[int, nn.Module],
+        parts: Mapping[int, Wrapper],
         num_tasks: int,
         router: _Router,
         selection: str = "grouped",
@@ -220,62 +162,30 @@ class MultiTaskLayer(Wrapper):
         self.parts = nn.ModuleDict({str(t): p for t, p in sorted(parts.items())})
         self.__dict__["_by_task"] = dict(parts)
         self.__dict__["_router"] = router
-        self.needs_input = any(isinstance(p, _LoRAPart) or getattr(p, "on_input", False) for p in parts.values())
-        self._banks: list[tuple] = []
-        self._fold_lora = (
+        self.needs_input = any(p.delta_reads_input for p in parts.values())
+        self._fold = (
             selection == "grouped"
             and self.fold
             and type(base_layer) is nn.Linear
-            and any(isinstance(p, _LoRAPart) for p in parts.values())
+            and any(type(p).merged_weight is not Wrapper.merged_weight for p in parts.values())
         )
+        # gather: one stack per layer class (its Wrapper.stack_deltas); classes without one go group by group
+        self.stacks = nn.ModuleList()
+        self.__dict__["_unstacked"] = {}
         if selection == "gather":
-            self._build_banks(num_tasks)
-
-    # -- gather: per-layer stacks over tasks, zero (identity) where a task does not adapt the layer; the banks
-    # name their buffers (looked up per call, so .to() / .half() carry them along)
-    def _stack(self, name: str, shape: tuple[int, ...], fill: float = 0.0) -> str:
-        p = next(iter(self.parts.parameters()))
-        key = f"bank{len(self._buffers)}_{name}"
-        self.register_buffer(key, torch.full(shape, fill, device=p.device, dtype=p.dtype), persistent=False)
-        return key
-
-    @torch.no_grad()
-    def _build_banks(self, num_tasks: int) -> None:
-        by_kind: dict[tuple, dict[int, nn.Module]] = {}
-        for t, p in self._by_task.items():
-            key = (type(p), getattr(p, "on_input", None), type(getattr(p, "act", None)))
-            by_kind.setdefault(key, {})[t] = p
-        buf = self._buffers
-        for (kind, on_input, _), parts in by_kind.items():
-            first = next(iter(parts.values()))
-            if kind is _LoRAPart:
-                width = max(p.a.shape[0] for p in parts.values())
-                a = self._stack("lora_a", (num_tasks, width, first.a.shape[1]))
-                bt = self._stack("lora_bt", (num_tasks, width, self.base_layer.out_features))
-                for t, p in parts.items():
-                    buf[a][t, : p.a.shape[0]] = p.a
-                    for i, ((start, stop), b) in enumerate(zip(p.slices, p.b)):
-                        buf[bt][t, i * p.r : (i + 1) * p.r, start:stop] = b.t()
-                self._banks.append(("lora", a, bt))
-            elif kind is _BottleneckPart:
-                hidden, dim = max(p.down_w.shape[0] for p in parts.values()), first.down_w.shape[1]
-                dw, db = self._stack("down_w", (num_tasks, hidden, dim)), self._stack("down_b", (num_tasks, hidden))
-                uwt, ub = self._stack("up_wt", (num_tasks, hidden, dim)), self._stack("up_b", (num_tasks, dim))
-                for t, p in parts.items():
-                    h = p.down_w.shape[0]
-                    buf[dw][t, :h], buf[db][t, :h], buf[uwt][t, :h], buf[ub][t] = p.down_w, p.down_b, p.up_w.t(), p.up_b
-                self._banks.append(("bottleneck", on_input, first.act, dw, db, uwt, ub))
-            else:
-                channels = first.scale.shape[0]
-                scale = self._stack("scale", (num_tasks, channels), 1.0)
-                shift = self._stack("shift", (num_tasks, channels))
-                for t, p in parts.items():
-                    buf[scale][t], buf[shift][t] = p.scale, p.shift
-                self._banks.append(("scale_shift", first.channel_dim, scale, shift))
+            by_class: dict[type, dict[int, Wrapper]] = {}
+            for t, p in parts.items():
+                by_class.setdefault(type(p), {})[t] = p
+            for kind, group in by_class.items():
+                stack = kind.stack_deltas(group, num_tasks)
+                if stack is None:
+                    self._unstacked.update(group)
+                else:
+                    self.stacks.append(stack)
 
     def forward(self, *args, **kwargs):
         route = self._router.route
-        if route is not None and self._fold_lora:
+        if route is not None and self._fold:
             x = input_of(self.base_layer, args, kwargs)
             if not torch.is_autocast_enabled(x.device.type) and x.dtype == self.base_layer.weight.dtype:
                 return self._grouped_linear(route, x)
@@ -286,26 +196,33 @@ class MultiTaskLayer(Wrapper):
         apply = self._gather if self.selection == "gather" else self._grouped
         return map_output(out, lambda y: apply(route, x, y))
 
-    def _grouped(self, route: _Route, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    def _grouped(
+        self, route: _Route, x: torch.Tensor | None, y: torch.Tensor, parts: Mapping[int, Wrapper] | None = None
+    ) -> torch.Tensor:
+        parts = self._by_task if parts is None else parts
         for t, start, stop in route.ranges(y.shape[0], self.where):
-            part = self._by_task.get(t)
+            part = parts.get(t)
             if part is not None:
-                part.apply_(None if x is None else x[start:stop], y[start:stop])
+                part.apply_delta(None if x is None else x[start:stop], y[start:stop])
         return y
 
     def _grouped_linear(self, route: _Route, x: torch.Tensor) -> torch.Tensor:
-        """A LoRA'd Linear, task group by task group: a group with more rows than the layer has inputs is one
-        GEMM with a temporary merged weight ``W + s B A`` (no pass over the activations for the low-rank term,
-        as a merged model); other groups share GEMMs with the frozen ``W`` and then get their deltas."""
+        """A Linear, task group by task group: a group with more rows than the layer has inputs, whose layer
+        folds into a weight (LoRA: ``W + s B A``), is one GEMM with that temporary merged weight (no pass over
+        the activations for its delta, as a merged model); other groups share GEMMs with the frozen ``W`` and
+        then get their deltas."""
         base, rows = self.base_layer, x.shape[0]
         weight, bias = base.weight, base.bias
         x2 = x.reshape(-1, weight.shape[1])
         y2 = x2.new_empty(x2.shape[0], weight.shape[0])
         k = x2.shape[0] // rows if rows else 1
         segments: list[list] = []  # [start, stop, merged weight or None], adjacent frozen-W groups joined
+        folded = set()
         for t, start, stop in route.ranges(rows, self.where):
             part = self._by_task.get(t)
-            merged = part.merged(weight) if isinstance(part, _LoRAPart) and (stop - start) * k > x2.shape[1] else None
+            merged = part.merged_weight(weight) if part is not None and (stop - start) * k > x2.shape[1] else None
+            if merged is not None:
+                folded.add(t)
             if merged is None and segments and segments[-1][2] is None and segments[-1][1] == start:
                 segments[-1][1] = stop
             else:
@@ -320,33 +237,18 @@ class MultiTaskLayer(Wrapper):
         y = y2.view(*x.shape[:-1], weight.shape[0])
         for t, start, stop in route.ranges(rows, self.where):
             part = self._by_task.get(t)
-            folded = isinstance(part, _LoRAPart) and (stop - start) * k > x2.shape[1]
-            if part is not None and not folded:
-                part.apply_(x[start:stop], y[start:stop])
+            if part is not None and t not in folded:
+                part.apply_delta(x[start:stop], y[start:stop])
         return y
 
     def _gather(self, route: _Route, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-        rows, buf = y.shape[0], self._buffers
-        task = route.row_task(rows, self.where)
-        y3 = y.view(rows, -1, y.shape[-1])
-        for bank in self._banks:
-            if bank[0] == "lora":
-                a, bt = buf[bank[1]], buf[bank[2]]
-                t = torch.bmm(x.reshape(rows, -1, x.shape[-1]), a[task].transpose(1, 2))
-                y3.baddbmm_(t, bt[task])
-            elif bank[0] == "bottleneck":
-                on_input, act = bank[1], bank[2]
-                dw, db, uwt, ub = (buf[k] for k in bank[3:])
-                src = (x if on_input else y).reshape(rows, -1, dw.shape[-1])
-                h = act(torch.baddbmm(db[task].unsqueeze(1), src, dw[task].transpose(1, 2)))
-                y3.add_(torch.baddbmm(ub[task].unsqueeze(1), h, uwt[task]))
-            else:
-                channel_dim, scale, shift = bank[1], buf[bank[2]][task], buf[bank[3]][task]
-                y.mul_(_channel_view(scale, y.ndim, channel_dim)).add_(_channel_view(shift, y.ndim, channel_dim))
-        return y
+        task = route.row_task(y.shape[0], self.where)
+        for stack in self.stacks:
+            stack(x, y, task)
+        return self._grouped(route, x, y, self._unstacked) if self._unstacked else y
 
     def extra_repr(self) -> str:
-        kinds = {t: type(p).__name__.strip("_").removesuffix("Part") for t, p in self._by_task.items()}
+        kinds = {t: type(p).__name__ for t, p in self._by_task.items()}
         return f"{self.where}: tasks {kinds}, selection={self.selection}"
 
 
@@ -392,13 +294,73 @@ def _read_source(task: str, source: DeltaSource) -> tuple[Mapping[str, str], Map
     )
 
 
-def _harvest(backbone: nn.Module, spec, cfg: MethodConfig, tensors: Mapping[str, torch.Tensor], where: str):
-    """Inject ``cfg``'s method into the clean ``backbone``, fill it from ``tensors``, keep the per-module deltas
-    and take the wrappers out again (the backbone ends as it started). Returns ``(parts, body_keys)``."""
+class _NotPerSample(Exception):
+    """A method's layers cannot be selected per sample (the message says why)."""
+
+
+def _refusal(model: nn.Module, method: Method, spec: ArchSpec) -> str | None:
+    """Why the method just injected into ``model`` cannot be selected per sample; ``None`` when it can: it trains
+    nothing of the backbone's own and every layer it injected implements the per-sample protocol, one per module."""
+    if method.select(model, spec):
+        return "it trains parameters of the backbone itself"
+    for name, m in model.named_modules():
+        if isinstance(m, Wrapper) and not has_task_delta(m):
+            return f"its {type(m).__name__} at {_strip(name)} has no per-sample form: no apply_delta"
+        if isinstance(m, Wrapper) and isinstance(m.base_layer, Wrapper):
+            return f"it stacks two layers on {_strip(name)}"
+    return None
+
+
+def _strip(name: str) -> str:
+    return name.replace(".base_layer", "")
+
+
+def _unwrap(model: nn.Module) -> None:
+    for n, m in reversed(list(model.named_modules())):
+        if isinstance(m, Wrapper):
+            set_module(model, n, m.base_layer)
+
+
+def supported_methods(backbone: nn.Module) -> list[str]:
+    """The registered methods whose default configuration can be selected per sample on ``backbone``.
+
+    Found by the protocol, not by a list: each method is injected (default config) into a structural copy of the
+    backbone that shares its tensors (the backbone itself is not touched) and kept when :func:`_refusal` finds
+    nothing. Any method whose injection fails there (e.g. a missing optional package) is left out.
+    """
+    spec = get_spec(backbone)
+    shared = {id(t): t for t in [*backbone.parameters(), *backbone.buffers()]}
+    shell = copy.deepcopy(backbone, memo=shared)
+    found = []
+    for name in list_methods():
+        cls = get_method(name)
+        if spec.kind not in cls.kinds:
+            continue
+        try:
+            method = cls(cls.config_cls())
+            method.check(shell, spec)
+            method.inject(shell, spec)
+            if _refusal(shell, method, spec) is None:
+                found.append(name)
+        except Exception:  # noqa: BLE001 - a probe: any failure means "not supported here"
+            log.debug("method %s: not selectable per sample on this backbone", name, exc_info=True)
+        finally:
+            _unwrap(shell)
+    return found
+
+
+def _harvest(
+    backbone: nn.Module, spec: ArchSpec, cfg: MethodConfig, tensors: Mapping[str, torch.Tensor], where: str
+) -> dict[str, Wrapper]:
+    """Inject ``cfg``'s method into the clean ``backbone``, fill it from ``tensors`` and take its layers out
+    again (the backbone ends as it started). Returns module name -> that layer, its base layer released."""
     method = get_method(cfg.method)(cfg)
     method.check(backbone, spec)
     try:
         method.inject(backbone, spec)
+        reason = _refusal(backbone, method, spec)
+        if reason is not None:
+            raise _NotPerSample(reason)
         wrappers = [(n, m) for n, m in backbone.named_modules() if isinstance(m, Wrapper)]
         expected = {f"{n}.{pn}": p for n, w in wrappers for pn, p in w.delta_parameters()}
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -413,17 +375,13 @@ def _harvest(backbone: nn.Module, spec, cfg: MethodConfig, tensors: Mapping[str,
                         f"delta {where}: {n} has shape {tuple(tensors[n].shape)}, the method expects {tuple(p.shape)}"
                     )
                 p.copy_(tensors[n])
-        parts = {}
-        for n, w in wrappers:
-            kind = _PARTS.get(type(w))
-            if kind is None:  # pragma: no cover - every supported method injects only the wrappers above
-                raise ConfigError(f"{cfg.method}: {type(w).__name__} at {n} has no per-sample form")
-            parts[n] = kind(w)
-        return parts
     finally:
-        for n, m in reversed(list(backbone.named_modules())):
-            if isinstance(m, Wrapper):
-                set_module(backbone, n, m.base_layer)
+        _unwrap(backbone)
+    parts = {}
+    for n, w in wrappers:
+        w.release_base()
+        parts[_strip(n)] = w.requires_grad_(False)
+    return parts
 
 
 # ---- the model ------------------------------------------------------------------------------------------------
@@ -503,8 +461,9 @@ class MultiTaskModel(nn.Module):
             backbone: the frozen backbone every delta was trained from (plain, no method applied); its head
                 (any number of classes, or none: ``num_classes=0``) is set aside: each task brings its own.
             deltas: task name -> a delta file path, a ``(metadata, tensors)`` pair from
-                :func:`vpeft.api.read_delta`, or a model adapted with :func:`vpeft.apply`. Methods from
-                :data:`SUPPORTED_METHODS`, any configurations (ranks, targets, bottlenecks) mixed.
+                :func:`vpeft.api.read_delta`, or a model adapted with :func:`vpeft.apply`. Any method whose
+                layers implement the per-sample protocol (:func:`supported_methods`), any configurations (ranks,
+                targets, bottlenecks) mixed.
             selection: how per-sample deltas are applied: ``"grouped"`` (default, fastest on CPU) or
                 ``"gather"``; see the module docstring.
 
@@ -549,15 +508,16 @@ class MultiTaskModel(nn.Module):
                     f"backbone {print_}); load it onto the backbone it was trained from"
                 )
             cfg = MethodConfig.from_json(meta["config"])
-            if cfg.method not in SUPPORTED_METHODS:
-                raise ConfigError(
-                    f"task {task!r}: method {cfg.method!r} cannot be selected per sample; supported methods: "
-                    f"{', '.join(SUPPORTED_METHODS)}"
-                )
             prefix = head_name + "." if head_name else None
             head = {k[len(prefix) :]: v for k, v in tensors.items() if prefix and k.startswith(prefix)}
             body = {k: v for k, v in tensors.items() if not (prefix and k.startswith(prefix))}
-            parts = _harvest(backbone, spec, cfg, body, where)
+            try:
+                parts = _harvest(backbone, spec, cfg, body, where)
+            except _NotPerSample as e:
+                raise ConfigError(
+                    f"task {task!r}: method {cfg.method!r} cannot be selected per sample ({e}); supported methods: "
+                    f"{', '.join(supported_methods(backbone))}"
+                ) from None
             loaded.append(
                 _TaskDelta(task, cfg, parts, _make_head(head, feature_dim, where, next(backbone.parameters())))
             )

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["Wrapper", "FrozenStatsNorm", "map_output", "input_of"]
+__all__ = ["Wrapper", "FrozenStatsNorm", "map_output", "input_of", "has_task_delta"]
 
 
 def input_of(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -72,6 +72,56 @@ class Wrapper(nn.Module):
     def merge_into_base(self) -> None:
         """Fold this wrapper's effect into ``base_layer`` (in place)."""
         raise TypeError(f"{type(self).__name__} cannot be merged into its base layer")
+
+    # ---- the per-sample protocol (used by vpeft.multitask; see has_task_delta) ---------------------------------
+    #: :meth:`apply_delta` reads the base layer's input (LoRA, parallel adapters), not only its output
+    delta_reads_input: bool = False
+
+    def apply_delta(self, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        """This wrapper's function given its base layer's output: ``forward(x) == apply_delta(x, base_layer(x))``.
+
+        ``y`` is the base layer's output (its first item for tuple outputs) for some rows of a batch and ``x``
+        its main input for the same rows (``None`` unless :attr:`delta_reads_input`). The result may be ``y``
+        modified in place. Inference form: dropout is not applied. A wrapper that implements it (and computes
+        row by row: no token or batch mixing) can hold one task's delta in a mixed batch
+        (:class:`vpeft.MultiTaskModel` applies it to each task's rows, beside the one shared base layer).
+        """
+        raise TypeError(f"{type(self).__name__} has no per-sample form (apply_delta)")
+
+    @classmethod
+    def stack_deltas(cls, layers: Mapping[int, Wrapper], num_tasks: int) -> nn.Module | None:
+        """Optional: one module applying, row by row, the delta of each row's task, ``module(x, y, row_task)``.
+
+        ``layers`` maps task index -> that task's layer (all of class ``cls``); tasks absent there add nothing.
+        ``None`` (the default) lets the caller apply :meth:`apply_delta` to each task's rows.
+        """
+        return None
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """Optional: a temporary copy of the base Linear's ``weight`` with this delta folded in (``weight`` is not
+        modified), when the delta is exactly a weight update; ``None`` (the default) otherwise."""
+        return None
+
+    def release_base(self) -> nn.Module:
+        """Drop the reference to ``base_layer`` and return it: the wrapper then holds only its delta (a per-sample
+        model keeps one such wrapper per task beside the one shared base layer). Its forward no longer works."""
+        base = self.base_layer
+        del self.base_layer
+        return base
+
+
+def has_task_delta(module: nn.Module) -> bool:
+    """Whether ``module`` is a wrapper implementing the per-sample protocol (:meth:`Wrapper.apply_delta`).
+
+    Its class must define ``apply_delta`` itself or inherit it from a class that also defines the ``forward`` it
+    inherits: a subclass that changes ``forward`` (DoRA over LoRA) must implement ``apply_delta`` again.
+    """
+    if not isinstance(module, Wrapper):
+        return False
+    cls = type(module)
+    owner = next(c for c in cls.__mro__ if "apply_delta" in c.__dict__)
+    forward_owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
+    return owner is not Wrapper and issubclass(owner, forward_owner)
 
 
 class FrozenStatsNorm(Wrapper):

@@ -182,12 +182,17 @@ class LoRALinear(Wrapper):
         dtype = base.weight.dtype
         return x.dtype == dtype and all(p.dtype == dtype for p in (*self.lora_A, *self.lora_B))
 
+    def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The ``A`` and ``B`` of every slice that the forward pass uses (a supernet's LoRA returns slices of
+        them: :class:`vpeft.search.supernet.SuperLoRA`)."""
+        return list(self.lora_A), list(self.lora_B)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable(x):
             return self.forward_unfused(x)
         h = self.dropout(x)
         base = self.base_layer
-        lora_a, lora_b = list(self.lora_A), list(self.lora_B)
+        lora_a, lora_b = self.factors()
         h = None if h is x else h
         return fused_lora_linear(x, base.weight, base.bias, lora_a, lora_b, self.scaling, self.slices, h=h)
 
@@ -195,7 +200,7 @@ class LoRALinear(Wrapper):
         """The reference implementation: base output plus each slice's scaled low-rank term (plain autograd)."""
         y = self.base_layer(x)
         h = self.dropout(x)
-        for (start, stop), a, b in zip(self.slices, self.lora_A, self.lora_B):
+        for (start, stop), a, b in zip(self.slices, *self.factors()):
             # add_ on the slice: `y[...] += ...` writes back via __setitem__, which fails when y is an autograd
             # leaf (a frozen first layer such as a Hugging Face q_proj) and the slice spans all of y
             y[..., start:stop].add_(F.linear(F.linear(h, a), b) * self.scaling)
@@ -204,8 +209,69 @@ class LoRALinear(Wrapper):
     @torch.no_grad()
     def merge_into_base(self) -> None:
         w = self.base_layer.weight
-        for (start, stop), a, b in zip(self.slices, self.lora_A, self.lora_B):
+        for (start, stop), a, b in zip(self.slices, *self.factors()):
             w[start:stop] += (b @ a) * self.scaling
+
+    # ---- the per-sample protocol (Wrapper.apply_delta)
+    delta_reads_input = True
+
+    def apply_delta(self, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        """``y[:, slice_i] += s (x A_i^T) B_i^T`` in place: one GEMM for ``x [A_1; ...; A_k]^T``, one per slice."""
+        lora_a, lora_b = self.factors()
+        h = self.dropout(x)
+        t = torch.mm(h.reshape(-1, h.shape[-1]), (lora_a[0] if len(lora_a) == 1 else torch.cat(lora_a)).t())
+        y2, r = y.view(-1, y.shape[-1]), lora_a[0].shape[0]
+        for i, ((start, stop), b) in enumerate(zip(self.slices, lora_b)):
+            y2[:, start:stop].addmm_(t[:, i * r : (i + 1) * r], b.t(), alpha=self.scaling)
+        return y
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A temporary ``W + s pad(B A)``, written in one pass over ``weight`` (which is not modified)."""
+        lora_a, lora_b = self.factors()
+        if len(self.slices) > 1 and any(a[1] > b[0] for a, b in zip(sorted(self.slices), sorted(self.slices)[1:])):
+            return _merged_weight(weight, lora_a, lora_b, self.slices, self.scaling)  # overlapping slices
+        w, done = torch.empty_like(weight), 0
+        for (start, stop), a, b in sorted(zip(self.slices, lora_a, lora_b), key=lambda item: item[0]):
+            w[done:start].copy_(weight[done:start])
+            torch.addmm(weight[start:stop], b, a, alpha=self.scaling, out=w[start:stop])
+            done = stop
+        w[done:].copy_(weight[done:])
+        return w
+
+    @classmethod
+    def stack_deltas(cls, layers, num_tasks: int) -> nn.Module:
+        return _LoRAStack(layers, num_tasks)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, slices={self.slices}"
+
+
+class _LoRAStack(nn.Module):
+    """Every task's LoRA of one Linear, stacked (zero-padded to the largest ``k r``) for per-row gathering:
+    ``y += (x A[task]^T) BT[task]`` with batched matrix products, ``BT`` the scaled ``B^T`` of every slice placed
+    in its output columns. The stacks are non-persistent buffers (``.to()`` moves them)."""
+
+    def __init__(self, layers, num_tasks: int) -> None:
+        super().__init__()
+        first = next(iter(layers.values()))
+        a0 = first.factors()[0][0]
+        out = max(stop for layer in layers.values() for _, stop in layer.slices)
+        width = max(len(layer.slices) * layer.factors()[0][0].shape[0] for layer in layers.values())
+        kw = {"device": a0.device, "dtype": a0.dtype}
+        a_stack = torch.zeros(num_tasks, width, a0.shape[1], **kw)
+        bt_stack = torch.zeros(num_tasks, width, out, **kw)
+        with torch.no_grad():
+            for t, layer in layers.items():
+                lora_a, lora_b = layer.factors()
+                r = lora_a[0].shape[0]
+                for i, ((start, stop), a, b) in enumerate(zip(layer.slices, lora_a, lora_b)):
+                    a_stack[t, i * r : (i + 1) * r] = a
+                    bt_stack[t, i * r : (i + 1) * r, start:stop] = b.t() * layer.scaling
+        self.register_buffer("a", a_stack, persistent=False)
+        self.register_buffer("bt", bt_stack, persistent=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        rows = y.shape[0]
+        t = torch.bmm(x.reshape(rows, -1, x.shape[-1]), self.a[task].transpose(1, 2))
+        y.view(rows, -1, y.shape[-1])[..., : self.bt.shape[-1]].baddbmm_(t, self.bt[task])
+        return y

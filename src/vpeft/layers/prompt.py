@@ -54,12 +54,18 @@ class PromptedBlock(Wrapper):
             nn.init.uniform_(self.prompt, -bound, bound)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def active_prompt(self) -> torch.Tensor | None:
+        """The prompt tokens this block puts in (``None``: it keeps the incoming ones); a supernet's block returns
+        the first ones of its largest set (:class:`vpeft.search.supernet.SuperPromptedBlock`)."""
+        return self.prompt
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         n, present = self.num_prefix_tokens, self.in_prompts
-        if self.prompt is not None:
-            prompts = self.dropout(self.prompt).unsqueeze(0).expand(x.shape[0], -1, -1)
+        prompt = self.active_prompt()
+        if prompt is not None:
+            prompts = self.dropout(prompt).unsqueeze(0).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :n], prompts, x[:, n + present :]], dim=1)
-            present = self.prompt.shape[0]
+            present = prompt.shape[0]
         y = self.base_layer(x, *args, **kwargs)
         if self.strip and present:
             y = torch.cat([y[:, :n], y[:, n + present :]], dim=1)

@@ -129,6 +129,13 @@ class ScaleShift(Wrapper):
         s, b = self._view(self.scale, y.ndim), self._view(self.shift, y.ndim)
         return y.mul_(s).add_(b) if inplace and not y.requires_grad else torch.addcmul(b, y, s)
 
+    def apply_delta(self, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        return y.mul_(self._view(self.scale, y.ndim)).add_(self._view(self.shift, y.ndim))
+
+    @classmethod
+    def stack_deltas(cls, layers, num_tasks: int) -> nn.Module:
+        return _ScaleShiftStack(layers, num_tasks)
+
     @torch.no_grad()
     def merge_into_base(self) -> None:
         base = self.base_layer
@@ -139,3 +146,28 @@ class ScaleShift(Wrapper):
         if base.bias is None:
             base.bias = nn.Parameter(torch.zeros_like(self.shift), requires_grad=False)
         base.bias.mul_(self.scale).add_(self.shift)
+
+
+class _ScaleShiftStack(nn.Module):
+    """Every task's SSF of one layer, stacked (scale 1 and shift 0 for tasks without one): ``y = y * g[task] + b[task]``
+    row by row. Non-persistent buffers."""
+
+    def __init__(self, layers, num_tasks: int) -> None:
+        super().__init__()
+        first = next(iter(layers.values()))
+        self.channel_dim = first.channel_dim
+        scale = torch.ones(num_tasks, first.scale.shape[0], device=first.scale.device, dtype=first.scale.dtype)
+        shift = torch.zeros_like(scale)
+        with torch.no_grad():
+            for t, layer in layers.items():
+                scale[t], shift[t] = layer.scale, layer.shift
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def _rows(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        if self.channel_dim == 1:
+            return t.view(t.shape[0], t.shape[1], *[1] * (ndim - 2))
+        return t.view(t.shape[0], *[1] * (ndim - 2), t.shape[1])
+
+    def forward(self, x: torch.Tensor | None, y: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        return y.mul_(self._rows(self.scale[task], y.ndim)).add_(self._rows(self.shift[task], y.ndim))

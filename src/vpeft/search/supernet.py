@@ -1,7 +1,9 @@
 """Weight-sharing supernets for the structure searches of NOAH and GLoRA.
 
 A supernet is a frozen backbone whose modules are wrapped by *super layers*: each holds the largest tensors of
-its search space and runs whichever size the current subnet asks for, reading a slice of those tensors (a LoRA
+its search space and runs whichever size the current subnet asks for, reading a slice of those tensors. They are
+the real layers (subclasses of :class:`~vpeft.layers.LoRALinear`, :class:`~vpeft.layers.SequentialAdapter` and
+:class:`~vpeft.layers.PromptedBlock`) with an active size, so the math lives there once (a LoRA
 of rank k uses the first k rows of ``A`` and the first k columns of ``B``; an adapter of width k the first k
 hidden units; k prompts the first k prompt tokens; GLoRA's forms read the shared factors, see
 :class:`~vpeft.layers.glora.GLoRASuperLinear`). :class:`Supernet` injects them, freezes everything but the
@@ -13,17 +15,15 @@ with the exported config (the weight-sharing identity the tests check).
 
 from __future__ import annotations
 
-import math
 import random
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..arch import get_spec
 from ..errors import ConfigError
-from ..layers import Bottleneck, LoRALinear, PromptedBlock, SequentialAdapter, Wrapper
+from ..layers import LoRALinear, PromptedBlock, SequentialAdapter, Wrapper
 from ..layers.glora import GLoRALinear, GLoRASuperLinear
 
 if TYPE_CHECKING:
@@ -32,61 +32,59 @@ if TYPE_CHECKING:
 __all__ = ["SuperLoRA", "SuperAdapter", "SuperPromptedBlock", "Supernet", "transfer_weights", "SUPER_LAYERS"]
 
 
-class SuperLoRA(Wrapper):
+class SuperLoRA(LoRALinear):
     """LoRA of rank ``active`` <= ``max_r`` on a frozen Linear: ``y = W x + b + B[:, :k] A[:k] x`` (scale 1).
 
-    Initialised like :class:`~vpeft.layers.LoRALinear`: ``A`` Kaiming-uniform (its bound depends only on the
-    input width, so every slice is initialised as a LoRA of that rank would be), ``B`` zero.
+    A :class:`~vpeft.layers.LoRALinear` of rank ``max_r`` (one slice, ``alpha = max_r``) whose forward pass
+    reads the first ``active`` rows of ``A`` and columns of ``B`` (:meth:`factors`); initialised as that layer
+    (``A`` Kaiming-uniform: its bound depends only on the input width, so every slice is initialised as a LoRA
+    of that rank would be; ``B`` zero).
     """
 
     def __init__(self, base_layer: nn.Linear, max_r: int) -> None:
-        super().__init__(base_layer)
-        w = base_layer.weight
+        super().__init__(base_layer, max_r, float(max_r))
         self.max_r, self.active = max_r, max_r
-        self.lora_A = nn.Parameter(torch.empty(max_r, base_layer.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, max_r, device=w.device, dtype=w.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        k = self.active
+        return [self.lora_A[0][:k]], [self.lora_B[0][:, :k]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        k = self.active
-        if k:
-            y = y + F.linear(F.linear(x, self.lora_A[:k]), self.lora_B[:, :k])
-        return y
+        return super().forward(x) if self.active else self.base_layer(x)
 
     @torch.no_grad()
     def export_to(self, sub: LoRALinear) -> None:
         if len(sub.slices) != 1 or sub.scaling != 1.0:
             raise ValueError("SuperLoRA exports to a single-slice LoRALinear with scale 1 (alpha = r)")
         k = sub.r
-        sub.lora_A[0].copy_(self.lora_A[:k])
-        sub.lora_B[0].copy_(self.lora_B[:, :k])
+        sub.lora_A[0].copy_(self.lora_A[0][:k])
+        sub.lora_B[0].copy_(self.lora_B[0][:, :k])
 
     def extra_repr(self) -> str:
         return f"max_r={self.max_r}, active={self.active}"
 
 
-class SuperAdapter(Wrapper):
+class SuperAdapter(SequentialAdapter):
     """Sequential adapter of width ``active`` <= ``max_dim`` after a sub-layer: ``y + up(gelu(down(y)))``.
 
-    Holds one :class:`~vpeft.layers.Bottleneck` of the largest width (down Kaiming-uniform, up zero), the
-    initialisation of :class:`~vpeft.layers.SequentialAdapter`.
+    A :class:`~vpeft.layers.SequentialAdapter` of the largest width (scale 1) whose
+    :class:`~vpeft.layers.Bottleneck` runs its first ``active`` hidden units (``Bottleneck.active``); 0: no adapter.
     """
 
     def __init__(self, base_layer: nn.Module, dim: int, max_dim: int, act: str = "gelu") -> None:
-        super().__init__(base_layer)
-        p = next(base_layer.parameters())
-        self.max_dim, self.active = max_dim, max_dim
-        self.adapter = Bottleneck(dim, max_dim, act, device=p.device, dtype=p.dtype)
+        super().__init__(base_layer, dim, max_dim, act, scale=1.0)
+        self.max_dim = max_dim
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        k = self.active
-        if not k:
-            return y
-        a = self.adapter
-        h = a.act(F.linear(y, a.down.weight[:k], a.down.bias[:k]))
-        return y + F.linear(h, a.up.weight[:, :k], a.up.bias)
+    @property
+    def active(self) -> int:
+        return self.max_dim if self.adapter.active is None else self.adapter.active
+
+    @active.setter
+    def active(self, k: int) -> None:
+        self.adapter.active = k
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return super().forward(*args, **kwargs) if self.active else self.base_layer(*args, **kwargs)
 
     @torch.no_grad()
     def export_to(self, sub: SequentialAdapter) -> None:
@@ -100,32 +98,20 @@ class SuperAdapter(Wrapper):
         return f"max_dim={self.max_dim}, active={self.active}"
 
 
-class SuperPromptedBlock(Wrapper):
+class SuperPromptedBlock(PromptedBlock):
     """A block with up to ``max_prompts`` VPT-Deep prompts; the controller sets, per subnet, how many prompts come
     in (``in_prompts``), how many new ones replace them (``new_prompts``, 0: keep) and whether to ``strip`` them
-    after the block. The same token layout as :class:`~vpeft.layers.PromptedBlock`."""
+    after the block. A :class:`~vpeft.layers.PromptedBlock` of ``max_prompts`` tokens that puts in the first
+    ``new_prompts`` of them (:meth:`active_prompt`)."""
 
     def __init__(
         self, base_layer: nn.Module, num_prefix_tokens: int, dim: int, max_prompts: int, bound: float, dropout: float
     ) -> None:
-        super().__init__(base_layer)
-        p = next(base_layer.parameters())
-        self.num_prefix_tokens, self.max_prompts = num_prefix_tokens, max_prompts
-        self.prompt = nn.Parameter(torch.empty(max_prompts, dim, device=p.device, dtype=p.dtype))
-        nn.init.uniform_(self.prompt, -bound, bound)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.in_prompts, self.new_prompts, self.strip = 0, 0, False
+        super().__init__(base_layer, num_prefix_tokens, 0, max_prompts, dim, bound, strip=False, dropout=dropout)
+        self.max_prompts, self.new_prompts = max_prompts, 0
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        n, present, k = self.num_prefix_tokens, self.in_prompts, self.new_prompts
-        if k:
-            prompts = self.dropout(self.prompt[:k]).unsqueeze(0).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :n], prompts, x[:, n + present :]], dim=1)
-            present = k
-        y = self.base_layer(x, *args, **kwargs)
-        if self.strip and present:
-            y = torch.cat([y[:, :n], y[:, n + present :]], dim=1)
-        return y
+    def active_prompt(self) -> torch.Tensor | None:
+        return self.prompt[: self.new_prompts] if self.new_prompts else None
 
     @torch.no_grad()
     def export_to(self, sub: PromptedBlock) -> None:
