@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny import NUM_CLASSES, TINY_BACKBONES, batch, forward, supports
 from torch import nn
 
 import vpeft
+from vpeft import registry
+from vpeft._modules import set_module
 from vpeft.api import read_delta
-from vpeft.multitask import MultiTaskLayer, MultiTaskModel
+from vpeft.layers import LoRALinear, ParallelAdapter, PromptedBlock, ScaleShift, SequentialAdapter, Wrapper
+from vpeft.layers.base import has_task_delta
+from vpeft.layers.dora import DoRALinear
+from vpeft.methods.base import REPARAMETER, Method
+from vpeft.multitask import SELECTIONS, MultiTaskLayer, MultiTaskModel, supported_methods
 
 # (method, options, number of classes of the task's head): different ranks, targets and head sizes together
 TASKS = {
@@ -231,3 +239,95 @@ def test_bad_arguments(tmp_path):
         mt(x, ["lora", "linear"])
     with pytest.raises(vpeft.ConfigError, match=r"task_ids has 3 entries for a batch of 2"):
         mt(x, [0, 1, 1])
+
+
+# ---- the layer protocol: support is found from the registry and the layers, not from a list ------------------
+def test_every_supported_method_is_covered_and_matches_its_model(tmp_path):
+    """Every method the protocol finds selectable (with its default config) next to a LoRA task, both selections,
+    against the task's separately loaded model within 1e-5; and the fixed task set above covers all of them."""
+    supported = supported_methods(fresh("vit_cls"))
+    assert set(supported) == {m for m, _, _ in TASKS.values()}, "TASKS must cover every supported method"
+    for i, method in enumerate(supported):
+        tasks = {method: (method, {}, 3 + i), "lora_qv": TASKS["lora_qv"]}
+        paths, refs = setup(tmp_path / method, tasks=tasks)
+        ids = torch.tensor([0, 1, 1, 0, 1])
+        x = batch(32, n=len(ids))
+        for selection in SELECTIONS:
+            mt = MultiTaskModel.from_deltas(fresh("vit_cls"), paths, selection=selection)
+            with torch.inference_mode():
+                check_against_refs(mt(x, ids), refs, x, ids, list(tasks))
+
+
+def test_protocol_is_found_on_the_layer_classes():
+    lin = nn.Linear(4, 6)
+    assert has_task_delta(LoRALinear(lin, 2, 2.0)) and has_task_delta(ScaleShift(lin))
+    assert has_task_delta(SequentialAdapter(lin, 6, 2)) and has_task_delta(ParallelAdapter(lin, 4, 2))
+    # DoRA changes LoRA's forward without its own apply_delta: not per-sample; prompts change the tokens
+    assert not has_task_delta(DoRALinear(lin, 2, 2.0)) and not has_task_delta(lin)
+    assert not has_task_delta(PromptedBlock(lin, 1, 0, 2, 4, 0.1, strip=False))
+    lin = nn.Linear(6, 6)  # a parallel adapter needs equal widths
+    x = torch.randn(3, 5, 6)
+    for layer in (LoRALinear(lin, 2, 2.0), ScaleShift(lin), SequentialAdapter(lin, 6, 2), ParallelAdapter(lin, 6, 2)):
+        _randomise(layer)
+        with torch.no_grad():  # the protocol: forward(x) == apply_delta(x, base(x))
+            torch.testing.assert_close(layer.apply_delta(x, lin(x)), layer(x), atol=1e-6, rtol=0)
+
+
+def _randomise(module: nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not name.startswith("base_layer."):
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+class ChannelShift(Wrapper):
+    """A toy mergeable layer written only against the protocol: ``y = f(x) + beta`` per output channel."""
+
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__(base_layer)
+        self.beta = nn.Parameter(torch.zeros(base_layer.out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.beta
+
+    def apply_delta(self, x, y):
+        return y.add_(self.beta)
+
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        self.base_layer.bias.add_(self.beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelShiftConfig(vpeft.MethodConfig):
+    method = "toy_channel_shift"
+
+
+class ChannelShiftMethod(Method):
+    config_cls = ChannelShiftConfig
+    family = REPARAMETER
+    paper = "a test"
+    mergeable = True
+
+    def inject(self, model: nn.Module, spec) -> list[str]:
+        names = [p.proj for p in spec.parts]
+        for name in names:
+            set_module(model, name, ChannelShift(model.get_submodule(name)))
+        return names
+
+
+def test_a_new_layer_class_is_multi_task_capable_without_editing_multitask(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # the registration is undone afterwards
+    registry.register_method(ChannelShiftMethod)
+    assert "toy_channel_shift" in supported_methods(fresh("vit_cls"))
+    tasks = {"toy": ("toy_channel_shift", {}, 5), "lora_qv": TASKS["lora_qv"], "ssf": TASKS["ssf"]}
+    paths, refs = setup(tmp_path, tasks=tasks)
+    ids = torch.tensor([0, 1, 2, 0, 0, 2])
+    x = batch(32, n=len(ids))
+    for selection in SELECTIONS:  # gather: a class without stack_deltas is applied task group by task group
+        mt = MultiTaskModel.from_deltas(fresh("vit_cls"), paths, selection=selection)
+        assert isinstance(mt.backbone.blocks[0].attn.proj.parts["0"], ChannelShift)
+        with torch.inference_mode():
+            check_against_refs(mt(x, ids), refs, x, ids, list(tasks))
