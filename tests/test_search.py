@@ -16,7 +16,7 @@ from torch import nn
 
 import vpeft
 from vpeft.cli import main
-from vpeft.layers import Wrapper
+from vpeft.layers import LoRALinear, PromptedBlock, SequentialAdapter, Wrapper
 from vpeft.layers.glora import ALL_CODES, GLoRALinear, GLoRASuperLinear, glora_params
 from vpeft.run import build_backbone, evaluate_delta
 from vpeft.search import (
@@ -29,6 +29,7 @@ from vpeft.search import (
     run_search,
     transfer_weights,
 )
+from vpeft.search.supernet import SuperAdapter, SuperLoRA, SuperPromptedBlock
 
 SPACES = [("noah", {"sizes": (1, 2, 3)}), ("glora", {"r": 2})]
 
@@ -257,3 +258,28 @@ def test_bad_search_input_is_a_one_line_error(tiny_task, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "below the smallest noah candidate" in err and len(err.splitlines()) == 1
+
+
+def test_super_layers_are_the_real_layers_with_an_active_size():
+    """NOAH's super layers subclass the real layers: the active slice computes, forward and backward, what the
+    real layer of that size does (one implementation of the math); size 0 is the frozen layer."""
+    assert issubclass(SuperLoRA, LoRALinear) and issubclass(SuperAdapter, SequentialAdapter)
+    assert issubclass(SuperPromptedBlock, PromptedBlock)
+    torch.manual_seed(0)
+    base = nn.Linear(6, 6).requires_grad_(False)
+    x = torch.randn(2, 9, 6)  # more rows than inputs: fused LoRA folds into a merged weight
+    for sup, sub in ((SuperLoRA(base, 4), LoRALinear(base, 2, 2.0)), (SuperAdapter(base, 6, 4), None)):
+        _randomise(sup)
+        sup.active = 2
+        sub = sub if sub is not None else SequentialAdapter(base, 6, 2, scale=1.0)
+        sup.export_to(sub)
+        for layer in (sup, sub):
+            layer(x).square().sum().backward()
+        for (_, p), (_, q) in zip(sup.delta_parameters(), sub.delta_parameters()):
+            active = tuple(slice(0, n) for n in q.shape)
+            torch.testing.assert_close(p.grad[active], q.grad, rtol=1e-5, atol=1e-5)
+            p.grad[active] = 0
+            assert not p.grad.any(), "inactive units get no gradient"
+        sup.active = 0
+        with torch.no_grad():
+            assert torch.equal(sup(x), base(x))
