@@ -82,9 +82,9 @@ class Wrapper(nn.Module):
 
         ``y`` is the base layer's output (its first item for tuple outputs) for some rows of a batch and ``x``
         its main input for the same rows (``None`` unless :attr:`delta_reads_input`). The result may be ``y``
-        modified in place. Inference form (as in eval mode: no gradient to the input needed). A wrapper that implements it (and computes
-        row by row: no token or batch mixing) can hold one task's delta in a mixed batch
-        (:class:`vpeft.MultiTaskModel` applies it to each task's rows, beside the one shared base layer).
+        modified in place. Inference form: eval mode, no autograd through the in-place ops. A wrapper that
+        implements it (and computes row by row: no token or batch mixing) can hold one task's delta in a mixed
+        batch (:class:`vpeft.MultiTaskModel` applies it to each task's rows, beside the one shared base layer).
         """
         raise TypeError(f"{type(self).__name__} has no per-sample form (apply_delta)")
 
