@@ -331,3 +331,16 @@ def test_a_new_layer_class_is_multi_task_capable_without_editing_multitask(tmp_p
         assert isinstance(mt.backbone.blocks[0].attn.proj.parts["0"], ChannelShift)
         with torch.inference_mode():
             check_against_refs(mt(x, ids), refs, x, ids, list(tasks))
+
+
+def test_tensors_that_do_not_fit_are_refused(tmp_path):
+    """The shared fit check (vpeft.state.check_fit) runs on every task's tensors."""
+    paths, _ = setup(tmp_path, tasks={"lora_qv": TASKS["lora_qv"]})
+    meta, tensors = read_delta(paths["lora_qv"])
+    key = next(k for k in tensors if "lora_A" in k)
+    bad = {**tensors, key: tensors[key][:1]}
+    with pytest.raises(vpeft.CheckpointError, match=rf"checkpoint \"task 'lora_qv'\": {key} has shape \(1, 32\)"):
+        MultiTaskModel.from_deltas(fresh("vit_cls"), {"lora_qv": (meta, bad)})
+    missing = {k: v for k, v in tensors.items() if k != key}
+    with pytest.raises(vpeft.CheckpointError, match=rf"does not fit: missing \['{key}'\]"):
+        MultiTaskModel.from_deltas(fresh("vit_cls"), {"lora_qv": (meta, missing)})

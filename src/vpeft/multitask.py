@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -63,6 +64,16 @@ from .errors import CheckpointError, ConfigError, UnknownNameError, UnsupportedB
 from .layers import Wrapper
 from .layers.base import has_task_delta, input_of, map_output
 from .registry import get_method, list_methods
+from .state import (
+    check_fit,
+    delta_tensors,
+    head_names,
+    is_adapted,
+    state_of,
+    unwrap_all,
+    wrapper_parameters,
+    wrappers,
+)
 
 if TYPE_CHECKING:
     from .methods.base import Method
@@ -277,11 +288,16 @@ def _read_source(task: str, source: DeltaSource) -> tuple[Mapping[str, str], Map
         meta, tensors = api.read_delta(source)
         return meta, tensors, repr(str(source))
     if isinstance(source, nn.Module):
-        state = api._state(source)
+        state = state_of(source)
         if state.merged is not None:
             raise CheckpointError(f"task {task!r}: the model is merged; unmerge it (or pass its delta file)")
-        meta = {"config": state.config.to_json(), "backbone": state.backbone, "fingerprint": state.fingerprint}
-        return meta, api._delta_tensors(source, state), f"task {task!r} (adapted {type(source).__name__})"
+        meta = {
+            "config": state.config.to_json(),
+            "backbone": state.backbone,
+            "fingerprint": state.fingerprint,
+            "task": json.dumps(state.task),
+        }
+        return meta, delta_tensors(source, state), f"task {task!r} (adapted {type(source).__name__})"
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], Mapping):
         meta, tensors = source
         missing = [k for k in ("config", "backbone", "fingerprint") if k not in meta]
@@ -315,12 +331,6 @@ def _strip(name: str) -> str:
     return name.replace(".base_layer", "")
 
 
-def _unwrap(model: nn.Module) -> None:
-    for n, m in reversed(list(model.named_modules())):
-        if isinstance(m, Wrapper):
-            set_module(model, n, m.base_layer)
-
-
 def supported_methods(backbone: nn.Module) -> list[str]:
     """The registered methods whose default configuration can be selected per sample on ``backbone``.
 
@@ -345,7 +355,7 @@ def supported_methods(backbone: nn.Module) -> list[str]:
         except Exception:  # noqa: BLE001 - a probe: any failure means "not supported here"
             log.debug("method %s: not selectable per sample on this backbone", name, exc_info=True)
         finally:
-            _unwrap(shell)
+            unwrap_all(shell)
     return found
 
 
@@ -361,24 +371,17 @@ def _harvest(
         reason = _refusal(backbone, method, spec)
         if reason is not None:
             raise _NotPerSample(reason)
-        wrappers = [(n, m) for n, m in backbone.named_modules() if isinstance(m, Wrapper)]
-        expected = {f"{n}.{pn}": p for n, w in wrappers for pn, p in w.delta_parameters()}
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"delta {where} does not fit its method: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        params = dict(backbone.named_parameters())
+        expected = {n: params[n] for n in wrapper_parameters(backbone)}
+        check_fit(expected, tensors, where)
         with torch.no_grad():
             for n, p in expected.items():
-                if p.shape != tensors[n].shape:
-                    raise CheckpointError(
-                        f"delta {where}: {n} has shape {tuple(tensors[n].shape)}, the method expects {tuple(p.shape)}"
-                    )
                 p.copy_(tensors[n])
+        layers = wrappers(backbone)
     finally:
-        _unwrap(backbone)
+        unwrap_all(backbone)
     parts = {}
-    for n, w in wrappers:
+    for n, w in layers:
         w.release_base()
         parts[_strip(n)] = w.requires_grad_(False)
     return parts
@@ -479,7 +482,7 @@ class MultiTaskModel(nn.Module):
             raise ConfigError(f"selection={selection!r} is invalid; valid options: {', '.join(SELECTIONS)}")
         if not deltas:
             raise ConfigError("deltas is empty; pass {task name: delta file (or delta)} for at least one task")
-        if api.is_adapted(backbone) or any(isinstance(m, Wrapper) for m in backbone.modules()):
+        if is_adapted(backbone) or any(isinstance(m, Wrapper) for m in backbone.modules()):
             raise ConfigError(
                 "the backbone already holds vpeft wrappers (a method applied, or another MultiTaskModel); "
                 "pass the plain frozen backbone"
@@ -490,8 +493,7 @@ class MultiTaskModel(nn.Module):
                 f"MultiTaskModel supports {'/'.join(_KINDS)} backbones, not {spec.family} ({spec.kind}): per-sample "
                 "deltas need layers whose rows are samples (tokens), and CNN LoRA is convolutional"
             )
-        head_names = tuple(api._head_names(backbone, spec))
-        name, print_ = api.backbone_name(backbone), api.fingerprint(backbone, exclude=head_names)
+        name, print_ = api.backbone_name(backbone), api.fingerprint(backbone, exclude=tuple(head_names(backbone, spec)))
         head_module = get_module(backbone, spec.head) if spec.head else None
         feature_dim = head_module.in_features if isinstance(head_module, nn.Linear) else None
         head_name = spec.head or _headless_classifier(backbone)
@@ -507,12 +509,19 @@ class MultiTaskModel(nn.Module):
                     f"delta {where} belongs to other weights of {name!r} (fingerprint {meta['fingerprint']}, "
                     f"backbone {print_}); load it onto the backbone it was trained from"
                 )
+            kind = api.delta_task(meta).get("kind")
+            if kind != "classification":
+                raise ConfigError(
+                    f"task {task!r}: its delta is for a {kind!r} task (with its own decoder); MultiTaskModel runs "
+                    "classification deltas (the backbone's features and a Linear head)"
+                )
             cfg = MethodConfig.from_json(meta["config"])
             prefix = head_name + "." if head_name else None
             head = {k[len(prefix) :]: v for k, v in tensors.items() if prefix and k.startswith(prefix)}
             body = {k: v for k, v in tensors.items() if not (prefix and k.startswith(prefix))}
+            label = str(source) if isinstance(source, (str, os.PathLike)) else where  # check_fit quotes it
             try:
-                parts = _harvest(backbone, spec, cfg, body, where)
+                parts = _harvest(backbone, spec, cfg, body, label)
             except _NotPerSample as e:
                 raise ConfigError(
                     f"task {task!r}: method {cfg.method!r} cannot be selected per sample ({e}); supported methods: "

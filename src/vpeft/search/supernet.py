@@ -25,6 +25,7 @@ from ..arch import get_spec
 from ..errors import ConfigError
 from ..layers import LoRALinear, PromptedBlock, SequentialAdapter, Wrapper
 from ..layers.glora import GLoRALinear, GLoRASuperLinear
+from ..state import is_adapted
 
 if TYPE_CHECKING:
     from .spaces import SearchSpace
@@ -144,7 +145,7 @@ class Supernet:
     """
 
     def __init__(self, model: nn.Module, space: SearchSpace, seed: int = 0) -> None:
-        if "_vpeft_state" in model.__dict__:
+        if is_adapted(model):
             raise ConfigError("the supernet needs a fresh backbone; this one already has a vpeft method applied")
         spec = get_spec(model)
         if spec.kind != "vit":
