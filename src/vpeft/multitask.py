@@ -278,7 +278,7 @@ class _Head(nn.Module):
 class _TaskDelta:
     name: str
     config: MethodConfig
-    parts: dict[str, nn.Module]
+    parts: dict[str, Wrapper]
     head: nn.Module
 
 
