@@ -19,7 +19,7 @@ from . import __version__
 from ._modules import parent_of
 from .arch import ArchSpec, get_spec
 from .config import MethodConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UnsupportedBackboneError, VpeftError
 from .layers import FrozenStatsNorm, Wrapper
 from .methods.base import Method
 from .registry import get_method
@@ -317,22 +317,75 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, Any] 
 
 
 def read_delta(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Read a delta file: ``(metadata, tensors)``; anything but a complete vpeft delta raises CheckpointError."""
+    """Read a delta file: ``(metadata, tensors)``; anything but a complete vpeft delta raises CheckpointError.
+
+    Checked before anything is used: the file is a readable safetensors file; its header says ``format`` vpeft-delta
+    and a supported ``format_version``; ``config`` is a valid method config, ``extra`` a JSON object, ``backbone`` and
+    ``fingerprint`` non-empty strings; every tensor is a floating-point (or integer buffer) tensor with only finite
+    values. Nothing in the file is executed (safetensors and JSON only).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
     path = Path(path)
+    where = str(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {where!r} is a directory, not a delta file (give the .safetensors file)")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint {where!r} does not exist")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(where, framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a vpeft delta (format={meta.get('format')!r})")
+        tensors = load_file(where)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
+        raise CheckpointError(f"checkpoint {where!r} is truncated or not a safetensors file ({exc})") from None
+    _check_header(meta, where)
+    _check_tensors(tensors, where)
     return meta, tensors
+
+
+_HEADER_STRINGS = ("backbone", "fingerprint", "config")
+
+
+def _check_header(meta: Mapping[str, Any], where: str) -> None:
+    """Refuse a foreign, tampered or future delta header (see :func:`read_delta`)."""
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {where!r} is not a vpeft delta (format={meta.get('format')!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {where!r} has format_version {version!r}; this vpeft ({__version__}) reads format_version "
+            f"{FORMAT_VERSION!r} only"
+        )
+    missing = [k for k in _HEADER_STRINGS if not isinstance(meta.get(k), str) or not meta.get(k)]
+    if missing:
+        raise CheckpointError(f"checkpoint {where!r}: header lacks {', '.join(missing)} (or they are empty)")
+    try:
+        MethodConfig.from_json(meta["config"])
+    except (VpeftError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(
+            f"checkpoint {where!r}: header field config is not a valid method config ({exc})"
+        ) from None
+    extra = meta.get("extra", "{}")
+    try:
+        parsed = json.loads(extra) if isinstance(extra, str) else None
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"checkpoint {where!r}: header field extra is not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"checkpoint {where!r}: header field extra must be a JSON object, got {extra!r:.80}")
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse complex/bool tensors and any NaN or infinite value, naming the tensor."""
+    for name, t in tensors.items():
+        if t.is_complex() or t.dtype == torch.bool:
+            raise CheckpointError(f"checkpoint {where!r}: tensor {name!r} has unsupported dtype {t.dtype}")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"checkpoint {where!r}: tensor {name!r} holds {bad} non-finite value(s) (NaN/inf); the training "
+                "that wrote it diverged"
+            )
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> Report:
@@ -356,12 +409,35 @@ def load(model: nn.Module, path: str | os.PathLike) -> Report:
     if got != meta["fingerprint"]:
         raise CheckpointError(
             f"checkpoint {str(path)!r} belongs to other weights of {name!r} (fingerprint {meta['fingerprint']}, "
-            f"model {got}); load it onto the backbone it was trained from"
+            f"model {got}){_mismatch_hint(model, meta, tensors)}; load it onto the backbone it was trained from"
         )
     if not is_adapted(model):
-        apply(model, cfg)
+        try:
+            apply(model, cfg)
+        except (ConfigError, UnsupportedBackboneError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r}: its method config does not apply here ({exc})") from None
     _load_tensors(model, tensors, str(path))
     return report(model)
+
+
+def _mismatch_hint(model: nn.Module, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """What visibly differs between a delta and a model whose fingerprints differ: classes, input size."""
+    diffs = []
+    try:
+        heads = _head_names(model, get_spec(model))
+    except VpeftError:
+        heads = []
+    params = dict(model.named_parameters())
+    for n in heads:
+        if n in tensors and n in params and tensors[n].ndim and tensors[n].shape[0] != params[n].shape[0]:
+            diffs.append(f"the delta's head has {tensors[n].shape[0]} classes, the model's {params[n].shape[0]}")
+            break
+    extra = json.loads(meta.get("extra") or "{}")
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    size = int(size[0]) if isinstance(size, (tuple, list)) and size else size
+    if extra.get("img_size") is not None and size is not None and extra["img_size"] != size:
+        diffs.append(f"the delta was trained at img_size {extra['img_size']}, the model takes {size}")
+    return f" -- {'; '.join(diffs)}" if diffs else ""
 
 
 def _load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
@@ -384,6 +460,8 @@ def _load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: 
             raise CheckpointError(
                 f"checkpoint {where!r}: {n} has shape {tuple(t.shape)}, model {tuple(targets[n].shape)}{hint}"
             )
+        if targets[n].dtype != t.dtype:
+            raise CheckpointError(f"checkpoint {where!r}: {n} has dtype {t.dtype}, model {targets[n].dtype}")
     with torch.no_grad():
         for n, t in tensors.items():
             targets[n].copy_(t)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import typing
 from collections.abc import Sequence
@@ -100,7 +101,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             row["vit_b16_params"] = counts[name]
         rows.append(row)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, allow_nan=False))
         return 0
     extra = " ViT-B/16 params |" if args.counts else ""
     print(f"| method | family | mergeable | CNN |{extra} paper |\n|---|---|---|---|{'---:|' if extra else ''}---|")
@@ -139,12 +140,124 @@ def _train_config(args: argparse.Namespace):
     )
 
 
+# ---- checks made before any work starts ----------------------------------------------------------------------------
+RUN_FILES = ("delta.safetensors", "metrics.json", "result.json")
+"""What ``vpeft train`` writes into ``--out`` (``--overwrite`` removes these first)."""
+
+EXIT_DIVERGED = 3
+"""Exit status of a training run whose loss became NaN/inf (bad input exits 2)."""
+
+
+def check_device(device: str) -> str:
+    """Refuse a device string torch cannot parse, or an accelerator this machine does not have."""
+    import torch
+
+    choices = "cpu, cuda, cuda:N, mps"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a device; valid: {choices}") from None
+    if dev.type == "cpu":
+        return device
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ConfigError(f"--device {device!r}: no {dev.type} device is available on this machine; valid: cpu")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"--device {device!r}: this machine has {count} {dev.type} device(s), indices 0..{count - 1}")
+    return device
+
+
+def check_img_size(img_size: int | None) -> None:
+    if img_size is not None and img_size < 1:
+        raise ConfigError(f"--img-size {img_size} is invalid; expected a positive int (a multiple of the patch size)")
+
+
+def check_out_dir(out: str, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is a file, is not writable, or holds files (unless ``overwrite``), before training.
+
+    With ``overwrite`` the previous run's files (:data:`RUN_FILES`) are removed first, so a failed new run never
+    leaves the old run's results beside its own.
+    """
+    import tempfile
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out!r} is a file, not a folder; choose a folder for the run's files")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out!r} is not writable ({exc.strerror or exc}); choose another folder") from None
+    present = sorted(p.name for p in path.iterdir())
+    if present and not overwrite:
+        listed = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise ConfigError(
+            f"--out {out!r} is not empty (holds {listed}); pass --overwrite to replace its run, or use an empty folder"
+        )
+    if overwrite:
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
+
+
+def _stamp_run(out: str, run: dict[str, Any]) -> None:
+    """Name the run in every JSON file of its folder (``"run": {run_id, method, task, backbone}``)."""
+    from pathlib import Path
+
+    from .train.metrics import write_json_atomic
+
+    for name in ("metrics.json", "result.json"):
+        path = Path(out) / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            write_json_atomic(path, {"run": run, **{k: v for k, v in data.items() if k != "run"}})
+
+
+def _run_identity(args: argparse.Namespace) -> dict[str, Any]:
+    import datetime
+    import uuid
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return {
+        "run_id": f"{args.method}-{args.task}-{stamp}-{uuid.uuid4().hex[:8]}",
+        "method": args.method,
+        "task": args.task,
+        "backbone": args.backbone,
+        "started_utc": stamp,
+    }
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune, results_table
     from .train.distributed import is_main_process
 
     method = method_from_cli(args.method, args.opt)
-    rec = finetune(
+    check_img_size(args.img_size)
+    check_device(args.device)
+    if is_main_process():  # under torchrun rank 0 alone owns the folder
+        check_out_dir(args.out, args.overwrite)
+    run = _run_identity(args)
+    try:
+        rec = _finetune_from_args(args, method, finetune)
+    except FloatingPointError:
+        if is_main_process():
+            _stamp_run(args.out, run)
+        raise
+    if is_main_process():
+        _stamp_run(args.out, run)
+        print(results_table([rec]))
+        print(f"delta and results written to {args.out}")
+    return 0
+
+
+def _finetune_from_args(args: argparse.Namespace, method: dict[str, Any], finetune) -> dict[str, Any]:
+    return finetune(
         backbone=args.backbone,
         method=method,
         task=args.task,
@@ -159,19 +272,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         progress=not args.quiet,
     )
-    if is_main_process():  # under torchrun every process trains; rank 0 reports
-        print(results_table([rec]))
-        print(f"delta and results written to {args.out}")
-    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .run import evaluate_delta
+    from .train.metrics import json_safe
 
+    check_device(args.device)
     res = evaluate_delta(
         args.delta, task=args.task, data_root=args.data_root, split=args.split, device=args.device, merged=args.merged
     )
-    print(json.dumps(res, indent=2))
+    print(json.dumps(json_safe(res), indent=2, allow_nan=False))
     return 0
 
 
@@ -273,6 +384,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
     p.add_argument("--out", required=True, help="output folder (delta.safetensors, metrics.json, result.json)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="train into a non-empty --out (its previous run files are removed)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_train)
 
@@ -306,8 +420,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE = re.compile(r"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``["--lr", "-1e-3"]`` -> ``["--lr=-1e-3"]``: argparse takes ``-1e-3`` for an option, not a value."""
+    out: list[str] = []
+    for tok in argv:
+        if out and _NEGATIVE.fullmatch(tok) and out[-1].startswith("--") and "=" not in out[-1] and out[-1] != "--":
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vpeft`` command; returns the exit code (2 on bad input, with a one-line error)."""
+    """Entry point of the ``vpeft`` command; returns the exit code.
+
+    Bad input exits with status 2 and a one-line error naming the value (and the valid choices); a training run
+    whose loss became NaN/inf exits with status 3 (:data:`EXIT_DIVERGED`), keeping the files written so far.
+    """
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -315,8 +448,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.fn(args)
     except VpeftError as exc:
-        print(f"vpeft {args.command}: error: {exc}", file=sys.stderr)
+        print(f"vpeft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        kept = f"; files written so far are kept in {args.out}" if getattr(args, "out", None) else ""
+        print(f"vpeft {args.command}: error: training diverged: {_one_line(exc)}{kept}", file=sys.stderr)
+        return EXIT_DIVERGED
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,7 +30,7 @@ from .data import (
     default_data_root,
     ensure_digits_task,
 )
-from .errors import DataError
+from .errors import CheckpointError, DataError
 from .train import TrainConfig, evaluate, set_seed, train
 from .train.distributed import main_first, session
 from .train.metrics import write_json_atomic
@@ -72,12 +72,20 @@ class Task:
             return VTABTask.from_dir(self.path).dataset(split, transform)
         if (self.path / split).is_dir():
             return ImageFolderDataset(self.path / split, transform)
-        options = sorted(
-            {p.stem for p in self.path.glob("*.txt")} | {p.name for p in self.path.iterdir() if p.is_dir()}
-        )
         raise DataError(
-            f"task {self.name!r} has no split {split!r} (no {split}.txt, no {split}/ folder); found: {options}"
+            f"task {self.name!r} has no split {split!r} (no {split}.txt, no {split}/ folder); "
+            f"splits there: {', '.join(task_splits(self.path)) or 'none'}"
         )
+
+
+def task_splits(path: Path) -> list[str]:
+    """The splits of a task folder: VTAB-1k split lists present, else the split image folders (never other files)."""
+    from .data import SPLITS
+
+    lists = [s for s in SPLITS if (path / f"{s}.txt").is_file()]
+    if lists:
+        return lists
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "images")
 
 
 def open_task(data_root: str | os.PathLike | None, task: str) -> Task:
@@ -86,6 +94,11 @@ def open_task(data_root: str | os.PathLike | None, task: str) -> Task:
     ``digits`` (scikit-learn's bundled 8x8 digits) is exported in VTAB-1k format on first use.
     """
     root = Path(data_root) if data_root is not None else default_data_root()
+    if not isinstance(task, str) or not task or task in (".", "..") or Path(task).name != task or "\\" in task:
+        raise DataError(
+            f"task name {task!r} must be one folder name under the data root {root} (no paths, no '..'); "
+            "pass --data-root to read tasks elsewhere"
+        )
     path = root / task
     if task == "digits" and not path.exists():
         if data_root is None:  # never write into a shared default root: export into the user's cache
@@ -222,12 +235,36 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
     return model.__dict__["_vpeft_state"].config.to_dict()
 
 
+_EXTRA_TYPES: dict[str, tuple[type, ...]] = {
+    "num_classes": (int,),
+    "backbone_arg": (str,),
+    "img_size": (int, type(None)),
+    "pretrained": (bool,),
+    "task": (str,),
+}
+
+
+def _check_extra(extra: Mapping[str, Any], delta: str | os.PathLike) -> None:
+    """The ``extra`` header of a ``vpeft train`` delta: required keys present, every known key of the right type."""
+    missing = [k for k in ("num_classes", "backbone_arg") if k not in extra]
+    if missing:
+        raise CheckpointError(
+            f"delta {str(delta)!r} lacks {missing} in its metadata; it was not written by vpeft train"
+        )
+    for key, types in _EXTRA_TYPES.items():
+        value = extra.get(key)
+        if key in extra and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise CheckpointError(f"delta {str(delta)!r}: metadata {key}={value!r} is not {names}")
+    for key in ("num_classes", "img_size"):
+        if isinstance(extra.get(key), int) and extra[key] < 1:
+            raise CheckpointError(f"delta {str(delta)!r}: metadata {key}={extra[key]!r} is not >= 1")
+
+
 def _model_from_delta(delta: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     meta, _ = read_delta(delta)
     extra = json.loads(meta.get("extra") or "{}")
-    missing = [k for k in ("num_classes", "backbone_arg") if k not in extra]
-    if missing:
-        raise DataError(f"delta {str(delta)!r} lacks {missing} in its metadata; it was not written by vpeft train")
+    _check_extra(extra, delta)
     pretrained = extra.get("pretrained", True)
     model = build_backbone(extra["backbone_arg"], extra["num_classes"], extra.get("img_size"), pretrained)
     load(model, delta)
@@ -246,9 +283,16 @@ def evaluate_delta(
 ) -> dict[str, Any]:
     """Rebuild the backbone a delta was trained on, load it, and evaluate top-1 on ``split``."""
     model, extra = _model_from_delta(delta)
+    if task is None and "task" not in extra:
+        raise CheckpointError(f"delta {str(delta)!r} does not name its task; pass --task")
+    t = open_task(data_root, task or extra["task"])
+    if t.num_classes != extra["num_classes"]:
+        raise DataError(
+            f"delta {str(delta)!r} has a {extra['num_classes']}-class head but task {t.name!r} has {t.num_classes} "
+            f"classes; evaluate it on the task it was trained on ({extra.get('task', 'unknown')!r})"
+        )
     if merged:
         merge(model)
-    t = open_task(data_root, task or extra["task"])
     ds = t.dataset(split, build_transform(model, input_size=extra.get("img_size")))
     model.to(device)
     return {"task": t.name, "split": split, **evaluate(model, build_dataloader(ds, batch_size, shuffle=False), device)}
