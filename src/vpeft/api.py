@@ -311,6 +311,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, Any] 
         "extra": json.dumps(dict(extra or {}), sort_keys=True),
     }
     tensors = _delta_tensors(model, state)
+    meta[DIGEST_KEY] = delta_digest(meta, tensors)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     log.info("saved %d tensors (%s) to %s", len(tensors), state.config.method, path)
     return path
@@ -321,8 +322,9 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch
 
     Checked before anything is used: the file is a readable safetensors file; its header says ``format`` vpeft-delta
     and a supported ``format_version``; ``config`` is a valid method config, ``extra`` a JSON object, ``backbone`` and
-    ``fingerprint`` non-empty strings; every tensor is a floating-point (or integer buffer) tensor with only finite
-    values. Nothing in the file is executed (safetensors and JSON only).
+    ``fingerprint`` non-empty strings; every tensor is a real (not complex or bool) tensor with only finite values;
+    the header's ``content_sha256`` (deltas written by this vpeft) matches the header and tensors, so a flipped
+    byte is caught. Nothing in the file is executed (safetensors and JSON only).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
@@ -341,7 +343,27 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch
         raise CheckpointError(f"checkpoint {where!r} is truncated or not a safetensors file ({exc})") from None
     _check_header(meta, where)
     _check_tensors(tensors, where)
+    digest = meta.get(DIGEST_KEY)
+    if digest is not None and digest != delta_digest(meta, tensors):
+        raise CheckpointError(
+            f"checkpoint {where!r} is corrupt: its contents do not match the {DIGEST_KEY} written with them "
+            "(the file was changed after it was saved)"
+        )
     return meta, tensors
+
+
+DIGEST_KEY = "content_sha256"
+"""Header field of a SHA-256 over the other header fields and every tensor (name, dtype, shape, bytes)."""
+
+
+def delta_digest(meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """The :data:`DIGEST_KEY` of a delta: any change to a header value or to a tensor's bytes changes it."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != DIGEST_KEY}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 _HEADER_STRINGS = ("backbone", "fingerprint", "config")

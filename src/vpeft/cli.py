@@ -12,6 +12,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from .devices import check_device
 from .errors import ConfigError, VpeftError
 
 __all__ = ["main", "parse_method_options", "method_from_cli"]
@@ -146,27 +147,6 @@ RUN_FILES = ("delta.safetensors", "metrics.json", "result.json")
 
 EXIT_DIVERGED = 3
 """Exit status of a training run whose loss became NaN/inf (bad input exits 2)."""
-
-
-def check_device(device: str) -> str:
-    """Refuse a device string torch cannot parse, or an accelerator this machine does not have."""
-    import torch
-
-    choices = "cpu, cuda, cuda:N, mps"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"--device {device!r} is not a device; valid: {choices}") from None
-    if dev.type == "cpu":
-        return device
-    backend = getattr(torch, dev.type, None) if dev.type != "mps" else getattr(torch.backends, "mps", None)
-    available = getattr(backend, "is_available", None)
-    if available is None or not available():
-        raise ConfigError(f"--device {device!r}: no {dev.type} device is available on this machine; valid: cpu")
-    count = getattr(backend, "device_count", lambda: 1)()
-    if dev.index is not None and dev.index >= count:
-        raise ConfigError(f"--device {device!r}: this machine has {count} {dev.type} device(s), indices 0..{count - 1}")
-    return device
 
 
 def check_img_size(img_size: int | None) -> None:

@@ -70,8 +70,8 @@ class Task:
     def dataset(self, split: str, transform) -> Dataset:
         if (self.path / f"{split}.txt").is_file():
             return VTABTask.from_dir(self.path).dataset(split, transform)
-        if (self.path / split).is_dir():
-            return ImageFolderDataset(self.path / split, transform)
+        if (self.path / split).is_dir():  # test images are read once, at the end (checked as they are read)
+            return ImageFolderDataset(self.path / split, transform, verify=split != "test")
         raise DataError(
             f"task {self.name!r} has no split {split!r} (no {split}.txt, no {split}/ folder); "
             f"splits there: {', '.join(task_splits(self.path)) or 'none'}"

@@ -244,6 +244,8 @@ class ImageListDataset(_SampleDataset):
         num_classes: Number of classes; labels must lie in ``[0, num_classes)``. ``None`` reads it from the
             task (``classes.txt``, else max label + 1 over all lists).
         verify: Decode-check every image up front (once per process, :func:`vpeft.data.images.check_images`).
+            Default: every split but ``test``, whose images the protocol reads once, at the end: a bad test image
+            is a DataError naming it when it is read.
 
     Raises:
         DataError: Missing folder or list, unknown split, malformed line, label out of range, missing or
@@ -256,7 +258,7 @@ class ImageListDataset(_SampleDataset):
         split: str,
         transform: Transform | None = None,
         num_classes: int | None = None,
-        verify: bool = True,
+        verify: bool | None = None,
     ) -> None:
         _check_split(split)
         task = VTABTask.from_dir(task_dir)
@@ -266,7 +268,7 @@ class ImageListDataset(_SampleDataset):
         self.class_names = task.class_names
         self.transform = transform
         self.samples = read_split_list(self.task_dir, split, num_classes=self.num_classes)
-        if verify:
+        if verify if verify is not None else split != "test":
             check_images((p for p, _ in self.samples), f"{task.name}/{split}")
         logger.debug("loaded %s/%s: %d images, %d classes", task.name, split, len(self), self.num_classes)
 
