@@ -431,9 +431,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vpeft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
-        kept = f"; files written so far are kept in {args.out}" if getattr(args, "out", None) else ""
+        kept = _kept(getattr(args, "out", None))
         print(f"vpeft {args.command}: error: training diverged: {_one_line(exc)}{kept}", file=sys.stderr)
         return EXIT_DIVERGED
+
+
+def _kept(out: str | None) -> str:
+    """Which files of a diverged run stay in ``out`` (none are removed)."""
+    from pathlib import Path
+
+    files = sorted(p.name for p in Path(out).iterdir()) if out and Path(out).is_dir() else []
+    return f"; kept in {out}: {', '.join(files)}" if files else ""
 
 
 def _one_line(exc: BaseException) -> str:
