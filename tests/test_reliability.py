@@ -303,6 +303,14 @@ def test_json_outputs_are_strict_json(tmp_path):
         "a": None, "b": [None, 1.5], "c": None, "d": 2.0}  # fmt: skip
 
 
+def test_failed_json_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
 # ---- 6. fuzz: delta files ---------------------------------------------------------------------------------------
 def _outcome(path: Path, original: tuple[dict, dict]) -> str:
     """'error' (CheckpointError), 'same' (loads, and header and tensors equal the original's: the mutation changed
