@@ -580,6 +580,9 @@ def test_report_shows_only_records_of_the_current_definition(tmp_path, tiny_root
     md = write_report(out)[0]
     assert "| bitfit |" in md and "| linear |" not in md, "the old recipe's record is not shown as current"
     assert "1 stale record(s) made by another definition of the benchmark skipped" in md
+    (out / "definition.json").write_text("{truncated")
+    with pytest.raises(DataError, match="definition.json is unreadable"):
+        write_report(out)
 
 
 def test_one_writer_per_results_folder(tmp_path, tiny_root, capsys):

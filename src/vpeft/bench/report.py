@@ -431,7 +431,12 @@ def write_report(
         raise DataError(f"no bench records under {results_dir / 'runs'} (run `vpeft bench DEFINITION --out DIR` first)")
     definition = None
     if (results_dir / "definition.json").is_file():
-        definition = json.loads((results_dir / "definition.json").read_text(encoding="utf-8"))
+        try:
+            definition = json.loads((results_dir / "definition.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{results_dir / 'definition.json'} is unreadable ({exc}); re-run `vpeft bench`") from None
+        if not isinstance(definition, dict):
+            raise DataError(f"{results_dir / 'definition.json'} is not a bench definition; re-run `vpeft bench`")
     records, stale = current_records(records, definition)
     if not records:
         raise DataError(
