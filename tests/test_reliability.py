@@ -280,9 +280,11 @@ def test_tampered_headers_are_checkpoint_errors_in_the_cli_and_the_library(tmp_p
             vpeft.load(build_backbone("test_vit", 10, 32, pretrained=False), bad)
 
 
-def test_checkpoint_paths(tmp_path, capsys):
+def test_checkpoint_paths(tmp_path, delta, capsys):
     assert main(["eval", "--delta", str(tmp_path), "--task", "digits"]) == 2
     assert "is a directory, not a delta file" in _one_line_error(capsys)
+    assert main(["merge", "--delta", str(delta), "--out", str(tmp_path)]) == 2
+    assert "is a folder; give the merged model's file name" in _one_line_error(capsys)
     with pytest.raises(CheckpointError, match="does not exist"):
         read_delta(tmp_path / "missing.safetensors")
 
@@ -653,3 +655,10 @@ def test_yaml_definitions_are_read_with_a_safe_loader(tmp_path):
         load_definition(path)
     assert not (tmp_path / "pwned").exists()
     assert math.isfinite(1.0)
+
+
+def test_bench_device_is_checked(tmp_path, tiny_root, capsys):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(_bench_definition(tiny_root)))
+    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--device", "tpu9", "--quiet"]) == 2
+    assert "--device 'tpu9' is not a device" in _one_line_error(capsys)

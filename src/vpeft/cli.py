@@ -267,8 +267,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .run import merge_delta
 
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give the merged model's file name (e.g. model.safetensors)")
     path = merge_delta(args.delta, args.out)
     print(f"merged model written to {path}")
     return 0
