@@ -52,3 +52,24 @@ def hang_or_run_ray(spec: dict, out_dir: str, threads: int, started=None) -> dic
     started.put_nowait(f"{spec['method_label']}/{spec['task']}/seed{spec['seed']}")
     time.sleep(600)
     return {}
+
+
+def sleep_with_child(spec: dict, out_dir: str, threads: int, verbose: bool) -> None:
+    """A run that never ends, with a child process (a stand-in for a data-loader worker); it becomes a process group
+    leader with the driver watchdog, as vpeft's own worker entry point does, and writes ``[its pid, the child's]``
+    to ``pids.json``."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from vpeft.bench.runner import _own_group
+
+    _own_group()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(out_dir, "pids.tmp")
+    tmp.write_text(json.dumps([os.getpid(), child.pid]))
+    os.replace(tmp, Path(out_dir, "pids.json"))
+    time.sleep(600)

@@ -18,7 +18,7 @@ from torch import nn
 from ._modules import parent_of
 from .arch import ArchSpec, get_spec
 from .config import MethodConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UnsupportedBackboneError, VpeftError
 from .layers import FrozenStatsNorm, Wrapper
 from .methods.base import Method
 from .registry import get_method
@@ -305,34 +305,117 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, Any] 
         "extra": json.dumps(dict(extra or {}), sort_keys=True),
     }
     tensors = delta_tensors(model, state)
+    meta[DIGEST_KEY] = delta_digest(meta, tensors)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     log.info("saved %d tensors (%s) to %s", len(tensors), state.config.method, path)
     return path
 
 
 def read_delta(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Read a delta file: ``(metadata, tensors)``; anything but a complete vpeft delta raises CheckpointError."""
+    """Read a delta file: ``(metadata, tensors)``; anything but a complete vpeft delta raises CheckpointError.
+
+    Checked before anything is used: the file is a readable safetensors file; its header says ``format`` vpeft-delta
+    and a supported ``format_version``; ``config`` is a valid method config, ``extra`` a JSON object, ``backbone`` and
+    ``fingerprint`` non-empty strings; every tensor is a real (not complex or bool) tensor with only finite values;
+    the header's ``content_sha256`` (deltas written by this vpeft) matches the header and tensors, so a flipped
+    byte is caught. Nothing in the file is executed (safetensors and JSON only).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
     path = Path(path)
+    where = str(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {where!r} is a directory, not a delta file (give the .safetensors file)")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint {where!r} does not exist")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(where, framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a vpeft delta (format={meta.get('format')!r})")
+        tensors = load_file(where)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
+        raise CheckpointError(f"checkpoint {where!r} is truncated or not a safetensors file ({exc})") from None
+    _check_header(meta, where)
+    _check_tensors(tensors, where)
+    digest = meta.get(DIGEST_KEY)
+    if digest is not None and digest != delta_digest(meta, tensors):
+        raise CheckpointError(
+            f"checkpoint {where!r} is corrupt: its contents do not match the {DIGEST_KEY} written with them "
+            "(the file was changed after it was saved)"
+        )
     return meta, tensors
+
+
+DIGEST_KEY = "content_sha256"
+"""Header field of a SHA-256 over the other header fields and every tensor (name, dtype, shape, bytes)."""
+
+
+def delta_digest(meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """The :data:`DIGEST_KEY` of a delta: any change to a header value or to a tensor's bytes changes it."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != DIGEST_KEY}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_HEADER_STRINGS = ("backbone", "fingerprint", "config")
+
+
+def _check_header(meta: Mapping[str, Any], where: str) -> None:
+    """Refuse a foreign, tampered or future delta header (see :func:`read_delta`)."""
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {where!r} is not a vpeft delta (format={meta.get('format')!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {where!r} has format_version {version!r}; this vpeft ({__version__}) reads format_version "
+            f"{FORMAT_VERSION!r} only"
+        )
+    missing = [k for k in _HEADER_STRINGS if not isinstance(meta.get(k), str) or not meta.get(k)]
+    if missing:
+        raise CheckpointError(f"checkpoint {where!r}: header lacks {', '.join(missing)} (or they are empty)")
+    try:
+        MethodConfig.from_json(meta["config"])
+    except (VpeftError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(
+            f"checkpoint {where!r}: header field config is not a valid method config ({exc})"
+        ) from None
+    extra = meta.get("extra", "{}")
+    try:
+        parsed = json.loads(extra) if isinstance(extra, str) else None
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"checkpoint {where!r}: header field extra is not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"checkpoint {where!r}: header field extra must be a JSON object, got {extra!r:.80}")
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse complex/bool tensors and any NaN or infinite value, naming the tensor."""
+    for name, t in tensors.items():
+        if t.is_complex() or t.dtype == torch.bool:
+            raise CheckpointError(f"checkpoint {where!r}: tensor {name!r} has unsupported dtype {t.dtype}")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"checkpoint {where!r}: tensor {name!r} holds {bad} non-finite value(s) (NaN/inf); the training "
+                "that wrote it diverged"
+            )
 
 
 def delta_task(meta: Mapping[str, str]) -> dict[str, Any]:
     """The task a delta was trained for (deltas written before tasks were recorded are classification)."""
     raw = meta.get("task")
-    return dict(_CLASSIFICATION) if raw is None else json.loads(raw)
+    if raw is None:
+        return dict(_CLASSIFICATION)
+    try:
+        task = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"delta header field task is not valid JSON ({exc})") from None
+    if not isinstance(task, dict) or not isinstance(task.get("kind"), str):
+        raise CheckpointError(f"delta header field task must be a JSON object with a 'kind', got {raw!r:.80}")
+    return task
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> Report:
@@ -366,12 +449,36 @@ def load(model: nn.Module, path: str | os.PathLike) -> Report:
     if got != meta["fingerprint"]:
         raise CheckpointError(
             f"checkpoint {str(path)!r} belongs to other weights of {name!r} (fingerprint {meta['fingerprint']}, "
-            f"model {got}); load it onto the backbone it was trained from"
+            f"model {got}){_mismatch_hint(model, meta, tensors)}; load it onto the backbone it was trained from"
         )
     if not is_adapted(model):
-        apply(model, cfg)
+        try:
+            apply(model, cfg)
+        except (ConfigError, UnsupportedBackboneError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r}: its method config does not apply here ({exc})") from None
     load_tensors(model, tensors, str(path))
     return report(model)
+
+
+def _mismatch_hint(model: nn.Module, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """What visibly differs between a delta and a model whose fingerprints differ: classes, input size."""
+    diffs = []
+    backbone, prefix, _ = _parts(model)
+    try:
+        heads = [prefix + n for n in head_names(backbone, get_spec(backbone))]
+    except VpeftError:
+        heads = []
+    params = dict(model.named_parameters())
+    for n in heads:
+        if n in tensors and n in params and tensors[n].ndim and tensors[n].shape[0] != params[n].shape[0]:
+            diffs.append(f"the delta's head has {tensors[n].shape[0]} classes, the model's {params[n].shape[0]}")
+            break
+    extra = json.loads(meta.get("extra") or "{}")
+    size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+    size = int(size[0]) if isinstance(size, (tuple, list)) and size else size
+    if extra.get("img_size") is not None and size is not None and extra["img_size"] != size:
+        diffs.append(f"the delta was trained at img_size {extra['img_size']}, the model takes {size}")
+    return f" -- {'; '.join(diffs)}" if diffs else ""
 
 
 # ---- merge / unmerge ----------------------------------------------------------------------------------------

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
+import re
 import sys
 import typing
 from collections.abc import Sequence
 from typing import Any
 
+from .devices import check_device
 from .errors import ConfigError, VpeftError
 
 __all__ = ["main", "parse_method_options", "method_from_cli"]
@@ -100,7 +103,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             row["vit_b16_params"] = counts[name]
         rows.append(row)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, allow_nan=False))
         return 0
     extra = " ViT-B/16 params |" if args.counts else ""
     print(f"| method | family | mergeable | CNN |{extra} paper |\n|---|---|---|---|{'---:|' if extra else ''}---|")
@@ -123,20 +126,100 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace):
     from .train import TrainConfig
 
-    return TrainConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        batch_size=args.batch_size,
-        label_smoothing=args.label_smoothing,
-        grad_accum=args.grad_accum,
-        bf16=args.bf16,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing,
-        seed=args.seed,
-    )
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The ``Attributes:`` section of a dataclass's Google-style docstring: ``{field: one-line help}``."""
+    doc = inspect.getdoc(cls) or ""
+    helps: dict[str, str] = {}
+    current = None
+    in_attrs = False
+    for line in doc.splitlines():
+        if line.strip() == "Attributes:":
+            in_attrs = True
+            continue
+        if not in_attrs:
+            continue
+        m = re.match(r"^    (\w+): (.*)$", line)
+        if m:
+            current = m.group(1)
+            helps[current] = m.group(2).strip()
+        elif line.startswith("        ") and current:
+            helps[current] += " " + line.strip()
+        elif line.strip() and not line.startswith(" "):
+            break
+    return {k: v.replace("%", "%%").replace("``", "") for k, v in helps.items()}
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name`` flag per field of the dataclass ``cls``, typed, defaulted and documented from it.
+
+    ``bool`` fields default-off become ``--flag``; default-on and ``bool | None`` ones ``--flag/--no-flag``;
+    ``X | None`` numbers accept a number (``None`` is the default).
+    """
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        value, hint = getattr(default, f.name), hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        text = f"{helps.get(f.name, '')} (default: {value})".strip()
+        if base is bool:
+            if value is False:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=text)
+            else:
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=value, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=base, default=value, metavar=base.__name__.upper(), help=text)
+
+
+# ---- checks made before any work starts ----------------------------------------------------------------------------
+RUN_FILES = ("delta.safetensors", "metrics.json", "result.json", "checkpoint.pt")
+"""What ``vpeft train`` writes into ``--out`` (``--overwrite`` removes these first)."""
+
+EXIT_DIVERGED = 3
+"""Exit status of a training run whose loss became NaN/inf (bad input exits 2)."""
+
+
+def check_img_size(img_size: int | None) -> None:
+    if img_size is not None and img_size < 1:
+        raise ConfigError(f"--img-size {img_size} is invalid; expected a positive int (a multiple of the patch size)")
+
+
+def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> None:
+    """Refuse an ``--out`` that is a file, is not writable, or holds files (unless ``overwrite`` or ``resume``),
+    before training.
+
+    With ``overwrite`` the previous run's files (:data:`RUN_FILES`) are removed first, so a failed new run never
+    leaves the old run's results beside its own.
+    """
+    import tempfile
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out!r} is a file, not a folder; choose a folder for the run's files")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out!r} is not writable ({exc.strerror or exc}); choose another folder") from None
+    present = sorted(p.name for p in path.iterdir())
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume exclude each other: replace the run in --out, or continue it")
+    if present and not overwrite and not resume:
+        listed = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise ConfigError(
+            f"--out {out!r} is not empty (holds {listed}); pass --overwrite to replace its run, --resume to continue "
+            "it, or use an empty folder"
+        )
+    if overwrite:
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -144,7 +227,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.distributed import is_main_process
 
     method = method_from_cli(args.method, args.opt)
-    rec = finetune(
+    check_img_size(args.img_size)
+    check_device(args.device)
+    if is_main_process():  # under torchrun rank 0 alone owns the folder
+        check_out_dir(args.out, args.overwrite, args.resume)
+    rec = _finetune_from_args(args, method, finetune)
+    if is_main_process():
+        print(results_table([rec]))
+        print(f"delta and results written to {args.out}")
+    return 0
+
+
+def _finetune_from_args(args: argparse.Namespace, method: dict[str, Any], finetune) -> dict[str, Any]:
+    return finetune(
         backbone=args.backbone,
         method=method,
         task=args.task,
@@ -158,26 +253,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         num_workers=args.workers,
         progress=not args.quiet,
+        task_kind=args.task_kind,
+        task_options={"decoder": args.decoder} if args.decoder else None,
+        resume=args.resume,
     )
-    if is_main_process():  # under torchrun every process trains; rank 0 reports
-        print(results_table([rec]))
-        print(f"delta and results written to {args.out}")
-    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .run import evaluate_delta
+    from .train.metrics import json_safe
 
+    check_device(args.device)
     res = evaluate_delta(
         args.delta, task=args.task, data_root=args.data_root, split=args.split, device=args.device, merged=args.merged
     )
-    print(json.dumps(res, indent=2))
+    print(json.dumps(json_safe(res), indent=2, allow_nan=False))
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .run import merge_delta
 
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give the merged model's file name (e.g. model.safetensors)")
     path = merge_delta(args.delta, args.out)
     print(f"merged model written to {path}")
     return 0
@@ -222,9 +322,9 @@ def _add_data(p: argparse.ArgumentParser, task_required: bool = True) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .tasks import task_kinds
     from .train import TrainConfig
 
-    d = TrainConfig()
     parser = argparse.ArgumentParser(prog="vpeft", description="Parameter-efficient fine-tuning of vision backbones.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,28 +351,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-split", default="train800val200")
     p.add_argument("--eval-split", default="test")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on GPUs, slow on CPUs without bf16)")
     p.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
+        "--task-kind",
         default=None,
-        help="NHWC weights and inputs (default: on for CNN backbones only)",
+        help="task type (default: detected from the folder's files): " + ", ".join(task_kinds()),
     )
-    p.add_argument("--compile", action="store_true", help="train through torch.compile (no gain measured on CPU)")
     p.add_argument(
-        "--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)"
+        "--decoder", default=None, help="segmentation decoder: linear (DINOv2 linear head) or fpn (ViTDet + FPN)"
     )
-    p.add_argument("--seed", type=int, default=d.seed)
+    add_dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
     p.add_argument("--out", required=True, help="output folder (delta.safetensors, metrics.json, result.json)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="train into a non-empty --out (its previous run files are removed)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the killed run in --out from its last checkpoint (same flags); from scratch if it has none",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_train)
 
@@ -306,8 +404,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE = re.compile(r"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``["--lr", "-1e-3"]`` -> ``["--lr=-1e-3"]``: argparse takes ``-1e-3`` for an option, not a value."""
+    out: list[str] = []
+    for tok in argv:
+        if out and _NEGATIVE.fullmatch(tok) and out[-1].startswith("--") and "=" not in out[-1] and out[-1] != "--":
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vpeft`` command; returns the exit code (2 on bad input, with a one-line error)."""
+    """Entry point of the ``vpeft`` command; returns the exit code.
+
+    Bad input exits with status 2 and a one-line error naming the value (and the valid choices); a training run
+    whose loss became NaN/inf exits with status 3 (:data:`EXIT_DIVERGED`), keeping the files written so far.
+    """
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -315,8 +432,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.fn(args)
     except VpeftError as exc:
-        print(f"vpeft {args.command}: error: {exc}", file=sys.stderr)
+        print(f"vpeft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        kept = _kept(getattr(args, "out", None))
+        print(f"vpeft {args.command}: error: training diverged: {_one_line(exc)}{kept}", file=sys.stderr)
+        return EXIT_DIVERGED
+
+
+def _kept(out: str | None) -> str:
+    """Which files of a diverged run stay in ``out`` (none are removed)."""
+    from pathlib import Path
+
+    files = sorted(p.name for p in Path(out).iterdir()) if out and Path(out).is_dir() else []
+    return f"; kept in {out}: {', '.join(files)}" if files else ""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

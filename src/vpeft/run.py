@@ -28,9 +28,10 @@ from .data import (
     default_data_root,
     ensure_digits_task,
 )
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .state import state_of
 from .tasks import ClassificationTask, Task, TaskModel, task_for_folder, task_from_dict
+from .tasks.classification import split_names
 from .train import TrainConfig, evaluate, set_seed, train
 from .train.cache import cached_training_setup, frozen_split
 from .train.checkpoint import CHECKPOINT_NAME
@@ -84,9 +85,12 @@ class TaskFolder:
         """A classification split read with ``transform`` (the search's data path)."""
         if (self.path / f"{split}.txt").is_file():
             return VTABTask.from_dir(self.path).dataset(split, transform)
-        if (self.path / split).is_dir():
-            return ImageFolderDataset(self.path / split, transform)
-        return ClassificationTask(self.num_classes).dataset(self.path, split, nn.Identity())  # raises the DataError
+        if (self.path / split).is_dir():  # test images are read once, at the end (checked as they are read)
+            return ImageFolderDataset(self.path / split, transform, verify=split != "test")
+        raise DataError(
+            f"task {self.name!r} has no split {split!r} (no {split}.txt, no {split}/ folder); "
+            f"splits there: {', '.join(split_names(self.path)) or 'none'}"
+        )
 
 
 def open_task(data_root: str | os.PathLike | None, task: str) -> TaskFolder:
@@ -95,6 +99,11 @@ def open_task(data_root: str | os.PathLike | None, task: str) -> TaskFolder:
     ``digits`` (scikit-learn's bundled 8x8 digits) is exported in VTAB-1k format on first use.
     """
     root = Path(data_root) if data_root is not None else default_data_root()
+    if not isinstance(task, str) or not task or task in (".", "..") or Path(task).name != task or "\\" in task:
+        raise DataError(
+            f"task name {task!r} must be one folder name under the data root {root} (no paths, no '..'); "
+            "pass --data-root to read tasks elsewhere"
+        )
     path = root / task
     if task == "digits" and not path.exists():
         if data_root is None:  # never write into a shared default root: export into the user's cache
@@ -221,6 +230,7 @@ def finetune(
     task_kind: str | None = None,
     task_options: Mapping[str, Any] | None = None,
     resume: bool = False,
+    run_id: str | None = None,
 ) -> RunResult:
     """Adapt ``backbone`` to ``task`` with ``method``; return (and write) the run's result.
 
@@ -231,7 +241,8 @@ def finetune(
     (``train800val200``) and evaluates ``test`` once. With ``out_dir``: ``delta.safetensors``, ``metrics.json``
     (per epoch) and ``result.json``; while training, ``checkpoint.pt`` (every ``train_cfg.checkpoint_every``
     epochs), from which ``resume=True`` continues a killed run to the same result; it is removed once
-    ``result.json`` is written.
+    ``result.json`` is written. Every file of the run folder names the run (``"run"``: ``run_id`` -- generated
+    unless given, kept when resuming --, method, task, backbone).
 
     Under ``torchrun`` every process runs this function: training is data-parallel with ``train_cfg.batch_size``
     as the global batch, the final evaluation is sharded over the processes, and only rank 0 logs and writes
@@ -267,12 +278,27 @@ def finetune(
         start = time.perf_counter()
         trained, loader, cached = _maybe_cache(model, loader, cfg, device, ctx is None, progress and main)
         cache_time = time.perf_counter() - start
-        result = train(trained, loader, cfg, device=device, out_dir=out, progress=progress, task=t, resume=resume)
+        identity = _run_identity(out, method, task, backbone, run_id, resume)
+        result = train(
+            trained, loader, cfg, device=device, out_dir=out, progress=progress, task=t, resume=resume, run=identity
+        )
         train_time = cache_time + result.total_time_s  # a resumed run counts the epochs before the crash too
+        spec = t.to_dict()
+        delta_bytes = None
+        if out is not None and main:  # the trained delta is on disk before the test split is read
+            extra = {
+                "task": task,
+                "num_classes": spec.get("num_classes"),
+                "img_size": size,
+                "backbone_arg": backbone,
+                "pretrained": pretrained,
+                "task_spec": spec,
+            }
+            save(model, out / "delta.safetensors", extra=extra)
+            delta_bytes = (out / "delta.safetensors").stat().st_size
         start = time.perf_counter()
         eval_loader = build_dataloader(eval_ds, 2 * cfg.batch_size, shuffle=False, num_workers=num_workers)
         ev = evaluate(model, eval_loader, device, distributed=True, task=t)  # sharded over the processes
-        spec = t.to_dict()
         run = RunResult(
             backbone=backbone,
             img_size=size,
@@ -295,21 +321,37 @@ def finetune(
             feature_cache=cached,
             eval_time_s=time.perf_counter() - start,
             final_train={k: v for k, v in result.final.items() if k.startswith("train_")},
+            delta_bytes=delta_bytes,
         )
         if out is not None and main:
-            extra = {
-                "task": task,
-                "num_classes": spec.get("num_classes"),
-                "img_size": size,
-                "backbone_arg": backbone,
-                "pretrained": pretrained,
-                "task_spec": spec,
-            }
-            save(model, out / "delta.safetensors", extra=extra)
-            run = dataclasses.replace(run, delta_bytes=(out / "delta.safetensors").stat().st_size)
-            write_json_atomic(out / "result.json", run.to_dict())
+            write_json_atomic(out / "result.json", {"run": identity, **run.to_dict()})
             (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # the run is complete: its delta and result are written
         return run
+
+
+def _run_identity(
+    out: Path | None, method: Any, task: str, backbone: str, run_id: str | None, resume: bool
+) -> dict[str, Any]:
+    """``{run_id, method, task, backbone, started_utc}``; a resumed run keeps the identity its folder recorded."""
+    import datetime
+    import uuid
+
+    if resume and out is not None and (out / "metrics.json").is_file():
+        try:
+            recorded = json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("run")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, dict) and recorded.get("run_id"):
+            return recorded
+    name = method if isinstance(method, str) else getattr(method, "method", None) or dict(method).get("method")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return {
+        "run_id": run_id or f"{name}-{task}-{stamp}-{uuid.uuid4().hex[:8]}",
+        "method": name,
+        "task": task,
+        "backbone": backbone,
+        "started_utc": stamp,
+    }
 
 
 def _maybe_cache(
@@ -341,15 +383,42 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
     return state_of(model).config.to_dict()
 
 
+_EXTRA_TYPES: dict[str, tuple[type, ...]] = {
+    "num_classes": (int,),
+    "backbone_arg": (str,),
+    "img_size": (int, type(None)),
+    "pretrained": (bool,),
+    "task": (str,),
+}
+
+
+def _check_extra(extra: Mapping[str, Any], delta: str | os.PathLike) -> None:
+    """The ``extra`` header of a ``vpeft train`` delta: required keys present, every known key of the right type."""
+    missing = [k for k in ("num_classes", "backbone_arg") if k not in extra]
+    if missing:
+        raise CheckpointError(
+            f"delta {str(delta)!r} lacks {missing} in its metadata; it was not written by vpeft train"
+        )
+    for key, types in _EXTRA_TYPES.items():
+        value = extra.get(key)
+        if key in extra and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise CheckpointError(f"delta {str(delta)!r}: metadata {key}={value!r} is not {names}")
+    for key in ("num_classes", "img_size"):
+        if isinstance(extra.get(key), int) and extra[key] < 1:
+            raise CheckpointError(f"delta {str(delta)!r}: metadata {key}={extra[key]!r} is not >= 1")
+
+
 def _model_from_delta(delta: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], Task]:
     """Rebuild the model a delta was trained with (backbone, and the task's model around it) and load the delta."""
     meta, _ = read_delta(delta)
     extra = json.loads(meta.get("extra") or "{}")
-    missing = [k for k in ("num_classes", "backbone_arg") if k not in extra]
-    if missing:
-        raise DataError(f"delta {str(delta)!r} lacks {missing} in its metadata; it was not written by vpeft train")
+    _check_extra(extra, delta)
     spec = extra.get("task_spec") or {"kind": "classification", "num_classes": extra["num_classes"]}
-    task = task_from_dict(spec)
+    try:
+        task = task_from_dict(spec)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"delta {str(delta)!r}: metadata task_spec {spec!r:.80} is invalid ({exc})") from None
     pretrained = extra.get("pretrained", True)
     backbone = build_backbone(extra["backbone_arg"], task.backbone_classes(), extra.get("img_size"), pretrained)
     model = task.build(backbone)
@@ -369,13 +438,33 @@ def evaluate_delta(
 ) -> dict[str, Any]:
     """Rebuild the model a delta was trained with, load it, and evaluate the task's metrics on ``split``."""
     model, extra, t = _model_from_delta(delta)
+    if task is None and "task" not in extra:
+        raise CheckpointError(f"delta {str(delta)!r} does not name its task; pass --task")
+    folder = open_task(data_root, task or extra["task"])
+    _check_task_fits(t, folder, delta, extra)
     if merged:
         merge(model)
-    folder = open_task(data_root, task or extra["task"])
     ds = t.dataset(folder.path, split, model, input_size=extra.get("img_size"))
     model.to(device)
     metrics = evaluate(model, build_dataloader(ds, batch_size, shuffle=False), device, task=t)
     return {"task": folder.name, "split": split, "primary_metric": t.primary_metric, **metrics}
+
+
+def _check_task_fits(t: Task, folder: TaskFolder, delta: str | os.PathLike, extra: Mapping[str, Any]) -> None:
+    """Refuse evaluating a delta on a folder of another task kind or class count."""
+    here = folder.task()
+    trained = extra.get("task", "unknown")
+    if here.kind != t.kind:
+        raise DataError(
+            f"delta {str(delta)!r} was trained for a {t.kind} task but task folder {folder.name!r} holds a "
+            f"{here.kind} task; evaluate it on a {t.kind} task (it was trained on {trained!r})"
+        )
+    mine, theirs = t.to_dict().get("num_classes"), here.to_dict().get("num_classes")
+    if mine is not None and theirs is not None and mine != theirs:
+        raise DataError(
+            f"delta {str(delta)!r} has a {mine}-class head but task {folder.name!r} has {theirs} classes; "
+            f"evaluate it on the task it was trained on ({trained!r})"
+        )
 
 
 def merge_delta(delta: str | os.PathLike, out: str | os.PathLike) -> Path:

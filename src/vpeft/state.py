@@ -165,7 +165,7 @@ def check_fit(
     where: str,
     head: Iterable[str] = (),
 ) -> None:
-    """Raise CheckpointError unless ``tensors`` has exactly the names of ``expected`` with the same shapes."""
+    """Raise CheckpointError unless ``tensors`` has exactly the names of ``expected`` with the same shapes/dtypes."""
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {where!r} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -180,6 +180,8 @@ def check_fit(
             raise CheckpointError(
                 f"checkpoint {where!r}: {n} has shape {tuple(t.shape)}, model {tuple(expected[n].shape)}{hint}"
             )
+        if expected[n].dtype != t.dtype:
+            raise CheckpointError(f"checkpoint {where!r}: {n} has dtype {t.dtype}, model {expected[n].dtype}")
 
 
 def load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:

@@ -34,6 +34,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     definition = load_definition(args.definition)
     if args.device:
+        from vpeft.devices import check_device
+
+        check_device(args.device)
         import dataclasses
 
         definition = dataclasses.replace(definition, device=args.device)

@@ -23,7 +23,7 @@ from vpeft.bench.definition import GROUPS
 from vpeft.bench.records import load_records, write_text_atomic
 from vpeft.errors import DataError
 
-__all__ = ["Leaderboard", "build_leaderboard", "render_html", "render_markdown", "write_report"]
+__all__ = ["Leaderboard", "build_leaderboard", "current_records", "render_html", "render_markdown", "write_report"]
 
 _AGG_COLUMNS = ("mean_tasks", "mean_groups")
 
@@ -241,6 +241,8 @@ def _describe(lb: Leaderboard) -> str:
         commits = env.get("commits") or []
         more = f" and {len(commits) - 3} more" if len(commits) > 3 else ""
         bits.append(("commit " if len(commits) == 1 else "commits ") + ", ".join(commits[:3]) + more)
+    if m.get("stale"):
+        bits.append(f"{m['stale']} stale record(s) made by another definition of the benchmark skipped")
     return "; ".join(bits)
 
 
@@ -395,6 +397,23 @@ def render_html(lb: Leaderboard) -> str:
     return "\n".join(p for p in parts if p)
 
 
+def current_records(
+    records: Sequence[Mapping[str, Any]], definition: Mapping[str, Any] | None
+) -> tuple[list[Mapping[str, Any]], int]:
+    """``(records of the current definition, number of stale ones skipped)``.
+
+    A record is current when its run's fingerprint equals the one ``definition.json`` lists for that run
+    (``run_fingerprints``): a record written under another definition (another recipe, setting, or a run no longer
+    in the grid) is never shown as current. A ``definition.json`` without ``run_fingerprints`` (older vpeft) keeps
+    every record.
+    """
+    fingerprints = (definition or {}).get("run_fingerprints")
+    if not isinstance(fingerprints, Mapping):
+        return list(records), 0
+    keep = [r for r in records if fingerprints.get(r.get("run_id")) == r.get("fingerprint") is not None]
+    return keep, len(records) - len(keep)
+
+
 def write_report(
     results_dir: str | Path, html_path: str | Path | None = None, md_path: str | Path | None = None
 ) -> tuple[str, Path, Path]:
@@ -412,8 +431,20 @@ def write_report(
         raise DataError(f"no bench records under {results_dir / 'runs'} (run `vpeft bench DEFINITION --out DIR` first)")
     definition = None
     if (results_dir / "definition.json").is_file():
-        definition = json.loads((results_dir / "definition.json").read_text(encoding="utf-8"))
+        try:
+            definition = json.loads((results_dir / "definition.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{results_dir / 'definition.json'} is unreadable ({exc}); re-run `vpeft bench`") from None
+        if not isinstance(definition, dict):
+            raise DataError(f"{results_dir / 'definition.json'} is not a bench definition; re-run `vpeft bench`")
+    records, stale = current_records(records, definition)
+    if not records:
+        raise DataError(
+            f"all {stale} bench records under {results_dir / 'runs'} were made by another definition than the "
+            "current definition.json: re-run `vpeft bench` with it"
+        )
     lb = build_leaderboard(records, definition)
+    lb.meta["stale"] = stale
     md = render_markdown(lb)
     md_path = Path(md_path) if md_path else results_dir / "leaderboard.md"
     html_path = Path(html_path) if html_path else results_dir / "leaderboard.html"

@@ -32,7 +32,15 @@ from typing import Any, TextIO
 
 from vpeft.bench.definition import BenchDefinition, RunSpec, check_run_timeout
 from vpeft.bench.protocol import ensure_task, run_and_record
-from vpeft.bench.records import _cpu_count, environment, read_record, record_path, run_dir, write_record
+from vpeft.bench.records import (
+    _cpu_count,
+    environment,
+    read_record,
+    record_path,
+    results_lock,
+    run_dir,
+    write_record,
+)
 from vpeft.errors import ConfigError, DataError
 from vpeft.train.metrics import write_json_atomic
 
@@ -41,6 +49,7 @@ __all__ = [
     "Deadlines",
     "Progress",
     "default_parallelism",
+    "die_with_parent",
     "plan_runs",
     "prepare_tasks",
     "run_bench",
@@ -220,9 +229,39 @@ def _worker_main(spec_dict: dict[str, Any], out_dir: str, threads: int, verbose:
 
 def _own_group() -> None:
     """Make the calling worker the leader of a new process group, so that stopping its run (time limit, interrupted
-    grid) reaches its children too (data-loader workers). The first thing a worker entry point should do."""
+    grid) reaches its children too (data-loader workers), and make the group die with the driver. The first thing a
+    worker entry point should do."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
+    die_with_parent()
+
+
+PARENT_POLL_S = 0.5
+"""How often a worker checks that the driver that started it is still alive."""
+
+
+def die_with_parent(poll_s: float = PARENT_POLL_S) -> threading.Thread | None:
+    """Start a daemon thread that kills this process's group (SIGKILL) as soon as its parent process is gone.
+
+    A worker leads its own process group, so it escapes a terminal's hangup and a ``kill`` of the driver's group;
+    this watchdog makes it (and its data-loader workers) end with the driver even when the driver is killed with
+    SIGKILL and cannot stop them. The parent is the multiprocessing parent when there is one (so a driver that died
+    before the thread started is noticed too), else the current parent pid.
+    """
+    if not hasattr(os, "getppid") or not hasattr(os, "killpg"):
+        return None
+    parent = mp.parent_process()
+    ppid = parent.pid if parent is not None and parent.pid else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == ppid:
+            time.sleep(poll_s)
+        logger.error("the vpeft bench driver (pid %d) is gone: stopping this run", ppid)
+        os.killpg(os.getpgrp(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+    thread = threading.Thread(target=watch, name="vpeft-parent-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def _log_tail(out_dir: Path, n: int = 20) -> str:
@@ -486,7 +525,16 @@ def run_bench(
     runs = definition.runs(methods, tasks, seeds)
     prepare_tasks(runs)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "definition.json", definition.to_dict())
+    with results_lock(out):
+        return _run_locked(definition, out, runs, workers, threads, backend, ray_address, inline, progress, stream,
+                           verbose, on_record, limit, source)  # fmt: skip
+
+
+def _run_locked(definition, out, runs, workers, threads, backend, ray_address, inline, progress, stream, verbose,
+                on_record, limit, source) -> BenchSummary:  # fmt: skip
+    """The body of :func:`run_bench`, run while this process holds the results folder's lock."""
+    current = {spec.run_id: spec.fingerprint() for spec in definition.runs()}  # the whole grid, not the selection
+    write_json_atomic(out / "definition.json", {**definition.to_dict(), "run_fingerprints": current})
     todo, done = plan_runs(runs, out)
     workers, threads = default_parallelism(workers or None, threads)
     summary = BenchSummary(out, total=len(runs), skipped=len(done))

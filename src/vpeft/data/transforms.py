@@ -16,6 +16,7 @@ from timm.data.transforms import str_to_interp_mode
 from torch import nn
 from torchvision import transforms as T
 
+from vpeft.data.images import to_rgb
 from vpeft.errors import ConfigError
 
 __all__ = ["ToRGB", "build_transform", "resolve_input_size"]
@@ -30,7 +31,7 @@ class ToRGB:
     """
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb(image)  # 16-bit and float modes scaled by their range, not clipped
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -83,11 +84,30 @@ def _model_img_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _check_patch_size(model: nn.Module, size: int) -> None:
+    """Refuse an input side the model's patch embedding cannot take (smaller than a patch, or not a multiple of
+    it where timm would assert mid-training)."""
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) and patch else patch
+    if not isinstance(patch, int) or patch < 1:
+        return
+    strict_multiple = not getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_pad", False)
+    if size < patch or (strict_multiple and size % patch):
+        near = sorted({max(patch, size // patch * patch), (size // patch + 1) * patch})
+        raise ConfigError(
+            f"img_size {size} does not fit the backbone's {patch}-pixel patches: use a multiple of {patch} "
+            f"(e.g. {' or '.join(map(str, near))})"
+        )
+
+
 def resolve_input_size(model_or_cfg: nn.Module | Mapping[str, Any], input_size: int | None = None) -> tuple[int, int]:
     """Return the ``(height, width)`` that :func:`build_transform` resizes to."""
     if input_size is not None:
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
             raise ConfigError(f"input_size must be a positive int, got {input_size!r}")
+        if isinstance(model_or_cfg, nn.Module):
+            _check_patch_size(model_or_cfg, input_size)
         return input_size, input_size
     size = _data_config(model_or_cfg)["input_size"]
     return int(size[-2]), int(size[-1])

@@ -13,7 +13,9 @@ Study of Representation Learning with the Visual Task Adaptation Benchmark"; Zha
         test.txt                   the test split, touched once
 
 Each list line is ``<path relative to the task folder> <label index>``. Lists are parsed and every image is
-checked to exist when a dataset is built, so a broken task fails at construction, not mid-epoch.
+checked to exist and to decode when a dataset is built (:mod:`vpeft.data.images`), so a broken task fails at
+construction, not mid-epoch. Images of every PIL mode become 8-bit RGB by the rule of their mode (16-bit and
+float images are scaled, not clipped; see :func:`vpeft.data.images.to_rgb`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vpeft.data.images import check_images, open_rgb
 from vpeft.errors import DataError, suggest
 
 __all__ = [
@@ -220,8 +223,7 @@ class _SampleDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            image = img.convert("RGB")
+        image = open_rgb(path)  # 16-bit / float modes scaled by their range (vpeft.data.images)
         if self.transform is not None:
             image = self.transform(image)
         return image, label
@@ -241,9 +243,13 @@ class ImageListDataset(_SampleDataset):
         transform: Applied to the RGB PIL image (e.g. from :func:`vpeft.data.build_transform`).
         num_classes: Number of classes; labels must lie in ``[0, num_classes)``. ``None`` reads it from the
             task (``classes.txt``, else max label + 1 over all lists).
+        verify: Decode-check every image up front (once per process, :func:`vpeft.data.images.check_images`).
+            Default: every split but ``test``, whose images the protocol reads once, at the end: a bad test image
+            is a DataError naming it when it is read.
 
     Raises:
-        DataError: Missing folder or list, unknown split, malformed line, label out of range or missing image.
+        DataError: Missing folder or list, unknown split, malformed line, label out of range, missing or
+            unreadable image.
     """
 
     def __init__(
@@ -252,6 +258,7 @@ class ImageListDataset(_SampleDataset):
         split: str,
         transform: Transform | None = None,
         num_classes: int | None = None,
+        verify: bool | None = None,
     ) -> None:
         _check_split(split)
         task = VTABTask.from_dir(task_dir)
@@ -261,6 +268,8 @@ class ImageListDataset(_SampleDataset):
         self.class_names = task.class_names
         self.transform = transform
         self.samples = read_split_list(self.task_dir, split, num_classes=self.num_classes)
+        if verify if verify is not None else split != "test":
+            check_images((p for p, _ in self.samples), f"{task.name}/{split}")
         logger.debug("loaded %s/%s: %d images, %d classes", task.name, split, len(self), self.num_classes)
 
 
@@ -294,13 +303,19 @@ class ImageFolderDataset(_SampleDataset):
         root: Folder with one sub-folder per class.
         transform: Applied to each RGB PIL image.
         extensions: File name endings counted as images (case-insensitive).
+        verify: Decode-check every image up front (once per process, :func:`vpeft.data.images.check_images`).
 
     Raises:
-        DataError: ``root`` is missing, has no class folders, or a class folder has no images.
+        DataError: ``root`` is missing, has no class folders, a class folder has no images, or an image is
+            unreadable.
     """
 
     def __init__(
-        self, root: str | Path, transform: Transform | None = None, extensions: Sequence[str] = IMG_EXTENSIONS
+        self,
+        root: str | Path,
+        transform: Transform | None = None,
+        extensions: Sequence[str] = IMG_EXTENSIONS,
+        verify: bool = True,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -312,6 +327,8 @@ class ImageFolderDataset(_SampleDataset):
         self.num_classes = len(self.classes)
         self.transform = transform
         self.samples = [s for name in self.classes for s in self._class_samples(name, tuple(extensions))]
+        if verify:
+            check_images((p for p, _ in self.samples), str(self.root))
 
     def _class_samples(self, name: str, extensions: tuple[str, ...]) -> list[tuple[Path, int]]:
         folder = self.root / name

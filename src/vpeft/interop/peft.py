@@ -243,7 +243,7 @@ def _write_adapter(directory: Path, config: dict, tensors: dict[str, torch.Tenso
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n")
         if not directory.exists() or not any(directory.iterdir()):
             os.replace(tmp, directory)  # a missing or empty directory: the whole adapter appears at once
         else:  # weights first, the config (what readers look for) last

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DataError
 from .base import Meter, Task, register_task
 
-__all__ = ["ClassificationMeter", "ClassificationTask", "logits_of", "topk_correct"]
+__all__ = ["ClassificationMeter", "ClassificationTask", "logits_of", "split_names", "topk_correct"]
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -66,11 +66,14 @@ class ClassificationMeter(Meter):
 _VTAB_LISTS = ("train800", "train800val200", "test", "val200")
 
 
-def _split_options(path: Path) -> list[str]:
-    return sorted(
-        {p.stem for p in path.glob("*.txt") if p.stem != "classes"}
-        | {p.name for p in path.iterdir() if p.is_dir() and p.name != "images"}
-    )
+def split_names(path: Path) -> list[str]:
+    """The splits of a task folder: VTAB-1k split lists present, else the split image folders (never other files)."""
+    from ..data import SPLITS
+
+    lists = [s for s in SPLITS if (path / f"{s}.txt").is_file()]
+    if lists:
+        return lists
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "images")
 
 
 @register_task
@@ -110,7 +113,7 @@ class ClassificationTask(Task):
         splits = [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
         if not splits:
             raise DataError(f"task folder {path} holds neither VTAB-1k split lists nor split image folders")
-        return cls(max(ImageFolderDataset(p).num_classes for p in splits))
+        return cls(max(ImageFolderDataset(p, verify=False).num_classes for p in splits))  # counting reads no image
 
     def dataset(
         self, path: Path, split: str, model: nn.Module, *, input_size: int | None = None, train: bool = False
@@ -120,11 +123,11 @@ class ClassificationTask(Task):
         transform = build_transform(model, input_size=input_size)
         if (path / f"{split}.txt").is_file():
             return VTABTask.from_dir(path).dataset(split, transform)
-        if (path / split).is_dir():
-            return ImageFolderDataset(path / split, transform)
+        if (path / split).is_dir():  # test images are read once, at the end (checked as they are read)
+            return ImageFolderDataset(path / split, transform, verify=split != "test")
         raise DataError(
             f"task {path.name!r} has no split {split!r} (no {split}.txt, no {split}/ folder); "
-            f"found: {_split_options(path)}"
+            f"splits there: {', '.join(split_names(path)) or 'none'}"
         )
 
     def describe(self) -> str:

@@ -442,6 +442,7 @@ def train(
     find_unused_parameters: bool = False,
     task: Task | None = None,
     resume: bool = False,
+    run: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``train_loader``.
 
@@ -476,6 +477,8 @@ def train(
             history are restored, and training goes on from the next epoch. The run must be built as the killed
             one was (same model, method, data and config; ``cfg.epochs`` may grow). Without a checkpoint it
             starts from scratch.
+        run: The run's identity (e.g. ``{run_id, method, task, backbone}``), written as ``"run"`` into
+            ``metrics.json`` from the first epoch on, so every file of a run folder names the run it belongs to.
         val_loader: Optional loader evaluated after every epoch.
         device: Where the model and batches go.
         out_dir: Folder for ``metrics.json`` (created if missing).
@@ -507,6 +510,7 @@ def train(
             find_unused_parameters,
             resolve_task(model, task),
             resume,
+            dict(run or {}),
         )
 
 
@@ -523,6 +527,7 @@ def _train(
     find_unused_parameters: bool,
     task: Task,
     resume: bool = False,
+    run: dict[str, Any] | None = None,
 ) -> TrainResult:
     set_seed(cfg.seed)
     device = torch.device(device) if ctx is None else ctx.device
@@ -563,7 +568,7 @@ def _train(
         result.history.append(record)
         result.total_time_s, result.steps, result.final = time.perf_counter() - start, loop.step, record
         if write:
-            _write_metrics(Path(out_dir), cfg, result, complete=epoch == cfg.epochs)  # type: ignore[arg-type]
+            _write_metrics(Path(out_dir), cfg, result, epoch == cfg.epochs, run)  # type: ignore[arg-type]
             every = cfg.checkpoint_every
             if every and (epoch % every == 0 or epoch == cfg.epochs):
                 _checkpoint(loop, ckpt_path, epoch, result, generator)  # type: ignore[arg-type]
@@ -575,7 +580,7 @@ def _train(
                 logger.info("a callback stopped training after epoch %d", epoch)
             result.stopped_early = True
             if write:
-                _write_metrics(Path(out_dir), cfg, result, complete=True)  # type: ignore[arg-type]
+                _write_metrics(Path(out_dir), cfg, result, True, run)  # type: ignore[arg-type]
             break
     return result
 
@@ -714,8 +719,11 @@ def _warn_batch_size(loader: Iterable[Any], cfg: TrainConfig) -> None:
         )
 
 
-def _write_metrics(out_dir: Path, cfg: TrainConfig, result: TrainResult, complete: bool) -> None:
+def _write_metrics(
+    out_dir: Path, cfg: TrainConfig, result: TrainResult, complete: bool, run: dict[str, Any] | None = None
+) -> None:
     payload = {
+        **({"run": run} if run else {}),
         "config": cfg.to_dict(),
         "history": result.history,
         "steps": result.steps,

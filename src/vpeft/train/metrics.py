@@ -9,9 +9,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..tasks.classification import ClassificationMeter, topk_correct
 
-__all__ = ["ClassificationMeter", "topk_correct", "write_json_atomic"]
+__all__ = ["ClassificationMeter", "json_safe", "topk_correct", "write_json_atomic"]
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -25,7 +27,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
+            json.dump(json_safe(obj), f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -33,11 +35,22 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf; also numpy and 0-d torch scalars) replaced by ``None``.
+
+    Everything vpeft writes as JSON goes through this with ``allow_nan=False``: the files are strict JSON.
+    """
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return json_safe(obj.item())
+    item = getattr(obj, "item", None)  # numpy scalars
+    if callable(item) and getattr(obj, "ndim", None) == 0:
+        return json_safe(item())
     return obj

@@ -1,0 +1,166 @@
+"""The import rules of docs/ARCHITECTURE.md, read from the source (an AST walk; nothing is imported).
+
+- no module imports another module's private (``_name``) name, nor reads ``module._name`` of another vpeft module;
+- layering: methods never import train / bench / cli / run / search; layers never import methods; arch never imports
+  methods; the core (api, state, config, registry, errors) never imports cli, bench, run, train or search;
+- no import cycles among module-level imports.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "vpeft"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".") if is_pkg else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _modules() -> dict[str, tuple[Path, ast.Module]]:
+    return {_module_name(p): (p, ast.parse(p.read_text(), str(p))) for p in sorted(SRC.rglob("*.py"))}
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, tree: ast.Module, top_level_only: bool = False):
+    """``(imported module, imported names, line)`` of every vpeft import in ``tree``."""
+    is_pkg = MODULES[name][0].name == "__init__.py"
+    nodes = list(ast.walk(tree))
+    if top_level_only:  # module-level statements, including those inside ``if``/``try`` at module level
+        defs = (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)
+        nodes = [n for stmt in tree.body if not isinstance(stmt, defs) for n in ast.walk(stmt)]
+        nodes = [n for n in nodes if not _in_type_checking(tree, n)]
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(name, is_pkg, node)
+            if target == "vpeft" or target.startswith("vpeft."):
+                yield target, [a.name for a in node.names], node.lineno
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("vpeft"):
+                    yield alias.name, [], node.lineno
+
+
+def _in_type_checking(tree: ast.Module, target: ast.AST) -> bool:
+    for stmt in tree.body:
+        if isinstance(stmt, ast.If) and isinstance(stmt.test, ast.Name) and stmt.test.id == "TYPE_CHECKING":
+            if any(n is target for n in ast.walk(stmt)):
+                return True
+    return False
+
+
+def _is_module(name: str) -> bool:
+    return name in MODULES
+
+
+def test_no_private_names_across_modules():
+    bad = []
+    for name, (path, tree) in MODULES.items():
+        aliases: dict[str, str] = {}
+        for target, names, line in _imports(name, tree):
+            for imported in names:
+                full = f"{target}.{imported}"
+                if _is_module(full):
+                    aliases[imported] = full
+                    continue
+                if imported.startswith("_") and not imported.startswith("__") and target != name:
+                    bad.append(f"{path.relative_to(SRC.parent)}:{line}: from {target} import {imported}")
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                bad.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: {node.value.id}.{node.attr}")
+        for node in ast.walk(tree):  # the state attribute is read through vpeft.state only
+            if isinstance(node, ast.Constant) and node.value == "_vpeft_state" and name != "vpeft.state":
+                bad.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: the string '_vpeft_state'")
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+# (importing package prefix, forbidden imported prefixes)
+RULES = [
+    ("vpeft.methods", ("vpeft.train", "vpeft.bench", "vpeft.cli", "vpeft.run", "vpeft.search", "vpeft.api")),
+    ("vpeft.layers", ("vpeft.methods", "vpeft.api", "vpeft.train", "vpeft.bench", "vpeft.cli", "vpeft.run")),
+    ("vpeft.arch", ("vpeft.methods", "vpeft.api", "vpeft.train", "vpeft.bench", "vpeft.cli", "vpeft.run")),
+    ("vpeft.tasks", ("vpeft.api", "vpeft.train", "vpeft.bench", "vpeft.cli", "vpeft.run", "vpeft.search")),
+    ("vpeft.train", ("vpeft.bench", "vpeft.cli", "vpeft.run", "vpeft.search")),
+    ("vpeft.data", ("vpeft.api", "vpeft.methods", "vpeft.train", "vpeft.bench", "vpeft.cli", "vpeft.run")),
+    ("vpeft.api", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.search")),
+    ("vpeft.state", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.search", "vpeft.api")),
+    ("vpeft.config", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api", "vpeft.methods")),
+    ("vpeft.registry", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api")),
+    ("vpeft.run", ("vpeft.cli", "vpeft.bench", "vpeft.search")),
+]
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+@pytest.mark.parametrize("importer,forbidden", RULES, ids=[r[0] for r in RULES])
+def test_layering(importer, forbidden):
+    bad = [
+        f"{MODULES[name][0].relative_to(SRC.parent)}:{line}: imports {target}"
+        for name, (_, tree) in MODULES.items()
+        if _under(name, importer)
+        for target, _, line in _imports(name, tree)
+        if any(_under(target, f) for f in forbidden)
+    ]
+    assert not bad, f"{importer} must not import {', '.join(forbidden)}:\n" + "\n".join(bad)
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for name, (_, tree) in MODULES.items():
+        deps = set()
+        for target, names, _ in _imports(name, tree, top_level_only=True):
+            for imported in names or [""]:
+                full = f"{target}.{imported}" if imported else target
+                deps.add(full if _is_module(full) else target)
+        graph[name] = {d for d in deps if _is_module(d) and d != name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    # a package's __init__ re-exporting its submodules is not a cycle of the design: drop edges into a package's
+    # own children, and edges from a child to its parent package's __init__ are what we check
+    for name in graph:
+        graph[name] = {d for d in graph[name] if not d.startswith(name + ".")}
+    cycles, state, stack = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles[:20])
