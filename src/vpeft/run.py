@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from . import __version__
 from .api import apply, load, merge, read_delta, save, save_merged
+from .arch import input_size
 from .config import MethodConfig
 from .data import (
     ImageFolderDataset,
@@ -127,13 +128,6 @@ def build_backbone(name: str, num_classes: int, img_size: int | None = None, pre
     return model
 
 
-def _input_size(model: nn.Module, img_size: int | None) -> int:
-    if img_size is not None:
-        return img_size
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    return int(size[0]) if size else int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-
-
 # ---- the one end-to-end path ------------------------------------------------------------------------------------
 def finetune(
     *,
@@ -170,7 +164,7 @@ def finetune(
             set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
             model = build_backbone(backbone, t.num_classes, img_size, pretrained)
             rep = apply(model, method)
-        size = _input_size(model, img_size)
+        size = input_size(model, img_size)[-1]
         tf = build_transform(model, input_size=size)
         train_ds, eval_ds = t.dataset(train_split, tf), t.dataset(eval_split, tf)
         loader = build_dataloader(train_ds, cfg.batch_size, shuffle=True, num_workers=num_workers, seed=cfg.seed)

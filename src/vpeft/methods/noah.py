@@ -29,10 +29,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target
 from ..config import MethodConfig, check_float
-from ..errors import ConfigError, UnsupportedBackboneError
+from ..errors import ConfigError
 from ..layers import LoRALinear, PromptedBlock, SequentialAdapter
 from ..layers.prompt import vpt_init_bound
 from ..registry import register_method
@@ -130,41 +129,39 @@ class NOAH(Method):
         self.identity_at_init = not any(config.prompts)
         self.mergeable = not any(config.prompts) and not any(config.adapter)
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
         sizes = per_block(self.config, spec.depth)
-        adapted = []
-        for parts, r, a in zip(spec.parts, sizes["lora"], sizes["adapter"]):
-            if r:
-                base = get_module(model, parts.qkv) if parts.qkv else None
-                if not isinstance(base, nn.Linear):
-                    raise UnsupportedBackboneError(f"noah: block {parts.block} has no fused qkv Linear")
-                set_module(model, parts.qkv, LoRALinear(base, r, float(r)))
-                adapted.append(parts.qkv)
-            if a:
-                if not parts.mlp:
-                    raise UnsupportedBackboneError(f"noah: block {parts.block} has no MLP")
-                set_module(model, parts.mlp, SequentialAdapter(get_module(model, parts.mlp), spec.embed_dim, a))
-                adapted.append(parts.mlp)
-        return adapted + self._inject_prompts(model, spec, sizes["prompts"])
+        # the LoRA on the attention's input projection (fused qkv, or each of separate q, k, v), the adapter
+        # after the MLP, the prompts around the blocks
+        return tuple(role for role, key in (("qkv", "lora"), ("mlp", "adapter")) if any(sizes[key])) + ("block",)
 
-    def _inject_prompts(self, model: nn.Module, spec: ArchSpec, prompts: tuple[int, ...]) -> list[str]:
-        bound = vpt_init_bound(spec.patch_size, spec.embed_dim)
-        adapted, present, last = [], 0, spec.depth - 1
-        for i, (name, new) in enumerate(zip(spec.blocks, prompts)):
-            strip = i == last and (present or new)
-            if not new and not strip:
-                continue
-            block = PromptedBlock(
-                get_module(model, name),
-                num_prefix_tokens=spec.num_prefix_tokens,
-                in_prompts=present,
-                new_prompts=new,
-                dim=spec.embed_dim,
-                bound=bound,
-                strip=bool(strip),
-                dropout=self.config.prompt_dropout,
-            )
-            set_module(model, name, block)
-            adapted.append(name)
-            present = new or present
-        return adapted
+    def prepare(self, model: nn.Module, spec: ArchSpec, targets: list[Target]) -> None:
+        self._sizes = per_block(self.config, spec.depth)
+        self._present = 0  # prompts inserted by an earlier block
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module | None:
+        i = target.index
+        if target.role == "qkv":
+            r = self._sizes["lora"][i]
+            return LoRALinear(target.module, r, float(r)) if r else None
+        if target.role == "mlp":
+            a = self._sizes["adapter"][i]
+            return SequentialAdapter(target.module, spec.embed_dim, a) if a else None
+        return self._prompted(spec, target)
+
+    def _prompted(self, spec: ArchSpec, target: Target) -> nn.Module | None:
+        new, present = self._sizes["prompts"][target.index], self._present
+        strip = target.index == spec.depth - 1 and (present or new)
+        if not new and not strip:
+            return None
+        self._present = new or present
+        return PromptedBlock(
+            target.module,
+            num_prefix_tokens=spec.num_prefix_tokens,
+            in_prompts=present,
+            new_prompts=new,
+            dim=spec.embed_dim,
+            bound=vpt_init_bound(spec.patch_size, spec.embed_dim),
+            strip=bool(strip),
+            dropout=self.config.prompt_dropout,
+        )
