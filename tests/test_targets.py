@@ -60,6 +60,7 @@ def test_timm_vit_q_k_v_are_slices_of_the_fused_qkv():
     assert qv[0].block == "blocks.0" and qv[1].index == 1 and qv[0].slice_list == [(0, 32), (64, 96)]
     (k, *_) = resolve(model, spec, "k")
     assert (k.role, k.slices) == ("k", ((32, 64),))
+    assert resolve(model, spec, QKV)[0].slices == ((0, 32), (32, 64), (64, 96)), "q, k, v: a slice each"
     whole = resolve(model, spec, ("qkv",))[0]
     assert whole.slices == () and whole.parts == QKV and whole.fused and whole.slice_list is None
     names = [t.name for t in resolve(model, spec, ("qkv", "proj", "fc1", "fc2", "norm1", "attn", "mlp", "block"))]

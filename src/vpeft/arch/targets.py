@@ -217,7 +217,7 @@ def _target(model: nn.Module, spec: ArchSpec, i: int, p: BlockParts, entry, meth
     if role in LINEAR_ROLES and not isinstance(module, nn.Linear):
         raise _missing(method, spec, p, role)
     slices: tuple[tuple[int, int], ...] = ()
-    if name == p.qkv and parts != QKV:  # some rows of a fused qkv
+    if name == p.qkv and role != "qkv":  # q, k and/or v: their rows of a fused qkv (each its own slice)
         width = module.out_features // 3
         slices = tuple((QKV.index(t) * width, (QKV.index(t) + 1) * width) for t in parts)
     return Target(role, name, module, p.block, i, slices, parts)
