@@ -27,6 +27,10 @@ ViT-B/16 (L = 12, 144 slices): TT rank r has ``2 * 768 r + 144 r^2`` parameters:
 (8,448 at r = 4 is the paper's "8K" tiny version; 61,440 at r = 16); the paper's 0.040M for
 FacT-TT<=16 is the mean over its per-task ranks (39,734). TK rank r has ``2 * 768 r + 144 r + r^3``:
 86,528 at r = 32 (30,976 at r = 16); the paper's 0.069M for FacT-TK<=32 is that per-task mean (68,985).
+
+Separate q, k, v projections (Hugging Face): they are the three ``d x d`` slices of the virtual fused qkv, one
+layer each (the arch layer resolves role ``qkv`` to them); the slice count, parameter count and function are
+those of the fused layout.
 """
 
 from __future__ import annotations

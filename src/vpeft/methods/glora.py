@@ -14,6 +14,10 @@ the base bias, so it is dead (zero gradient) wherever that bias is zero, e.g. in
 ViT-B/16 default: per block qkv 4*(2304+768)*2 + 4*769 + 2304, proj 4*(768+768)*2 + 4*769 + 768,
 fc1 4*(3072+768)*2 + 4*769 + 3072, fc2 4*(768+3072)*2 + 4*3073 + 768 = 126,736; x 12 = 1,520,832 parameters
 (the paper reports searched subnets of 0.29M-0.86M only, no fixed setting).
+
+Separate q, k, v projections (Hugging Face): target ``qkv`` is the three projections, each its own GLoRA layer
+(so its own code in ``layers``: 6 layers per block with the default targets; a per-target code applies to all
+three). Row-wise forms (``lora`` A/B, vectors) are then per projection, so counts differ from the fused layout.
 """
 
 from __future__ import annotations

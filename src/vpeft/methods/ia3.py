@@ -6,8 +6,9 @@ every attention layer and ``(l_ff * gamma(W_1 x)) W_2`` in every position-wise F
 initialised to ones, so the model starts as the frozen backbone.
 
 Placement in vpeft: ``l_k`` and ``l_v`` multiply the k and v output slices of timm's fused ``qkv``
-(q untouched); ``l_ff`` multiplies the input of ``fc2`` -- the FFN hidden after the non-linearity
-(after timm's optional ``mlp.norm`` when a backbone has one). Both fold into the weights: the k/v
+(q untouched), or the separate k and v projections of Hugging Face models; ``l_ff`` multiplies the input
+of ``fc2`` -- the FFN hidden after the non-linearity (after timm's optional ``mlp.norm`` when a backbone
+has one). Both fold into the weights: the k/v
 rows (and biases) of ``qkv`` and the columns of ``fc2``.
 ViT-B/16: 12 * (768 + 768 + 3072) = 55,296 parameters (the paper reports counts for T0, not ViT).
 """

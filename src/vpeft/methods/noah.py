@@ -6,7 +6,8 @@ budget (``vpeft search``, :mod:`vpeft.search`) and retrains the found subnet -- 
 what the search exports. Per block ``i``:
 
 * LoRA of rank ``lora[i]`` on the whole fused ``qkv`` (q, k and v share one ``A``: r x d; ``B``: 3d x r, zero),
-  scale 1 (NOAH adds ``B A x`` unscaled);
+  scale 1 (NOAH adds ``B A x`` unscaled); on separate q, k, v projections (Hugging Face) one LoRA of that rank
+  on each projection (``3 * r * 2d`` parameters instead of ``r * 4d``; the structure search needs a fused qkv);
 * a sequential adapter of width ``adapter[i]`` after the MLP (``y + up(gelu(down(y)))``, Pfeiffer placement);
 * ``prompts[i]`` new VPT-Deep tokens at the block's input, replacing the previous prompts; a block with 0 keeps
   the incoming prompts (NOAH's prompt depth: prompts inserted by the last prompted block travel to the end).

@@ -17,6 +17,11 @@ Scale s: the class default of the official code is 1; its VTAB configs pick s pe
 ViT-B/16: per adapter 768 * 8 + 8 (down) + 768 * 4 + 768 (group-wise up) = 9,992; 24 adapters ->
 239,808 parameters. The paper reports 0.22M, the weights alone (24 * (6,144 + 3,072) = 221,184);
 the official code also trains the 18,624 bias terms counted here.
+
+Separate q, k, v projections (Hugging Face): all three read the attention's input, so they share ONE adapter
+(registered in each, owned -- trained, counted, saved -- by the first), and each folds the same affine map when
+merged: the same function and parameter count as on a fused qkv. With dropout > 0 each projection draws its own
+dropout mask in training (one adapter call per projection).
 """
 
 from __future__ import annotations
