@@ -117,7 +117,7 @@ def test_cnn_roles_name_pointwise_and_kxk_layers(bb):
 
 def test_unknown_role_names_the_valid_roles():
     model = make("vit_cls")
-    with pytest.raises(vpeft.UnsupportedBackboneError, match=r"unknown role\(s\) \['query'\]; valid roles: qkv, q, k"):
+    with pytest.raises(vpeft.ConfigError, match=r"unknown role\(s\) \['query'\]; valid roles: qkv, q, k"):
         resolve(model, get_spec(model), ("q", "query"))
     assert {"q", "k", "v", "qkv", "proj", "fc1", "fc2", "pw", "kxk", "norm1", "block"} <= set(ROLES)
     with pytest.raises(vpeft.UnsupportedBackboneError, match=r"targets \['pw'\] do not exist on timm_vit"):

@@ -24,7 +24,7 @@ import dataclasses
 
 from torch import nn
 
-from ..errors import UnsupportedBackboneError
+from ..errors import ConfigError, UnsupportedBackboneError
 from .spec import ArchSpec, BlockParts, get_spec
 
 __all__ = [
@@ -156,12 +156,12 @@ def conv_modules(model: nn.Module, spec: ArchSpec, role: str) -> list[str]:
 
 
 def check_roles(roles, method: str = "", valid: tuple[str, ...] = ROLES) -> tuple[str, ...]:
-    """``roles`` as a tuple; an unknown role raises UnsupportedBackboneError naming the valid roles."""
+    """``roles`` as a tuple; an unknown role raises ConfigError naming the valid roles."""
     roles = (roles,) if isinstance(roles, str) else tuple(roles)
     bad = [r for r in roles if r not in valid]
     if bad:
         who = f"{method}: " if method else ""
-        raise UnsupportedBackboneError(f"{who}unknown role(s) {bad}; valid roles: {', '.join(valid)}")
+        raise ConfigError(f"{who}unknown role(s) {bad}; valid roles: {', '.join(valid)}")
     return roles
 
 
@@ -227,9 +227,9 @@ def resolve(model: nn.Module, spec: ArchSpec, roles, *, method: str = "") -> lis
     """The targets of ``roles`` in ``model``, block by block in canonical role order (CNNs: role by role).
 
     Raises:
-        UnsupportedBackboneError: an unknown role (the message lists the valid ones), a role of the other
-            backbone kind (block roles on a CNN, ``pw``/``kxk`` on a transformer), or a block without the role
-            (the message names the role, the block and the backbone).
+        ConfigError: an unknown role (the message lists the valid ones).
+        UnsupportedBackboneError: a role of the other backbone kind (block roles on a CNN, ``pw``/``kxk`` on a
+            transformer), or a block without the role (the message names the role, the block and the backbone).
     """
     roles = check_roles(roles, method)
     who = f"{method}: " if method else ""
