@@ -322,6 +322,27 @@ def test_fact_counts_the_same_slices_on_fused_and_separate_projections():
         assert hf.method_params == timm.method_params, name
 
 
+def test_noah_on_separate_projections_is_lora_on_a_virtual_fused_qkv():
+    from vpeft.layers.shared_lora import SharedALoRALinear
+
+    hf, timm = make("hf_vit"), make("vit_cls")
+    cfg = {"lora": [3], "adapter": [0], "prompts": [0]}
+    assert vpeft.apply(hf, "noah", **cfg).method_params == vpeft.apply(timm, "noah", **cfg).method_params == 2 * 3 * 128
+    attn = hf.vit.layers[0].attention
+    assert all(isinstance(getattr(attn, f"{t}_proj"), SharedALoRALinear) for t in QKV)
+    assert attn.q_proj.down is attn.k_proj.down is attn.v_proj.down
+    assert [getattr(attn, f"{t}_proj").owns_down for t in QKV] == [True, False, False]
+    x = batch(32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        before = forward(hf.eval(), x)
+        vpeft.merge(hf)
+        torch.testing.assert_close(forward(hf, x), before, rtol=1e-4, atol=1e-5)
+
+
 def test_kv_prompts_on_hf_keep_lora_on_the_projections_acting():
     model = make("hf_vit")
     vpeft.apply(model, "compose", methods=[{"method": "lora", "targets": ["q", "v"]}, "prefix"])

@@ -6,8 +6,9 @@ budget (``vpeft search``, :mod:`vpeft.search`) and retrains the found subnet -- 
 what the search exports. Per block ``i``:
 
 * LoRA of rank ``lora[i]`` on the whole fused ``qkv`` (q, k and v share one ``A``: r x d; ``B``: 3d x r, zero),
-  scale 1 (NOAH adds ``B A x`` unscaled); on separate q, k, v projections (Hugging Face) one LoRA of that rank
-  on each projection (``3 * r * 2d`` parameters instead of ``r * 4d``; the structure search needs a fused qkv);
+  scale 1 (NOAH adds ``B A x`` unscaled); on separate q, k, v projections (Hugging Face) the same LoRA on the
+  virtual fused qkv: one ``A`` shared by the three, each with its rows of ``B``
+  (:class:`~vpeft.layers.shared_lora.SharedALoRALinear`) -- same function and parameter count;
 * a sequential adapter of width ``adapter[i]`` after the MLP (``y + up(gelu(down(y)))``, Pfeiffer placement);
 * ``prompts[i]`` new VPT-Deep tokens at the block's input, replacing the previous prompts; a block with 0 keeps
   the incoming prompts (NOAH's prompt depth: prompts inserted by the last prompted block travel to the end).
@@ -35,6 +36,7 @@ from ..config import MethodConfig, check_float
 from ..errors import ConfigError
 from ..layers import LoRALinear, PromptedBlock, SequentialAdapter
 from ..layers.prompt import vpt_init_bound
+from ..layers.shared_lora import SharedALoRALinear, SharedDown
 from ..registry import register_method
 from .base import UNIFIED, Method
 
@@ -139,16 +141,32 @@ class NOAH(Method):
     def prepare(self, model: nn.Module, spec: ArchSpec, targets: list[Target]) -> None:
         self._sizes = per_block(self.config, spec.depth)
         self._present = 0  # prompts inserted by an earlier block
+        self._down: dict[int, SharedDown] = {}  # per block: the A shared by separate q, k, v projections
 
     def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module | None:
         i = target.index
         if target.role == "qkv":
             r = self._sizes["lora"][i]
-            return LoRALinear(target.module, r, float(r)) if r else None
+            if not r:
+                return None
+            if target.fused:
+                return LoRALinear(target.module, r, float(r))
+            w = target.module.weight  # separate q, k, v: LoRA on the virtual fused qkv (one A, B split by rows)
+            down = self._down.setdefault(i, SharedDown(target.module.in_features, r, device=w.device, dtype=w.dtype))
+            return SharedALoRALinear(target.module, down, 1.0)
         if target.role == "mlp":
             a = self._sizes["adapter"][i]
             return SequentialAdapter(target.module, spec.embed_dim, a) if a else None
         return self._prompted(spec, target)
+
+    def finish(self, model: nn.Module, spec: ArchSpec, adapted: list[str]) -> list[str]:
+        # a shared A is reported (trained, saved) by the layer under which model.parameters() finds it first
+        seen: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, SharedALoRALinear):
+                module.owns_down = id(module.down) not in seen
+                seen.add(id(module.down))
+        return adapted
 
     def _prompted(self, spec: ArchSpec, target: Target) -> nn.Module | None:
         new, present = self._sizes["prompts"][target.index], self._present
