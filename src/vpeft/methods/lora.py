@@ -84,9 +84,7 @@ class LoRA(Method):
             raise UnsupportedBackboneError(f"lora: {spec.arch} has no groups=1 layers for targets {targets}")
 
     def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
-        base, cfg = target.module, self.config
-        if isinstance(base, nn.Conv2d) and not target.slices:
+        base, cfg = target.module, self.config  # a Linear (every transformer role, channel Linears) or a Conv2d
+        if isinstance(base, nn.Conv2d):
             return LoRAConv2d(base, cfg.r, cfg.alpha, cfg.dropout)
-        if not isinstance(base, nn.Linear):
-            raise UnsupportedBackboneError(f"lora: {target.name} is a {type(base).__name__}, not a Linear layer")
         return LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, target.slice_list)
