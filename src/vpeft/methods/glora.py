@@ -17,7 +17,8 @@ fc1 4*(3072+768)*2 + 4*769 + 3072, fc2 4*(768+3072)*2 + 4*3073 + 768 = 126,736; 
 
 Separate q, k, v projections (Hugging Face): target ``qkv`` is the three projections, each its own GLoRA layer
 (so its own code in ``layers``: 6 layers per block with the default targets; a per-target code applies to all
-three). Row-wise forms (``lora`` A/B, vectors) are then per projection, so counts differ from the fused layout.
+three) -- what the official code, which wraps every ``nn.Linear``, does on such a model. Counts differ from the
+fused layout (each projection has its own low-rank factors).
 """
 
 from __future__ import annotations
