@@ -17,15 +17,39 @@ from vpeft.api import read_delta
 from vpeft.layers import Wrapper
 
 CASES = method_cases()
+SUPPORT = {(i, bb): supports(*case, bb) for i, case in enumerate(CASES) for bb in TINY_BACKBONES}
 MATRIX = [
-    pytest.param(case, bb, id=f"{case_id(case)}@{bb}") for case in CASES for bb in TINY_BACKBONES if supports(*case, bb)
+    pytest.param(case, bb, id=f"{case_id(case)}@{bb}")
+    for i, case in enumerate(CASES)
+    for bb in TINY_BACKBONES
+    if SUPPORT[i, bb]
 ]
 UNSUPPORTED = [
     pytest.param(case, bb, id=f"{case_id(case)}@{bb}")
-    for case in CASES
+    for i, case in enumerate(CASES)
     for bb in TINY_BACKBONES
-    if not supports(*case, bb)
+    if not SUPPORT[i, bb]
 ]
+
+# Which methods (default options) refuse which tiny backbone; every other pair must apply and run the contract.
+# A method that starts refusing a backbone fails here instead of silently leaving the matrix.
+_TRANSFORMER_ONLY = {
+    "adapter", "adaptformer", "attention_only", "compose", "difffit", "dora", "e2vpt", "fact_tk", "fact_tt", "glora",
+    "ia3", "krona", "lora", "lst", "mona", "noah", "peft_tuner", "prefix", "repadapter", "vpt_deep", "vpt_shallow",
+}  # fmt: skip
+_PLAIN_VIT_ONLY = {
+    "compose", "convpass", "e2vpt", "fact_tk", "fact_tt", "glora", "lst", "mona", "noah", "prefix", "vpt_deep",
+    "vpt_shallow",
+}  # fmt: skip
+EXPECTED_REFUSALS = {
+    "vit_cls": set(),
+    "vit_reg_ls": set(),
+    "vit_avg": set(),
+    "cnn_effnet": _TRANSFORMER_ONLY,
+    "cnn_convnext": _TRANSFORMER_ONLY,
+    "swin": _PLAIN_VIT_ONLY,
+    "hf_vit": set(),  # separate q/k/v projections: every method, token methods included
+}
 
 
 def _adapted(case, bb):
@@ -193,6 +217,12 @@ def test_unsupported_pair_raises(case, bb):
     assert not vpeft.is_adapted(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters()), "a refused apply leaves the model untouched"
+
+
+def test_default_support_table():
+    defaults = [i for i, (_, kwargs) in enumerate(CASES) if not kwargs]
+    refused = {bb: {CASES[i][0] for i in defaults if not SUPPORT[i, bb]} for bb in TINY_BACKBONES}
+    assert refused == EXPECTED_REFUSALS
 
 
 def test_every_family_is_covered():

@@ -14,7 +14,7 @@ from tiny import TINY_BACKBONES, batch
 from torch import nn
 
 import vpeft
-from vpeft.arch import get_spec
+from vpeft.arch import attention_layout, get_spec
 from vpeft.layers import PromptedBlock
 from vpeft.layers.kv_prompt import KVPromptAttention, attention_with_kv
 from vpeft.methods.convpass import ConvBypass
@@ -162,11 +162,13 @@ def test_mona_multiscale_conv_sees_a_7x7_neighbourhood():
 # ---- key/value prompts (prefix, E2VPT) ---------------------------------------------------------------------------
 @pytest.mark.parametrize("bb", ["vit_cls", "vit_reg_ls", "vit_avg"])
 def test_attention_recomputation_matches_timm(bb):
-    attn = make(bb).blocks[0].attn
+    model = make(bb)
+    spec = get_spec(model)
+    attn, layout = model.blocks[0].attn, attention_layout(model, spec, spec.parts[0])
     x = torch.randn(2, 7, 32)
     empty = torch.zeros(attn.num_heads, 0, 32 // attn.num_heads)
     with torch.no_grad():
-        torch.testing.assert_close(attention_with_kv(attn, x, empty, empty), attn(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(attention_with_kv(attn, layout, x, empty, empty), attn(x), rtol=1e-6, atol=1e-6)
 
 
 def test_prefix_attention_matches_a_softmax_over_prefix_and_tokens():

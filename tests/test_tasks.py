@@ -174,5 +174,7 @@ def test_classification_folder_detection(tmp_path):
     task = task_for_folder(tmp_path / "digits")
     assert isinstance(task, ClassificationTask) and task.num_classes == 10
     assert task.describe() == "classification, 10 classes"
-    with pytest.raises(vpeft.DataError, match=r"no split 'train9'.*splits there: train800, val200, train800val200, test$"):
+    with pytest.raises(
+        vpeft.DataError, match=r"no split 'train9'.*splits there: train800, val200, train800val200, test$"
+    ):
         task.dataset(tmp_path / "digits", "train9", _backbone())

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .api import apply, load, merge, read_delta, save, save_merged
+from .arch import input_size
 from .config import MethodConfig
 from .data import (
     ImageFolderDataset,
@@ -138,14 +139,6 @@ def build_backbone(name: str, num_classes: int, img_size: int | None = None, pre
     return model
 
 
-def _input_size(model: nn.Module, img_size: int | None) -> int:
-    if img_size is not None:
-        return img_size
-    model = model.backbone if isinstance(model, TaskModel) else model
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    return int(size[0]) if size else int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-
-
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """The outcome of :func:`finetune`, typed; :meth:`to_dict` is the JSON record written to ``result.json``.
@@ -258,7 +251,7 @@ def finetune(
             set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
             model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained))
             rep = apply(model, method)
-        size = _input_size(model, img_size)
+        size = input_size(model.backbone if isinstance(model, TaskModel) else model, img_size)[-1]
         train_ds = t.dataset(folder.path, train_split, model, input_size=size, train=True)
         eval_ds = t.dataset(folder.path, eval_split, model, input_size=size)
         loader = build_dataloader(train_ds, cfg.batch_size, shuffle=True, num_workers=num_workers, seed=cfg.seed)

@@ -1,6 +1,6 @@
 """ArchSpecs of Hugging Face ``transformers`` vision transformers: ViT and CLIP's vision tower.
 
-Supported classes: ``ViTModel`` / ``ViTForImageClassification`` (family ``hf_vit``) and ``CLIPVisionModel`` /
+Supported classes: ``ViTModel`` / ``ViTForImageClassification`` (arch ``hf_vit``) and ``CLIPVisionModel`` /
 ``CLIPVisionModelWithProjection`` / ``CLIPForImageClassification`` (``hf_clip_vision``). Both are ViTs (kind
 ``"vit"``): one class token in front of the patch tokens, one width. Unlike timm they have separate q, k, v
 Linears (``BlockParts.q/k/v``; LoRA's q/v targets map onto them directly), and their attention module
@@ -23,7 +23,17 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedBackboneError
-from .spec import ArchSpec, BlockParts, _child, _module_name, _pair, _present, _unwrap, register_arch
+from .spec import (
+    ArchSpec,
+    BlockParts,
+    _child,
+    _common_attention,
+    _module_name,
+    _pair,
+    _present,
+    _unwrap,
+    register_arch,
+)
 
 __all__ = ["logits_of", "is_transformers_model"]
 
@@ -104,17 +114,35 @@ def _parts(outer: nn.Module, name: str) -> BlockParts:
     blk, p = _unwrap(outer, name)
     found = {k: _first(blk, p, paths, linear=False) for k, paths in _PATHS.items()}
     found.update({k: _first(blk, p, paths, linear=True) for k, paths in _LINEARS.items()})
-    return BlockParts(block=name, **found)
+    attn = blk.get_submodule(found["attn"][len(p) + 1 :]) if found["attn"] else None
+    return BlockParts(block=name, attention="separate" if _separate_attention(attn, found) else "", **found)
 
 
-def _build(model: nn.Module, family: str, post: tuple[str, ...], root_post: tuple[str, ...] = ()) -> ArchSpec:
-    """``post``: final modules inside the tower; ``root_post``: ones on the model itself (a projection)."""
+def _separate_attention(attn: nn.Module | None, found: dict[str, str]) -> bool:
+    """q, k, v and the output projection are Linears directly under the attention module (transformers 5.x)."""
+    if attn is None or not (found["attn"] and all(found[t] for t in ("q", "k", "v", "proj"))):
+        return False
+    for t in ("q", "k", "v", "proj"):
+        name = found[t]
+        if not name.startswith(found["attn"] + "."):
+            return False
+        child, _ = _unwrap(getattr(attn, name[len(found["attn"]) + 1 :].split(".")[0], None), "")
+        if not isinstance(child, nn.Linear):
+            return False
+    return hasattr(attn, "head_dim")
+
+
+def _build(
+    model: nn.Module, arch: str, post: tuple[str, ...], root_post: tuple[str, ...] = (), norm: str = ""
+) -> ArchSpec:
+    """``post``: final modules inside the tower; ``root_post``: ones on the model itself (a projection);
+    ``norm``: the tower's final norm over the whole token sequence ("" when none)."""
     tname, tower, path, layers = _tower(model)
     parts = tuple(_parts(layer, _join(tname, f"{path}.{i}")) for i, layer in enumerate(layers))
     cfg = tower.config
     classifier = getattr(model, "classifier", None)
     return ArchSpec(
-        family=family,
+        arch=arch,
         kind="vit",
         blocks=tuple(p.block for p in parts),
         parts=parts,
@@ -125,16 +153,19 @@ def _build(model: nn.Module, family: str, post: tuple[str, ...], root_post: tupl
         num_prefix_tokens=1,
         patch_size=_pair(cfg.patch_size),
         image_size=_pair(cfg.image_size),
+        final_norm=_first(tower, tname, (norm,), linear=False).lstrip(".") if norm else "",
+        attention=_common_attention(parts),
     )
 
 
 @register_arch("hf_vit", lambda m: is_transformers_model(m, VIT_CLASSES))
 def _hf_vit(model: nn.Module) -> ArchSpec:
-    return _build(model, "hf_vit", ("layernorm", "pooler"))
+    return _build(model, "hf_vit", ("layernorm", "pooler"), norm="layernorm")
 
 
 @register_arch("hf_clip_vision", lambda m: is_transformers_model(m, CLIP_CLASSES))
 def _hf_clip(model: nn.Module) -> ArchSpec:
-    # CLIPForImageClassification mean-pools the patch tokens without post_layernorm: that norm is unused there
+    # CLIPForImageClassification mean-pools the patch tokens without post_layernorm: that norm is unused there;
+    # CLIPVisionModel applies it to the pooled class token only: no norm acts on the whole token sequence
     post = () if is_transformers_model(model, ("CLIPForImageClassification",)) else ("post_layernorm",)
     return _build(model, "hf_clip_vision", post, ("visual_projection",))

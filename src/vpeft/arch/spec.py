@@ -17,7 +17,9 @@ class BlockParts:
     """Qualified module names inside one transformer block (empty string: not present).
 
     ``qkv`` is a fused q/k/v projection (timm); backbones with separate projections (Hugging Face) name
-    them in ``q``, ``k``, ``v`` instead. ``mlp`` is empty where the MLP is not one module.
+    them in ``q``, ``k``, ``v`` instead. ``mlp`` is empty where the MLP is not one module. ``attention`` is the
+    kind of the attention layer (``"fused"``: timm ``Attention``; ``"separate"``: Hugging Face q/k/v/output
+    projections as direct children; ``""``: another kind), see :func:`vpeft.arch.targets.attention_layout`.
     """
 
     block: str
@@ -32,6 +34,7 @@ class BlockParts:
     q: str = ""
     k: str = ""
     v: str = ""
+    attention: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,7 @@ class ArchSpec:
     """Where things are in a backbone.
 
     Attributes:
-        family: builder name, e.g. ``"timm_vit"``.
+        arch: builder name, e.g. ``"timm_vit"`` (also readable as ``family``).
         kind: ``"vit"`` (a token sequence of one width: class/register tokens + patch tokens), ``"swin"``
             (hierarchical windowed transformers: per-stage widths, no prefix tokens, blocks on (B, H, W, C)
             maps -- widths must come from the modules, never ``embed_dim``) or ``"cnn"`` (feature-map models).
@@ -52,9 +55,16 @@ class ArchSpec:
         num_prefix_tokens: class + register tokens in front of the patch tokens.
         patch_size: (h, w) of a patch, transformers only.
         image_size: (h, w) of the input images the backbone was built for ((0, 0): unknown).
+        final_norm: the module normalising the whole token sequence after the last block ("" when none does;
+            it may be an ``nn.Identity`` placeholder, e.g. timm's ``norm`` on average-pooled ViTs).
+        attention: how the blocks' attention layers can be recomputed: ``"fused"`` (timm ``Attention``, fused
+            qkv), ``"separate"`` (Hugging Face, separate q/k/v/output projections), ``""`` (not supported).
+
+    Roles (q, k, v, qkv, proj, fc1, fc2, pw, kxk, norms, blocks) resolve to modules and output slices through
+    :meth:`targets` (:func:`vpeft.arch.targets.resolve`).
     """
 
-    family: str
+    arch: str
     kind: str
     blocks: tuple[str, ...]
     head: str
@@ -65,21 +75,34 @@ class ArchSpec:
     num_prefix_tokens: int = 0
     patch_size: tuple[int, int] = (0, 0)
     image_size: tuple[int, int] = (0, 0)
+    final_norm: str = ""
+    attention: str = ""
+
+    @property
+    def family(self) -> str:
+        """The builder name, the same value as :attr:`arch` (kept for code written before the rename)."""
+        return self.arch
 
     @property
     def depth(self) -> int:
         return len(self.blocks)
+
+    def targets(self, model: nn.Module, roles, *, method: str = "") -> list:
+        """The :class:`~vpeft.arch.targets.Target` s of ``roles`` in ``model`` (:func:`vpeft.arch.targets.resolve`)."""
+        from .targets import resolve
+
+        return resolve(model, self, roles, method=method)
 
 
 Builder = Callable[[nn.Module], ArchSpec]
 _BUILDERS: list[tuple[str, Callable[[nn.Module], bool], Builder]] = []
 
 
-def register_arch(family: str, matches: Callable[[nn.Module], bool]) -> Callable[[Builder], Builder]:
+def register_arch(arch: str, matches: Callable[[nn.Module], bool]) -> Callable[[Builder], Builder]:
     """Register a spec builder for models where ``matches(model)`` is true."""
 
     def deco(fn: Builder) -> Builder:
-        _BUILDERS.append((family, matches, fn))
+        _BUILDERS.append((arch, matches, fn))
         return fn
 
     return deco
@@ -174,11 +197,12 @@ def _timm_vit(model: nn.Module) -> ArchSpec:
                 mlp=m,
                 fc1=_linear(mlp, m, "fc1"),
                 fc2=_linear(mlp, m, "fc2"),
+                attention="fused" if _is_timm_attention(attn) else "",
             )
         )
     ps = model.patch_embed.patch_size
     return ArchSpec(
-        family="timm_vit",
+        arch="timm_vit",
         kind="vit",
         blocks=tuple(b.block for b in parts),
         parts=tuple(parts),
@@ -189,7 +213,22 @@ def _timm_vit(model: nn.Module) -> ArchSpec:
         num_prefix_tokens=int(model.num_prefix_tokens),
         patch_size=(int(ps[0]), int(ps[1])),
         image_size=_pair(getattr(model.patch_embed, "img_size", None)) or _cfg_input_size(model),
+        final_norm=_child(model, "", "norm")[1].lstrip(".")
+        if isinstance(getattr(model, "norm", None), nn.Module)
+        else "",
+        attention=_common_attention(parts),
     )
+
+
+def _common_attention(parts) -> str:
+    kinds = {p.attention for p in parts}
+    return kinds.pop() if len(kinds) == 1 else ""
+
+
+def _is_timm_attention(attn: nn.Module | None) -> bool:
+    from timm.models.vision_transformer import Attention
+
+    return isinstance(attn, Attention) and isinstance(_unwrap(getattr(attn, "qkv", None), "")[0], nn.Linear)
 
 
 # ---- timm EfficientNet / MobileNet-style CNNs ------------------------------------------------
@@ -205,7 +244,7 @@ def _is_timm_efficientnet(model: nn.Module) -> bool:
 def _timm_efficientnet(model: nn.Module) -> ArchSpec:
     blocks = tuple(f"blocks.{s}.{b}" for s, stage in enumerate(model.blocks) for b in range(len(stage)))
     return ArchSpec(
-        family="timm_efficientnet",
+        arch="timm_efficientnet",
         kind="cnn",
         blocks=blocks,
         head=_module_name(model, model.get_classifier()),
@@ -230,7 +269,7 @@ def _timm_convnext(model: nn.Module) -> ArchSpec:
     # Blocks across the four stages; the downsampling layers (LayerNorm2d + 2x2 conv) sit between them.
     blocks = tuple(f"stages.{s}.blocks.{b}" for s, stage in enumerate(model.stages) for b in range(len(stage.blocks)))
     return ArchSpec(
-        family="timm_convnext",
+        arch="timm_convnext",
         kind="cnn",
         blocks=blocks,
         head=_module_name(model, model.get_classifier()),

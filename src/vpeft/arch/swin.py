@@ -60,7 +60,7 @@ def _timm_swin(model: nn.Module) -> ArchSpec:
     )
     ps = model.patch_embed.patch_size
     return ArchSpec(
-        family="timm_swin",
+        arch="timm_swin",
         kind="swin",
         blocks=tuple(p.block for p in parts),
         parts=parts,

@@ -16,6 +16,7 @@ from timm.data.transforms import str_to_interp_mode
 from torch import nn
 from torchvision import transforms as T
 
+from vpeft.arch import input_size
 from vpeft.data.images import to_rgb
 from vpeft.errors import ConfigError
 
@@ -50,9 +51,9 @@ def _data_config(model_or_cfg: nn.Module | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(model_or_cfg, nn.Module):
         cfg = getattr(model_or_cfg, "pretrained_cfg", None) or getattr(model_or_cfg, "default_cfg", None) or {}
         data_cfg = _fill_defaults(cfg)
-        model_size = _model_img_size(model_or_cfg)
-        if model_size is not None:
-            data_cfg["input_size"] = (3, *model_size)
+        # the size the model was built for (a timm ViT's patch embedding, a Hugging Face config): timm's
+        # pretrained_cfg keeps the pre-trained resolution even when the model is created with another img_size
+        data_cfg["input_size"] = (3, *input_size(model_or_cfg))
         return data_cfg
     if isinstance(model_or_cfg, Mapping):
         return _fill_defaults(model_or_cfg)
@@ -70,18 +71,6 @@ def _fill_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if len(tuple(out[key])) != 3:
             raise ConfigError(f"{key} must have 3 values (one per RGB channel), got {out[key]!r}")
     return out
-
-
-def _model_img_size(model: nn.Module) -> tuple[int, int] | None:
-    """The input size a timm ViT-style model was built for (``patch_embed.img_size``), if it has one.
-
-    ``pretrained_cfg['input_size']`` keeps the pre-trained resolution even when the model is created with
-    another ``img_size``; the patch embedding knows the size the model really expects.
-    """
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
-        return int(size[0]), int(size[1])
-    return None
 
 
 def _check_patch_size(model: nn.Module, size: int) -> None:

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .. import api
-from ..arch import ArchSpec, get_spec
+from ..arch import ArchSpec, get_spec, role_modules
 from ..config import MethodConfig
 from ..errors import CheckpointError, ConfigError
 from ..layers.dora import DoRALinear
@@ -337,9 +337,9 @@ def _peft_layers(
 
 
 def _infer_config(model: nn.Module, spec: ArchSpec, config: Mapping[str, Any], layers: Mapping[str, _PeftLayer]):
-    from ..methods.lora import lora_target_modules
-
-    roles = lora_target_modules(model, spec)
+    roles = role_modules(model, spec)
+    if "q" in roles:  # separate projections: LoRA targets are q, k, v (not their union "qkv")
+        roles.pop("qkv", None)
     names, known, targets = set(layers), set(), []
     for target, modules in roles.items():
         known |= set(modules)
@@ -355,7 +355,7 @@ def _infer_config(model: nn.Module, spec: ArchSpec, config: Mapping[str, Any], l
     stray = sorted(names - known)
     if stray:
         raise ConfigError(
-            f"PEFT import: {stray[:3]} are no LoRA targets vpeft knows on {spec.family} "
+            f"PEFT import: {stray[:3]} are no LoRA targets vpeft knows on {spec.arch} "
             f"(targets here: {', '.join(f'{t} ({v[0]}, ...)' for t, v in roles.items() if v)})"
         )
     ranks = sorted({lay.rank for lay in layers.values()})

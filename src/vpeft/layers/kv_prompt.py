@@ -1,10 +1,15 @@
 """Extra learnable keys and values in a frozen attention layer (prefix tuning, E2VPT key-value prompts).
 
-:class:`KVPromptAttention` wraps a timm ``Attention`` and recomputes its forward from the frozen
-sub-modules (``qkv``, ``q_norm``/``k_norm``, ``norm``, ``proj``) with ``L`` extra key and value
-vectors per head placed in front of the layer's own keys and values. Queries are unchanged, so the
-output keeps the input's length. The extra tokens are attention activations (after the key
-normalisation, when the backbone has one); only they are trained.
+:class:`KVPromptAttention` wraps an attention layer and recomputes its forward from the frozen
+sub-modules with ``L`` extra key and value vectors per head placed in front of the layer's own keys
+and values. Queries are unchanged, so the output keeps the input's length. The extra tokens are
+attention activations (after the key normalisation, when the backbone has one); only they are trained.
+
+Which sub-modules to call is the backbone's business: the arch layer describes the layer with an
+:class:`~vpeft.arch.AttentionLayout` (kind ``"fused"``: timm ``Attention`` with ``qkv``, ``q_norm``/``k_norm``,
+``norm``, ``gate``, ``proj``; kind ``"separate"``: Hugging Face q/k/v/output projections, returning
+``(output, weights)``). The projections are called through their current modules, so wrappers another
+method put on them (LoRA on ``q_proj``, ...) keep acting.
 """
 
 from __future__ import annotations
@@ -13,26 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import UnsupportedBackboneError
-from .base import Wrapper
+from .base import Wrapper, input_of
 
-__all__ = ["KVPromptAttention", "attention_with_kv", "check_timm_attention"]
-
-
-def check_timm_attention(module: nn.Module, name: str, method: str) -> None:
-    """Raise UnsupportedBackboneError unless ``module`` is a timm ``Attention`` (fused ``qkv`` linear)."""
-    from timm.models.vision_transformer import Attention
-
-    if not isinstance(module, Attention) or not isinstance(getattr(module, "qkv", None), nn.Linear):
-        raise UnsupportedBackboneError(
-            f"method {method!r} recomputes attention with extra keys/values and supports timm "
-            f"vision_transformer.Attention layers only; {name} is a {type(module).__name__}"
-        )
-
-
-def _heads(attn: nn.Module) -> tuple[int, int]:
-    heads = int(attn.num_heads)
-    return heads, attn.qkv.out_features // 3 // heads
+__all__ = ["KVPromptAttention", "attention_with_kv"]
 
 
 def _pad_mask(mask: torch.Tensor, extra: int) -> torch.Tensor:
@@ -45,48 +33,74 @@ def _pad_mask(mask: torch.Tensor, extra: int) -> torch.Tensor:
     return torch.cat([pad, mask], dim=-1)
 
 
+def _prepend(t: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """``extra`` (``[H, L, hd]``) in front of ``t`` (``[B, H, N, hd]``) along the tokens."""
+    return torch.cat([extra.unsqueeze(0).expand(t.shape[0], -1, -1, -1).to(t.dtype), t], dim=2)
+
+
+def _attend(attn: nn.Module, layout, q, k, v, key, value, attn_mask) -> torch.Tensor:
+    k, v = _prepend(k, key), _prepend(v, value)
+    if attn_mask is not None:
+        attn_mask = _pad_mask(attn_mask, key.shape[1])
+    drop = layout.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, scale=layout.scale)
+    b, _, n, _ = out.shape
+    return out.transpose(1, 2).reshape(b, n, layout.heads * layout.head_dim)
+
+
+def _fused(attn: nn.Module, layout, x, key, value, attn_mask) -> torch.Tensor:
+    """timm ``Attention.forward`` step by step: fused qkv, q/k norms, attention, norm, gate, proj, proj_drop."""
+    b, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = getattr(attn, layout.q)(x).reshape(b, n, 3, layout.heads, layout.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = _attend(attn, layout, q, k, v, key, value, attn_mask)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(getattr(attn, layout.out)(out))
+
+
+def _separate(attn: nn.Module, layout, x, key, value, attn_mask) -> torch.Tensor:
+    """Hugging Face attention: separate q/k/v projections, scaled dot-product attention, output projection."""
+    shape = (*x.shape[:-1], layout.heads, layout.head_dim)
+    q, k, v = (getattr(attn, name)(x).view(shape).transpose(1, 2) for name in (layout.q, layout.k, layout.v))
+    return getattr(attn, layout.out)(_attend(attn, layout, q, k, v, key, value, attn_mask))
+
+
 def attention_with_kv(
     attn: nn.Module,
+    layout,
     x: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """timm ``Attention.forward`` on ``x`` (``[B, N, C]``) with ``key``/``value`` (``[H, L, head_dim]``) prepended.
+    """The attention layer ``attn`` (described by ``layout``) on ``x`` (``[B, N, C]``) with ``key``/``value``
+    (``[H, L, head_dim]``) prepended to its keys and values; returns ``[B, N, C]``.
 
-    Follows timm's computation step by step: fused ``qkv``, ``q_norm``/``k_norm``, scaled dot-product
-    attention with the layer's ``scale`` and attention dropout, optional output norm and gate,
-    ``proj`` and ``proj_drop``. ``attn_mask`` (broadcastable to ``[B, H, N, N]``) is extended so that
-    every query sees the extra keys; causal attention is not defined with a prefix and is refused.
+    ``attn_mask`` (broadcastable to ``[B, H, N, N]``, bool or additive) is extended so that every query sees the
+    extra keys; causal attention is not defined with a prefix and is refused.
     """
     if is_causal:
         raise ValueError("attention with learnable key/value prefixes does not support is_causal=True")
-    b, n, _ = x.shape
-    heads, head_dim = _heads(attn)
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    k = torch.cat([key.unsqueeze(0).expand(b, -1, -1, -1).to(k.dtype), k], dim=2)
-    v = torch.cat([value.unsqueeze(0).expand(b, -1, -1, -1).to(v.dtype), v], dim=2)
-    if attn_mask is not None:
-        attn_mask = _pad_mask(attn_mask, key.shape[1])
-    drop = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, scale=attn.scale)
-    out = out.transpose(1, 2).reshape(b, n, heads * head_dim)
-    norm = getattr(attn, "norm", None)
-    if norm is not None:
-        out = norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
+    if layout.kind == "fused":
+        return _fused(attn, layout, x, key, value, attn_mask)
+    if layout.kind == "separate":
+        return _separate(attn, layout, x, key, value, attn_mask)
+    raise ValueError(f"unknown attention layout kind {layout.kind!r}; expected 'fused' or 'separate'")
 
 
 class KVPromptAttention(Wrapper):
-    """A frozen timm ``Attention`` with ``num_tokens`` learnable keys and values per head in front.
+    """A frozen attention layer with ``num_tokens`` learnable keys and values per head in front.
 
     Args:
-        base_layer: a timm ``vision_transformer.Attention``.
+        base_layer: the attention layer.
+        layout: its :class:`~vpeft.arch.AttentionLayout` (from :func:`vpeft.arch.attention_layout`).
         num_tokens: extra keys/values per head (``L``).
         shared: one tensor serves as both keys and values (E2VPT's default); otherwise ``key`` and
             ``value`` are separate.
@@ -98,11 +112,19 @@ class KVPromptAttention(Wrapper):
     """
 
     def __init__(
-        self, base_layer: nn.Module, num_tokens: int, *, shared: bool = False, dropout: float = 0.0, params: bool = True
+        self,
+        base_layer: nn.Module,
+        layout,
+        num_tokens: int,
+        *,
+        shared: bool = False,
+        dropout: float = 0.0,
+        params: bool = True,
     ) -> None:
         super().__init__(base_layer)
-        heads, head_dim = _heads(base_layer)
-        w = base_layer.qkv.weight
+        self.layout = layout
+        heads, head_dim = layout.heads, layout.head_dim
+        w = next(base_layer.parameters())
         self.num_tokens, self.shared = num_tokens, shared
         self.key: nn.Parameter | None = None
         self.value: nn.Parameter | None = None
@@ -115,15 +137,23 @@ class KVPromptAttention(Wrapper):
     @property
     def head_shape(self) -> tuple[int, int]:
         """``(heads, head_dim)`` of the wrapped layer."""
-        return _heads(self.base_layer)
+        return self.layout.heads, self.layout.head_dim
 
     def key_value(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The extra keys and values, each ``[heads, L, head_dim]`` (before dropout)."""
         return self.key, self.key if self.value is None else self.value
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, *args, **kwargs):
+        """timm's ``(x, attn_mask=None, is_causal=False) -> x``; Hugging Face's ``(hidden_states,
+        attention_mask=None, **kwargs) -> (output, None)`` (no attention weights are computed)."""
         key, value = self.key_value()
-        return attention_with_kv(self.base_layer, x, self.dropout(key), self.dropout(value), attn_mask, is_causal)
+        key, value = self.dropout(key), self.dropout(value)
+        x = input_of(self, args, kwargs)
+        if self.layout.kind == "fused":
+            mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
+            return attention_with_kv(self.base_layer, self.layout, x, key, value, mask, kwargs.get("is_causal", False))
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        return attention_with_kv(self.base_layer, self.layout, x, key, value, mask), None
 
     def extra_repr(self) -> str:
         return f"num_tokens={self.num_tokens}, shared={self.shared}"

@@ -63,16 +63,40 @@ class RepAdapterLinear(Wrapper):
     Placed on ``qkv`` it is RepAdapter "before the attention" (timm's attention reads its input
     only through ``qkv``); on ``fc1`` it is RepAdapter before the MLP. Merging re-parameterises the
     adapter into that Linear: ``W' = W M``, ``b' = W c + b`` where ``adapter(x) = M x + c``.
+
+    Separate q, k, v projections (Hugging Face) all read the attention's input: they share ONE adapter
+    (pass the first layer's ``adapter`` to the others). The shared adapter is registered in each of them
+    (tied, as PyTorch ties weights); only the layer with ``owns_adapter`` reports it as its delta, so it is
+    trained, counted and saved once, and each projection folds the same affine map when merged.
     """
 
     mergeable = True
 
-    def __init__(self, base_layer: nn.Linear, hidden: int, groups: int, scale: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        hidden: int,
+        groups: int,
+        scale: float,
+        dropout: float = 0.0,
+        adapter: LinearGroupAdapter | None = None,
+    ) -> None:
         super().__init__(base_layer)
         w = base_layer.weight
-        self.adapter = LinearGroupAdapter(
-            base_layer.in_features, hidden, groups, scale, dropout, device=w.device, dtype=w.dtype
-        )
+        self.owns_adapter = adapter is None
+        if adapter is None:
+            adapter = LinearGroupAdapter(
+                base_layer.in_features, hidden, groups, scale, dropout, device=w.device, dtype=w.dtype
+            )
+        elif adapter.dim != base_layer.in_features:
+            raise ValueError(f"RepAdapterLinear: the shared adapter has width {adapter.dim}, the layer {w.shape[1]}")
+        self.adapter = adapter
+
+    def delta_parameters(self):
+        """Own parameters; a shared adapter only for the layer that owns it."""
+        for name, param in super().delta_parameters():
+            if self.owns_adapter or not name.startswith("adapter."):
+                yield name, param
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(self.adapter(x))

@@ -2,7 +2,8 @@
 
 Convpass and Mona apply convolutions to the patch tokens of a plain ViT. A sequence
 ``[B, N, C]`` holds ``num_prefix`` class/register tokens followed by ``h * w`` patch tokens in
-row-major order (timm's layout). The patch tokens are reshaped to ``[B, C, h, w]``; each prefix
+row-major order (timm's and Hugging Face's layout); the grid the backbone was built for comes from its ArchSpec
+(:func:`vpeft.arch.patch_grid`). The patch tokens are reshaped to ``[B, C, h, w]``; each prefix
 token has no spatial neighbours, so it runs through the same operator as its own ``1 x 1`` image
 (zero padding: only the kernel centres act on it). This is exactly what the official Convpass
 code does with the class token.
@@ -14,17 +15,10 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
-__all__ = ["model_grid", "infer_grid", "map_on_grid"]
+__all__ = ["infer_grid", "map_on_grid"]
 
 Grid = tuple[int, int]
-
-
-def model_grid(model: nn.Module) -> Grid | None:
-    """The patch grid ``(h, w)`` the backbone was built for (timm ``patch_embed.grid_size``), else None."""
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    return (int(grid[0]), int(grid[1])) if grid is not None else None
 
 
 def infer_grid(num_patches: int, grid: Grid | None) -> Grid:

@@ -13,10 +13,8 @@ import dataclasses
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target
 from ..config import MethodConfig, check_choice, check_float, check_int
-from ..errors import UnsupportedBackboneError
 from ..layers import SequentialAdapter
 from ..layers.bottleneck import _ACTS
 from ..registry import register_method
@@ -54,15 +52,13 @@ class Adapter(Method):
     paper = "Houlsby et al., ICML 2019; Pfeiffer et al., AdapterFusion, EACL 2021"
     kinds = ("vit", "swin")
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        cfg, adapted = self.config, []
-        for parts in spec.parts:
-            # (sub-layer to follow, its output projection: the width, read per block -- Swin widens per stage)
-            names = [("attention", parts.attn, parts.proj)] if cfg.placement == "houlsby" else []
-            for what, name, out in [*names, ("MLP", parts.mlp, parts.fc2)]:
-                if not (name and out):
-                    raise UnsupportedBackboneError(f"adapter: block {parts.block} has no single {what} module")
-                base, width = get_module(model, name), get_module(model, out).out_features
-                set_module(model, name, SequentialAdapter(base, width, cfg.bottleneck, cfg.act, cfg.scale))
-                adapted.append(name)
-        return adapted
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
+        # the sub-layers to follow, and their output projections (the width, read per block: Swin widens per stage)
+        return ("attn", "proj", "mlp", "fc2") if self.config.placement == "houlsby" else ("mlp", "fc2")
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module | None:
+        if target.role not in ("attn", "mlp"):
+            return None
+        cfg, parts = self.config, spec.parts[target.index]
+        width = model.get_submodule(parts.proj if target.role == "attn" else parts.fc2).out_features
+        return SequentialAdapter(target.module, width, cfg.bottleneck, cfg.act, cfg.scale)

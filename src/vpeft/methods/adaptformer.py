@@ -14,10 +14,8 @@ import dataclasses
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target
 from ..config import MethodConfig, check_float, check_int
-from ..errors import UnsupportedBackboneError
 from ..layers import ParallelAdapter
 from ..registry import register_method
 from .base import ADDITION, Method
@@ -48,12 +46,10 @@ class AdaptFormer(Method):
     paper = "Chen et al., AdaptFormer, NeurIPS 2022"
     kinds = ("vit", "swin")
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        cfg, adapted = self.config, []
-        for parts in spec.parts:
-            if not (parts.mlp and parts.fc2):
-                raise UnsupportedBackboneError(f"adaptformer: block {parts.block} has no single MLP module")
-            base, width = get_module(model, parts.mlp), get_module(model, parts.fc2).out_features  # per block
-            set_module(model, parts.mlp, ParallelAdapter(base, width, cfg.bottleneck, "relu", cfg.scale))
-            adapted.append(parts.mlp)
-        return adapted
+    roles = ("fc2", "mlp")  # the branch wraps the MLP; fc2 gives its width (per block: Swin widens per stage)
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module | None:
+        if target.role != "mlp":
+            return None
+        width = model.get_submodule(spec.parts[target.index].fc2).out_features
+        return ParallelAdapter(target.module, width, self.config.bottleneck, "relu", self.config.scale)

@@ -15,9 +15,8 @@ import dataclasses
 
 from torch import nn
 
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target
 from ..config import MethodConfig
-from ..errors import UnsupportedBackboneError
 from ..registry import register_method
 from .base import SPECIFICATION, Method
 
@@ -37,22 +36,10 @@ class AttentionOnly(Method):
     mergeable = True
     kinds = ("vit", "swin")
 
-    @staticmethod
-    def _projections(parts) -> list[str]:
-        """The fused qkv (timm) or the separate q, k, v (Hugging Face), and the output projection."""
-        qkv = [parts.qkv] if parts.qkv else [parts.q, parts.k, parts.v]
-        return [*qkv, parts.proj] if all(qkv) and parts.proj else []
+    roles = ("qkv", "proj")  # the fused qkv (timm) or the separate q, k, v (Hugging Face), and the output projection
 
-    def check(self, model: nn.Module, spec: ArchSpec) -> None:
-        super().check(model, spec)
-        for parts in spec.parts:
-            if not self._projections(parts):
-                raise UnsupportedBackboneError(f"attention_only: block {parts.block} lacks q/k/v or output projections")
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> None:
+        return None  # nothing is added: the projections' own weights train
 
     def select(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        return [
-            f"{prefix}.{name}"
-            for parts in spec.parts
-            for prefix in self._projections(parts)
-            for name, _ in model.get_submodule(prefix).named_parameters()
-        ]
+        return [f"{t.name}.{name}" for t in self.targets(model, spec) for name, _ in t.module.named_parameters()]

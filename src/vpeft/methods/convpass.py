@@ -44,11 +44,11 @@ import torch
 from torch import nn
 
 from .._modules import get_module, probe_shapes, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target, patch_grid
 from ..config import MethodConfig, check_choice, check_float, check_int
 from ..errors import ConfigError, UnsupportedBackboneError
 from ..layers.base import Wrapper, input_of, map_output
-from ..layers.token_grid import Grid, map_on_grid, model_grid
+from ..layers.token_grid import Grid, map_on_grid
 from ..registry import register_method
 from .base import ADDITION, Method
 
@@ -190,30 +190,32 @@ class Convpass(Method):
     paper = "Jie & Deng, Convolutional Bypasses Are Better Vision Transformer Adapters, 2022"
     kinds = ("vit", "cnn")
 
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
+        if spec.kind == "cnn":
+            return ()  # CNN blocks are probed, see _inject_cnn
+        # the sub-layers to bypass, and their output projections (their own widths)
+        return ("attn", "proj", "mlp", "fc2") if self.config.placement == "both" else ("attn", "proj")
+
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         if spec.kind == "cnn":
             return self._inject_cnn(model, spec)
-        cfg, grid, adapted = self.config, model_grid(model), []
-        for parts in spec.parts:
-            names = [(parts.attn, parts.proj), (parts.mlp, parts.fc2)][: 2 if cfg.placement == "both" else 1]
-            for name, out in names:
-                if not (name and out):
-                    raise UnsupportedBackboneError(f"convpass: block {parts.block} has no single attention/MLP module")
-                base = get_module(model, name)
-                w = next(base.parameters())
-                branch = ConvpassBranch(
-                    get_module(model, out).out_features,  # the sub-layer's own width
-                    cfg.dim,
-                    spec.num_prefix_tokens,
-                    grid,
-                    xavier_init=cfg.xavier_init,
-                    dropout=cfg.dropout,
-                    device=w.device,
-                    dtype=w.dtype,
-                )
-                set_module(model, name, ConvBypass(base, branch, cfg.scale))
-                adapted.append(name)
-        return adapted
+        return super().inject(model, spec)
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module | None:
+        if target.role not in ("attn", "mlp"):
+            return None
+        cfg, parts, w = self.config, spec.parts[target.index], next(target.module.parameters())
+        branch = ConvpassBranch(
+            model.get_submodule(parts.proj if target.role == "attn" else parts.fc2).out_features,
+            cfg.dim,
+            spec.num_prefix_tokens,
+            patch_grid(spec),
+            xavier_init=cfg.xavier_init,
+            dropout=cfg.dropout,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        return ConvBypass(target.module, branch, cfg.scale)
 
     def _inject_cnn(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         cfg, names = self.config, list(spec.blocks)

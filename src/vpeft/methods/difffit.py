@@ -25,10 +25,8 @@ import dataclasses
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target
 from ..config import MethodConfig
-from ..errors import UnsupportedBackboneError
 from ..layers.scaling import OutputScale
 from ..registry import register_method
 from .base import SPECIFICATION, Method
@@ -51,16 +49,10 @@ class DiffFit(Method):
     mergeable = True
     kinds = ("vit", "swin")
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        adapted = []
-        for parts in spec.parts:
-            for what, name in (("attention output projection", parts.proj), ("MLP output projection", parts.fc2)):
-                base = get_module(model, name) if name else None
-                if not isinstance(base, nn.Linear):
-                    raise UnsupportedBackboneError(f"difffit: block {parts.block} has no {what} Linear to scale")
-                set_module(model, name, OutputScale(base))
-                adapted.append(name)
-        return adapted
+    roles = ("proj", "fc2")  # the last Linear of each residual branch
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        return OutputScale(target.module)
 
     def select(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         names = []

@@ -21,14 +21,13 @@ import dataclasses
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target
 from ..config import check_subset
-from ..errors import ConfigError, UnsupportedBackboneError
+from ..errors import ConfigError
 from ..layers.dora import DoRALinear
 from ..registry import register_method
 from .base import REPARAMETER, Method
-from .lora import QKV, VIT_TARGETS, LoRAConfig
+from .lora import VIT_TARGETS, LoRAConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,28 +60,9 @@ class DoRA(Method):
     mergeable = True
     kinds = ("vit", "swin")
 
-    def _wrap(self, model: nn.Module, name: str, what: str, slices: list[tuple[int, int]] | None) -> None:
-        base = get_module(model, name) if name else None
-        if not isinstance(base, nn.Linear):
-            raise UnsupportedBackboneError(f"dora: {name or 'the block'} has no {what} Linear layer")
-        cfg = self.config
-        set_module(model, name, DoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, slices, cfg.detach_norm))
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
+        return self.config.targets
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        targets, adapted = self.config.targets, []
-        qkv_index = [i for i, t in enumerate(QKV) if t in targets]
-        for parts in spec.parts:
-            if qkv_index and not parts.qkv and any(getattr(parts, QKV[i]) for i in qkv_index):
-                for i in qkv_index:  # separate q/k/v Linears (Hugging Face): each one whole
-                    self._wrap(model, getattr(parts, QKV[i]), QKV[i], None)
-                    adapted.append(getattr(parts, QKV[i]))
-            elif qkv_index:
-                base = get_module(model, parts.qkv) if parts.qkv else None
-                width = base.out_features // 3 if isinstance(base, nn.Linear) else 0
-                self._wrap(model, parts.qkv, "fused qkv", [(i * width, (i + 1) * width) for i in qkv_index])
-                adapted.append(parts.qkv)
-            for t in ("proj", "fc1", "fc2"):
-                if t in targets:
-                    self._wrap(model, getattr(parts, t), t, None)
-                    adapted.append(getattr(parts, t))
-        return adapted
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        cfg = self.config
+        return DoRALinear(target.module, cfg.r, cfg.alpha, cfg.dropout, target.slice_list, cfg.detach_norm)

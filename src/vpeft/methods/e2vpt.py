@@ -34,12 +34,11 @@ import math
 import torch
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target, attention_layout
 from ..config import MethodConfig, check_float, check_int
 from ..errors import ConfigError
 from ..layers import PromptedBlock
-from ..layers.kv_prompt import KVPromptAttention, check_timm_attention
+from ..layers.kv_prompt import KVPromptAttention
 from ..layers.prompt import vpt_init_bound
 from ..registry import register_method
 from .base import ADDITION, Method
@@ -83,40 +82,34 @@ class E2VPT(Method):
     identity_at_init = False
     kinds = ("vit",)
 
-    def check(self, model: nn.Module, spec: ArchSpec) -> None:
-        super().check(model, spec)
-        for parts in spec.parts:
-            check_timm_attention(get_module(model, parts.attn), parts.attn, self.name)
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
+        return ("attn", "block") if self.config.prompt_tokens else ("attn",)
 
-    def _kv_prompts(self, attn: nn.Module) -> KVPromptAttention:
+    def check_target(self, model: nn.Module, spec: ArchSpec, target: Target) -> None:
+        if target.role == "attn":
+            attention_layout(model, spec, spec.parts[target.index])  # how to recompute it (or why vpeft cannot)
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        if target.role == "attn":
+            return self._kv_prompts(target.module, attention_layout(model, spec, spec.parts[target.index]))
+        cfg, i, p = self.config, target.index, self.config.prompt_tokens
+        return PromptedBlock(
+            target.module,
+            num_prefix_tokens=spec.num_prefix_tokens,
+            in_prompts=0 if i == 0 else p,
+            new_prompts=p,
+            dim=spec.embed_dim,
+            bound=vpt_init_bound(spec.patch_size, spec.embed_dim),
+            strip=i == spec.depth - 1,
+            dropout=cfg.prompt_dropout,
+        )
+
+    def _kv_prompts(self, attn: nn.Module, layout) -> KVPromptAttention:
         cfg = self.config
-        wrapper = KVPromptAttention(attn, cfg.kv_tokens, shared=cfg.share_kv, dropout=cfg.dropout)
+        wrapper = KVPromptAttention(attn, layout, cfg.kv_tokens, shared=cfg.share_kv, dropout=cfg.dropout)
         bound = math.sqrt(6.0 / (cfg.kv_tokens * wrapper.head_shape[1]))
         with torch.no_grad():
             for p in (wrapper.key, wrapper.value):
                 if p is not None:
                     nn.init.uniform_(p, -bound, bound)
         return wrapper
-
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        cfg, p, last = self.config, self.config.prompt_tokens, spec.depth - 1
-        bound = vpt_init_bound(spec.patch_size, spec.embed_dim)
-        adapted = []
-        for i, parts in enumerate(spec.parts):
-            set_module(model, parts.attn, self._kv_prompts(get_module(model, parts.attn)))
-            adapted.append(parts.attn)
-            if not p:
-                continue
-            block = PromptedBlock(
-                get_module(model, parts.block),
-                num_prefix_tokens=spec.num_prefix_tokens,
-                in_prompts=0 if i == 0 else p,
-                new_prompts=p,
-                dim=spec.embed_dim,
-                bound=bound,
-                strip=i == last,
-                dropout=cfg.prompt_dropout,
-            )
-            set_module(model, parts.block, block)
-            adapted.append(parts.block)
-        return adapted

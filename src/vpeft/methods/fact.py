@@ -27,6 +27,10 @@ ViT-B/16 (L = 12, 144 slices): TT rank r has ``2 * 768 r + 144 r^2`` parameters:
 (8,448 at r = 4 is the paper's "8K" tiny version; 61,440 at r = 16); the paper's 0.040M for
 FacT-TT<=16 is the mean over its per-task ranks (39,734). TK rank r has ``2 * 768 r + 144 r + r^3``:
 86,528 at r = 32 (30,976 at r = 16); the paper's 0.069M for FacT-TK<=32 is that per-task mean (68,985).
+
+Separate q, k, v projections (Hugging Face): they are the three ``d x d`` slices of the virtual fused qkv, one
+layer each (the arch layer resolves role ``qkv`` to them); the slice count, parameter count and function are
+those of the fused layout.
 """
 
 from __future__ import annotations
@@ -36,8 +40,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target
 from ..config import MethodConfig, check_float, check_int
 from ..errors import UnsupportedBackboneError
 from ..layers.fact import FacTFactors, FacTLinear, FacTTKLinear, FacTTTLinear
@@ -82,45 +85,37 @@ class _FacT(Method):
     kinds = ("vit",)
     tucker: ClassVar[bool] = False
 
-    def _linears(self, model: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Linear]]:
-        found = []
-        for parts in spec.parts:
-            for what in ("qkv", "proj", "fc1", "fc2"):
-                name = getattr(parts, what)
-                base = get_module(model, name) if name else None
-                if not isinstance(base, nn.Linear):
-                    raise UnsupportedBackboneError(f"{self.name}: block {parts.block} has no {what} Linear layer")
-                d = spec.embed_dim
-                if base.in_features % d or base.out_features % d:
-                    raise UnsupportedBackboneError(
-                        f"{self.name}: {name} is {base.out_features} x {base.in_features}, not a grid of "
-                        f"{d} x {d} slices; FacT needs every adapted weight to tile into width-{d} slices"
-                    )
-                found.append((name, base))
-        return found
+    # on separate q/k/v projections (Hugging Face) the role qkv yields the three d x d slices as three layers
+    roles = ("qkv", "proj", "fc1", "fc2")
 
-    def check(self, model: nn.Module, spec: ArchSpec) -> None:
-        super().check(model, spec)
-        self._linears(model, spec)
+    def check_target(self, model: nn.Module, spec: ArchSpec, target: Target) -> None:
+        base, d = target.module, spec.embed_dim
+        if base.in_features % d or base.out_features % d:
+            raise UnsupportedBackboneError(
+                f"{self.name}: {target.name} is {base.out_features} x {base.in_features}, not a grid of "
+                f"{d} x {d} slices; FacT needs every adapted weight to tile into width-{d} slices"
+            )
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
+    def prepare(self, model: nn.Module, spec: ArchSpec, targets: list[Target]) -> None:
         cfg, d = self.config, spec.embed_dim
-        linears = self._linears(model, spec)
-        slices = sum((b.out_features // d) * (b.in_features // d) for _, b in linears)
-        w = linears[0][1].weight
-        factors = FacTFactors(d, cfg.rank, slices if self.tucker else 0, device=w.device, dtype=w.dtype)
-        offset = 0
-        for name, base in linears:
-            if self.tucker:
-                layer: FacTLinear = FacTTKLinear(base, factors, offset, cfg.scale, cfg.dropout)
-                offset += layer.num_slices
-            else:
-                layer = FacTTTLinear(base, factors, cfg.scale, cfg.dropout)
-            set_module(model, name, layer)
+        slices = sum((t.module.out_features // d) * (t.module.in_features // d) for t in targets)
+        w = targets[0].module.weight
+        self._factors = FacTFactors(d, cfg.rank, slices if self.tucker else 0, device=w.device, dtype=w.dtype)
+        self._offset = 0
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        cfg, factors = self.config, self._factors
+        if not self.tucker:
+            return FacTTTLinear(target.module, factors, cfg.scale, cfg.dropout)
+        layer = FacTTKLinear(target.module, factors, self._offset, cfg.scale, cfg.dropout)
+        self._offset += layer.num_slices
+        return layer
+
+    def finish(self, model: nn.Module, spec: ArchSpec, adapted: list[str]) -> list[str]:
         # the shared factors are reported (trained, saved) by the layer under which model.parameters() finds them
-        first = next(m for m in model.modules() if isinstance(m, FacTLinear) and m.factors is factors)
+        first = next(m for m in model.modules() if isinstance(m, FacTLinear) and m.factors is self._factors)
         first.owns_factors = True
-        return [name for name, _ in linears]
+        return adapted
 
 
 @register_method

@@ -14,6 +14,11 @@ the base bias, so it is dead (zero gradient) wherever that bias is zero, e.g. in
 ViT-B/16 default: per block qkv 4*(2304+768)*2 + 4*769 + 2304, proj 4*(768+768)*2 + 4*769 + 768,
 fc1 4*(3072+768)*2 + 4*769 + 3072, fc2 4*(768+3072)*2 + 4*3073 + 768 = 126,736; x 12 = 1,520,832 parameters
 (the paper reports searched subnets of 0.29M-0.86M only, no fixed setting).
+
+Separate q, k, v projections (Hugging Face): target ``qkv`` is the three projections, each its own GLoRA layer
+(so its own code in ``layers``: 6 layers per block with the default targets; a per-target code applies to all
+three) -- what the official code, which wraps every ``nn.Linear``, does on such a model. Counts differ from the
+fused layout (each projection has its own low-rank factors).
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ import dataclasses
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from .._modules import get_module
+from ..arch import ArchSpec, Target, target_names
 from ..config import MethodConfig, check_choice, check_int, check_subset
-from ..errors import ConfigError, UnsupportedBackboneError
+from ..errors import ConfigError
 from ..layers.glora import OPTIONS, TENSORS, GLoRALinear, glora_params, make_code, parse_code
 from ..registry import register_method
 from .base import REPARAMETER, Method
@@ -85,43 +90,35 @@ class GLoRAConfig(MethodConfig):
         return make_code({t: getattr(self, t) for t in TENSORS})
 
 
-def _targets(cfg: GLoRAConfig) -> list[str]:
-    return [t for t in TARGETS if t in cfg.targets]
-
-
 def layer_names(spec: ArchSpec, targets: tuple[str, ...] = TARGETS) -> list[str]:
-    """Qualified names of the adapted Linears, block by block, in the canonical target order."""
-    names = []
-    for parts in spec.parts:
-        for t in (t for t in TARGETS if t in targets):
-            name = getattr(parts, t)
-            if not name:
-                raise UnsupportedBackboneError(f"glora: block {parts.block} has no {t} Linear layer")
-            names.append(name)
-    return names
+    """Qualified names of the adapted Linears, block by block, in the canonical target order.
+
+    ``qkv`` is one layer where it is fused (timm) and the three separate projections elsewhere (Hugging Face).
+    """
+    return [name for _, name in target_names(spec, targets, method="glora")]
 
 
-def layer_codes(cfg: GLoRAConfig, depth: int) -> list[str]:
+def layer_codes(cfg: GLoRAConfig, spec: ArchSpec) -> list[str]:
     """One code per adapted layer (block by block), broadcasting a short ``layers`` tuple."""
-    per_block = len(_targets(cfg))
-    n = depth * per_block
+    roles = [role for role, _ in target_names(spec, cfg.targets, method="glora")]
+    per_target = [t for t in TARGETS if t in cfg.targets]
     codes = cfg.layers or (cfg.uniform_code,)
     if len(codes) == 1:
-        return list(codes) * n
-    if len(codes) == per_block:
-        return list(codes) * depth
-    if len(codes) == n:
+        return list(codes) * len(roles)
+    if len(codes) == len(per_target):
+        return [codes[per_target.index(role)] for role in roles]
+    if len(codes) == len(roles):
         return list(codes)
     raise ConfigError(
-        f"glora: layers has {len(codes)} codes; this backbone needs 1, {per_block} (one per target) "
-        f"or {n} ({depth} blocks x {per_block} targets)"
+        f"glora: layers has {len(codes)} codes; this backbone needs 1, {len(per_target)} (one per target) "
+        f"or {len(roles)} (one per adapted layer: {spec.depth} blocks x {len(roles) // max(spec.depth, 1)})"
     )
 
 
 def glora_param_count(cfg: GLoRAConfig, model: nn.Module, spec: ArchSpec) -> int:
     """Exact trainable parameters ``cfg`` adds to ``model`` (head excluded)."""
     total = 0
-    for name, code in zip(layer_names(spec, cfg.targets), layer_codes(cfg, spec.depth)):
+    for name, code in zip(layer_names(spec, cfg.targets), layer_codes(cfg, spec)):
         lin = get_module(model, name)
         total += glora_params(code, lin.in_features, lin.out_features, cfg.r, lin.bias is not None)
     return total
@@ -135,13 +132,14 @@ class GLoRA(Method):
     mergeable = True
     kinds = ("vit",)
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        cfg = self.config
-        names = layer_names(spec, cfg.targets)
-        codes = layer_codes(cfg, spec.depth)
-        for name, code in zip(names, codes):
-            base = get_module(model, name)
-            if not isinstance(base, nn.Linear):
-                raise UnsupportedBackboneError(f"glora: {name} is a {type(base).__name__}, not a Linear layer")
-            set_module(model, name, GLoRALinear(base, code, cfg.r))
-        return names
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
+        return self.config.targets
+
+    def check_targets(self, model: nn.Module, spec: ArchSpec, targets: list[Target]) -> None:
+        layer_codes(self.config, spec)  # a wrong number of codes fails before anything is frozen
+
+    def prepare(self, model: nn.Module, spec: ArchSpec, targets: list[Target]) -> None:
+        self._codes = dict(zip((t.name for t in targets), layer_codes(self.config, spec)))
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        return GLoRALinear(target.module, self._codes[target.name], self.config.r)

@@ -6,8 +6,9 @@ every attention layer and ``(l_ff * gamma(W_1 x)) W_2`` in every position-wise F
 initialised to ones, so the model starts as the frozen backbone.
 
 Placement in vpeft: ``l_k`` and ``l_v`` multiply the k and v output slices of timm's fused ``qkv``
-(q untouched); ``l_ff`` multiplies the input of ``fc2`` -- the FFN hidden after the non-linearity
-(after timm's optional ``mlp.norm`` when a backbone has one). Both fold into the weights: the k/v
+(q untouched), or the separate k and v projections of Hugging Face models; ``l_ff`` multiplies the input
+of ``fc2`` -- the FFN hidden after the non-linearity (after timm's optional ``mlp.norm`` when a backbone
+has one). Both fold into the weights: the k/v
 rows (and biases) of ``qkv`` and the columns of ``fc2``.
 ViT-B/16: 12 * (768 + 768 + 3072) = 55,296 parameters (the paper reports counts for T0, not ViT).
 """
@@ -18,15 +19,12 @@ import dataclasses
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import QKV, ArchSpec, Target
 from ..config import MethodConfig, check_subset
-from ..errors import UnsupportedBackboneError
 from ..layers.scaling import InputScale, OutputScale
 from ..registry import register_method
 from .base import REPARAMETER, Method
 
-QKV = ("q", "k", "v")
 TARGETS = (*QKV, "ff")
 
 
@@ -51,13 +49,6 @@ class IA3Config(MethodConfig):
         check_subset(self, "targets", TARGETS)
 
 
-def _linear(model: nn.Module, name: str, what: str, block: str) -> nn.Linear:
-    base = get_module(model, name) if name else None
-    if not isinstance(base, nn.Linear):
-        raise UnsupportedBackboneError(f"ia3: block {block} has no {what} Linear layer")
-    return base
-
-
 @register_method
 class IA3(Method):
     config_cls = IA3Config
@@ -69,21 +60,11 @@ class IA3(Method):
     mergeable = True
     kinds = ("vit", "swin")
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        targets, adapted = self.config.targets, []
-        qkv_index = [i for i, t in enumerate(QKV) if t in targets]
-        for parts in spec.parts:
-            separate = [getattr(parts, QKV[i]) for i in qkv_index]
-            if qkv_index and not parts.qkv and all(separate):  # separate q/k/v Linears (Hugging Face)
-                for t, name in zip((QKV[i] for i in qkv_index), separate):
-                    set_module(model, name, OutputScale(_linear(model, name, t, parts.block)))
-                adapted += separate
-            elif qkv_index:
-                qkv = _linear(model, parts.qkv, "fused qkv", parts.block)
-                width = qkv.out_features // 3
-                set_module(model, parts.qkv, OutputScale(qkv, [(i * width, (i + 1) * width) for i in qkv_index]))
-                adapted.append(parts.qkv)
-            if "ff" in targets:
-                set_module(model, parts.fc2, InputScale(_linear(model, parts.fc2, "fc2", parts.block)))
-                adapted.append(parts.fc2)
-        return adapted
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
+        # the FFN hidden activation is fc2's input
+        return tuple("fc2" if t == "ff" else t for t in self.config.targets)
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        if target.role == "fc2":
+            return InputScale(target.module)
+        return OutputScale(target.module, target.slice_list)

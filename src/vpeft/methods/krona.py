@@ -23,15 +23,13 @@ import dataclasses
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import QKV, ArchSpec, Target
 from ..config import MethodConfig, check_float, check_subset
-from ..errors import ConfigError, UnsupportedBackboneError
+from ..errors import ConfigError
 from ..layers.kron import KronALinear
 from ..registry import register_method
 from .base import REPARAMETER, Method
 
-QKV = ("q", "k", "v")
 TARGETS = (*QKV, "proj", "fc1", "fc2")
 
 
@@ -75,35 +73,17 @@ class KronA(Method):
     mergeable = True
     kinds = ("vit", "swin")
 
-    def _plan(self, model: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Linear, list[tuple[int, int]] | None]]:
-        targets, (a1, a2), plan = self.config.targets, self.config.a_shape, []
-        qkv_index = [i for i, t in enumerate(QKV) if t in targets]
-        for parts in spec.parts:
-            if parts.qkv or not parts.q:  # fused (timm) or missing: one qkv wrapper with a slice per target
-                wanted = [(parts.qkv, "qkv", True)] if qkv_index else []
-            else:  # separate q/k/v projections (Hugging Face): one wrapper each
-                wanted = [(getattr(parts, t), t, False) for t in QKV if t in targets]
-            wanted += [(getattr(parts, t), t, False) for t in ("proj", "fc1", "fc2") if t in targets]
-            for name, what, fused in wanted:
-                base = get_module(model, name) if name else None
-                if not isinstance(base, nn.Linear):
-                    raise UnsupportedBackboneError(f"krona: block {parts.block} has no {what} Linear layer")
-                width = base.out_features // 3 if fused else base.out_features
-                if width % a1 or base.in_features % a2:
-                    raise ConfigError(
-                        f"krona: a_shape={[a1, a2]} does not tile {name} ({width} x {base.in_features} per target); "
-                        f"a1 must divide {width} and a2 must divide {base.in_features}"
-                    )
-                slices = [(i * width, (i + 1) * width) for i in qkv_index] if fused else None
-                plan.append((name, base, slices))
-        return plan
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
+        return self.config.targets
 
-    def check(self, model: nn.Module, spec: ArchSpec) -> None:
-        super().check(model, spec)
-        self._plan(model, spec)
+    def check_target(self, model: nn.Module, spec: ArchSpec, target: Target) -> None:
+        (a1, a2), base = self.config.a_shape, target.module
+        width = target.slices[0][1] - target.slices[0][0] if target.slices else base.out_features
+        if width % a1 or base.in_features % a2:
+            raise ConfigError(
+                f"krona: a_shape={[a1, a2]} does not tile {target.name} ({width} x {base.in_features} per target); "
+                f"a1 must divide {width} and a2 must divide {base.in_features}"
+            )
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        cfg, plan = self.config, self._plan(model, spec)
-        for name, base, slices in plan:
-            set_module(model, name, KronALinear(base, cfg.a_shape, cfg.scale, slices))
-        return [name for name, _, _ in plan]
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        return KronALinear(target.module, self.config.a_shape, self.config.scale, target.slice_list)

@@ -21,51 +21,17 @@ import dataclasses
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import QKV, ArchSpec, Target
 from ..config import MethodConfig, check_float, check_int, check_subset
 from ..errors import UnsupportedBackboneError
-from ..layers import LoRALinear, Wrapper
+from ..layers import LoRALinear
 from ..layers.lora_conv import LoRAConv2d
 from ..registry import register_method
 from .base import REPARAMETER, Method
 
-QKV = ("q", "k", "v")
 VIT_TARGETS = (*QKV, "proj", "fc1", "fc2")
 CNN_TARGETS = ("pw", "kxk")
 TARGETS = VIT_TARGETS + CNN_TARGETS
-
-
-def _in_head(name: str, head: str) -> bool:
-    return bool(head) and (name == head or name.startswith(head + "."))
-
-
-def conv_targets(model: nn.Module, spec: ArchSpec, target: str) -> list[str]:
-    """Modules a CNN target names: ``pw`` (1x1 groups=1 convs, channel Linears), ``kxk`` (k > 1, groups=1)."""
-    names = []
-    for name, m in model.named_modules():
-        if _in_head(name, spec.head) or isinstance(m, Wrapper):
-            continue
-        if isinstance(m, nn.Conv2d) and m.groups == 1:
-            pointwise = tuple(m.kernel_size) == (1, 1)
-            if pointwise == (target == "pw"):
-                names.append(name)
-        elif isinstance(m, nn.Linear) and target == "pw":
-            names.append(name)
-    return names
-
-
-def lora_target_modules(model: nn.Module, spec: ArchSpec) -> dict[str, list[str]]:
-    """Every LoRA target of this backbone -> the modules it adapts (a fused q/k/v projection: key ``"qkv"``)."""
-    if spec.kind == "cnn":
-        return {t: conv_targets(model, spec, t) for t in CNN_TARGETS}
-    roles: dict[str, list[str]] = {}
-    for parts in spec.parts:
-        for t in ("qkv", *VIT_TARGETS):
-            name = getattr(parts, t, "")
-            if name:
-                roles.setdefault(t, []).append(name)
-    return roles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,55 +74,17 @@ class LoRA(Method):
     mergeable = True
     kinds = ("vit", "swin", "cnn")
 
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
+        return self.config.targets
+
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         super().check(model, spec)
-        allowed = CNN_TARGETS if spec.kind == "cnn" else VIT_TARGETS
-        wrong = [t for t in self.config.targets if t not in allowed]
-        if wrong:
-            hint = " (pw: 1x1 convs and channel Linears, kxk: k x k convs)" if spec.kind == "cnn" else ""
-            raise UnsupportedBackboneError(
-                f"lora: targets {wrong} do not exist on {spec.family} ({spec.kind}) backbones; "
-                f"use targets from {list(allowed)} there{hint}"
-            )
-        if spec.kind == "cnn" and not any(conv_targets(model, spec, t) for t in self.config.targets):
+        if spec.kind == "cnn" and not self.targets(model, spec):
             targets = list(self.config.targets)
-            raise UnsupportedBackboneError(f"lora: {spec.family} has no groups=1 layers for targets {targets}")
+            raise UnsupportedBackboneError(f"lora: {spec.arch} has no groups=1 layers for targets {targets}")
 
-    def _wrap(self, model: nn.Module, name: str, slices: list[tuple[int, int]] | None) -> None:
-        base = get_module(model, name)
-        cfg = self.config
-        if isinstance(base, nn.Conv2d) and slices is None:
-            set_module(model, name, LoRAConv2d(base, cfg.r, cfg.alpha, cfg.dropout))
-            return
-        if not isinstance(base, nn.Linear):
-            raise UnsupportedBackboneError(f"lora: {name} is a {type(base).__name__}, not a Linear layer")
-        set_module(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, slices))
-
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        targets, adapted = self.config.targets, []
-        if spec.kind == "cnn":
-            names = [n for t in CNN_TARGETS if t in targets for n in conv_targets(model, spec, t)]
-            for name in names:
-                self._wrap(model, name, None)
-            return names
-        for parts in spec.parts:
-            wanted = [t for t in QKV if t in targets]
-            if wanted and parts.qkv:
-                width = get_module(model, parts.qkv).out_features // 3
-                self._wrap(model, parts.qkv, [(QKV.index(t) * width, (QKV.index(t) + 1) * width) for t in wanted])
-                adapted.append(parts.qkv)
-            elif wanted:
-                separate = [getattr(parts, t, "") for t in wanted]
-                if not all(separate):
-                    raise UnsupportedBackboneError(f"lora: block {parts.block} has no fused qkv or separate q/k/v")
-                for name in separate:
-                    self._wrap(model, name, None)
-                adapted += separate
-            for t in ("proj", "fc1", "fc2"):
-                if t in targets:
-                    name = getattr(parts, t)
-                    if not name:
-                        raise UnsupportedBackboneError(f"lora: block {parts.block} has no {t} projection")
-                    self._wrap(model, name, None)
-                    adapted.append(name)
-        return adapted
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        base, cfg = target.module, self.config  # a Linear (every transformer role, channel Linears) or a Conv2d
+        if isinstance(base, nn.Conv2d):
+            return LoRAConv2d(base, cfg.r, cfg.alpha, cfg.dropout)
+        return LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, target.slice_list)

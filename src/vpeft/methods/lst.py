@@ -18,8 +18,8 @@ features, so no backbone activation is kept for backward; the only saved backbon
 the block outputs the ladder projections read (needed for their weight gradients).
 
 Design with wrappers: :class:`SideTap` wraps each block (runs it without autograd and records its
-input -- for block 0 -- and output); :class:`SideOutput` wraps the ViT's final token norm
-(``model.norm``, an Identity on ``global_pool="avg"`` models, whose ``fc_norm`` then still acts on the
+input -- for block 0 -- and output); :class:`SideOutput` wraps the ViT's final token norm (the ArchSpec's
+``final_norm``: timm's ``norm``, an Identity on ``global_pool="avg"`` models, whose ``fc_norm`` then still acts on the
 pooled side features) and owns the whole side network, which it runs on the recorded features. The
 taps and the output share a plain per-forward record (not a module, never in ``state_dict``).
 
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, attention_layout, final_norm
 from ..config import MethodConfig, check_float, check_int
 from ..errors import ConfigError, UnsupportedBackboneError
 from ..layers.base import Wrapper
@@ -186,11 +186,13 @@ class LST(Method):
 
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         super().check(model, spec)
-        if not isinstance(getattr(model, "norm", None), nn.Module) or not spec.parts or not spec.parts[0].fc1:
+        if not final_norm(spec) or not spec.parts or not spec.parts[0].fc1:
             raise UnsupportedBackboneError(
-                f"method {self.name!r} needs a timm VisionTransformer "
-                "(blocks with attn.num_heads and mlp.fc1, a final norm module)"
+                f"method {self.name!r} needs a ViT whose blocks have an MLP fc1 and whose final norm acts on the whole "
+                f"token sequence (the side network's output replaces it); this {spec.arch} backbone has "
+                f"final norm {final_norm(spec)!r} and fc1 {spec.parts[0].fc1 if spec.parts else ''!r}"
             )
+        attention_layout(model, spec, spec.parts[0])  # the head count
         if spec.embed_dim // self.config.reduction_factor < 1:
             raise ConfigError(
                 f"lst: reduction_factor={self.config.reduction_factor} is invalid for width {spec.embed_dim}; "
@@ -201,7 +203,7 @@ class LST(Method):
         cfg, record = self.config, _Record()
         first = spec.parts[0]
         side_dim = spec.embed_dim // cfg.reduction_factor
-        heads = _side_heads(int(get_module(model, first.attn).num_heads), side_dim)
+        heads = _side_heads(attention_layout(model, spec, first).heads, side_dim)
         mlp_hidden = max(1, get_module(model, first.fc1).out_features // cfg.reduction_factor)
         like = next(model.parameters())
         side = LadderSideNetwork(
@@ -217,5 +219,6 @@ class LST(Method):
         )
         for i, name in enumerate(spec.blocks):
             set_module(model, name, SideTap(get_module(model, name), i, record))
-        set_module(model, "norm", SideOutput(model.norm, side, record))
-        return [*spec.blocks, "norm"]
+        norm = final_norm(spec)
+        set_module(model, norm, SideOutput(get_module(model, norm), side, record))
+        return [*spec.blocks, norm]

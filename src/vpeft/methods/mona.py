@@ -35,11 +35,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target, patch_grid
 from ..config import MethodConfig, check_float, check_int
 from ..layers.base import Wrapper
-from ..layers.token_grid import Grid, map_on_grid, model_grid
+from ..layers.token_grid import Grid, map_on_grid
 from ..registry import register_method
 from .base import ADDITION, Method
 
@@ -166,15 +165,12 @@ class Mona(Method):
             spec.embed_dim, cfg.dim, spec.num_prefix_tokens, grid, cfg.dropout, device=like.device, dtype=like.dtype
         )
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        grid, adapted = model_grid(model), []
-        for parts in spec.parts:
-            block = get_module(model, parts.block)
-            like = next(block.parameters())
-            carry = _Carry()
-            set_module(
-                model, parts.norm2, MonaNormTap(get_module(model, parts.norm2), self._adapter(spec, grid, like), carry)
-            )
-            set_module(model, parts.block, MonaBlock(block, self._adapter(spec, grid, like), carry))
-            adapted += [parts.norm2, parts.block]
-        return adapted
+    roles = ("norm2", "block")  # the tap after the pre-MLP norm and the block (canonical order: norm2 first)
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        like = next(model.get_submodule(target.block).parameters())
+        adapter = self._adapter(spec, patch_grid(spec), like)
+        if target.role == "norm2":
+            self._carry = _Carry()  # what the norm tap hands to this block's wrapper
+            return MonaNormTap(target.module, adapter, self._carry)
+        return MonaBlock(target.module, adapter, self._carry)

@@ -6,7 +6,9 @@ budget (``vpeft search``, :mod:`vpeft.search`) and retrains the found subnet -- 
 what the search exports. Per block ``i``:
 
 * LoRA of rank ``lora[i]`` on the whole fused ``qkv`` (q, k and v share one ``A``: r x d; ``B``: 3d x r, zero),
-  scale 1 (NOAH adds ``B A x`` unscaled);
+  scale 1 (NOAH adds ``B A x`` unscaled); on separate q, k, v projections (Hugging Face) the same LoRA on the
+  virtual fused qkv: one ``A`` shared by the three, each with its rows of ``B``
+  (:class:`~vpeft.layers.shared_lora.SharedALoRALinear`) -- same function and parameter count;
 * a sequential adapter of width ``adapter[i]`` after the MLP (``y + up(gelu(down(y)))``, Pfeiffer placement);
 * ``prompts[i]`` new VPT-Deep tokens at the block's input, replacing the previous prompts; a block with 0 keeps
   the incoming prompts (NOAH's prompt depth: prompts inserted by the last prompted block travel to the end).
@@ -29,12 +31,12 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target
 from ..config import MethodConfig, check_float
-from ..errors import ConfigError, UnsupportedBackboneError
+from ..errors import ConfigError
 from ..layers import LoRALinear, PromptedBlock, SequentialAdapter
 from ..layers.prompt import vpt_init_bound
+from ..layers.shared_lora import SharedALoRALinear, SharedDown
 from ..registry import register_method
 from .base import UNIFIED, Method
 
@@ -130,41 +132,55 @@ class NOAH(Method):
         self.identity_at_init = not any(config.prompts)
         self.mergeable = not any(config.prompts) and not any(config.adapter)
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
         sizes = per_block(self.config, spec.depth)
-        adapted = []
-        for parts, r, a in zip(spec.parts, sizes["lora"], sizes["adapter"]):
-            if r:
-                base = get_module(model, parts.qkv) if parts.qkv else None
-                if not isinstance(base, nn.Linear):
-                    raise UnsupportedBackboneError(f"noah: block {parts.block} has no fused qkv Linear")
-                set_module(model, parts.qkv, LoRALinear(base, r, float(r)))
-                adapted.append(parts.qkv)
-            if a:
-                if not parts.mlp:
-                    raise UnsupportedBackboneError(f"noah: block {parts.block} has no MLP")
-                set_module(model, parts.mlp, SequentialAdapter(get_module(model, parts.mlp), spec.embed_dim, a))
-                adapted.append(parts.mlp)
-        return adapted + self._inject_prompts(model, spec, sizes["prompts"])
+        # the LoRA on the attention's input projection (fused qkv, or each of separate q, k, v), the adapter
+        # after the MLP, the prompts around the blocks
+        return tuple(role for role, key in (("qkv", "lora"), ("mlp", "adapter")) if any(sizes[key])) + ("block",)
 
-    def _inject_prompts(self, model: nn.Module, spec: ArchSpec, prompts: tuple[int, ...]) -> list[str]:
-        bound = vpt_init_bound(spec.patch_size, spec.embed_dim)
-        adapted, present, last = [], 0, spec.depth - 1
-        for i, (name, new) in enumerate(zip(spec.blocks, prompts)):
-            strip = i == last and (present or new)
-            if not new and not strip:
-                continue
-            block = PromptedBlock(
-                get_module(model, name),
-                num_prefix_tokens=spec.num_prefix_tokens,
-                in_prompts=present,
-                new_prompts=new,
-                dim=spec.embed_dim,
-                bound=bound,
-                strip=bool(strip),
-                dropout=self.config.prompt_dropout,
-            )
-            set_module(model, name, block)
-            adapted.append(name)
-            present = new or present
+    def prepare(self, model: nn.Module, spec: ArchSpec, targets: list[Target]) -> None:
+        self._sizes = per_block(self.config, spec.depth)
+        self._present = 0  # prompts inserted by an earlier block
+        self._down: dict[int, SharedDown] = {}  # per block: the A shared by separate q, k, v projections
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module | None:
+        i = target.index
+        if target.role == "qkv":
+            r = self._sizes["lora"][i]
+            if not r:
+                return None
+            if target.fused:
+                return LoRALinear(target.module, r, float(r))
+            w = target.module.weight  # separate q, k, v: LoRA on the virtual fused qkv (one A, B split by rows)
+            down = self._down.setdefault(i, SharedDown(target.module.in_features, r, device=w.device, dtype=w.dtype))
+            return SharedALoRALinear(target.module, down, 1.0)
+        if target.role == "mlp":
+            a = self._sizes["adapter"][i]
+            return SequentialAdapter(target.module, spec.embed_dim, a) if a else None
+        return self._prompted(spec, target)
+
+    def finish(self, model: nn.Module, spec: ArchSpec, adapted: list[str]) -> list[str]:
+        # a shared A is reported (trained, saved) by the layer under which model.parameters() finds it first
+        seen: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, SharedALoRALinear):
+                module.owns_down = id(module.down) not in seen
+                seen.add(id(module.down))
         return adapted
+
+    def _prompted(self, spec: ArchSpec, target: Target) -> nn.Module | None:
+        new, present = self._sizes["prompts"][target.index], self._present
+        strip = target.index == spec.depth - 1 and (present or new)
+        if not new and not strip:
+            return None
+        self._present = new or present
+        return PromptedBlock(
+            target.module,
+            num_prefix_tokens=spec.num_prefix_tokens,
+            in_prompts=present,
+            new_prompts=new,
+            dim=spec.embed_dim,
+            bound=vpt_init_bound(spec.patch_size, spec.embed_dim),
+            strip=bool(strip),
+            dropout=self.config.prompt_dropout,
+        )

@@ -36,13 +36,12 @@ import torch
 from torch import nn
 
 from .._modules import set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, role_modules
 from ..config import MethodConfig
 from ..errors import ConfigError, UnsupportedBackboneError
 from ..layers.base import Wrapper
 from ..registry import register_method
 from .base import UNIFIED, Method
-from .lora import lora_target_modules
 
 __all__ = ["PeftTunerConfig", "PeftTuner", "PeftTunerLayer"]
 
@@ -160,17 +159,15 @@ class PeftTuner(Method):
         self.identity_at_init = not any(k.startswith("init") and v is False for k, v in config.peft_dict.items())
 
     def _modules(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        roles = lora_target_modules(model, spec)
+        roles = role_modules(model, spec)  # the arch layer's role -> module names (qkv: fused, or the three)
         names: list[str] = []
         for target in self.config.targets:
             found = roles.get(target, [])
-            if target == "qkv" and not found:  # separate q, k, v projections
-                found = [m for t in ("q", "k", "v") for m in roles.get(t, [])]
             if not found:
                 fused = target in ("q", "k", "v") and roles.get("qkv")
                 hint = " (PEFT adapts a fused qkv whole: use 'qkv')" if fused else ""
                 raise UnsupportedBackboneError(
-                    f"peft_tuner: {spec.family} has no {target!r} layers{hint}; "
+                    f"peft_tuner: {spec.arch} has no {target!r} layers{hint}; "
                     f"roles here: {', '.join(t for t, v in roles.items() if v)}"
                 )
             names += found
@@ -218,7 +215,7 @@ class PeftTuner(Method):
             else:
                 peft.inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
         except ValueError as exc:  # e.g. "Target modules ... not found in the base model"
-            raise UnsupportedBackboneError(f"peft_tuner: PEFT cannot adapt this {spec.family}: {exc}") from None
+            raise UnsupportedBackboneError(f"peft_tuner: PEFT cannot adapt this {spec.arch}: {exc}") from None
         names = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
         for name in names:
             set_module(model, name, PeftTunerLayer(model.get_submodule(name)))

@@ -5,8 +5,9 @@ References: Li & Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Genera
 on Visual Parameter-Efficient Transfer Learning" (V-PETL), 2022.
 
 Placement: in every block's attention, ``l`` learnable key vectors and ``l`` value vectors per head
-are placed in front of the layer's own keys and values (the attention is recomputed from the frozen
-``qkv``/``q_norm``/``k_norm``/``proj`` by :class:`~vpeft.layers.kv_prompt.KVPromptAttention`); the
+are placed in front of the layer's own keys and values (the attention is recomputed from its frozen
+sub-modules -- timm's ``qkv``/``q_norm``/``k_norm``/``proj``, or Hugging Face's q/k/v/output projections, as
+the ArchSpec describes them -- by :class:`~vpeft.layers.kv_prompt.KVPromptAttention`); the
 queries, and so the token sequence, are unchanged. The prefixes are attention activations: they
 enter after the key normalisation of qk-norm backbones.
 
@@ -34,11 +35,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target, attention_layout
 from ..config import MethodConfig, check_float, check_int
 from ..errors import ConfigError
-from ..layers.kv_prompt import KVPromptAttention, check_timm_attention
+from ..layers.kv_prompt import KVPromptAttention
 from ..registry import register_method
 from ..state import state_of, wrapper_parameters
 from .base import ADDITION, Method
@@ -102,6 +102,7 @@ class PrefixAttention(KVPromptAttention):
     def __init__(
         self,
         base_layer: nn.Module,
+        layout,
         num_tokens: int,
         index: int,
         *,
@@ -109,7 +110,7 @@ class PrefixAttention(KVPromptAttention):
         owns_encoder: bool = False,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(base_layer, num_tokens, dropout=dropout, params=encoder is None)
+        super().__init__(base_layer, layout, num_tokens, dropout=dropout, params=encoder is None)
         self.index = index
         self.source = _EncoderRef(encoder)
         if owns_encoder:
@@ -141,34 +142,35 @@ class Prefix(Method):
     identity_at_init = False
     kinds = ("vit",)
 
-    def check(self, model: nn.Module, spec: ArchSpec) -> None:
-        super().check(model, spec)
-        for parts in spec.parts:
-            check_timm_attention(get_module(model, parts.attn), parts.attn, self.name)
+    roles = ("attn",)
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        cfg, adapted, encoder = self.config, [], None
-        like = next(model.parameters())
+    def check_target(self, model: nn.Module, spec: ArchSpec, target: Target) -> None:
+        attention_layout(model, spec, spec.parts[target.index])  # how to recompute it (or why vpeft cannot)
+
+    def prepare(self, model: nn.Module, spec: ArchSpec, targets: list[Target]) -> None:
+        cfg, like = self.config, next(model.parameters())
+        self._encoder = None
         if cfg.reparam:
-            encoder = PrefixEncoder(
+            self._encoder = PrefixEncoder(
                 cfg.num_tokens, spec.embed_dim, cfg.reparam_dim, spec.depth, device=like.device, dtype=like.dtype
             )
-        for i, parts in enumerate(spec.parts):
-            wrapper = PrefixAttention(
-                get_module(model, parts.attn),
-                cfg.num_tokens,
-                i,
-                encoder=encoder,
-                owns_encoder=i == 0,
-                dropout=cfg.dropout,
-            )
-            if encoder is None:
-                with torch.no_grad():
-                    nn.init.normal_(wrapper.key, std=0.02)
-                    nn.init.normal_(wrapper.value, std=0.02)
-            set_module(model, parts.attn, wrapper)
-            adapted.append(parts.attn)
-        return adapted
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        cfg, i = self.config, target.index
+        wrapper = PrefixAttention(
+            target.module,
+            attention_layout(model, spec, spec.parts[i]),
+            cfg.num_tokens,
+            i,
+            encoder=self._encoder,
+            owns_encoder=i == 0,
+            dropout=cfg.dropout,
+        )
+        if self._encoder is None:
+            with torch.no_grad():
+                nn.init.normal_(wrapper.key, std=0.02)
+                nn.init.normal_(wrapper.value, std=0.02)
+        return wrapper
 
 
 def fold(model: nn.Module) -> list[str]:

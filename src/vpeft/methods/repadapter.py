@@ -17,6 +17,11 @@ Scale s: the class default of the official code is 1; its VTAB configs pick s pe
 ViT-B/16: per adapter 768 * 8 + 8 (down) + 768 * 4 + 768 (group-wise up) = 9,992; 24 adapters ->
 239,808 parameters. The paper reports 0.22M, the weights alone (24 * (6,144 + 3,072) = 221,184);
 the official code also trains the 18,624 bias terms counted here.
+
+Separate q, k, v projections (Hugging Face): all three read the attention's input, so they share ONE adapter
+(registered in each, owned -- trained, counted, saved -- by the first), and each folds the same affine map when
+merged: the same function and parameter count as on a fused qkv. With dropout > 0 each projection draws its own
+dropout mask in training (one adapter call per projection).
 """
 
 from __future__ import annotations
@@ -25,8 +30,7 @@ import dataclasses
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target
 from ..config import MethodConfig, check_choice, check_float, check_int
 from ..errors import ConfigError, UnsupportedBackboneError
 from ..layers.repadapter import RepAdapterLinear
@@ -71,33 +75,39 @@ class RepAdapter(Method):
     mergeable = True
     kinds = ("vit", "swin")
 
-    def _targets(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        names = []
-        for parts in spec.parts:
-            attn = get_module(model, parts.attn) if parts.attn else None
-            if getattr(attn, "gate", None) is not None:
-                raise UnsupportedBackboneError(
-                    f"repadapter: {parts.attn} also reads its input through a gate, so an adapter on qkv's input "
-                    f"would not be an adapter on the attention's input"
-                )
-            wanted = [("qkv", parts.qkv)] + ([("fc1", parts.fc1)] if self.config.placement == "block" else [])
-            for what, name in wanted:
-                if not isinstance(get_module(model, name) if name else None, nn.Linear):
-                    raise UnsupportedBackboneError(f"repadapter: block {parts.block} has no {what} Linear layer")
-                names.append(name)
-        for name in names:  # the adapter's width is its layer's input width (Swin widens per stage)
-            width = get_module(model, name).in_features
-            if width % self.config.groups:
-                raise ConfigError(f"repadapter: groups={self.config.groups} must divide the width {width} of {name}")
-        return names
+    def target_roles(self, spec: ArchSpec) -> tuple[str, ...]:
+        # the attention's input projection(s) (one fused qkv, or separate q, k, v sharing one adapter) and fc1
+        return ("qkv", "fc1") if self.config.placement == "block" else ("qkv",)
 
-    def check(self, model: nn.Module, spec: ArchSpec) -> None:
-        super().check(model, spec)
-        self._targets(model, spec)
+    def check_target(self, model: nn.Module, spec: ArchSpec, target: Target) -> None:
+        parts = spec.parts[target.index]
+        attn = model.get_submodule(parts.attn) if parts.attn else None
+        if target.role == "qkv" and getattr(attn, "gate", None) is not None:
+            raise UnsupportedBackboneError(
+                f"repadapter: {parts.attn} also reads its input through a gate, so an adapter on qkv's input "
+                f"would not be an adapter on the attention's input"
+            )
+        width = target.module.in_features  # the adapter's width is its layer's input width (Swin widens per stage)
+        if width % self.config.groups:
+            raise ConfigError(f"repadapter: groups={self.config.groups} must divide the width {width} of {target.name}")
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        cfg, names = self.config, self._targets(model, spec)
-        for name in names:
-            base = get_module(model, name)
-            set_module(model, name, RepAdapterLinear(base, cfg.dim, cfg.groups, cfg.scale, cfg.dropout))
-        return names
+    def prepare(self, model: nn.Module, spec: ArchSpec, targets: list[Target]) -> None:
+        self._shared: dict[tuple[int, str], RepAdapterLinear] = {}
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
+        cfg, key = self.config, (target.index, target.role)
+        first = self._shared.get(key)
+        layer = RepAdapterLinear(
+            target.module, cfg.dim, cfg.groups, cfg.scale, cfg.dropout, first.adapter if first else None
+        )
+        self._shared.setdefault(key, layer)
+        return layer
+
+    def finish(self, model: nn.Module, spec: ArchSpec, adapted: list[str]) -> list[str]:
+        # a shared adapter is reported (trained, saved) by the layer under which model.parameters() finds it first
+        owners: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, RepAdapterLinear):
+                module.owns_adapter = id(module.adapter) not in owners
+                owners.add(id(module.adapter))
+        return adapted

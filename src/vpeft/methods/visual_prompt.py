@@ -9,8 +9,8 @@ normalised input image, i.e. to the input of the backbone's stem (``spec.stem[0]
 of a ViT, ``conv_stem`` of an EfficientNet), so it works on CNNs too. Initialisation as the official
 code: every strip N(0, 1) (``torch.randn``), so the method is not the identity at initialisation.
 
-The prompt is built for the backbone's input size (``patch_embed.img_size`` of a ViT, the
-``pretrained_cfg`` input size otherwise; ``image_size`` overrides it); the paper's width is 30 px at
+The prompt is built for the backbone's input size (:func:`vpeft.arch.input_size`: the size a ViT was built
+for, the ``pretrained_cfg`` input size otherwise; ``image_size`` overrides it); the paper's width is 30 px at
 224 px and the default ``pad_size=None`` keeps that ratio (``round(30 * side / 224)``). An input of
 another size receives the prompt resampled bilinearly (with anti-aliasing). ``2 * pad_size`` must be
 smaller than the image side.
@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, input_size
 from ..config import MethodConfig
 from ..errors import ConfigError, UnsupportedBackboneError
 from ..layers.base import Wrapper
@@ -112,19 +112,6 @@ class VisualPromptConfig(MethodConfig):
         _optional_int(self, "image_size", 3)
 
 
-def _input_size(model: nn.Module, image_size: int | None, spec: ArchSpec | None = None) -> tuple[int, int]:
-    if image_size is not None:
-        return image_size, image_size
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is None:
-        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,))[1:]
-    if not size and spec is not None and all(spec.image_size):
-        size = spec.image_size  # e.g. a Hugging Face model's config.image_size
-    if not size:
-        raise ConfigError(f"visual_prompt: cannot tell the input size of {type(model).__name__}; pass image_size")
-    return int(size[0]), int(size[-1])
-
-
 @register_method
 class VisualPrompt(Method):
     config_cls = VisualPromptConfig
@@ -134,7 +121,7 @@ class VisualPrompt(Method):
     kinds = ("vit", "swin", "cnn")
 
     def _geometry(self, model: nn.Module, spec: ArchSpec) -> tuple[tuple[int, int], int]:
-        size = _input_size(model, self.config.image_size, spec)
+        size = input_size(model, self.config.image_size)
         pad = self.config.pad_size
         if pad is None:
             pad = max(1, round(PAPER_PAD * min(size) / PAPER_SIZE))

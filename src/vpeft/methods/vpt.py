@@ -16,8 +16,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from .._modules import get_module, set_module
-from ..arch import ArchSpec
+from ..arch import ArchSpec, Target
 from ..config import MethodConfig, check_float, check_int
 from ..layers import PromptedBlock
 from ..layers.prompt import vpt_init_bound
@@ -57,27 +56,23 @@ class _VPT(Method):
     kinds = ("vit",)
     deep: ClassVar[bool] = False
 
-    def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
-        p, last = self.config.num_tokens, spec.depth - 1
-        bound = vpt_init_bound(spec.patch_size, spec.embed_dim)
-        adapted = []
-        for i, name in enumerate(spec.blocks):
-            new = p if (i == 0 or self.deep) else 0
-            if not new and i != last:
-                continue
-            block = PromptedBlock(
-                get_module(model, name),
-                num_prefix_tokens=spec.num_prefix_tokens,
-                in_prompts=0 if i == 0 else p,
-                new_prompts=new,
-                dim=spec.embed_dim,
-                bound=bound,
-                strip=i == last,
-                dropout=self.config.dropout,
-            )
-            set_module(model, name, block)
-            adapted.append(name)
-        return adapted
+    roles = ("block",)
+
+    def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module | None:
+        i, p, last = target.index, self.config.num_tokens, spec.depth - 1
+        new = p if (i == 0 or self.deep) else 0
+        if not new and i != last:
+            return None  # the prompts of the first block pass through unchanged
+        return PromptedBlock(
+            target.module,
+            num_prefix_tokens=spec.num_prefix_tokens,
+            in_prompts=0 if i == 0 else p,
+            new_prompts=new,
+            dim=spec.embed_dim,
+            bound=vpt_init_bound(spec.patch_size, spec.embed_dim),
+            strip=i == last,
+            dropout=self.config.dropout,
+        )
 
 
 @register_method

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..arch import input_size
 from ..data import build_dataloader, build_transform
 from ..errors import ConfigError
-from ..run import _input_size, build_backbone, finetune, open_task
+from ..run import build_backbone, finetune, open_task
 from ..train import TrainConfig, evaluate, train
 from ..train.metrics import write_json_atomic
 from .evolution import EvolutionConfig, evolve, record
@@ -95,7 +96,7 @@ def run_search(
             f"budget {budget:,} is below the smallest {space} candidate ({search_space.min_params():,} parameters)"
         )
     supernet = Supernet(model, search_space, seed=seed)
-    size = _input_size(model, img_size)
+    size = input_size(model, img_size)[-1]
     tf = build_transform(model, input_size=size)
     train_ds, val_ds = t.dataset(search_splits[0], tf), t.dataset(search_splits[1], tf)
     loader = build_dataloader(train_ds, batch_size, shuffle=True, num_workers=num_workers, seed=seed)
