@@ -165,9 +165,9 @@ def test_run_selection_and_parallelism(monkeypatch, data_root):
         d.runs(methods=["bitfi"])
     with pytest.raises(ConfigError, match="seed 7 is not in the definition's seeds"):
         d.runs(seeds=[7])
-    monkeypatch.setattr("vpeft.bench.runner._cpu_count", lambda: 2)
+    monkeypatch.setattr("vpeft.bench.runner.cpu_count", lambda: 2)
     assert default_parallelism() == (1, 2)
-    monkeypatch.setattr("vpeft.bench.runner._cpu_count", lambda: 16)
+    monkeypatch.setattr("vpeft.bench.runner.cpu_count", lambda: 16)
     assert default_parallelism() == (4, 4) and default_parallelism(2) == (2, 8)
 
 

@@ -15,6 +15,7 @@ from tiny import TINY_BACKBONES, batch, case_id, features_and_logits, forward, m
 import vpeft
 from vpeft.api import read_delta
 from vpeft.layers import Wrapper
+from vpeft.state import state_of
 
 CASES = method_cases()
 SUPPORT = {(i, bb): supports(*case, bb) for i, case in enumerate(CASES) for bb in TINY_BACKBONES}
@@ -79,7 +80,7 @@ def _frozen_state(model):
 def test_trainable_set(case, bb):
     model, rep, _ = _adapted(case, bb)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = model.__dict__["_vpeft_state"]
+    state = state_of(model)
     assert trainable == set(state.trainable)
     assert trainable, "at least one trainable tensor"
     head = set(state.head)
@@ -160,7 +161,7 @@ def test_delta_save_load_round_trip(case, bb, tmp_path):
     path = vpeft.save(model, tmp_path / "delta.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["delta.safetensors"], "no temp files left"
     meta, tensors = read_delta(path)
-    state = model.__dict__["_vpeft_state"]
+    state = state_of(model)
     stored = set(tensors)
     if method_of(*case).saves_buffers:
         stored -= {n for n, _ in model.named_buffers()}

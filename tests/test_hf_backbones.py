@@ -20,6 +20,7 @@ import vpeft
 from vpeft.api import read_delta
 from vpeft.arch import get_spec, logits_of
 from vpeft.layers import LoRALinear, Wrapper
+from vpeft.state import state_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -129,7 +130,7 @@ def test_every_method_on_clip_works_or_says_why_not(case, tmp_path):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
         out = forward(model, x)
     path = vpeft.save(model, tmp_path / "delta.safetensors")
-    assert set(read_delta(path)[1]) >= set(model.__dict__["_vpeft_state"].trainable)
+    assert set(read_delta(path)[1]) >= set(state_of(model).trainable)
     fresh = tiny_clip()
     vpeft.load(fresh, path)
     with torch.no_grad():

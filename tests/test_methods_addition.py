@@ -22,6 +22,7 @@ from vpeft.methods.lst import SideOutput, SideTap
 from vpeft.methods.mona import MonaBlock, MonaNormTap
 from vpeft.methods.prefix import PrefixAttention, fold
 from vpeft.methods.visual_prompt import PaddingPrompt
+from vpeft.state import state_of
 
 
 def make(name: str) -> nn.Module:
@@ -207,7 +208,7 @@ def test_prefix_reparam_folds_into_plain_prefixes(tmp_path):
     path = vpeft.save(model, tmp_path / "prefix.safetensors")
     fresh = make("vit_reg_ls").eval()
     vpeft.load(fresh, path)
-    assert fresh.__dict__["_vpeft_state"].config == vpeft.get_method("prefix").config_cls(num_tokens=4, reparam_dim=16)
+    assert state_of(fresh).config == vpeft.get_method("prefix").config_cls(num_tokens=4, reparam_dim=16)
     with torch.no_grad():
         assert torch.equal(fresh(x), before)
     with pytest.raises(vpeft.ConfigError, match="reparam=True"):

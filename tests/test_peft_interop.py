@@ -11,6 +11,7 @@ from tiny import TINY_BACKBONES, batch
 import vpeft
 from vpeft.interop import export_peft, import_peft
 from vpeft.interop.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_peft
+from vpeft.state import state_of
 
 peft = pytest.importorskip("peft")
 
@@ -80,7 +81,7 @@ def test_padded_qv_export_matches_peft_and_round_trips(method, tmp_path):
     torch.testing.assert_close(outputs(peft_load(out)), expected, rtol=0, atol=1e-5)
     back = fresh()
     import_peft(back, out)  # the vpeft metadata restores the q/v-only config
-    assert back.__dict__["_vpeft_state"].config == model.__dict__["_vpeft_state"].config
+    assert state_of(back).config == state_of(model).config
     assert torch.equal(outputs(back), expected)
 
 
@@ -113,7 +114,7 @@ def test_a_peft_trained_adapter_imports_with_the_same_outputs(use_dora, tmp_path
     pm.save_pretrained(str(tmp_path / "adapter"))
     model = fresh()
     rep = import_peft(model, tmp_path / "adapter")
-    state = model.__dict__["_vpeft_state"]
+    state = state_of(model)
     assert state.config.method == ("dora" if use_dora else "lora")
     assert state.config.targets == ("q", "k", "v", "proj", "fc1", "fc2") and state.config.r == 4
     assert rep.trainable > 0

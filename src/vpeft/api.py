@@ -545,12 +545,3 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     meta = {"format": "vpeft-merged", "backbone": state.backbone, "config": state.config.to_json()}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
-
-
-# transitional aliases for modules that still use the old private names (multitask, search); removed once they use
-# vpeft.state directly
-_state = state_of
-_head_names = head_names
-_delta_tensors = delta_tensors
-_load_tensors = load_tensors
-_unwrap_all = unwrap_all

@@ -26,13 +26,13 @@ from ..errors import ConfigError, UnsupportedBackboneError
 from .spec import (
     ArchSpec,
     BlockParts,
-    _child,
-    _common_attention,
-    _module_name,
-    _pair,
-    _present,
-    _unwrap,
+    child_of,
+    common_attention,
+    module_name,
+    pair,
+    present,
     register_arch,
+    unwrap,
 )
 
 __all__ = ["logits_of", "is_transformers_model"]
@@ -80,7 +80,7 @@ def is_transformers_model(model: nn.Module, names: Iterable[str] = VIT_CLASSES +
 def _resolve(block: nn.Module, prefix: str, path: str) -> tuple[nn.Module | None, str]:
     module, name = block, prefix
     for attr in path.split("."):
-        module, name = _child(module, name, attr)
+        module, name = child_of(module, name, attr)
         if module is None:
             return None, ""
     return module, name
@@ -111,7 +111,7 @@ def _tower(model: nn.Module) -> tuple[str, nn.Module, str, nn.ModuleList]:
 
 
 def _parts(outer: nn.Module, name: str) -> BlockParts:
-    blk, p = _unwrap(outer, name)
+    blk, p = unwrap(outer, name)
     found = {k: _first(blk, p, paths, linear=False) for k, paths in _PATHS.items()}
     found.update({k: _first(blk, p, paths, linear=True) for k, paths in _LINEARS.items()})
     attn = blk.get_submodule(found["attn"][len(p) + 1 :]) if found["attn"] else None
@@ -126,7 +126,7 @@ def _separate_attention(attn: nn.Module | None, found: dict[str, str]) -> bool:
         name = found[t]
         if not name.startswith(found["attn"] + "."):
             return False
-        child, _ = _unwrap(getattr(attn, name[len(found["attn"]) + 1 :].split(".")[0], None), "")
+        child, _ = unwrap(getattr(attn, name[len(found["attn"]) + 1 :].split(".")[0], None), "")
         if not isinstance(child, nn.Linear):
             return False
     return hasattr(attn, "head_dim")
@@ -146,15 +146,15 @@ def _build(
         kind="vit",
         blocks=tuple(p.block for p in parts),
         parts=parts,
-        head=_module_name(model, classifier) if isinstance(classifier, nn.Linear) else "",
-        post_blocks=_present(model, tuple(_join(tname, n) for n in post) + root_post),
-        stem=_present(model, (_join(tname, "embeddings"), _join(tname, "pre_layrnorm"))),
+        head=module_name(model, classifier) if isinstance(classifier, nn.Linear) else "",
+        post_blocks=present(model, tuple(_join(tname, n) for n in post) + root_post),
+        stem=present(model, (_join(tname, "embeddings"), _join(tname, "pre_layrnorm"))),
         embed_dim=int(cfg.hidden_size),
         num_prefix_tokens=1,
-        patch_size=_pair(cfg.patch_size),
-        image_size=_pair(cfg.image_size),
+        patch_size=pair(cfg.patch_size),
+        image_size=pair(cfg.image_size),
         final_norm=_first(tower, tname, (norm,), linear=False).lstrip(".") if norm else "",
-        attention=_common_attention(parts),
+        attention=common_attention(parts),
     )
 
 

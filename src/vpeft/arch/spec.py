@@ -123,7 +123,7 @@ def get_spec(model: nn.Module) -> ArchSpec:
     )
 
 
-def _module_name(model: nn.Module, target: nn.Module | None) -> str:
+def module_name(model: nn.Module, target: nn.Module | None) -> str:
     if target is None or isinstance(target, nn.Identity):
         return ""
     for name, mod in model.named_modules():
@@ -132,7 +132,7 @@ def _module_name(model: nn.Module, target: nn.Module | None) -> str:
     return ""
 
 
-def _pair(size) -> tuple[int, int]:
+def pair(size) -> tuple[int, int]:
     """``(h, w)`` from an int or a pair; ``()`` when unknown."""
     if size is None:
         return ()
@@ -141,13 +141,13 @@ def _pair(size) -> tuple[int, int]:
     return (int(size[0]), int(size[-1]))
 
 
-def _cfg_input_size(model: nn.Module) -> tuple[int, int]:
+def cfg_input_size(model: nn.Module) -> tuple[int, int]:
     """The input size in timm's ``pretrained_cfg`` (``(0, 0)`` when absent)."""
     size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     return (int(size[1]), int(size[2])) if size else (0, 0)
 
 
-def _present(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
+def present(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
     mods = dict(model.named_modules())
     return tuple(n for n in names if n in mods and not isinstance(mods[n], nn.Identity))
 
@@ -161,7 +161,7 @@ def _is_timm_vit(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-def _unwrap(module: nn.Module | None, name: str) -> tuple[nn.Module | None, str]:
+def unwrap(module: nn.Module | None, name: str) -> tuple[nn.Module | None, str]:
     """Look through vpeft wrappers: the wrapped module and its qualified name (``....base_layer``)."""
     from ..layers.base import Wrapper
 
@@ -170,12 +170,12 @@ def _unwrap(module: nn.Module | None, name: str) -> tuple[nn.Module | None, str]
     return module, name
 
 
-def _child(parent: nn.Module | None, prefix: str, attr: str) -> tuple[nn.Module | None, str]:
-    return _unwrap(getattr(parent, attr, None), f"{prefix}.{attr}")
+def child_of(parent: nn.Module | None, prefix: str, attr: str) -> tuple[nn.Module | None, str]:
+    return unwrap(getattr(parent, attr, None), f"{prefix}.{attr}")
 
 
-def _linear(parent: nn.Module | None, prefix: str, attr: str) -> str:
-    module, name = _child(parent, prefix, attr)
+def linear_name(parent: nn.Module | None, prefix: str, attr: str) -> str:
+    module, name = child_of(parent, prefix, attr)
     return name if isinstance(module, nn.Linear) else ""
 
 
@@ -184,19 +184,19 @@ def _timm_vit(model: nn.Module) -> ArchSpec:
     # Names resolve through vpeft wrappers, so a second method (composition) finds the real sub-layers.
     parts = []
     for i, outer in enumerate(model.blocks):
-        blk, p = _unwrap(outer, f"blocks.{i}")
-        (attn, a), (mlp, m) = _child(blk, p, "attn"), _child(blk, p, "mlp")
+        blk, p = unwrap(outer, f"blocks.{i}")
+        (attn, a), (mlp, m) = child_of(blk, p, "attn"), child_of(blk, p, "mlp")
         parts.append(
             BlockParts(
                 block=f"blocks.{i}",
-                norm1=_child(blk, p, "norm1")[1],
+                norm1=child_of(blk, p, "norm1")[1],
                 attn=a,
-                qkv=_linear(attn, a, "qkv"),
-                proj=_linear(attn, a, "proj"),
-                norm2=_child(blk, p, "norm2")[1],
+                qkv=linear_name(attn, a, "qkv"),
+                proj=linear_name(attn, a, "proj"),
+                norm2=child_of(blk, p, "norm2")[1],
                 mlp=m,
-                fc1=_linear(mlp, m, "fc1"),
-                fc2=_linear(mlp, m, "fc2"),
+                fc1=linear_name(mlp, m, "fc1"),
+                fc2=linear_name(mlp, m, "fc2"),
                 attention="fused" if _is_timm_attention(attn) else "",
             )
         )
@@ -206,21 +206,21 @@ def _timm_vit(model: nn.Module) -> ArchSpec:
         kind="vit",
         blocks=tuple(b.block for b in parts),
         parts=tuple(parts),
-        head=_module_name(model, model.get_classifier()),
-        post_blocks=_present(model, ("norm", "fc_norm")),
-        stem=_present(model, ("patch_embed", "norm_pre")),
+        head=module_name(model, model.get_classifier()),
+        post_blocks=present(model, ("norm", "fc_norm")),
+        stem=present(model, ("patch_embed", "norm_pre")),
         embed_dim=int(model.embed_dim),
         num_prefix_tokens=int(model.num_prefix_tokens),
         patch_size=(int(ps[0]), int(ps[1])),
-        image_size=_pair(getattr(model.patch_embed, "img_size", None)) or _cfg_input_size(model),
-        final_norm=_child(model, "", "norm")[1].lstrip(".")
+        image_size=pair(getattr(model.patch_embed, "img_size", None)) or cfg_input_size(model),
+        final_norm=child_of(model, "", "norm")[1].lstrip(".")
         if isinstance(getattr(model, "norm", None), nn.Module)
         else "",
-        attention=_common_attention(parts),
+        attention=common_attention(parts),
     )
 
 
-def _common_attention(parts) -> str:
+def common_attention(parts) -> str:
     kinds = {p.attention for p in parts}
     return kinds.pop() if len(kinds) == 1 else ""
 
@@ -228,7 +228,7 @@ def _common_attention(parts) -> str:
 def _is_timm_attention(attn: nn.Module | None) -> bool:
     from timm.models.vision_transformer import Attention
 
-    return isinstance(attn, Attention) and isinstance(_unwrap(getattr(attn, "qkv", None), "")[0], nn.Linear)
+    return isinstance(attn, Attention) and isinstance(unwrap(getattr(attn, "qkv", None), "")[0], nn.Linear)
 
 
 # ---- timm EfficientNet / MobileNet-style CNNs ------------------------------------------------
@@ -247,11 +247,11 @@ def _timm_efficientnet(model: nn.Module) -> ArchSpec:
         arch="timm_efficientnet",
         kind="cnn",
         blocks=blocks,
-        head=_module_name(model, model.get_classifier()),
-        post_blocks=_present(model, ("conv_head", "bn2")),
-        stem=_present(model, ("conv_stem", "bn1")),
+        head=module_name(model, model.get_classifier()),
+        post_blocks=present(model, ("conv_head", "bn2")),
+        stem=present(model, ("conv_stem", "bn1")),
         embed_dim=int(model.num_features),
-        image_size=_cfg_input_size(model),
+        image_size=cfg_input_size(model),
     )
 
 
@@ -272,9 +272,9 @@ def _timm_convnext(model: nn.Module) -> ArchSpec:
         arch="timm_convnext",
         kind="cnn",
         blocks=blocks,
-        head=_module_name(model, model.get_classifier()),
-        post_blocks=_present(model, ("norm_pre", "head.norm")),
-        stem=_present(model, ("stem",)),
+        head=module_name(model, model.get_classifier()),
+        post_blocks=present(model, ("norm_pre", "head.norm")),
+        stem=present(model, ("stem",)),
         embed_dim=int(model.num_features),
-        image_size=_cfg_input_size(model),
+        image_size=cfg_input_size(model),
     )

@@ -14,14 +14,14 @@ from torch import nn
 from .spec import (
     ArchSpec,
     BlockParts,
-    _cfg_input_size,
-    _child,
-    _linear,
-    _module_name,
-    _pair,
-    _present,
-    _unwrap,
+    cfg_input_size,
+    child_of,
+    linear_name,
+    module_name,
+    pair,
+    present,
     register_arch,
+    unwrap,
 )
 
 __all__: list[str] = []
@@ -36,18 +36,18 @@ def _is_timm_swin(model: nn.Module) -> bool:
 
 
 def _block_parts(outer: nn.Module, name: str) -> BlockParts:
-    blk, p = _unwrap(outer, name)
-    (attn, a), (mlp, m) = _child(blk, p, "attn"), _child(blk, p, "mlp")
+    blk, p = unwrap(outer, name)
+    (attn, a), (mlp, m) = child_of(blk, p, "attn"), child_of(blk, p, "mlp")
     return BlockParts(
         block=name,
-        norm1=_child(blk, p, "norm1")[1],
+        norm1=child_of(blk, p, "norm1")[1],
         attn=a,
-        qkv=_linear(attn, a, "qkv"),
-        proj=_linear(attn, a, "proj"),
-        norm2=_child(blk, p, "norm2")[1],
+        qkv=linear_name(attn, a, "qkv"),
+        proj=linear_name(attn, a, "proj"),
+        norm2=child_of(blk, p, "norm2")[1],
         mlp=m,
-        fc1=_linear(mlp, m, "fc1"),
-        fc2=_linear(mlp, m, "fc2"),
+        fc1=linear_name(mlp, m, "fc1"),
+        fc2=linear_name(mlp, m, "fc2"),
     )
 
 
@@ -64,11 +64,11 @@ def _timm_swin(model: nn.Module) -> ArchSpec:
         kind="swin",
         blocks=tuple(p.block for p in parts),
         parts=parts,
-        head=_module_name(model, model.get_classifier()),
-        post_blocks=_present(model, ("norm",)),
-        stem=_present(model, ("patch_embed",)),
+        head=module_name(model, model.get_classifier()),
+        post_blocks=present(model, ("norm",)),
+        stem=present(model, ("patch_embed",)),
         embed_dim=int(model.num_features),
         num_prefix_tokens=0,
         patch_size=(int(ps[0]), int(ps[1])),
-        image_size=_pair(getattr(model.patch_embed, "img_size", None)) or _cfg_input_size(model),
+        image_size=pair(getattr(model.patch_embed, "img_size", None)) or cfg_input_size(model),
     )

@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vpeft.bench.deadlines import Deadlines, timed_out_record
 from vpeft.bench.definition import RunSpec
 from vpeft.bench.records import environment, read_record, run_dir, write_record
-from vpeft.bench.runner import Deadlines, _timed_out
 from vpeft.errors import ConfigError
 
 __all__ = ["run_ray"]
@@ -151,7 +151,7 @@ def run_ray(
                 ray.cancel(ref, force=True)
                 pending.remove(ref)
                 rdir = run_dir(out, spec.method_label, spec.task, spec.seed)
-                finished(ref, _timed_out(spec, rdir, elapsed, run_timeout_s, timeout_source))
+                finished(ref, timed_out_record(spec, rdir, elapsed, run_timeout_s, timeout_source))
         return records
     finally:
         if started is not None and not started_here:

@@ -225,7 +225,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_count": _cpu_count(),
+        "cpu_count": cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "git": git_commit(),
@@ -235,7 +235,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

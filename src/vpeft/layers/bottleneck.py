@@ -12,7 +12,7 @@ from .base import Wrapper, input_of, map_output
 
 __all__ = ["Bottleneck", "SequentialAdapter", "ParallelAdapter"]
 
-_ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
 class Bottleneck(nn.Module):
@@ -30,7 +30,7 @@ class Bottleneck(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.down = nn.Linear(dim, hidden, **kw)
-        self.act = _ACTS[act]()
+        self.act = ACTIVATIONS[act]()
         self.up = nn.Linear(hidden, dim, **kw)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)

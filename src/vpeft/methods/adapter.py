@@ -16,7 +16,7 @@ from torch import nn
 from ..arch import ArchSpec, Target
 from ..config import MethodConfig, check_choice, check_float, check_int
 from ..layers import SequentialAdapter
-from ..layers.bottleneck import _ACTS
+from ..layers.bottleneck import ACTIVATIONS
 from ..registry import register_method
 from .base import ADDITION, Method
 
@@ -41,7 +41,7 @@ class AdapterConfig(MethodConfig):
     def validate(self) -> None:
         check_int(self, "bottleneck", 1)
         check_choice(self, "placement", ("pfeiffer", "houlsby"))
-        check_choice(self, "act", tuple(_ACTS))
+        check_choice(self, "act", tuple(ACTIVATIONS))
         check_float(self, "scale", 0.0, low_open=True)
 
 
