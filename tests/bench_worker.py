@@ -73,3 +73,26 @@ def sleep_with_child(spec: dict, out_dir: str, threads: int, verbose: bool) -> N
     tmp.write_text(json.dumps([os.getpid(), child.pid]))
     os.replace(tmp, Path(out_dir, "pids.json"))
     time.sleep(600)
+
+
+def stall_after_checkpoint(spec: dict, out_dir: str, threads: int, verbose: bool) -> None:
+    """vpeft's own worker, which stalls for good right after writing the checkpoint of epoch ``$STALL_AT_EPOCH``
+    (touching ``$STALL_MARKER``), so that a test can kill the driver at a known point of a real training."""
+    import time
+    from pathlib import Path
+
+    import vpeft.train.checkpoint as ckpt
+    import vpeft.train.engine as engine
+    from vpeft.bench.runner import _worker_main
+
+    stall = int(os.environ.get("STALL_AT_EPOCH", "0"))
+    real = ckpt.write_checkpoint
+
+    def write_then_stall(path, payload):
+        real(path, payload)
+        if payload["epoch"] == stall:
+            Path(os.environ["STALL_MARKER"]).touch()
+            time.sleep(600)
+
+    engine.ckpt.write_checkpoint = write_then_stall
+    _worker_main(spec, out_dir, threads, verbose)

@@ -193,3 +193,58 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(child, tmp_pa
     assert _spawn(script, out, "--resume").wait(timeout=600) == 0
     assert not list(out.glob(f".{CHECKPOINT_NAME}.*.tmp"))  # stale temporary files are cleaned up
     _same_run(ref, out)
+
+
+# ---- vpeft bench: the driver killed during a run's final training, then the bench re-run --------------------------
+BENCH_DRIVER = textwrap.dedent(
+    """
+    import io, json, sys
+    sys.path[:0] = [{src!r}, {tests!r}]
+    from vpeft.bench import parse_definition
+    from vpeft.bench.runner import Progress, _run_pool
+    from bench_worker import stall_after_checkpoint
+    if __name__ == "__main__":  # workers are spawned
+        d = parse_definition(json.loads({definition!r}))
+        _run_pool(d.runs(), sys.argv[1], 1, 1, Progress(1, 1, io.StringIO()), False, target=stall_after_checkpoint)
+    """
+)
+
+
+@pytest.mark.slow
+def test_bench_driver_killed_mid_training_then_rerun_gives_the_same_record(tmp_path):
+    from vpeft.bench import parse_definition, run_bench
+
+    ensure_digits_task(tmp_path / "data")
+    definition = {
+        "name": "resume", "backbone": "test_vit", "img_size": 32, "pretrained": False, "seeds": [0],
+        "data_root": str(tmp_path / "data"),
+        "train": {"epochs": 4, "batch_size": 50, "warmup_epochs": 1, "lr": 2e-3},
+        "latency": {"batch_size": 1, "warmup": 0, "repeats": 1},
+        "tasks": [{"name": "digits", "group": "natural"}],
+        "methods": [{"name": "lora"}],
+    }  # fmt: skip
+    ref = run_bench(parse_definition(definition), tmp_path / "ref", workers=0, progress=False)
+    assert ref.ok == 1
+    out, marker = tmp_path / "out", tmp_path / "stalled"
+    script = tmp_path / "driver.py"
+    script.write_text(
+        BENCH_DRIVER.format(src=str(SRC), tests=str(Path(__file__).parent), definition=json.dumps(definition))
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_AT_EPOCH": "2", "STALL_MARKER": str(marker)}
+    driver = subprocess.Popen([sys.executable, str(script), str(out)], env=env)
+    _wait_for(marker.exists, driver)
+    driver.send_signal(signal.SIGKILL)  # the worker's watchdog takes the worker down with it
+    driver.wait()
+    run_dir = out / "runs" / "lora" / "digits" / "seed0"
+    assert torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["epoch"] == 2
+    assert not (run_dir / "record.json").exists()
+    again = run_bench(parse_definition(definition), out, workers=0, progress=False)
+    assert again.ok == 1
+    a = json.loads((tmp_path / "ref" / "runs" / "lora" / "digits" / "seed0" / "record.json").read_text())
+    b = json.loads((run_dir / "record.json").read_text())
+    assert a["top1"] == b["top1"] and a["test_loss"] == b["test_loss"] and a["test_n"] == b["test_n"]
+    ta, tb = (
+        load_file(tmp_path / "ref" / "runs" / "lora" / "digits" / "seed0" / "delta.safetensors"),
+        load_file(run_dir / "delta.safetensors"),
+    )
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -30,6 +30,7 @@ import torch
 
 from vpeft.bench.definition import RunSpec
 from vpeft.bench.records import environment, write_record
+from vpeft.errors import VpeftError
 
 __all__ = ["PeakMemory", "ensure_task", "execute_run", "measure_latency", "run_and_record"]
 
@@ -223,6 +224,20 @@ def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str,
     }
 
 
+def _drop_stale_checkpoint(out_dir: Path, train_cfg) -> None:
+    """Remove a training checkpoint written under another recipe (an edited definition): it cannot be resumed."""
+    from vpeft.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+
+    path = out_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        return
+    try:
+        read_checkpoint(path, train_cfg.to_dict())
+    except VpeftError as exc:
+        logger.warning("%s: not resuming (%s); training from scratch", path, exc)
+        path.unlink(missing_ok=True)
+
+
 def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Run the protocol for one (method, task, seed); return the metrics part of its record.
 
@@ -236,8 +251,11 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     chosen = selection["chosen"] if selection else {"train": {}, "method": {}}
     set_seed(spec.seed)
     kwargs = _finetune_kwargs(spec, chosen)
-    with PeakMemory(spec.device) as mem:
-        run = finetune(**kwargs, train_split=spec.splits["trainval"], eval_split=spec.splits["test"], out_dir=out_dir)
+    _drop_stale_checkpoint(Path(out_dir), kwargs["train_cfg"])
+    with PeakMemory(spec.device) as mem:  # a run killed during its final training continues from its checkpoint
+        run = finetune(
+            **kwargs, train_split=spec.splits["trainval"], eval_split=spec.splits["test"], out_dir=out_dir, resume=True
+        )
     final = run.to_dict()
     latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["num_classes"], final["img_size"])
     return {
