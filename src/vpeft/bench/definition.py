@@ -50,8 +50,8 @@ __all__ = [
     "parse_definition",
 ]
 
-GROUPS: tuple[str, ...] = ("natural", "specialized", "structured", "fgvc", "other")
-"""Task groups: the three VTAB-1k groups, the FGVC suite, and anything else."""
+GROUPS: tuple[str, ...] = ("natural", "specialized", "structured", "fgvc", "dense", "vision-language", "other")
+"""Task groups: the three VTAB-1k groups, the FGVC suite, dense prediction, vision-language, and anything else."""
 
 GENERATORS: tuple[str, ...] = ("digits", "dsprites_loc", "dsprites_ori")
 """Tasks vpeft can produce offline (``generate:``), written under the definition's ``generated_root``."""
@@ -125,6 +125,9 @@ class TaskSpec:
         root: Folder holding the task folder; ``None`` uses the definition's ``data_root``.
         generate: One of :data:`GENERATORS` to produce the task offline under ``generated_root``.
         splits: The protocol split names in this folder.
+        kind: The task type (``vpeft.tasks.task_kinds()``); ``None``: detected from the folder's files.
+        options: Task options (e.g. ``{decoder: fpn}`` for segmentation); a method entry's ``task_options``
+            override them.
     """
 
     name: str
@@ -132,10 +135,13 @@ class TaskSpec:
     root: str | None = None
     generate: str | None = None
     splits: SplitNames = field(default_factory=SplitNames)
+    kind: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, data: Any, where: str, base: Path) -> TaskSpec:
-        data = _check_keys(data, where, ("name", "group", "root", "generate", "splits"), ("name", "group"))
+        keys = ("name", "group", "root", "generate", "splits", "kind", "options")
+        data = _check_keys(data, where, keys, ("name", "group"))
         name = _check_name(data["name"], f"{where}.name")
         group = data["group"]
         if group not in GROUPS:
@@ -150,7 +156,15 @@ class TaskSpec:
             if not isinstance(root, str) or not root:
                 raise _err(f"{where}.root", f"expected a folder path, got {root!r}")
             root = str((base / os.path.expanduser(root)).resolve())
-        return cls(name, group, root, gen, SplitNames.parse(data.get("splits"), f"{where}.splits"))
+        kind = data.get("kind")
+        if kind is not None:
+            from vpeft.tasks import task_kinds
+
+            if kind not in task_kinds():
+                raise _err(f"{where}.kind", suggest(str(kind), task_kinds(), "task kind"))
+        options = _check_mapping(data.get("options") or {}, f"{where}.options")
+        splits = SplitNames.parse(data.get("splits"), f"{where}.splits")
+        return cls(name, group, root, gen, splits, kind, options)
 
 
 @dataclass(frozen=True)
@@ -164,6 +178,7 @@ class MethodSpec:
         train: Overrides of the definition's training recipe for this method (e.g. ``{lr: 1.0e-3}``).
         grid: Candidate values per key, chosen on the validation split; a key is a training-recipe field or a
             method setting (prefix ``train.`` / ``method.`` when a name is both). Empty: no selection.
+        task_options: Task options for this method's runs, over the task's (e.g. ``{decoder: fpn}``).
     """
 
     name: str
@@ -171,6 +186,7 @@ class MethodSpec:
     settings: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
 
     def candidates(self) -> list[dict[str, dict[str, Any]]]:
         """The grid's settings in order: ``[{"train": {...}, "method": {...}}, ...]`` (``[]`` without a grid)."""
@@ -282,6 +298,8 @@ class RunSpec:
     splits: dict[str, str]
     seed: int
     latency: dict[str, int]
+    task_kind: str | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, d: BenchDefinition, m: MethodSpec, t: TaskSpec, seed: int) -> RunSpec:
@@ -305,6 +323,8 @@ class RunSpec:
             splits=dataclasses.asdict(t.splits),
             seed=seed,
             latency=dataclasses.asdict(d.latency),
+            task_kind=t.kind,
+            task_options={**t.options, **m.task_options},
         )
 
     @property
@@ -321,6 +341,9 @@ class RunSpec:
         d = self.to_dict()
         for k in ("data_root", "device"):
             d.pop(k)
+        for k in ("task_kind", "task_options"):  # absent when default, so classification fingerprints stay as they were
+            if not d[k]:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -505,7 +528,7 @@ def _parse_method(data: Any, where: str, base_train: Mapping[str, Any]) -> Metho
 
     if isinstance(data, str):
         data = {"name": data}
-    data = _check_keys(data, where, ("name", "label", "settings", "train", "grid"), ("name",))
+    data = _check_keys(data, where, ("name", "label", "settings", "train", "grid", "task_options"), ("name",))
     name = data["name"]
     if not isinstance(name, str):
         raise _err(f"{where}.name", f"expected a method name, got {name!r}")
@@ -519,7 +542,8 @@ def _parse_method(data: Any, where: str, base_train: Mapping[str, Any]) -> Metho
     train = _check_mapping(data.get("train"), f"{where}.train")
     _train_config(TrainConfig, {**base_train, **train}, f"{where}.train")
     grid = _parse_grid(data.get("grid"), f"{where}.grid", TrainConfig, cfg_cls)
-    spec = MethodSpec(name, label, settings, train, grid)
+    task_options = _check_mapping(data.get("task_options") or {}, f"{where}.task_options")
+    spec = MethodSpec(name, label, settings, train, grid, task_options)
     for i, cand in enumerate(spec.candidates()):  # every grid point must be a valid configuration
         _train_config(TrainConfig, {**base_train, **train, **cand["train"]}, f"{where}.grid (setting {i}: {cand})")
         _method_config(name, {**settings, **cand["method"]}, f"{where}.grid (setting {i}: {cand})")

@@ -196,6 +196,8 @@ def _finetune_kwargs(spec: RunSpec, cand: Mapping[str, Mapping[str, Any]]) -> di
         "pretrained": spec.pretrained,
         "device": spec.device,
         "progress": False,
+        "task_kind": spec.task_kind,
+        "task_options": spec.task_options or None,
     }
 
 
@@ -220,7 +222,7 @@ def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str,
         "results": results,
         "chosen": candidates[best],
         "chosen_index": best,
-        "rule": "highest val top-1; ties go to the first setting in grid order",
+        "rule": "highest val score (the task's primary metric); ties go to the first setting in grid order",
     }
 
 
@@ -259,7 +261,12 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     final = run.to_dict()
     latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["num_classes"], final["img_size"])
     return {
-        "top1": run.score,
+        "top1": run.score,  # the primary metric (kept under its historical name; "score" and "primary_metric" too)
+        "score": run.score,
+        "primary_metric": run.primary_metric,
+        "task_kind": run.task_spec.get("kind"),
+        "test_metrics": {k: v for k, v in run.metrics.items() if k not in ("loss", "n")},
+        "decoder_params": run.decoder_params,
         "test_n": run.eval_n,
         "test_loss": final["eval_loss"],
         "trainable_params": final["trainable_params"],

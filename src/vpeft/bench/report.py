@@ -1,6 +1,7 @@
 """The leaderboard of a results folder: Markdown, and a self-contained HTML page with sortable tables and plots.
 
-Accuracy is the test top-1 of the final run of each (method, task, seed). Per task: mean +- std over seeds.
+The score is the test primary metric of each task (top-1 for classification, mIoU for segmentation) of the final
+run of each (method, task, seed). Per task: mean +- std over seeds.
 Aggregates (group means, the mean over tasks and the mean of the group means) are computed per seed over the
 seeds that finished every task, then given as mean +- std over those seeds; a method missing a task for every
 seed gets no aggregate (shown as ``-``), never a mean over a subset of tasks.
@@ -116,8 +117,43 @@ def build_leaderboard(records: Sequence[Mapping[str, Any]], definition: Mapping[
         meta["env"] = {k: env.get(k) for k in ("vpeft", "torch", "timm", "device", "gpu", "cpu_count")}
         commits = {_commit((r.get("env") or {}).get("git") or {}) for r in ok}
         meta["env"]["commits"] = sorted(commits)
+    meta["metric"] = metric_name(ok)
+    meta["per_class"] = _per_class(ok, tasks, methods)
     title = f"vpeft leaderboard: {meta.get('name') or 'results'}"
     return Leaderboard(title, tasks, groups, rows, failures, meta)
+
+
+def _per_class(ok: Sequence[Mapping[str, Any]], tasks, methods) -> dict[str, dict[str, Any]]:
+    """Per task with per-class scores (segmentation IoU): ``{task: {"classes": [...], "rows": {method: [mean]}}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for task, _ in tasks:
+        recs = [r for r in ok if r["task"] == task and (r.get("test_metrics") or {}).get("per_class_iou")]
+        if not recs:
+            continue
+        n = len(recs[0]["test_metrics"]["per_class_iou"])
+        classes = recs[0].get("class_names") or [f"class {i}" for i in range(n)]
+        rows = {}
+        for label, _ in methods:
+            per = [r["test_metrics"]["per_class_iou"] for r in recs if r["method"] == label]
+            if per:
+                rows[label] = [_mean([p[i] for p in per]) for i in range(n)]
+        out[task] = {"classes": list(classes), "rows": rows}
+    return out
+
+
+def _score(record: Mapping[str, Any]) -> float:
+    """A record's test score: its task's primary metric (top-1 for classification, mIoU for segmentation ...)."""
+    return record["score"] if "score" in record else record["top1"]
+
+
+METRIC_NAMES = {"top1": "top-1", "miou": "mIoU"}
+
+
+def metric_name(records: Sequence[Mapping[str, Any]]) -> str:
+    """The display name of the records' primary metric (``"top-1 / mIoU"`` for a mix)."""
+    keys = [r.get("primary_metric", "top1") for r in records]
+    names = dict.fromkeys(METRIC_NAMES.get(k, k) for k in keys)
+    return " / ".join(names) or "top-1"
 
 
 def _method_row(label: str, name: str, recs: Sequence[Mapping[str, Any]], tasks, groups) -> MethodRow:
@@ -125,15 +161,15 @@ def _method_row(label: str, name: str, recs: Sequence[Mapping[str, Any]], tasks,
     by_task_seed = {(r["task"], r["seed"]): r for r in recs}
     seeds = sorted({r["seed"] for r in recs})
     for task, _ in tasks:
-        row.cells[task] = Stat([by_task_seed[(task, s)]["top1"] for s in seeds if (task, s) in by_task_seed])
+        row.cells[task] = Stat([_score(by_task_seed[(task, s)]) for s in seeds if (task, s) in by_task_seed])
     row.complete_seeds = [s for s in seeds if all((t, s) in by_task_seed for t, _ in tasks)]
     per_group: dict[str, list[float]] = {g: [] for g in groups}
     means, group_means = [], []
     for s in row.complete_seeds:
-        gm = {g: statistics.fmean(by_task_seed[(t, s)]["top1"] for t, tg in tasks if tg == g) for g in groups}
+        gm = {g: statistics.fmean(_score(by_task_seed[(t, s)]) for t, tg in tasks if tg == g) for g in groups}
         for g, v in gm.items():
             per_group[g].append(v)
-        means.append(statistics.fmean(by_task_seed[(t, s)]["top1"] for t, _ in tasks))
+        means.append(statistics.fmean(_score(by_task_seed[(t, s)]) for t, _ in tasks))
         group_means.append(statistics.fmean(gm.values()))
     row.groups = {g: Stat(v) for g, v in per_group.items()}
     row.mean_tasks, row.mean_groups = Stat(means), Stat(group_means)
@@ -141,6 +177,7 @@ def _method_row(label: str, name: str, recs: Sequence[Mapping[str, Any]], tasks,
     row.cost = {
         "trainable_params": _mean([r["trainable_params"] for r in recs]),
         "method_params": _mean([r["method_params"] for r in recs]),
+        "decoder_params": _mean([r.get("decoder_params") or 0 for r in recs]),
         "total_params": _mean([r["total_params"] for r in recs]),
         "delta_bytes": _mean([r.get("delta_bytes") for r in recs]),
         "peak_train_mem_bytes": _mean([r.get("peak_train_mem_bytes") for r in recs]),
@@ -178,9 +215,11 @@ def _accuracy_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[t
 
 
 def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
-    head = [
-        ("method", "method"),
-        ("trainable", "trainable params"),
+    decoders = any(r.cost.get("decoder_params") for r in lb.rows)
+    head = [("method", "method"), ("trainable", "trainable params")]
+    if decoders:
+        head += [("method_p", "method params"), ("decoder_p", "decoder params")]
+    head += [
         ("pct", "% of model"),
         ("delta", "delta (KiB)"),
         ("mem", "peak train mem (MiB)"),
@@ -193,10 +232,13 @@ def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple
     for r in lb.rows:
         c = r.cost
         pct = 100 * c["trainable_params"] / c["total_params"] if c["total_params"] else None
+        split = [(_num(c["method_params"], ",.0f"), c["method_params"])]
+        split.append((_num(c["decoder_params"], ",.0f"), c["decoder_params"]))
         rows.append(
             [
                 (r.label, r.label),
                 (_num(c["trainable_params"], ",.0f"), c["trainable_params"]),
+                *(split if decoders else []),
                 (_num(pct, ".3f"), pct),
                 (_num(c["delta_bytes"], ",.1f", 1 / 1024), c["delta_bytes"]),
                 (_num(c["peak_train_mem_bytes"], ",.0f", 1 / 2**20), c["peak_train_mem_bytes"]),
@@ -247,10 +289,20 @@ def _describe(lb: Leaderboard) -> str:
 
 
 _PROTOCOL = (
-    "Test top-1 (%) of the final run (trained on train800val200 with the setting chosen on val200, test read once), "
-    "mean ± std over seeds. Group means, the mean over tasks and the mean of group means are computed per seed over "
-    "the seeds that finished every task. params: trainable parameters incl. the head, mean over tasks."
+    "Test {metric} (%) of the final run (trained on train+val -- VTAB-1k: train800val200 -- with the setting chosen "
+    "on val, test read once), mean ± std over seeds. Group means, the mean over tasks and the mean of group means "
+    "are computed per seed over the seeds that finished every task. params: trainable parameters incl. the head "
+    "or decoder, mean over tasks."
 )
+
+
+def _per_class_md(lb: Leaderboard) -> list[str]:
+    out = []
+    for task, table in (lb.meta.get("per_class") or {}).items():
+        head = [("method", "method")] + [(f"c{i}", c) for i, c in enumerate(table["classes"])]
+        rows = [[(m, m)] + [(_num(v, ".1f", 100), v) for v in vals] for m, vals in table["rows"].items()]
+        out += [f"## Per-class IoU (%) on {task}", "", _md_table(head, rows), ""]
+    return out
 
 
 def render_markdown(lb: Leaderboard) -> str:
@@ -258,8 +310,9 @@ def render_markdown(lb: Leaderboard) -> str:
     out = [f"# {lb.title}", ""]
     if _describe(lb):
         out += [_describe(lb), ""]
-    out += [_PROTOCOL, "", _md_table(*_accuracy_table(lb)), "", f"## {_cost_title(lb)}", ""]
-    out += [_md_table(*_cost_table(lb)), ""]
+    out += [_PROTOCOL.format(metric=lb.meta.get("metric", "top-1")), "", _md_table(*_accuracy_table(lb)), ""]
+    out += [f"## {_cost_title(lb)}", "", _md_table(*_cost_table(lb)), ""]
+    out += _per_class_md(lb)
     if lb.failures:
         out += [f"## Failed runs ({len(lb.failures)})", ""]
         out += [f"- `{f.get('run_id')}`: {f.get('error')}" for f in lb.failures]
@@ -269,7 +322,7 @@ def render_markdown(lb: Leaderboard) -> str:
 
 # ---- plots ---------------------------------------------------------------------------------------------------
 def _plot_png(lb: Leaderboard, x_key: str, xlabel: str, title: str) -> str | None:
-    """A scatter of mean-over-tasks top-1 against ``cost[x_key]`` (log x), as base64 PNG; None without data."""
+    """A scatter of the mean-over-tasks score against ``cost[x_key]`` (log x), as base64 PNG; None without data."""
     pts = [
         (r.cost[x_key], 100 * r.mean_tasks.mean, 100 * (r.mean_tasks.std or 0.0), r.label)
         for r in lb.rows
@@ -290,7 +343,7 @@ def _plot_png(lb: Leaderboard, x_key: str, xlabel: str, title: str) -> str | Non
         ax.set_xscale("log")
         ax.margins(x=0.2, y=0.15)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("mean top-1 over tasks (%)")
+        ax.set_ylabel(f"mean {lb.meta.get('metric', 'top-1')} over tasks (%)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         buf = io.BytesIO()
@@ -366,19 +419,30 @@ def _html_table(head, rows, table_id: str) -> str:
     )
 
 
+def _per_class_html(lb: Leaderboard) -> list[str]:
+    out = []
+    for i, (task, table) in enumerate((lb.meta.get("per_class") or {}).items()):
+        head = [("method", "method")] + [(f"c{j}", c) for j, c in enumerate(table["classes"])]
+        rows = [[(m, m)] + [(_num(v, ".1f", 100), v) for v in vals] for m, vals in table["rows"].items()]
+        out += [f"<h2>Per-class IoU (%) on {html.escape(task)}</h2>", _html_table(head, rows, f"per-class-{i}")]
+    return out
+
+
 def render_html(lb: Leaderboard) -> str:
     """A self-contained HTML page (inline CSS, JS and PNG plots; no external resources)."""
     e = html.escape
+    protocol = _PROTOCOL.format(metric=lb.meta.get("metric", "top-1"))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{e(lb.title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(lb.title)}</h1>",
         f'<p class="note">{e(_describe(lb).replace("`", ""))}</p>' if _describe(lb) else "",
-        f'<p class="note">{e(_PROTOCOL)} Click a column header to sort.</p>',
+        f'<p class="note">{e(protocol)} Click a column header to sort.</p>',
         _html_table(*_accuracy_table(lb), "accuracy"),
         f"<h2>{e(_cost_title(lb))}</h2>",
         _html_table(*_cost_table(lb), "cost"),
+        *_per_class_html(lb),
         "<h2>Plots</h2>",
     ]
     for pid, caption, png in _plots(lb):
