@@ -40,7 +40,8 @@ def default_width(in_channels: Sequence[int]) -> int:
 
 
 def _groups(channels: int, most: int = 32) -> int:
-    return max(g for g in range(1, min(most, channels) + 1) if channels % g == 0)
+    """GroupNorm groups: the most (<= 32) that keep >= 4 channels per group (a 1x1 map still normalises)."""
+    return max(g for g in range(1, max(1, min(most, channels // 4)) + 1) if channels % g == 0)
 
 
 class ChannelNorm(nn.Module):
