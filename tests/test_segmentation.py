@@ -165,8 +165,8 @@ def test_task_dict_round_trip_and_compatibility():
     assert data["kind"] == "segmentation" and data["num_classes"] == 11
     back = task_from_dict(data)
     assert isinstance(back, SegmentationTask) and back.to_dict() == task.to_dict()
-    assert back.levels == (1, 3) and back.options == {"width": 32, "dropout": 0.0}
-    assert task.backbone_classes(11) == 0 and task.primary_metric == "miou"
+    assert back.levels == (1, 3) and back.options == {"width": 32, "dropout": 0.0} and back.size is None
+    assert task.backbone_classes() == 0 and task.primary_metric == "miou"
     task.check_compatible(data, "delta.safetensors")
     with pytest.raises(ConfigError, match="num_classes=11 .this model: 5"):
         SegmentationTask(5, decoder="fpn", levels=(1, 3), width=32, dropout=0.0).check_compatible(data, "d")
@@ -205,6 +205,21 @@ def test_dense_levels_of_every_tiny_backbone(bb):
         assert strides == sorted(strides) and len(set(strides)) == len(strides)
     for name in feats.candidates:  # the temporary hooks are gone
         assert not model.get_submodule(name)._forward_hooks
+
+
+@pytest.mark.parametrize("bb,norm", [("vit_avg", "fc_norm"), ("cnn_convnext", "head.norm"), ("vit_cls", None)])
+def test_final_norms_of_the_head_are_applied_per_location(bb, norm):
+    model, size = _headless(bb)
+    feats = DenseFeatures(model)
+    assert feats.head_norms == ((norm,) if norm else ())
+    x = _images(size)
+    (final,) = feats(model, x)
+    with torch.no_grad():
+        raw = model.forward_features(x)
+        ref = model.get_submodule(norm)(raw) if norm else raw
+    if feats.kind == "vit":
+        ref = ref[:, model.num_prefix_tokens :].transpose(1, 2).reshape(final.shape)
+    torch.testing.assert_close(final, ref, rtol=0, atol=0)
 
 
 def test_default_levels():
@@ -521,3 +536,176 @@ def test_save_overlay_blends_classes_and_keeps_void_transparent(tmp_path):
     assert len(set(default_palette(11))) == 11
     with pytest.raises(ConfigError, match="alpha"):
         save_overlay(image, mask, tmp_path / "x.png", alpha=2.0)
+
+
+# ------------------------------------------------------------------------------ every method on a segmentation model
+SEG_BB = ("vit_cls", "cnn_effnet")
+_SUPPORT: dict[tuple[str, str], bool] = {}
+
+
+def _seg_model(bb: str, decoder: str = "linear") -> tuple[SegmentationModel, int]:
+    model, size = _headless(bb)
+    torch.manual_seed(5)
+    options = {"width": 16} if decoder == "fpn" else {}
+    return SegmentationTask(K, decoder=decoder, **options).build(model), size
+
+
+def _seg_supports(name: str, bb: str) -> bool:
+    if (name, bb) not in _SUPPORT:
+        try:
+            vpeft.apply(_seg_model(bb)[0], name)
+            _SUPPORT[name, bb] = True
+        except vpeft.UnsupportedBackboneError:
+            _SUPPORT[name, bb] = False
+    return _SUPPORT[name, bb]
+
+
+SEG_MATRIX = [
+    pytest.param(m, bb, id=f"{m}@{bb}") for m in vpeft.list_methods() for bb in SEG_BB if _seg_supports(m, bb)
+]
+SEG_REFUSED = [
+    pytest.param(m, bb, id=f"{m}@{bb}") for m in vpeft.list_methods() for bb in SEG_BB if not _seg_supports(m, bb)
+]
+
+
+def _randomise(model: torch.nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _adapted_seg(name: str, bb: str, decoder: str = "linear"):
+    seg, size = _seg_model(bb, decoder)
+    rep = vpeft.apply(seg, name)
+    return seg, rep, size
+
+
+def test_the_matrix_covers_both_backbones():
+    assert {bb for p in SEG_MATRIX for bb in p.values[1:]} == set(SEG_BB)
+    assert {p.values[0] for p in SEG_MATRIX} >= {"linear", "full", "lora", "bitfit", "ssf", "vpt_deep", "prefix"}
+
+
+@pytest.mark.parametrize("name,bb", SEG_MATRIX)
+def test_method_on_a_segmentation_model_trains_its_tensors_and_the_decoder(name, bb):
+    seg, rep, size = _adapted_seg(name, bb)
+    decoder = {f"decoder.{n}" for n, _ in seg.decoder.named_parameters()}
+    trainable = {n for n, p in seg.named_parameters() if p.requires_grad}
+    assert decoder <= trainable and rep.decoder == sum(p.numel() for p in seg.decoder.parameters())
+    if name != "linear":
+        assert trainable - decoder, f"{name} trains nothing in the backbone"
+    assert rep.method_params + rep.head + rep.decoder == rep.trainable
+    _randomise(seg)
+    frozen = {n: p.detach().clone() for n, p in seg.named_parameters() if not p.requires_grad}
+    buffers = {n: b.detach().clone() for n, b in seg.named_buffers() if not n.startswith("decoder.")}
+    opt = torch.optim.AdamW([p for p in seg.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    seg.train()
+    x, target = _images(size, n=4), _masks(size, n=4)
+    out = seg(x)
+    assert out.shape == (4, K, size, size)
+    seg.task.loss(out, target).backward()
+    for n, p in seg.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+            assert p.grad.abs().sum() > 0, f"{n} got a zero gradient"
+        else:
+            assert p.grad is None, f"frozen {n} holds a .grad"
+    opt.step()
+    for n, p in seg.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), f"frozen {n} changed"
+    if vpeft.get_method(name).freeze_norm_stats:
+        for n, b in seg.named_buffers():
+            if not n.startswith("decoder."):
+                assert torch.equal(b, buffers[n]), f"backbone buffer {n} changed"
+
+
+@pytest.mark.parametrize("name,bb", SEG_MATRIX)
+def test_segmentation_delta_round_trip_and_merge(name, bb, tmp_path):
+    from vpeft.api import read_delta
+
+    seg, _, size = _adapted_seg(name, bb)
+    _randomise(seg)
+    seg.train()
+    seg(_images(size, n=4))  # the decoder's BatchNorm statistics move away from their initial values
+    seg.eval()
+    x = _images(size)
+    with torch.no_grad():
+        expected = seg(x)
+    path = vpeft.save(seg, tmp_path / "delta.safetensors")
+    meta, tensors = read_delta(path)
+    assert json.loads(meta["task"]) == seg.task.to_dict()
+    decoder_state = {f"decoder.{n}" for n in seg.decoder.state_dict()}
+    assert decoder_state <= set(tensors), "decoder parameters and BatchNorm statistics are in the delta"
+    assert all(n.startswith(("backbone.", "decoder.")) for n in tensors)
+    fresh, _ = _seg_model(bb)
+    torch.manual_seed(123)  # another decoder initialisation: the delta must overwrite it
+    fresh = SegmentationTask(K, decoder="linear").build(fresh.backbone)
+    vpeft.load(fresh, path)
+    with torch.no_grad():
+        got = fresh.eval()(x)
+    assert torch.equal(got, expected)
+    if not vpeft.get_method(name).mergeable:
+        with pytest.raises(ConfigError, match="not mergeable"):
+            vpeft.merge(seg)
+        return
+    vpeft.merge(seg)
+    assert not any(isinstance(m, vpeft.layers.Wrapper) for m in seg.backbone.modules())
+    with torch.no_grad():
+        merged = seg(x)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    vpeft.unmerge(seg)
+    with torch.no_grad():
+        assert torch.equal(seg(x), expected)
+
+
+@pytest.mark.parametrize("name,bb", SEG_REFUSED)
+def test_methods_that_cannot_adapt_the_backbone_refuse(name, bb):
+    seg, _ = _seg_model(bb)
+    before = copy.deepcopy(seg.state_dict())
+    with pytest.raises(vpeft.UnsupportedBackboneError, match=name):
+        vpeft.apply(seg, name)
+    assert not vpeft.is_adapted(seg)
+    assert all(torch.equal(before[k], v) for k, v in seg.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["lora", "vpt_deep", "bitfit", "lst"])
+@pytest.mark.parametrize("bb", ["vit_reg_ls", "cnn_convnext", "swin"])
+def test_fpn_decoder_with_methods(name, bb):
+    if not _seg_supports(name, bb):
+        pytest.skip(f"{name} does not adapt {bb}")
+    seg, _, size = _adapted_seg(name, bb, decoder="fpn")
+    _randomise(seg)
+    seg.train()
+    out = seg(_images(size, n=3))
+    assert out.shape == (3, K, size, size)
+    seg.task.loss(out, _masks(size, n=3)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in seg.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------- finetune
+def test_finetune_detects_a_segmentation_folder_and_trains(tmp_path):
+    from vpeft.run import evaluate_delta, finetune
+    from vpeft.train import TrainConfig
+
+    _make_folder(tmp_path / "data" / "toy", n={"train": 4, "val": 2, "test": 2}, size=(32, 32))
+    run = finetune(
+        backbone="vit_tiny_patch16_224",
+        method="lora",
+        task="toy",
+        data_root=tmp_path / "data",
+        train_cfg=TrainConfig(epochs=1, batch_size=2, lr=1e-3, warmup_epochs=0.0),
+        img_size=32,
+        train_split="trainval",
+        eval_split="test",
+        out_dir=tmp_path / "run",
+        pretrained=False,
+        progress=False,
+        task_options={"decoder": "fpn", "width": 16},
+    )
+    assert run.primary_metric == "miou" and run.task_spec["kind"] == "segmentation"
+    assert run.task_spec["decoder"] == "fpn" and run.num_classes == 3 and run.decoder_params > 0
+    assert 0.0 <= run.metrics["miou"] <= 1.0 and run.metrics["n"] == 2 and len(run.metrics["iou"]) == 3
+    again = evaluate_delta(tmp_path / "run" / "delta.safetensors", data_root=tmp_path / "data", split="test")
+    assert again["miou"] == pytest.approx(run.metrics["miou"]) and again["primary_metric"] == "miou"

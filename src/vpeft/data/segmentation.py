@@ -302,6 +302,11 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def random_augmentation(self) -> bool:
+        """Whether items are random (training augmentation): features of such a split cannot be cached."""
+        return self.augment
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
         with Image.open(image_path) as im:

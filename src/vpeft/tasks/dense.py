@@ -18,8 +18,9 @@ them:
 
 The deepest candidate is not a hook on the last block but the backbone's own final features
 (``forward_features`` for timm, ``last_hidden_state`` for Hugging Face): they include the final norm (DINOv2's
-linear evaluation reads normalised tokens; EfficientNet's 1x1 head conv), the removal of VPT prompts after the
-last block, and the output of side networks that replace the final features (LST), so such methods feed the
+linear evaluation reads normalised tokens; EfficientNet's 1x1 head conv; a final norm the head applies after
+pooling -- timm ViT ``fc_norm``, ConvNeXt ``head.norm`` -- is applied per location), the removal of VPT prompts
+after the last block, and the output of side networks that replace the final features (LST), so such methods feed the
 decoder too. Earlier levels come from temporary forward hooks on the module *currently* at each block's
 qualified name, looked up at every forward (``get_submodule``), so the hooks see the wrappers methods put there
 (prompted blocks, adapters, side taps) and survive ``merge``.
@@ -121,7 +122,15 @@ class DenseFeatures:
         self.num_prefix_tokens = spec.num_prefix_tokens
         self.hf_tower = self._hf_tower(backbone, spec)
         size = probe_size or _probe_size(backbone, spec)
-        shapes, final = self._probe(backbone, list(spec.blocks), size)
+        norms = [n for n in spec.post_blocks if "norm" in type(backbone.get_submodule(n)).__name__.lower()]
+        self.head_norms: tuple[str, ...] = ()
+        shapes, final = self._probe(backbone, list(spec.blocks) + norms, size)
+        # final norms the features skip because the head applies them after pooling (timm ViT ``fc_norm``,
+        # ConvNeXt ``head.norm``): applied per location to the final features, as the final norm of the others
+        self.head_norms = tuple(n for n in norms if n not in shapes)  # (norms keep the shape: no new probe)
+        missing = [n for n in spec.blocks if n not in shapes]
+        if missing:
+            raise ConfigError(f"dense features: blocks {missing[:3]} did not run in the backbone's forward pass")
         if self.kind == "vit":
             candidates = list(spec.blocks)
         else:
@@ -193,6 +202,7 @@ class DenseFeatures:
     def _probe(
         self, backbone: nn.Module, names: list[str], size: tuple[int, int]
     ) -> tuple[dict[str, torch.Size], torch.Size]:
+        """Output shapes of the named modules that ran (blocks must) and of the final features, one zero image."""
         shapes: dict[str, torch.Size] = {}
         param = next(backbone.parameters())
         modes = {m: m.training for m in backbone.modules()}
@@ -205,9 +215,6 @@ class DenseFeatures:
         finally:
             for m, training in modes.items():
                 m.training = training
-        missing = [n for n in names if n not in shapes]
-        if missing:
-            raise ConfigError(f"dense features: blocks {missing[:3]} did not run in the backbone's forward pass")
         return shapes, final.shape
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -240,7 +247,10 @@ class DenseFeatures:
             return _first_tensor(tower(pixel_values=x, **kwargs))
         if not hasattr(backbone, "forward_features"):
             raise ConfigError(f"dense features need forward_features (timm); {type(backbone).__name__} has none")
-        return backbone.forward_features(x)
+        out = backbone.forward_features(x)
+        for name in self.head_norms:
+            out = backbone.get_submodule(name)(out)
+        return out
 
     def grid(self, size: Sequence[int]) -> tuple[int, int]:
         """The ViT patch grid ``(gh, gw)`` of an input of ``size`` ``(H, W)``; both must be multiples of the patch."""

@@ -21,11 +21,13 @@ the split; a class never seen nor predicted has no IoU and is left out, ``iou`` 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .base import Meter, Task, TaskModel, register_task
@@ -164,11 +166,21 @@ class SegmentationTask(Task):
         levels: feature levels the decoder reads (indices into :attr:`DenseFeatures.candidates`, i.e. ViT
             blocks or Swin / CNN stages; negative from the end); ``None``: the decoder's default
             (:func:`~vpeft.tasks.dense.default_levels`).
+        size: ``(H, W)`` the images are resized to (default: the backbone's input size, or the ``input_size``
+            the caller passes to :meth:`dataset`); non-square sizes need a ViT built for them or with
+            ``dynamic_img_size=True``.
+        augment: random rescale + crop + flip of the training split (off by default, as VTAB's protocol).
         options: decoder options (``dropout``; ``width`` for ``fpn``).
+
+    Task folders: see :mod:`vpeft.data.segmentation` (``train.txt`` of ``<image> <mask>`` lines + ``classes.txt``;
+    splits ``train``, ``val``, ``trainval``, ``test``).
     """
 
     kind: ClassVar[str] = "segmentation"
     primary_metric: ClassVar[str] = "miou"
+    detect_priority: ClassVar[int] = 10  # before classification's generic fallback (which takes any split folders)
+    #: settings that only change how data is prepared: a delta trained with other values still fits the model
+    DATA_OPTIONS: ClassVar[tuple[str, ...]] = ("size", "augment")
 
     def __init__(
         self,
@@ -176,6 +188,8 @@ class SegmentationTask(Task):
         decoder: str = "linear",
         ignore_index: int = 255,
         levels: Sequence[int] | None = None,
+        size: Sequence[int] | None = None,
+        augment: bool = False,
         **options: Any,
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -190,9 +204,43 @@ class SegmentationTask(Task):
             )
         self.num_classes, self.decoder, self.ignore_index = num_classes, decoder, ignore_index
         self.levels = None if levels is None else tuple(levels)
+        if size is not None and (
+            len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        ):
+            raise ConfigError(f"segmentation: size={size!r} must be an (height, width) pair of positive ints")
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.augment = bool(augment)
         self.options = dict(options)
 
-    def backbone_classes(self, num_classes: int) -> int:
+    # ---- data ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def matches_folder(cls, path: Path) -> bool:
+        from ..data.segmentation import is_segmentation_folder
+
+        return is_segmentation_folder(path)
+
+    @classmethod
+    def from_folder(cls, path: Path, **options: Any) -> SegmentationTask:
+        """The task of a segmentation folder: K from ``classes.txt``; ``options`` as the constructor's."""
+        from ..data.segmentation import SegmentationFolder
+
+        return cls(SegmentationFolder.from_dir(path).num_classes, **options)
+
+    def dataset(
+        self, path: Path, split: str, model: nn.Module, *, input_size: int | None = None, train: bool = False
+    ) -> Dataset:
+        """``split`` of the folder as ``(image, mask)`` pairs at :attr:`size` (else ``input_size``, else the
+        backbone's), normalised with the backbone's mean/std; augmented when training with ``augment=True``."""
+        from ..data.segmentation import load_segmentation_split
+
+        size = self.size if self.size is not None else input_size
+        return load_segmentation_split(path, split, model, size=size, augment=self.augment and train)
+
+    def describe(self) -> str:
+        return f"segmentation, {self.num_classes} classes, {self.decoder} decoder"
+
+    # ---- model, loss, metrics -----------------------------------------------------------------------------------
+    def backbone_classes(self) -> int:
         """0: the backbone is built without a classifier; the decoder predicts the classes."""
         return 0
 
@@ -217,6 +265,8 @@ class SegmentationTask(Task):
             "decoder": self.decoder,
             "ignore_index": self.ignore_index,
             "levels": None if self.levels is None else list(self.levels),
+            "size": None if self.size is None else list(self.size),
+            "augment": self.augment,
             **self.options,
         }
 
@@ -225,10 +275,12 @@ class SegmentationTask(Task):
         return cls(**{k: v for k, v in data.items() if k != "kind"})
 
     def check_compatible(self, other: Mapping[str, Any], where: str) -> None:
-        """A delta fits when it was trained for the same classes, decoder, levels and decoder options."""
+        """A delta fits when it was trained for the same classes, decoder, levels and decoder options (data
+        options -- ``size``, ``augment`` -- may differ)."""
         super().check_compatible(other, where)
         mine = self.to_dict()
-        diff = [k for k in sorted(set(mine) | set(other)) if k != "kind" and mine.get(k) != other.get(k)]
+        skip = ("kind", *self.DATA_OPTIONS)
+        diff = [k for k in sorted(set(mine) | set(other)) if k not in skip and mine.get(k) != other.get(k)]
         if diff:
             detail = ", ".join(f"{k}={other.get(k)!r} (this model: {mine.get(k)!r})" for k in diff)
             raise ConfigError(f"{where} was trained for another segmentation set-up: {detail}")
