@@ -538,6 +538,21 @@ def test_save_overlay_blends_classes_and_keeps_void_transparent(tmp_path):
         save_overlay(image, mask, tmp_path / "x.png", alpha=2.0)
 
 
+def test_prediction_overlays_of_a_dataset(tmp_path):
+    from torch.utils.data import Subset
+
+    from vpeft.tasks.segmentation import save_prediction_overlays
+
+    root = _make_folder(tmp_path / "toy")
+    model, size = _headless("vit_cls")
+    seg = SegmentationTask(3).build(model)
+    ds = load_segmentation_split(root, "train", seg)
+    paths = save_prediction_overlays(seg, Subset(ds, [2, 0]), tmp_path / "masks", batch_size=1)
+    assert [p.name for p in paths] == ["2.png", "0.png"] and all(p.is_file() for p in paths)
+    assert np.asarray(Image.open(paths[0])).shape == (size, size, 3)
+    assert len(save_prediction_overlays(seg, ds, tmp_path / "m2", limit=2)) == 2
+
+
 # ------------------------------------------------------------------------------ every method on a segmentation model
 SEG_BB = ("vit_cls", "cnn_effnet")
 _SUPPORT: dict[tuple[str, str], bool] = {}

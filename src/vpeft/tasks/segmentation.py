@@ -34,7 +34,14 @@ from .base import Meter, Task, TaskModel, register_task
 from .decoders import build_decoder, decoder_names
 from .dense import DenseFeatures, default_levels
 
-__all__ = ["SegmentationMeter", "SegmentationModel", "SegmentationTask", "resize_logits", "segmentation_metrics"]
+__all__ = [
+    "SegmentationMeter",
+    "SegmentationModel",
+    "SegmentationTask",
+    "resize_logits",
+    "save_prediction_overlays",
+    "segmentation_metrics",
+]
 
 
 def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -287,3 +294,57 @@ class SegmentationTask(Task):
 
     def __repr__(self) -> str:
         return f"SegmentationTask({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items() if k != 'kind')})"
+
+
+def save_prediction_overlays(
+    model: nn.Module,
+    dataset: Dataset,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    palette: Sequence[Sequence[int]] | None = None,
+    alpha: float = 0.5,
+    limit: int | None = None,
+) -> list[Path]:
+    """Predict the items of a segmentation dataset and write each prediction as a colour overlay PNG.
+
+    For ``vpeft eval --save-masks DIR``: one ``<mask file stem>.png`` per item in ``out_dir``, the predicted
+    classes blended over the (un-normalised) input image (:func:`vpeft.data.segmentation.save_overlay`, written
+    atomically); pixels the ground truth marks void are left uncoloured.
+
+    Args:
+        model: a segmentation model (``(B, 3, H, W) -> (B, K, H, W)`` logits), already on ``device``.
+        dataset: a :class:`~vpeft.data.segmentation.SegmentationDataset` or a ``Subset`` of one.
+        limit: write at most this many overlays.
+
+    Returns:
+        The paths written, in dataset order.
+    """
+    from ..data.segmentation import VOID, save_overlay
+
+    base, indices = dataset, list(range(len(dataset)))
+    while isinstance(base, torch.utils.data.Subset):
+        indices, base = [base.indices[i] for i in indices], base.dataset
+    if not hasattr(base, "pairs") or not hasattr(base, "mean"):
+        raise ConfigError(f"save_prediction_overlays needs a SegmentationDataset, got {type(base).__name__}")
+    indices = indices[:limit] if limit is not None else indices
+    out_dir, written = Path(out_dir), []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            items = [base[i] for i in chunk]
+            x = torch.stack([im for im, _ in items]).to(device)
+            with torch.inference_mode():
+                logits = model(x)
+            for i, (image, mask), lg in zip(chunk, items, logits):
+                pred = resize_logits(lg[None].float(), mask.shape[-2:])[0].argmax(0).cpu()
+                pred[mask == VOID] = VOID
+                name = Path(base.pairs[i][1]).stem + ".png"
+                mean, std = base.mean.flatten().tolist(), base.std.flatten().tolist()
+                written.append(save_overlay(image, pred, out_dir / name, palette, alpha=alpha, mean=mean, std=std))
+    finally:
+        model.train(was_training)
+    return written
