@@ -516,6 +516,11 @@ def test_load_split_reads_the_backbones_size_and_normalisation(tmp_path):
         load_segmentation_split(root, "val", model, size=(20, 24))
     x, m = ds[0]
     assert seg(x[None]).shape == (1, 3, size, size)
+    native = SegmentationTask(3, native_masks=True, augment=True)
+    assert native.dataset(root, "test", seg)[0][1].shape == (16, 24)  # stored mask size (24x16 images)
+    train_ds = native.dataset(root, "train", seg, train=True)
+    assert train_ds.random_augmentation and train_ds[0][1].shape == (size, size)
+    native.check_compatible(SegmentationTask(3).to_dict(), "d")  # data options do not change the model
 
 
 # -------------------------------------------------------------------------------------------------------- overlay

@@ -177,6 +177,8 @@ class SegmentationTask(Task):
             the caller passes to :meth:`dataset`); non-square sizes need a ViT built for them or with
             ``dynamic_img_size=True``.
         augment: random rescale + crop + flip of the training split (off by default, as VTAB's protocol).
+        native_masks: evaluation splits keep their masks at the stored resolution (the logits are resampled to
+            it), so mIoU is measured at the dataset's own resolution rather than at the input size.
         options: decoder options (``dropout``; ``width`` for ``fpn``).
 
     Task folders: see :mod:`vpeft.data.segmentation` (``train.txt`` of ``<image> <mask>`` lines + ``classes.txt``;
@@ -187,7 +189,7 @@ class SegmentationTask(Task):
     primary_metric: ClassVar[str] = "miou"
     detect_priority: ClassVar[int] = 10  # before classification's generic fallback (which takes any split folders)
     #: settings that only change how data is prepared: a delta trained with other values still fits the model
-    DATA_OPTIONS: ClassVar[tuple[str, ...]] = ("size", "augment")
+    DATA_OPTIONS: ClassVar[tuple[str, ...]] = ("size", "augment", "native_masks")
 
     def __init__(
         self,
@@ -197,6 +199,7 @@ class SegmentationTask(Task):
         levels: Sequence[int] | None = None,
         size: Sequence[int] | None = None,
         augment: bool = False,
+        native_masks: bool = False,
         **options: Any,
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -216,7 +219,7 @@ class SegmentationTask(Task):
         ):
             raise ConfigError(f"segmentation: size={size!r} must be an (height, width) pair of positive ints")
         self.size = None if size is None else (int(size[0]), int(size[1]))
-        self.augment = bool(augment)
+        self.augment, self.native_masks = bool(augment), bool(native_masks)
         self.options = dict(options)
 
     # ---- data ---------------------------------------------------------------------------------------------------
@@ -237,11 +240,14 @@ class SegmentationTask(Task):
         self, path: Path, split: str, model: nn.Module, *, input_size: int | None = None, train: bool = False
     ) -> Dataset:
         """``split`` of the folder as ``(image, mask)`` pairs at :attr:`size` (else ``input_size``, else the
-        backbone's), normalised with the backbone's mean/std; augmented when training with ``augment=True``."""
+        backbone's), normalised with the backbone's mean/std; augmented when training with ``augment=True``; masks
+        of evaluation splits at their stored size with ``native_masks=True``."""
         from ..data.segmentation import load_segmentation_split
 
         size = self.size if self.size is not None else input_size
-        return load_segmentation_split(path, split, model, size=size, augment=self.augment and train)
+        return load_segmentation_split(
+            path, split, model, size=size, augment=self.augment and train, native_masks=self.native_masks and not train
+        )
 
     def describe(self) -> str:
         return f"segmentation, {self.num_classes} classes, {self.decoder} decoder"
@@ -274,6 +280,7 @@ class SegmentationTask(Task):
             "levels": None if self.levels is None else list(self.levels),
             "size": None if self.size is None else list(self.size),
             "augment": self.augment,
+            "native_masks": self.native_masks,
             **self.options,
         }
 
