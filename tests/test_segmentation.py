@@ -16,7 +16,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny import TINY_BACKBONES
+from tiny import TINY_BACKBONES, case_id, method_cases, method_of
 
 import vpeft
 from vpeft.data.segmentation import (
@@ -560,6 +560,7 @@ def test_prediction_overlays_of_a_dataset(tmp_path):
 
 # ------------------------------------------------------------------------------ every method on a segmentation model
 SEG_BB = ("vit_cls", "cnn_effnet")
+SEG_CASES = method_cases()  # every registered method's defaults + the contract's extra option cases
 _SUPPORT: dict[tuple[str, str], bool] = {}
 
 
@@ -570,21 +571,20 @@ def _seg_model(bb: str, decoder: str = "linear") -> tuple[SegmentationModel, int
     return SegmentationTask(K, decoder=decoder, **options).build(model), size
 
 
-def _seg_supports(name: str, bb: str) -> bool:
-    if (name, bb) not in _SUPPORT:
+def _seg_supports(case: tuple[str, dict], bb: str) -> bool:
+    key = (case_id(case), bb)
+    if key not in _SUPPORT:
         try:
-            vpeft.apply(_seg_model(bb)[0], name)
-            _SUPPORT[name, bb] = True
+            vpeft.apply(_seg_model(bb)[0], case[0], **case[1])
+            _SUPPORT[key] = True
         except vpeft.UnsupportedBackboneError:
-            _SUPPORT[name, bb] = False
-    return _SUPPORT[name, bb]
+            _SUPPORT[key] = False
+    return _SUPPORT[key]
 
 
-SEG_MATRIX = [
-    pytest.param(m, bb, id=f"{m}@{bb}") for m in vpeft.list_methods() for bb in SEG_BB if _seg_supports(m, bb)
-]
+SEG_MATRIX = [pytest.param(c, bb, id=f"{case_id(c)}@{bb}") for c in SEG_CASES for bb in SEG_BB if _seg_supports(c, bb)]
 SEG_REFUSED = [
-    pytest.param(m, bb, id=f"{m}@{bb}") for m in vpeft.list_methods() for bb in SEG_BB if not _seg_supports(m, bb)
+    pytest.param(c, bb, id=f"{case_id(c)}@{bb}") for c in SEG_CASES for bb in SEG_BB if not _seg_supports(c, bb)
 ]
 
 
@@ -596,20 +596,22 @@ def _randomise(model: torch.nn.Module, seed: int = 3) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def _adapted_seg(name: str, bb: str, decoder: str = "linear"):
+def _adapted_seg(case: tuple[str, dict], bb: str, decoder: str = "linear"):
     seg, size = _seg_model(bb, decoder)
-    rep = vpeft.apply(seg, name)
+    rep = vpeft.apply(seg, case[0], **case[1])
     return seg, rep, size
 
 
-def test_the_matrix_covers_both_backbones():
-    assert {bb for p in SEG_MATRIX for bb in p.values[1:]} == set(SEG_BB)
-    assert {p.values[0] for p in SEG_MATRIX} >= {"linear", "full", "lora", "bitfit", "ssf", "vpt_deep", "prefix"}
+def test_the_matrix_covers_every_method_and_both_backbones():
+    assert {p.values[1] for p in SEG_MATRIX} == set(SEG_BB)
+    assert {p.values[0][0] for p in SEG_MATRIX} == set(vpeft.list_methods()), "every method adapts some backbone"
+    assert ("lora", "cnn_effnet") in {(p.values[0][0], p.values[1]) for p in SEG_MATRIX}  # conv targets
 
 
-@pytest.mark.parametrize("name,bb", SEG_MATRIX)
-def test_method_on_a_segmentation_model_trains_its_tensors_and_the_decoder(name, bb):
-    seg, rep, size = _adapted_seg(name, bb)
+@pytest.mark.parametrize("case,bb", SEG_MATRIX)
+def test_method_on_a_segmentation_model_trains_its_tensors_and_the_decoder(case, bb):
+    name = case[0]
+    seg, rep, size = _adapted_seg(case, bb)
     decoder = {f"decoder.{n}" for n, _ in seg.decoder.named_parameters()}
     trainable = {n for n, p in seg.named_parameters() if p.requires_grad}
     assert decoder <= trainable and rep.decoder == sum(p.numel() for p in seg.decoder.parameters())
@@ -635,17 +637,17 @@ def test_method_on_a_segmentation_model_trains_its_tensors_and_the_decoder(name,
     for n, p in seg.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, frozen[n]), f"frozen {n} changed"
-    if vpeft.get_method(name).freeze_norm_stats:
+    if method_of(*case).freeze_norm_stats:
         for n, b in seg.named_buffers():
             if not n.startswith("decoder."):
                 assert torch.equal(b, buffers[n]), f"backbone buffer {n} changed"
 
 
-@pytest.mark.parametrize("name,bb", SEG_MATRIX)
-def test_segmentation_delta_round_trip_and_merge(name, bb, tmp_path):
+@pytest.mark.parametrize("case,bb", SEG_MATRIX)
+def test_segmentation_delta_round_trip_and_merge(case, bb, tmp_path):
     from vpeft.api import read_delta
 
-    seg, _, size = _adapted_seg(name, bb)
+    seg, _, size = _adapted_seg(case, bb)
     _randomise(seg)
     seg.train()
     seg(_images(size, n=4))  # the decoder's BatchNorm statistics move away from their initial values
@@ -666,7 +668,7 @@ def test_segmentation_delta_round_trip_and_merge(name, bb, tmp_path):
     with torch.no_grad():
         got = fresh.eval()(x)
     assert torch.equal(got, expected)
-    if not vpeft.get_method(name).mergeable:
+    if not method_of(*case).mergeable:
         with pytest.raises(ConfigError, match="not mergeable"):
             vpeft.merge(seg)
         return
@@ -680,12 +682,12 @@ def test_segmentation_delta_round_trip_and_merge(name, bb, tmp_path):
         assert torch.equal(seg(x), expected)
 
 
-@pytest.mark.parametrize("name,bb", SEG_REFUSED)
-def test_methods_that_cannot_adapt_the_backbone_refuse(name, bb):
+@pytest.mark.parametrize("case,bb", SEG_REFUSED)
+def test_methods_that_cannot_adapt_the_backbone_refuse(case, bb):
     seg, _ = _seg_model(bb)
     before = copy.deepcopy(seg.state_dict())
-    with pytest.raises(vpeft.UnsupportedBackboneError, match=name):
-        vpeft.apply(seg, name)
+    with pytest.raises(vpeft.UnsupportedBackboneError, match=case[0]):
+        vpeft.apply(seg, case[0], **case[1])
     assert not vpeft.is_adapted(seg)
     assert all(torch.equal(before[k], v) for k, v in seg.state_dict().items())
 
@@ -693,9 +695,9 @@ def test_methods_that_cannot_adapt_the_backbone_refuse(name, bb):
 @pytest.mark.parametrize("name", ["lora", "vpt_deep", "bitfit", "lst"])
 @pytest.mark.parametrize("bb", ["vit_reg_ls", "cnn_convnext", "swin"])
 def test_fpn_decoder_with_methods(name, bb):
-    if not _seg_supports(name, bb):
+    if not _seg_supports((name, {}), bb):
         pytest.skip(f"{name} does not adapt {bb}")
-    seg, _, size = _adapted_seg(name, bb, decoder="fpn")
+    seg, _, size = _adapted_seg((name, {}), bb, decoder="fpn")
     _randomise(seg)
     seg.train()
     out = seg(_images(size, n=3))
