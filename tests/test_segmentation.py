@@ -237,6 +237,8 @@ def test_bad_levels_and_sizes_are_refused():
         DenseFeatures(model, levels=())
     with pytest.raises(ConfigError, match="not a multiple of the ViT patch size 8x8"):
         DenseFeatures(model).grid((30, 32))
+    with pytest.raises(ConfigError, match="built for 32x32 inputs, got 32x48.*dynamic_img_size=True"):
+        DenseFeatures(model)(model, _images((32, 48)))
 
 
 def _dynamic_vit(**kw) -> torch.nn.Module:

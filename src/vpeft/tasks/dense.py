@@ -274,12 +274,26 @@ class DenseFeatures:
     def __call__(self, backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """The maps of :attr:`levels` for images ``x`` ``(B, 3, H, W)``, one backbone pass."""
         grid = self.grid(x.shape[-2:]) if self.kind == "vit" else (0, 0)
+        _check_fixed_size(backbone, tuple(x.shape[-2:]))
         hooked = [lv.source for lv in self.levels if lv.source]
         captured, final = self._run(backbone, x, hooked)
         return [self.to_map(captured[lv.source] if lv.source else final, grid) for lv in self.levels]
 
     def __repr__(self) -> str:
         return f"DenseFeatures(kind={self.kind!r}, levels={[lv.source or '<final>' for lv in self.levels]})"
+
+
+def _check_fixed_size(backbone: nn.Module, size: tuple[int, int]) -> None:
+    """A timm ViT / Swin built for one input size refuses others with a clear message (not timm's assertion)."""
+    embed = getattr(backbone, "patch_embed", None)
+    built = getattr(embed, "img_size", None)
+    if built is None or not getattr(embed, "strict_img_size", False) or getattr(backbone, "dynamic_img_size", False):
+        return
+    if tuple(built) != size:
+        raise ConfigError(
+            f"the backbone was built for {built[0]}x{built[1]} inputs, got {size[0]}x{size[1]}; build it with "
+            f"img_size=({size[0]}, {size[1]}) or dynamic_img_size=True (timm) to segment at that size"
+        )
 
 
 def _pair(size) -> tuple[int, int]:
