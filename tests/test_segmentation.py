@@ -182,6 +182,11 @@ def test_task_dict_round_trip_and_compatibility():
         ({"num_classes": 0}, "num_classes"),
         ({"num_classes": 3, "decoder": "uper"}, "unknown decoder 'uper'.*fpn, linear"),
         ({"num_classes": 3, "ignore_index": 1}, "ignore_index=1"),
+        (
+            {"num_classes": 3, "decoder": "linear", "width": 8},
+            "unknown option.*'width' for the 'linear' decoder.*dropout",
+        ),
+        ({"num_classes": 3, "size": (8,)}, "size="),
     ],
 )
 def test_task_rejects_bad_settings(kwargs, match):

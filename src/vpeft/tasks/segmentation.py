@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .base import Meter, Task, TaskModel, register_task
-from .decoders import build_decoder, decoder_names
+from .decoders import build_decoder, decoder_names, decoder_options
 from .dense import DenseFeatures, default_levels
 
 __all__ = [
@@ -211,6 +211,13 @@ class SegmentationTask(Task):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or 0 <= ignore_index < num_classes:
             raise ConfigError(
                 f"segmentation: ignore_index={ignore_index!r} must be an int outside the classes 0..{num_classes - 1}"
+            )
+        valid = decoder_options(decoder)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"segmentation: unknown option(s) {', '.join(map(repr, unknown))} for the {decoder!r} decoder; "
+                f"valid task options: levels, size, augment, native_masks, ignore_index, {', '.join(valid)}"
             )
         self.num_classes, self.decoder, self.ignore_index = num_classes, decoder, ignore_index
         self.levels = None if levels is None else tuple(levels)

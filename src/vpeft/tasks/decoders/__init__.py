@@ -8,6 +8,7 @@ constants. One file per decoder; :func:`build_decoder` picks one by name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -17,7 +18,7 @@ from ..dense import Level
 from .fpn import FPNDecoder
 from .linear import LinearDecoder
 
-__all__ = ["DECODERS", "FPNDecoder", "LinearDecoder", "build_decoder", "decoder_names"]
+__all__ = ["DECODERS", "FPNDecoder", "LinearDecoder", "build_decoder", "decoder_names", "decoder_options"]
 
 DECODERS: dict[str, Callable[..., nn.Module]] = {
     "linear": LinearDecoder.from_levels,
@@ -28,6 +29,12 @@ DECODERS: dict[str, Callable[..., nn.Module]] = {
 def decoder_names() -> list[str]:
     """The decoder names :func:`build_decoder` knows."""
     return sorted(DECODERS)
+
+
+def decoder_options(name: str) -> list[str]:
+    """The keyword options of decoder ``name`` (e.g. ``["dropout", "width"]`` for ``fpn``)."""
+    params = list(inspect.signature(DECODERS[name]).parameters)[3:]  # after levels, num_classes, kind
+    return params
 
 
 def build_decoder(name: str, levels: Sequence[Level], num_classes: int, kind: str, **options) -> nn.Module:
