@@ -357,7 +357,8 @@ def test_decoder_widths_follow_the_features():
         assert seg.decoder.width == default_width([width // 4, width // 2, width, width])
         lin = SegmentationTask(K).build(model)
         assert lin.decoder.classifier.in_channels == width
-    assert default_width([96, 192, 384, 384]) == 192 and default_width([24, 40, 112, 1280]) == 256
+    assert default_width([96, 192, 384, 384]) == 96 and default_width([192, 384, 768, 768]) == 192
+    assert default_width([24, 40, 112, 1280]) == 256 and default_width([8, 16, 32, 32]) == 8
 
 
 def test_fpn_on_a_vit_builds_strides_4_to_32_and_accepts_non_square_inputs():
