@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vpeft.data.digits import DIGITS_SPLIT_SIZES, ensure_digits_task
+from vpeft.data.segmentation import SegmentationDataset, is_segmentation_folder, load_segmentation_split, save_overlay
 from vpeft.data.transforms import ToRGB, build_transform, resolve_input_size
 from vpeft.data.vtab import (
     IMG_EXTENSIONS,
@@ -38,16 +39,20 @@ __all__ = [
     "SPLITS",
     "ImageFolderDataset",
     "ImageListDataset",
+    "SegmentationDataset",
     "ToRGB",
     "VTABTask",
     "build_dataloader",
     "build_transform",
     "default_data_root",
     "ensure_digits_task",
+    "is_segmentation_folder",
     "list_tasks",
+    "load_segmentation_split",
     "load_split",
     "read_split_list",
     "resolve_input_size",
+    "save_overlay",
 ]
 
 
