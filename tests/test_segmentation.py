@@ -790,3 +790,69 @@ def test_linear_decoder_on_real_camvid_beats_the_all_road_prediction():
     )
     assert metrics["n"] == len(test_ds) == 30
     assert metrics["miou"] > 2 * baseline, f"mIoU {metrics['miou']:.3f} vs all-road {baseline:.3f}"
+
+
+# ------------------------------------------------------------------------------- the frozen-backbone baseline, cached
+def test_decoder_only_baseline_trains_on_cached_features_with_identical_results(tmp_path):
+    """finetune caches the frozen backbone's feature maps for the decoder-only baseline (method linear) and reaches
+    exactly the uncached run's metrics; a method that changes the backbone is not cached."""
+    from vpeft.run import finetune
+    from vpeft.train import TrainConfig
+
+    root = tmp_path / "data"
+    _make_folder(root / "toy", n={"train": 8, "val": 4, "test": 2})
+    runs = {}
+    for cache in (True, False):
+        runs[cache] = finetune(
+            backbone="test_vit",
+            method="linear",
+            task="toy",
+            data_root=root,
+            train_cfg=TrainConfig(epochs=2, lr=1e-2, batch_size=4, feature_cache=cache),
+            img_size=32,
+            train_split="train",
+            eval_split="val",
+            pretrained=False,
+            progress=False,
+        )
+    assert runs[True].feature_cache == "backbone" and runs[False].feature_cache is None
+    assert runs[True].metrics == runs[False].metrics and runs[True].final_train == runs[False].final_train
+    lora = finetune(
+        backbone="test_vit", method="lora", task="toy", data_root=root, train_cfg=TrainConfig(epochs=1, batch_size=4),
+        img_size=32, train_split="train", eval_split="val", pretrained=False, progress=False,
+    )  # fmt: skip
+    assert lora.feature_cache is None
+
+
+# ------------------------------------------------------------------------------------------------ vpeft bench / report
+def test_bench_definition_and_leaderboard_for_segmentation(tmp_path):
+    """A segmentation task in a bench definition: runs carry the task kind and options (a method's task_options
+    override the task's), the records the mIoU, and the leaderboard ranks by mIoU with per-class IoU and the
+    method / decoder parameter split."""
+    from vpeft.bench import load_definition, parse_definition, run_bench
+    from vpeft.bench.report import write_report
+
+    shipped = load_definition(Path(__file__).resolve().parents[1] / "experiments" / "seg_camvid.yaml")
+    runs = {r.method_label: r for r in shipped.runs()}
+    assert runs["frozen"].task_kind == "segmentation" and runs["frozen"].task_options["decoder"] == "linear"
+    assert runs["lora_fpn"].task_options == {"decoder": "fpn", "size": [84, 112]}
+    _make_folder(tmp_path / "data" / "toy", n={"train": 6, "val": 2, "trainval": 8, "test": 3})
+    definition = parse_definition(
+        {
+            "name": "seg", "backbone": "test_vit", "img_size": 32, "pretrained": False, "seeds": [0],
+            "data_root": str(tmp_path / "data"), "train": {"epochs": 1, "batch_size": 4, "lr": 1e-2},
+            "latency": {"batch_size": 1, "warmup": 0, "repeats": 1},
+            "tasks": [{"name": "toy", "group": "dense", "kind": "segmentation", "options": {"decoder": "linear"},
+                       "splits": {"train": "train", "val": "val", "trainval": "trainval", "test": "test"}}],
+            "methods": [{"name": "linear"}, {"name": "lora", "label": "lora_fpn", "task_options": {"decoder": "fpn"}}],
+        }
+    )  # fmt: skip
+    summary = run_bench(definition, tmp_path / "out", workers=0, progress=False)
+    assert summary.ok == 2, summary.failures
+    record = json.loads((tmp_path / "out" / "runs" / "lora_fpn" / "toy" / "seed0" / "record.json").read_text())
+    assert record["primary_metric"] == "miou" and record["score"] == record["test_metrics"]["miou"]
+    assert record["decoder_params"] > 0 and record["class_names"] == ["c0", "c1", "c2"]
+    assert len(record["test_metrics"]["iou"]) == 3 and record["latency"]["unmerged_ms"] > 0
+    md = write_report(tmp_path / "out")[0]
+    assert "Test mIoU (%)" in md and "decoder params" in md and "## Per-class IoU (%) on toy" in md
+    assert "| c0 | c1 | c2 |" in md

@@ -48,6 +48,7 @@ __all__ = [
     "merge_delta",
     "open_task",
     "build_backbone",
+    "model_from_delta",
     "demo",
     "results_table",
     "DEMO_RECIPES",
@@ -118,22 +119,26 @@ def open_task(data_root: str | os.PathLike | None, task: str) -> TaskFolder:
 
 
 # ---- backbone ---------------------------------------------------------------------------------------------
-def build_backbone(name: str, num_classes: int, img_size: int | None = None, pretrained: bool = True) -> nn.Module:
+def build_backbone(
+    name: str, num_classes: int, img_size: int | None = None, pretrained: bool = True, **kwargs: Any
+) -> nn.Module:
     """A backbone with a fresh ``num_classes`` head (local converted weights or timm's hub path).
 
     ``pretrained=False`` draws the random weights from a fixed seed, so a delta trained on such a smoke-test
-    backbone can be loaded again onto an identical one.
+    backbone can be loaded again onto an identical one. ``kwargs`` (e.g. ``dynamic_img_size``) go to the model;
+    a CNN that takes no such argument is created without it.
     """
     from . import backbones
 
-    kwargs: dict[str, Any] = {"img_size": img_size} if img_size is not None else {}
+    sized: dict[str, Any] = {"img_size": img_size} if img_size is not None else {}
     with torch.random.fork_rng():
         torch.manual_seed(0)
         try:
-            model = backbones.create(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
-        except TypeError as exc:  # CNNs take any input size and have no img_size argument
-            if "img_size" not in str(exc):
+            model = backbones.create(name, num_classes=num_classes, pretrained=pretrained, **sized, **kwargs)
+        except TypeError as exc:  # CNNs take any input size and have no img_size / dynamic_img_size argument
+            if not any(k in str(exc) for k in ("img_size", *kwargs)):
                 raise
+            torch.manual_seed(0)
             model = backbones.create(name, num_classes=num_classes, pretrained=pretrained)
     model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "vpeft_backbone": name}
     return model
@@ -249,7 +254,7 @@ def finetune(
             folder = open_task(data_root, task)
             t = folder.task(task_kind, **dict(task_options or {}))
             set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
-            model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained))
+            model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained, **t.backbone_kwargs()))
             rep = apply(model, method)
         size = input_size(model.backbone if isinstance(model, TaskModel) else model, img_size)[-1]
         train_ds = t.dataset(folder.path, train_split, model, input_size=size, train=True)
@@ -402,7 +407,7 @@ def _check_extra(extra: Mapping[str, Any], delta: str | os.PathLike) -> None:
             raise CheckpointError(f"delta {str(delta)!r}: metadata {key}={extra[key]!r} is not >= 1")
 
 
-def _model_from_delta(delta: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], Task]:
+def model_from_delta(delta: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], Task]:
     """Rebuild the model a delta was trained with (backbone, and the task's model around it) and load the delta."""
     meta, _ = read_delta(delta)
     extra = json.loads(meta.get("extra") or "{}")
@@ -413,7 +418,9 @@ def _model_from_delta(delta: str | os.PathLike) -> tuple[nn.Module, dict[str, An
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"delta {str(delta)!r}: metadata task_spec {spec!r:.80} is invalid ({exc})") from None
     pretrained = extra.get("pretrained", True)
-    backbone = build_backbone(extra["backbone_arg"], task.backbone_classes(), extra.get("img_size"), pretrained)
+    backbone = build_backbone(
+        extra["backbone_arg"], task.backbone_classes(), extra.get("img_size"), pretrained, **task.backbone_kwargs()
+    )
     model = task.build(backbone)
     load(model, delta)
     return model, extra, task
@@ -430,7 +437,7 @@ def evaluate_delta(
     merged: bool = False,
 ) -> dict[str, Any]:
     """Rebuild the model a delta was trained with, load it, and evaluate the task's metrics on ``split``."""
-    model, extra, t = _model_from_delta(delta)
+    model, extra, t = model_from_delta(delta)
     if task is None and "task" not in extra:
         raise CheckpointError(f"delta {str(delta)!r} does not name its task; pass --task")
     folder = open_task(data_root, task or extra["task"])
@@ -462,7 +469,7 @@ def _check_task_fits(t: Task, folder: TaskFolder, delta: str | os.PathLike, extr
 
 def merge_delta(delta: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the full merged model (a plain timm state dict) of a mergeable delta."""
-    model, _, _ = _model_from_delta(delta)
+    model, _, _ = model_from_delta(delta)
     merge(model, keep_original=False)
     return save_merged(model, out)
 

@@ -158,19 +158,20 @@ def _time_forward(model: torch.nn.Module, x: torch.Tensor, warmup: int, repeats:
 def measure_latency(spec: RunSpec, delta: str | os.PathLike, num_classes: int, img_size: int) -> dict[str, Any]:
     """Inference latency (ms per batch of random images) of the saved delta: unmerged, and merged if mergeable.
 
-    The model is rebuilt from the stored delta, so this also checks that the delta reloads; for mergeable methods
-    the largest difference between merged and unmerged logits is recorded.
+    The model is rebuilt from the stored delta (with its task's model around the backbone), so this also checks
+    that the delta reloads; for mergeable methods the largest difference between merged and unmerged outputs is
+    recorded.
     """
-    from vpeft import load, merge
+    from vpeft import merge
     from vpeft.registry import get_method
-    from vpeft.run import build_backbone
+    from vpeft.run import model_from_delta
 
     lat = spec.latency
-    model = build_backbone(spec.backbone, num_classes, img_size, spec.pretrained)
-    load(model, delta)
+    model, _, task = model_from_delta(delta)
+    size = getattr(task, "size", None) or (img_size, img_size)
     model.eval().to(spec.device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(lat["batch_size"], 3, img_size, img_size, generator=gen).to(spec.device)
+    x = torch.randn(lat["batch_size"], 3, *size, generator=gen).to(spec.device)
     out: dict[str, Any] = {"batch_size": lat["batch_size"], "repeats": lat["repeats"], "unit": "ms/batch"}
     out["unmerged_ms"], logits = _time_forward(model, x, lat["warmup"], lat["repeats"])
     out["mergeable"] = bool(get_method(spec.method_name).mergeable)
@@ -226,6 +227,18 @@ def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str,
     }
 
 
+def _class_names(spec: RunSpec) -> list[str] | None:
+    """The task folder's ``classes.txt`` (for per-class tables), ``None`` without one."""
+    root = _data_root(spec)
+    if not root:
+        return None
+    try:
+        lines = (Path(root) / spec.task / "classes.txt").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    return [line.strip() for line in lines if line.strip()]
+
+
 def _drop_stale_checkpoint(out_dir: Path, train_cfg) -> None:
     """Remove a training checkpoint written under another recipe (an edited definition): it cannot be resumed."""
     from vpeft.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
@@ -267,6 +280,7 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
         "task_kind": run.task_spec.get("kind"),
         "test_metrics": {k: v for k, v in run.metrics.items() if k not in ("loss", "n")},
         "decoder_params": run.decoder_params,
+        "class_names": _class_names(spec),
         "test_n": run.eval_n,
         "test_loss": final["eval_loss"],
         "trainable_params": final["trainable_params"],

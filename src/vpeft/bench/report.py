@@ -127,14 +127,14 @@ def _per_class(ok: Sequence[Mapping[str, Any]], tasks, methods) -> dict[str, dic
     """Per task with per-class scores (segmentation IoU): ``{task: {"classes": [...], "rows": {method: [mean]}}}``."""
     out: dict[str, dict[str, Any]] = {}
     for task, _ in tasks:
-        recs = [r for r in ok if r["task"] == task and (r.get("test_metrics") or {}).get("per_class_iou")]
+        recs = [r for r in ok if r["task"] == task and (r.get("test_metrics") or {}).get("iou")]
         if not recs:
             continue
-        n = len(recs[0]["test_metrics"]["per_class_iou"])
+        n = len(recs[0]["test_metrics"]["iou"])
         classes = recs[0].get("class_names") or [f"class {i}" for i in range(n)]
         rows = {}
         for label, _ in methods:
-            per = [r["test_metrics"]["per_class_iou"] for r in recs if r["method"] == label]
+            per = [r["test_metrics"]["iou"] for r in recs if r["method"] == label]
             if per:
                 rows[label] = [_mean([p[i] for p in per]) for i in range(n)]
         out[task] = {"classes": list(classes), "rows": rows}

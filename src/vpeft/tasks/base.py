@@ -88,6 +88,11 @@ class Task(abc.ABC):
         return self.kind
 
     # ---- model, loss and metrics --------------------------------------------------------------------------------
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for creating the backbone (e.g. ``dynamic_img_size`` for non-square inputs);
+        backbones that do not take one are created without it."""
+        return {}
+
     @abc.abstractmethod
     def backbone_classes(self) -> int:
         """The classifier size to create the backbone with (0: no classifier; the task brings its own head)."""

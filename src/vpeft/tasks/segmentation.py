@@ -161,6 +161,34 @@ class SegmentationModel(TaskModel):
         maps = self.features(self.backbone, x)
         return resize_logits(self.decoder(maps), x.shape[-2:])
 
+    def cache_split(self) -> tuple[nn.Module, nn.Module] | None:
+        """``(prefix, suffix)`` with ``suffix(prefix(x))`` equal to ``forward(x)`` up to the final resize (the loss
+        and the meter resample logits to the mask size themselves): the prefix reads the backbone's feature maps
+        stacked into one ``(B, L, C, h, w)`` tensor, the suffix runs the decoder. ``None`` for CNN / Swin stages (their
+        levels differ in shape, which one cached tensor per sample cannot hold). Used by the feature cache
+        (:mod:`vpeft.train.cache`) for the frozen-backbone baseline, after it checked the backbone is frozen."""
+        if self.features.kind != "vit":  # a ViT's levels share width and patch grid; stages do not
+            return None
+        return _StackedFeatures(self), _DecoderOnStack(self.decoder)
+
+
+class _StackedFeatures(nn.Module):
+    def __init__(self, model: SegmentationModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack(list(self.model.features(self.model.backbone, x)), dim=1)
+
+
+class _DecoderOnStack(nn.Module):
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, stacked: torch.Tensor) -> torch.Tensor:
+        return self.decoder(list(stacked.unbind(dim=1)))
+
 
 @register_task
 class SegmentationTask(Task):
@@ -263,6 +291,10 @@ class SegmentationTask(Task):
     def backbone_classes(self) -> int:
         """0: the backbone is built without a classifier; the decoder predicts the classes."""
         return 0
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """A non-square :attr:`size` needs a ViT that takes any patch grid (timm ``dynamic_img_size``)."""
+        return {"dynamic_img_size": True} if self.size is not None and self.size[0] != self.size[1] else {}
 
     def build(self, backbone: nn.Module) -> SegmentationModel:
         return SegmentationModel(backbone, self)

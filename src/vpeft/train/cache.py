@@ -18,7 +18,9 @@ What is cached:
 * nothing but the classification head is touched (linear probe; any timm model with ``forward_features`` /
   ``forward_head``): the pre-logits features, one vector per sample;
 * a timm ``VisionTransformer`` whose embedding and first ``k`` blocks are untouched: the tokens after block
-  ``k - 1``; the suffix runs blocks ``k..``, the final norm and the head.
+  ``k - 1``; the suffix runs blocks ``k..``, the final norm and the head;
+* a task model whose whole backbone is untouched and which offers a ``cache_split()`` (the segmentation model on a
+  ViT: the decoder-only baseline): the backbone's stacked feature maps; the suffix is the decoder.
 
 "Untouched" means: no parameter requires a gradient, no vpeft wrapper (other than the BatchNorm-statistics
 pin) and no forward hook inside, no dropout / drop-path / patch-dropout that is active in training (its output
@@ -141,7 +143,8 @@ class FrozenSplit:
     Attributes:
         prefix: the frozen part (runs once per sample).
         suffix: the rest (what is trained); shares the model's modules.
-        depth: ``"pre_logits"`` (only the head is trained) or the number of leading blocks cached.
+        depth: ``"pre_logits"`` (only the head is trained), ``"backbone"`` (a task model's whole backbone), or the
+            number of leading blocks cached.
     """
 
     prefix: nn.Module
@@ -159,6 +162,12 @@ def frozen_split(model: nn.Module) -> FrozenSplit | None:
     Raises:
         ConfigError: ``model`` has no timm ``forward_features`` / ``forward_head`` / ``get_classifier``.
     """
+    split = getattr(model, "cache_split", None)  # a task model with a decoder (vpeft.tasks.TaskModel)
+    if callable(split) and hasattr(model, "backbone") and hasattr(model, "decoder"):
+        parts = split()
+        if parts is None or not _frozen_and_deterministic(model.backbone.modules()):
+            return None
+        return FrozenSplit(parts[0], parts[1], "backbone")
     if not all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
         raise ConfigError(f"feature caching needs a timm model (forward_features/forward_head), got {type(model)}")
     head = model.get_classifier()
@@ -252,7 +261,7 @@ def cache_features(
     ordered = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=loader.collate_fn)
     was_training = prefix.training
     prefix.train()
-    features, targets, path, owned, pos = None, torch.empty(n, dtype=torch.int64), None, None, 0
+    features, targets, path, owned, pos = None, None, None, None, 0
     try:
         for images, target in tqdm(ordered, desc="caching features", disable=not progress, leave=False):
             out = prefix(images.to(device, non_blocking=True)).cpu()
@@ -260,7 +269,10 @@ def cache_features(
                 features, path, owned = _storage(n, tuple(out.shape[1:]), out.dtype, max_memory_bytes, cache_dir)
             stop = pos + len(out)
             features[pos:stop] = out.numpy() if isinstance(features, np.ndarray) else out
-            targets[pos:stop] = torch.as_tensor(target)
+            target = torch.as_tensor(target)
+            if targets is None:  # class indices, or masks for dense tasks
+                targets = torch.empty((n, *target.shape[1:]), dtype=target.dtype)
+            targets[pos:stop] = target
             pos = stop
     finally:
         prefix.train(was_training)
