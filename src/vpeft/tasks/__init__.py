@@ -1,7 +1,9 @@
-"""Task types on the task slot (see :mod:`vpeft.tasks.base`): classification today, more as modules beside it."""
+"""Task types on the task slot (see :mod:`vpeft.tasks.base`): classification, segmentation; importing this package
+registers every built-in task type."""
 
 from .base import Meter, Task, TaskModel, register_task, task_for_folder, task_from_dict, task_kinds
 from .classification import ClassificationMeter, ClassificationTask
+from .segmentation import SegmentationMeter, SegmentationModel, SegmentationTask
 
 __all__ = [
     "Meter",
@@ -13,4 +15,7 @@ __all__ = [
     "task_kinds",
     "ClassificationMeter",
     "ClassificationTask",
+    "SegmentationMeter",
+    "SegmentationModel",
+    "SegmentationTask",
 ]
