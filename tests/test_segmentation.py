@@ -856,3 +856,35 @@ def test_bench_definition_and_leaderboard_for_segmentation(tmp_path):
     md = write_report(tmp_path / "out")[0]
     assert "Test mIoU (%)" in md and "decoder params" in md and "## Per-class IoU (%) on toy" in md
     assert "| c0 | c1 | c2 |" in md
+
+
+# ------------------------------------------------------------------------------------------------------------ the CLI
+def test_cli_train_eval_and_save_masks_on_a_segmentation_folder(tmp_path, capsys):
+    from vpeft.cli import main
+
+    root = tmp_path / "data"
+    _make_folder(root / "toy", n={"train": 4, "val": 2, "test": 2})
+    out = tmp_path / "run"
+    argv = ["train", "--backbone", "test_vit", "--no-pretrained", "--method", "lora", "--task", "toy",
+            "--data-root", str(root), "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--decoder", "fpn",
+            "--train-split", "train", "--eval-split", "val", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "mIoU (%)" in capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert result["task_spec"]["kind"] == "segmentation" and result["task_spec"]["decoder"] == "fpn"
+    masks = tmp_path / "masks"
+    code = main(["eval", "--delta", str(out / "delta.safetensors"), "--data-root", str(root), "--save-masks",
+                 str(masks)])  # fmt: skip
+    assert code == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["primary_metric"] == "miou" and res["predictions"]["files"] == 2
+    pngs = sorted(masks.glob("*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).mode in ("RGB", "RGBA")
+    # the decoder option on a classification folder is a one-line error
+    from vpeft.data import ensure_digits_task
+
+    ensure_digits_task(root)
+    bad = ["train", "--backbone", "test_vit", "--no-pretrained", "--method", "linear", "--task", "digits",
+           "--data-root", str(root), "--decoder", "fpn", "--out", str(tmp_path / "bad"), "--quiet"]  # fmt: skip
+    assert main(bad) == 2
+    assert "classification tasks take no task options" in capsys.readouterr().err

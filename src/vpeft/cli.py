@@ -265,7 +265,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     res = evaluate_delta(
-        args.delta, task=args.task, data_root=args.data_root, split=args.split, device=args.device, merged=args.merged
+        args.delta,
+        task=args.task,
+        data_root=args.data_root,
+        split=args.split,
+        device=args.device,
+        merged=args.merged,
+        save_predictions=args.save_masks,
+        max_predictions=args.max_masks,
     )
     print(json.dumps(json_safe(res), indent=2, allow_nan=False))
     return 0
@@ -379,6 +386,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_data(p, task_required=False)
     p.add_argument("--split", default="test")
     p.add_argument("--merged", action="store_true", help="merge before evaluating (mergeable methods)")
+    p.add_argument(
+        "--save-masks",
+        default=None,
+        metavar="DIR",
+        help="segmentation: write each prediction as a colour overlay PNG into DIR (one per image)",
+    )
+    p.add_argument("--max-masks", type=int, default=None, metavar="N", help="with --save-masks: at most N images")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("merge", help="write the full merged model of a mergeable delta")

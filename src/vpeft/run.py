@@ -435,8 +435,14 @@ def evaluate_delta(
     batch_size: int = 128,
     device: str = "cpu",
     merged: bool = False,
+    save_predictions: str | os.PathLike | None = None,
+    max_predictions: int | None = None,
 ) -> dict[str, Any]:
-    """Rebuild the model a delta was trained with, load it, and evaluate the task's metrics on ``split``."""
+    """Rebuild the model a delta was trained with, load it, and evaluate the task's metrics on ``split``.
+
+    With ``save_predictions`` (a folder) the predictions are also written as pictures (segmentation: one colour
+    overlay PNG per image, at most ``max_predictions``).
+    """
     model, extra, t = model_from_delta(delta)
     if task is None and "task" not in extra:
         raise CheckpointError(f"delta {str(delta)!r} does not name its task; pass --task")
@@ -447,7 +453,11 @@ def evaluate_delta(
     ds = t.dataset(folder.path, split, model, input_size=extra.get("img_size"))
     model.to(device)
     metrics = evaluate(model, build_dataloader(ds, batch_size, shuffle=False), device, task=t)
-    return {"task": folder.name, "split": split, "primary_metric": t.primary_metric, **metrics}
+    out = {"task": folder.name, "split": split, "primary_metric": t.primary_metric, **metrics}
+    if save_predictions is not None:
+        written = t.save_predictions(model, ds, Path(save_predictions), device=device, limit=max_predictions)
+        out["predictions"] = {"folder": str(save_predictions), "files": len(written)}
+    return out
 
 
 def _check_task_fits(t: Task, folder: TaskFolder, delta: str | os.PathLike, extra: Mapping[str, Any]) -> None:

@@ -87,6 +87,13 @@ class Task(abc.ABC):
         """A short human description, e.g. ``"classification, 10 classes"``."""
         return self.kind
 
+    def save_predictions(
+        self, model: nn.Module, dataset: Dataset, out_dir: Path, *, device: str = "cpu", limit: int | None = None
+    ) -> list[Path]:
+        """Write the model's predictions on ``dataset`` as files a person can look at (segmentation: colour
+        overlays); task types without a picture form refuse."""
+        raise ConfigError(f"{self.kind} tasks have no prediction images to save (segmentation tasks do)")
+
     # ---- model, loss and metrics --------------------------------------------------------------------------------
     def backbone_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments for creating the backbone (e.g. ``dynamic_img_size`` for non-square inputs);

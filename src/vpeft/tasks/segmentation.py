@@ -287,6 +287,12 @@ class SegmentationTask(Task):
     def describe(self) -> str:
         return f"segmentation, {self.num_classes} classes, {self.decoder} decoder"
 
+    def save_predictions(
+        self, model: nn.Module, dataset: Dataset, out_dir: Path, *, device: str = "cpu", limit: int | None = None
+    ) -> list[Path]:
+        """Colour overlays of the predicted classes (:func:`save_prediction_overlays`)."""
+        return save_prediction_overlays(model, dataset, out_dir, device=device, limit=limit)
+
     # ---- model, loss, metrics -----------------------------------------------------------------------------------
     def backbone_classes(self) -> int:
         """0: the backbone is built without a classifier; the decoder predicts the classes."""
