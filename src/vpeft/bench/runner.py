@@ -40,6 +40,7 @@ from vpeft.bench.records import (
     results_lock,
     run_dir,
 )
+from vpeft.bench.report import METRIC_NAMES
 from vpeft.errors import ConfigError, DataError
 from vpeft.train.metrics import write_json_atomic
 
@@ -172,7 +173,9 @@ class Progress:
             self.durations.append(float(record.get("duration_s") or 0.0))
         if record.get("status") == "ok":
             self.done += 1
-            self._line(f"ok {run_id}: top-1 {100 * record['top1']:.2f}% ({self.durations[-1]:.0f} s)")
+            metric = METRIC_NAMES.get(record.get("primary_metric", "top1"), "score")
+            score = 100 * record.get("score", record["top1"])
+            self._line(f"ok {run_id}: {metric} {score:.2f}% ({self.durations[-1]:.0f} s)")
         else:
             self.failed += 1
             self._line(f"FAILED {run_id}: {record.get('error', 'unknown error')}")
