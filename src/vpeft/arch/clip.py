@@ -60,8 +60,14 @@ def _resolve(root: nn.Module, path: str, linear: bool = False) -> str:
 _OPEN_CLIP = {"norm1": "ln_1", "attn": "attn", "norm2": "ln_2", "mlp": "mlp"}
 _OPEN_CLIP_LIN = {"qkv": "attn.qkv", "proj": "attn.out_proj", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
 _HF = {"norm1": "layer_norm1", "attn": "self_attn", "norm2": "layer_norm2", "mlp": "mlp"}
-_HF_LIN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-           "proj": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+_HF_LIN = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "proj": "self_attn.out_proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
 
 
 def _blocks(model: nn.Module, path: str, plain: dict[str, str], linear: dict[str, str]) -> tuple[BlockParts, ...]:

@@ -321,9 +321,7 @@ class ClipBackbone(nn.Module):
             return pooled @ self.image.proj if self.image.proj is not None else pooled
         return self.image_proj(self.image.post_layernorm(x[:, 0]))
 
-    def encode_image(
-        self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None] | None = None
-    ) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """``(B, E)`` projected image features, through ``image_adapter``.
 
         Args:
@@ -389,37 +387,65 @@ def create(name: str, pretrained: str | None = None, **kwargs: Any) -> ClipBackb
 
 
 def tiny_open_clip(
-    width: int = 64, text_width: int = 32, layers: int = 2, image_size: int = 32, patch_size: int = 8,
-    embed_dim: int = 32, seed: int = 0, quick_gelu: bool = True,
+    width: int = 64,
+    text_width: int = 32,
+    layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    embed_dim: int = 32,
+    seed: int = 0,
+    quick_gelu: bool = True,
 ) -> ClipBackbone:
     """A random-init open_clip CLIP small enough for tests (real BPE vocabulary, 77-token context)."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     torch.manual_seed(seed)
-    vision = CLIPVisionCfg(layers=layers, width=width, head_width=width // 2, image_size=image_size,
-                           patch_size=patch_size)
+    vision = CLIPVisionCfg(
+        layers=layers, width=width, head_width=width // 2, image_size=image_size, patch_size=patch_size
+    )
     text = CLIPTextCfg(context_length=77, vocab_size=49408, width=text_width, heads=2, layers=layers)
     model = CLIP(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
     fuse_attention(model)
     return ClipBackbone("open_clip", model, "open_clip:tiny")
 
 
-def _hf_config(width: int, text_width: int, layers: int, image_size: int, patch_size: int, embed_dim: int,
-               act: str = "quick_gelu"):
+def _hf_config(
+    width: int, text_width: int, layers: int, image_size: int, patch_size: int, embed_dim: int, act: str = "quick_gelu"
+):
     from transformers import CLIPConfig
 
-    text = dict(vocab_size=49408, hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=layers,
-                num_attention_heads=max(1, text_width // 16), max_position_embeddings=77, hidden_act=act,
-                bos_token_id=SOT, eos_token_id=EOT, pad_token_id=0)
-    vision = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                  num_attention_heads=max(1, width // 32), image_size=image_size, patch_size=patch_size,
-                  hidden_act=act)
+    text = dict(
+        vocab_size=49408,
+        hidden_size=text_width,
+        intermediate_size=4 * text_width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, text_width // 16),
+        max_position_embeddings=77,
+        hidden_act=act,
+        bos_token_id=SOT,
+        eos_token_id=EOT,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 32),
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_act=act,
+    )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed_dim)
 
 
 def tiny_hf_clip(
-    width: int = 64, text_width: int = 32, layers: int = 2, image_size: int = 32, patch_size: int = 8,
-    embed_dim: int = 32, seed: int = 0,
+    width: int = 64,
+    text_width: int = 32,
+    layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    embed_dim: int = 32,
+    seed: int = 0,
 ) -> ClipBackbone:
     """A random-init ``transformers.CLIPModel`` small enough for tests (same shapes as :func:`tiny_open_clip`)."""
     from transformers import CLIPModel
@@ -442,8 +468,11 @@ def _pairs(layers_img: int, layers_txt: int) -> list[tuple[str, str, str]]:
         ("text.text_projection", "text_proj.weight", "T"),
         ("logit_scale", "logit_scale", ""),
     ]
-    norms = [("image.ln_pre", "image.pre_layrnorm"), ("image.ln_post", "image.post_layernorm"),
-             ("text.ln_final", "text.final_layer_norm")]
+    norms = [
+        ("image.ln_pre", "image.pre_layrnorm"),
+        ("image.ln_post", "image.post_layernorm"),
+        ("text.ln_final", "text.final_layer_norm"),
+    ]
     for tower, n in (("image", layers_img), ("text", layers_txt)):
         for i in range(n):
             a, b = f"{tower}.transformer.resblocks.{i}", f"{tower}.encoder.layers.{i}"
@@ -472,10 +501,18 @@ def hf_from_open_clip(clip: ClipBackbone) -> ClipBackbone:
         raise ConfigError(f"hf_from_open_clip needs an open_clip backbone, got {clip.source!r}")
     blk = clip.image_blocks()[0]
     act = "quick_gelu" if type(blk.mlp.gelu).__name__ == "QuickGELU" else "gelu"
-    cfg = _hf_config(clip.image_width, clip.text_width, len(clip.image_blocks()), clip.image.image_size[0],
-                     clip.image.patch_size[0], clip.embed_dim, act)
-    cfg.vision_config.num_hidden_layers, cfg.text_config.num_hidden_layers = len(clip.image_blocks()), len(
-        clip.text_blocks()
+    cfg = _hf_config(
+        clip.image_width,
+        clip.text_width,
+        len(clip.image_blocks()),
+        clip.image.image_size[0],
+        clip.image.patch_size[0],
+        clip.embed_dim,
+        act,
+    )
+    cfg.vision_config.num_hidden_layers, cfg.text_config.num_hidden_layers = (
+        len(clip.image_blocks()),
+        len(clip.text_blocks()),
     )
     cfg.vision_config.num_attention_heads = clip.image_blocks()[0].attn.num_heads
     cfg.text_config.num_attention_heads = clip.text_blocks()[0].attn.num_heads
@@ -513,4 +550,3 @@ def open_clip_from_hf(clip: ClipBackbone, like: ClipBackbone) -> ClipBackbone:
 def param_count(module: nn.Module) -> int:
     """Number of parameters of ``module``."""
     return sum(p.numel() for p in module.parameters())
-

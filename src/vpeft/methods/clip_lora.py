@@ -77,5 +77,7 @@ class CLIPLoRA(Method):
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:
         return [
-            n for tower, cfg in self.config.per_tower().items() for n in inject_tower(model, tower, LoRA(cfg), self.name)
+            n
+            for tower, cfg in self.config.per_tower().items()
+            for n in inject_tower(model, tower, LoRA(cfg), self.name)
         ]

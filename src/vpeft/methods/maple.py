@@ -36,7 +36,10 @@ class MultiModalPrompt(ContextPrompt):
         super().__init__(base_layer, ctx, fixed=fixed)
         m, width = ctx.shape
         self.deep = nn.ParameterList(
-            [nn.Parameter(nn.init.normal_(torch.empty(m, width, device=ctx.device), std=0.02)) for _ in range(depth - 1)]
+            [
+                nn.Parameter(nn.init.normal_(torch.empty(m, width, device=ctx.device), std=0.02))
+                for _ in range(depth - 1)
+            ]
         )
         self.couple = nn.ModuleList([nn.Linear(width, image_width, device=ctx.device) for _ in range(depth)])
 

@@ -25,14 +25,41 @@ from ..config import MethodConfig
 from ..errors import ConfigError, UnsupportedBackboneError
 from ..registry import get_method, register_method
 from .base import UNIFIED, Method
+from .lora import LoRAConfig
 
-__all__ = ["TowersConfig", "Towers", "per_tower", "split_targets", "TOWERS", "TEXT_SAFE", "inject_tower"]
+__all__ = [
+    "TowersConfig",
+    "Towers",
+    "per_tower",
+    "split_targets",
+    "TOWERS",
+    "TEXT_SAFE",
+    "inject_tower",
+    "CLIP_METHODS",
+]
 
 TOWERS = ("image", "text")
+#: registered methods that need a two-tower CLIP backbone (their ViT-B/16 counts: tests/test_clip_counts.py)
+CLIP_METHODS = ("coop", "cocoop", "maple", "clip_lora", "clip_adapter", "towers")
 #: methods that only change Linears, norms or sub-layer outputs (never the token sequence): valid on a text tower
 TEXT_SAFE = (
-    "lora", "dora", "adapter", "adaptformer", "bitfit", "ssf", "ia3", "ln_tune", "attention_only", "difffit",
-    "fact_tt", "fact_tk", "krona", "glora", "repadapter", "partial", "full",
+    "lora",
+    "dora",
+    "adapter",
+    "adaptformer",
+    "bitfit",
+    "ssf",
+    "ia3",
+    "ln_tune",
+    "attention_only",
+    "difffit",
+    "fact_tt",
+    "fact_tk",
+    "krona",
+    "glora",
+    "repadapter",
+    "partial",
+    "full",
 )
 
 
@@ -67,13 +94,13 @@ class TowersConfig(MethodConfig):
     """One method config per tower.
 
     Attributes:
-        image: the method for the image tower (None: untouched).
-        text: the method for the text tower (None: untouched); one of :data:`TEXT_SAFE`.
+        image: the method for the image tower (None: untouched); default LoRA r = 8 on q, v.
+        text: the method for the text tower (None: untouched); one of :data:`TEXT_SAFE`; default LoRA r = 8 on q, v.
     """
 
     method = "towers"
-    image: MethodConfig | None = None
-    text: MethodConfig | None = None
+    image: MethodConfig | None = LoRAConfig()
+    text: MethodConfig | None = LoRAConfig()
 
     def __post_init__(self) -> None:
         for tower in TOWERS:
@@ -98,7 +125,10 @@ class TowersConfig(MethodConfig):
         return {t: getattr(self, t) for t in TOWERS if getattr(self, t) is not None}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **{t: (c.to_dict() if c else None) for t, c in zip(TOWERS, (self.image, self.text))}}
+        return {
+            "method": self.method,
+            **{t: (c.to_dict() if c else None) for t, c in zip(TOWERS, (self.image, self.text))},
+        }
 
 
 def per_tower(method: str, targets: Sequence[str], **options: Any) -> TowersConfig:
@@ -113,7 +143,7 @@ def per_tower(method: str, targets: Sequence[str], **options: Any) -> TowersConf
                 raise ConfigError(f"{method}: has no targets; name the bare tower ({tower!r}) instead of {roles}")
             kwargs["targets"] = roles
         per[tower] = cls.from_kwargs(kwargs)
-    return TowersConfig(**per)
+    return TowersConfig(**{t: per.get(t) for t in TOWERS})
 
 
 def tower_module(model: nn.Module, tower: str, method: str) -> tuple[str, nn.Module]:
