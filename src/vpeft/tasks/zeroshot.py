@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .base import Task, TaskModel, register_task
@@ -254,16 +255,42 @@ class ZeroShotTask(Task):
             )
 
     @classmethod
-    def from_folder(cls, task_dir: str | Path, templates: Sequence[str] | None = None, ensemble: bool = False):
-        """The task of a VTAB-format folder: ``classes.txt`` and CoOp's template for its name (or ``templates``)."""
-        names = read_class_names(task_dir)
-        return cls(names, tuple(templates) if templates else templates_for(Path(task_dir).name, ensemble))
+    def from_folder(cls, path: Path, **options: Any) -> ZeroShotTask:
+        """The task of a VTAB-format folder: its ``classes.txt`` names and CoOp's template for the folder's name.
+
+        Options: ``templates`` (list of templates), ``ensemble`` (CLIP's 80 ImageNet templates), ``context_length``.
+        """
+        valid = ("templates", "ensemble", "context_length")
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"zeroshot: unknown task option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}"
+            )
+        names = read_class_names(path)
+        templates = options.get("templates") or templates_for(Path(path).name, bool(options.get("ensemble", False)))
+        return cls(names, tuple(templates), options.get("context_length", 77))
+
+    def dataset(
+        self, path: Path, split: str, model: nn.Module, *, input_size: int | None = None, train: bool = False
+    ) -> Dataset:
+        """The ``split`` list of a VTAB-format folder, images prepared with the model's (CLIP's) mean/std."""
+        from ..data import VTABTask, build_transform
+
+        task = VTABTask.from_dir(path)
+        if task.num_classes != len(self.class_names):
+            raise DataError(
+                f"zeroshot: folder {str(path)!r} has {task.num_classes} classes, the task names {len(self.class_names)}"
+            )
+        return task.dataset(split, build_transform(model, input_size=input_size))
+
+    def describe(self) -> str:
+        return f"zero-shot, {len(self.class_names)} class names, {len(self.templates)} template(s)"
 
     def subset(self, indices: Sequence[int]) -> ZeroShotTask:
         """The task restricted to the classes at ``indices`` (labels renumbered in that order)."""
         return dataclasses.replace(self, class_names=tuple(self.class_names[i] for i in indices))
 
-    def backbone_classes(self, num_classes: int) -> int:
+    def backbone_classes(self) -> int:
         return 0
 
     def check_tokens(self, tokenizer) -> None:
