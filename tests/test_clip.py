@@ -325,9 +325,7 @@ def test_one_line_errors():
         ZeroShotTask(NAMES).build(csc)(images(1))
     one_line(e)
     with pytest.raises(vpeft.ConfigError, match="num_classes=5 is only used with class_specific=True"):
-        vpeft.CoOpConfig(num_classes=5) if hasattr(vpeft, "CoOpConfig") else vpeft.get_method("coop").config_cls(
-            num_classes=5
-        )
+        vpeft.get_method("coop").config_cls(num_classes=5)
     vit = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
     )
