@@ -65,7 +65,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def build(args: argparse.Namespace):
     if args.quick:
         return tiny_open_clip(), 32
-    return create(args.model, force_image_size=args.size), args.size
+    return create(args.model, img_size=args.size), args.size
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def backbone(args: argparse.Namespace):
     if args.quick:
         return tiny_open_clip()
-    return create(args.model, pretrained=args.pretrained, force_image_size=args.size)
+    return create(args.model, pretrained=args.pretrained, img_size=args.size)
 
 
 def method_kwargs(name: str, clip) -> dict[str, Any]:

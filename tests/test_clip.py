@@ -75,6 +75,7 @@ def test_open_clip_runner_matches_native_forward():
     with torch.no_grad():
         di = (clip.encode_image(x) - native.encode_image(x)).abs().max().item()
         dt = (clip.encode_text(tokens) - native.encode_text(tokens)).abs().max().item()
+    print(f"runner (fused qkv) vs open_clip native: image {di:.3g}, text {dt:.3g}")
     assert di < 1e-5 and dt < 1e-5, (di, dt)
 
 
@@ -379,3 +380,35 @@ def test_task_model_through_api_and_engine(tmp_path):
     novel = ZeroShotTask(("zebra", "tulip")).build(tiny_open_clip())
     vpeft.load(novel, path)  # a unified context describes any class list
     assert novel(x).shape == (3, 2)
+
+
+def test_converted_pair_native_forwards_agree():
+    """open_clip's own forward (nn.MultiheadAttention, unfused) vs Hugging Face's own forward of the converted
+    weights: the same zero-shot logits (each library's code, not vpeft's runner)."""
+    from vpeft.backbones.clip import ClipBackbone, fuse_attention
+
+    native = _native_open_clip()
+    fused = copy.deepcopy(native)
+    fuse_attention(fused)
+    hf = hf_from_open_clip(ClipBackbone("open_clip", fused, "open_clip:tiny")).eval()
+    tokens = hf.tokenizer([f"a photo of a {n}." for n in NAMES])
+    x = images()
+    with torch.no_grad():
+        a = native.get_logits(x, tokens)[0]
+        img = hf.image_proj(hf.image(pixel_values=x).pooler_output)
+        txt = hf.text_proj(hf.text(input_ids=tokens).pooler_output)
+        b = zero_shot_logits(img, txt, hf.logit_scale)
+    diff = (a - b).abs().max().item()
+    print(f"native open_clip vs native HF (converted) logits: max |diff| = {diff:.3g}")
+    assert diff < 1e-4
+
+
+def test_create_by_name_errors():
+    from vpeft.backbones.clip import create
+
+    with pytest.raises(vpeft.UnknownNameError, match="use 'open_clip:<model>' or 'hf:<hub id>'"):
+        create("ViT-B-16")
+    with pytest.raises(vpeft.UnknownNameError, match="open_clip has no model 'ViT-Q-99'"):
+        create("open_clip:ViT-Q-99")
+    with pytest.raises(vpeft.ConfigError, match="have no classifier"):
+        create("open_clip:ViT-B-16", num_classes=10)

@@ -361,18 +361,31 @@ def _open_clip_model(name: str, pretrained: str | None, **kwargs: Any) -> nn.Mod
     return open_clip.create_model(name, pretrained=None, **kwargs)
 
 
-def create(name: str, pretrained: str | None = None, **kwargs: Any) -> ClipBackbone:
+def create(
+    name: str, pretrained: str | bool | None = None, img_size: int | None = None, num_classes: int = 0, **kwargs: Any
+) -> ClipBackbone:
     """A CLIP backbone by name: ``"open_clip:<model>"`` (e.g. ``open_clip:ViT-B-16``) or ``"hf:<hub id>"``.
 
     Args:
         name: library-qualified model name.
-        pretrained: open_clip's pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``...); for ``hf:`` any true value
-            loads the hub weights with ``from_pretrained`` (both need a network). ``None``: random weights.
-        **kwargs: passed to ``open_clip.create_model`` (``force_image_size=...``) or to the Hugging Face constructor.
+        pretrained: open_clip's pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``...; ``True``: ``"openai"``);
+            for ``hf:`` any true value loads the hub weights with ``from_pretrained``. Both need a network.
+            ``None`` / ``False``: random weights (open_clip: nothing is downloaded; ``hf:`` still reads the config).
+        img_size: input side (open_clip ``force_image_size``; Hugging Face ``image_size``, random weights only).
+        num_classes: must be 0: a CLIP has no classifier (the zero-shot task's class names are its classes).
+        **kwargs: passed to ``open_clip.create_model`` or to the Hugging Face constructor.
     """
+    if num_classes:
+        raise ConfigError(
+            f"CLIP backbones have no classifier (num_classes={num_classes}); classify by class names with the "
+            "zeroshot task (vpeft.tasks.zeroshot)"
+        )
     source, _, model_name = name.partition(":")
     if source == "open_clip" and model_name:
-        model = _open_clip_model(model_name, pretrained, **kwargs)
+        tag = "openai" if pretrained is True else (pretrained or None)
+        if img_size is not None:
+            kwargs["force_image_size"] = img_size
+        model = _open_clip_model(model_name, tag, **kwargs)
         fuse_attention(model)
         return ClipBackbone("open_clip", model, name)
     if source == "hf" and model_name:
@@ -381,7 +394,10 @@ def create(name: str, pretrained: str | None = None, **kwargs: Any) -> ClipBackb
         if pretrained:
             model = CLIPModel.from_pretrained(model_name, **kwargs)
         else:
-            model = CLIPModel(CLIPConfig.from_pretrained(model_name, **kwargs))
+            cfg = CLIPConfig.from_pretrained(model_name, **kwargs)
+            if img_size is not None:
+                cfg.vision_config.image_size = img_size
+            model = CLIPModel(cfg)
         return ClipBackbone("hf", model, name)
     raise UnknownNameError(f"CLIP backbone {name!r} is invalid; use 'open_clip:<model>' or 'hf:<hub id>'")
 
