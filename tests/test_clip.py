@@ -412,3 +412,15 @@ def test_create_by_name_errors():
         create("open_clip:ViT-Q-99")
     with pytest.raises(vpeft.ConfigError, match="have no classifier"):
         create("open_clip:ViT-B-16", num_classes=10)
+
+
+def test_cached_text_features_survive_evaluation_between_epochs():
+    """Validation (inference mode) between training epochs of an image-side method (text features cached)."""
+    from vpeft.train import TrainConfig, evaluate, train
+
+    model = ZeroShotTask(NAMES).build(tiny_open_clip())
+    vpeft.apply(model, "clip_adapter")
+    data = [(images(4, seed=s), torch.tensor([0, 1, 2, 3])) for s in range(2)]
+    evaluate(model, data)  # fills the cache under inference mode first
+    result = train(model, data, TrainConfig(epochs=2, lr=1e-2, batch_size=4), val_loader=data, progress=False)
+    assert len(result.history) == 2 and result.history[-1]["val_top1"] is not None

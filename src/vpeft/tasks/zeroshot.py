@@ -200,10 +200,12 @@ class ZeroShotModel(TaskModel):
         if trains:
             self.__dict__["_cache"] = None
             return prompt.text_features(*args)
+        # inference-mode tensors cannot enter autograd later: a cache filled under inference_mode serves only it
         key = (
             task.class_names,
             task.templates,
             str(self.backbone.device),
+            torch.is_inference_mode_enabled(),
             tuple(p._version for p in params),
             tuple(id(p) for p in params),
         )
