@@ -424,3 +424,20 @@ def test_cached_text_features_survive_evaluation_between_epochs():
     evaluate(model, data)  # fills the cache under inference mode first
     result = train(model, data, TrainConfig(epochs=2, lr=1e-2, batch_size=4), val_loader=data, progress=False)
     assert len(result.history) == 2 and result.history[-1]["val_top1"] is not None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{n}{i}" for i, (n, _) in enumerate(CASES)])
+def test_config_json_round_trip(case):
+    name, kwargs = case
+    cfg = vpeft.get_method(name).config_cls.from_kwargs(kwargs)
+    assert vpeft.MethodConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_per_tower_configs():
+    cfg = per_tower("lora", ["image.q", "text.q", "text.v"], r=4)
+    assert cfg.image.targets == ("q",) and cfg.text.targets == ("q", "v") and cfg.text.r == 4
+    assert per_tower("bitfit", ["image"]).text is None
+    with pytest.raises(vpeft.ConfigError, match="bitfit: has no targets; name the bare tower"):
+        per_tower("bitfit", ["text.q"])
+    with pytest.raises(vpeft.ConfigError, match="towers: no method given"):
+        TowersConfig(image=None, text=None)
