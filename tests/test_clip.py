@@ -43,6 +43,11 @@ def images(n: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+def _method(name: str, kwargs: dict):
+    cls = vpeft.get_method(name)
+    return cls(cls.config_cls.from_kwargs(kwargs))
+
+
 def randomise(model, seed: int = 3) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -238,14 +243,20 @@ def test_method_contract(kind, case, tmp_path):
     """Frozen towers bit-identical after an optimiser step, gradients everywhere, save/load round trip exact."""
     name, kwargs = case
     clip = KINDS[kind]()
+    x, y = images(), torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        ref = ZeroShotTask(NAMES).build(clip.eval())(x)
     rep = vpeft.apply(clip, name, **kwargs)
     assert rep.trainable > 0
+    if _method(name, kwargs).identity_at_init:
+        with torch.no_grad():
+            torch.testing.assert_close(ZeroShotTask(NAMES).build(clip)(x), ref, rtol=0, atol=1e-6)
+    clip.train()
     randomise(clip)
     model = ZeroShotTask(NAMES).build(clip)
     frozen = {n: p.detach().clone() for n, p in clip.named_parameters() if not p.requires_grad}
     trainable = [p for p in clip.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=0.1)
-    x, y = images(), torch.tensor([0, 1, 3])
     model.task.loss(model(x), y).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), "every trainable tensor learns"
     opt.step()
