@@ -105,7 +105,7 @@ def test_hf_runner_matches_native_forward():
 def test_tower_specs(kind):
     clip = KINDS[kind]()
     spec, text = get_spec(clip), get_spec(clip.text)
-    assert spec.family == ("open_clip" if kind == "open_clip" else "hf_clip")
+    assert spec.arch == ("open_clip" if kind == "open_clip" else "hf_clip")
     assert spec.blocks[0].startswith("image.") and spec.depth == 2 and spec.embed_dim == 64
     assert spec.patch_size == (8, 8) and spec.image_size == (32, 32) and spec.num_prefix_tokens == 1
     assert text.depth == 2 and text.embed_dim == 32

@@ -10,6 +10,8 @@ Families:
   tokens are refused on a text tower by :mod:`vpeft.methods.towers` (causal mask, end-of-text pooling).
 * ``hf_clip_text``: ``transformers`` ``CLIPTextModel`` (``encoder.layers.N.self_attn.q_proj/k_proj/v_proj``).
   Hugging Face's ``CLIPVisionModel`` is ``hf_clip_vision`` (:mod:`vpeft.arch.hf`).
+  Attention kind ``""`` on the open_clip towers and the text towers: methods that recompute attention with extra
+  keys/values (prefix tuning, E2VPT) refuse them.
 * ``open_clip`` / ``hf_clip``: a whole :class:`~vpeft.backbones.clip.ClipBackbone`; its spec is its image tower's,
   names under ``image.`` (a method named without a tower adapts the image tower, as on a ``CLIPVisionModel``).
   The towers themselves are listed in ``ClipBackbone.vpeft_towers``.
@@ -33,7 +35,7 @@ CLIP_FAMILIES = ("open_clip", "hf_clip")
 
 def is_clip_spec(spec: ArchSpec) -> bool:
     """Whether ``spec`` describes a whole two-tower CLIP backbone."""
-    return spec.family in CLIP_FAMILIES
+    return spec.arch in CLIP_FAMILIES
 
 
 def _is(model: nn.Module, module_prefix: str, names: tuple[str, ...]) -> bool:
@@ -89,12 +91,13 @@ def _pair(v) -> tuple[int, int]:
 def _open_clip_vision(model: nn.Module) -> ArchSpec:
     parts = _blocks(model, "transformer.resblocks", _OPEN_CLIP, _OPEN_CLIP_LIN)
     return ArchSpec(
-        family="open_clip_vision",
+        arch="open_clip_vision",
         kind="vit",
         blocks=tuple(p.block for p in parts),
         parts=parts,
         head="",
         post_blocks=("ln_post",),
+        final_norm="ln_post",
         stem=("conv1", "ln_pre"),
         embed_dim=int(model.transformer.width),
         num_prefix_tokens=1,
@@ -107,12 +110,13 @@ def _open_clip_vision(model: nn.Module) -> ArchSpec:
 def _open_clip_text(model: nn.Module) -> ArchSpec:
     parts = _blocks(model, "transformer.resblocks", _OPEN_CLIP, _OPEN_CLIP_LIN)
     return ArchSpec(
-        family="open_clip_text",
+        arch="open_clip_text",
         kind="vit",
         blocks=tuple(p.block for p in parts),
         parts=parts,
         head="",
         post_blocks=("ln_final",),
+        final_norm="ln_final",
         stem=("token_embedding",),
         embed_dim=int(model.transformer.width),
         num_prefix_tokens=1,
@@ -124,37 +128,40 @@ def _hf_clip_text(model: nn.Module) -> ArchSpec:
     tower = "text_model." if hasattr(model, "text_model") else ""
     parts = _blocks(model, f"{tower}encoder.layers", _HF, _HF_LIN)
     return ArchSpec(
-        family="hf_clip_text",
+        arch="hf_clip_text",
         kind="vit",
         blocks=tuple(p.block for p in parts),
         parts=parts,
         head="",
         post_blocks=(f"{tower}final_layer_norm",),
+        final_norm=f"{tower}final_layer_norm",
         stem=(f"{tower}embeddings",),
         embed_dim=int(model.config.hidden_size),
         num_prefix_tokens=1,
     )
 
 
-def prefixed(spec: ArchSpec, prefix: str, family: str | None = None) -> ArchSpec:
+def prefixed(spec: ArchSpec, prefix: str, arch: str | None = None) -> ArchSpec:
     """``spec`` of a sub-module named ``prefix``, re-expressed with names from the parent model."""
 
     def q(name: str) -> str:
         return f"{prefix}.{name}" if name else ""
 
-    parts = tuple(BlockParts(**{f.name: q(getattr(p, f.name)) for f in dataclasses.fields(p)}) for p in spec.parts)
+    names = [f.name for f in dataclasses.fields(BlockParts) if f.name != "attention"]  # attention: a kind, no name
+    parts = tuple(dataclasses.replace(p, **{n: q(getattr(p, n)) for n in names}) for p in spec.parts)
     return dataclasses.replace(
         spec,
-        family=family or spec.family,
+        arch=arch or spec.arch,
         blocks=tuple(q(b) for b in spec.blocks),
         parts=parts,
         head=q(spec.head),
         post_blocks=tuple(q(n) for n in spec.post_blocks),
         stem=tuple(q(n) for n in spec.stem),
+        final_norm=q(spec.final_norm),
     )
 
 
 @register_arch("clip", lambda m: _is(m, "vpeft.backbones.clip", ("ClipBackbone",)))
 def _clip(model: nn.Module) -> ArchSpec:
-    family = "open_clip" if model.source == "open_clip" else "hf_clip"
-    return prefixed(get_spec(model.image), "image", family)
+    arch = "open_clip" if model.source == "open_clip" else "hf_clip"
+    return prefixed(get_spec(model.image), "image", arch)

@@ -72,7 +72,7 @@ class CLIPLoRA(Method):
         if not is_clip_spec(spec):
             raise UnsupportedBackboneError(
                 f"clip_lora adapts both towers of a CLIP backbone (vpeft.backbones.clip.create); "
-                f"{spec.family} is image-only (use lora there)"
+                f"{spec.arch} is image-only (use lora there)"
             )
 
     def inject(self, model: nn.Module, spec: ArchSpec) -> list[str]:

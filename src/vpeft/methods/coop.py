@@ -41,7 +41,7 @@ def check_clip(method: Method, model: nn.Module, spec: ArchSpec, slot: str = "pr
     if not is_clip_spec(spec):
         raise UnsupportedBackboneError(
             f"{method.name} learns CLIP prompts and needs a two-tower CLIP backbone (vpeft.backbones.clip.create); "
-            f"{spec.family} has no text tower"
+            f"{spec.arch} has no text tower"
         )
     current = getattr(model, slot)
     if isinstance(current, Wrapper):
