@@ -216,7 +216,7 @@ def test_coop_from_words_equals_zero_shot_prompt(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_maple_depth_one_zero_coupling_is_its_shallow_form(kind):
     """MaPLe with J = 1 and a zero coupling: the text side is CoOp's (same context, same words), the image side is the
-    frozen image tower with M zero prompt tokens at its input only."""
+    frozen image tower with M zero prompt tokens (through its pre-norm) at its input only."""
     task = ZeroShotTask(NAMES)
     maple, coop, frozen = KINDS[kind](), KINDS[kind](), KINDS[kind]()
     vpeft.apply(maple, "maple", depth=1, num_tokens=2, init="a photo of a")

@@ -326,15 +326,17 @@ class ClipBackbone(nn.Module):
 
         Args:
             prompts: MaPLe's deep vision prompts: ``prompts[0]`` ``(M, W)`` tokens appended after the patch tokens
-                (after the pre-norm), ``prompts[i]`` (``i >= 1``, or None) replace the last ``M`` tokens at layer
-                ``i``'s input. Class-token pooling ignores them.
+                and normalised with them by the pre-norm (as MaPLe concatenates before ``ln_pre``), ``prompts[i]``
+                (``i >= 1``, or None) replace the last ``M`` tokens at layer ``i``'s input. Class-token pooling
+                ignores them.
         """
         x = self._image_tokens(images)
         prompts = list(prompts or ())
+        pre = self.image.ln_pre if self.source == "open_clip" else self.image.pre_layrnorm
         for i, block in enumerate(self.image_blocks()):
             p = prompts[i] if i < len(prompts) else None
             if p is not None:
-                p = p.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+                p = (pre(p) if i == 0 else p).to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
                 x = torch.cat([x, p] if i == 0 else [x[:, : -p.shape[1]], p], dim=1)
             x = block(x) if self.source == "open_clip" else _hf_layer(block, x, None)
         return self.image_adapter(self._image_pool(x))

@@ -5,7 +5,8 @@ Language side: M context vectors in the text input (initialised from the first M
 of the phrase kept as words), and new language prompts ``P_i`` (M x W_text, N(0, 0.02)) replacing them at the input
 of text layers i = 1 .. J-1. Vision side: no free parameters; the vision prompts of layer i are
 ``F_i(P_i)``, ``F_i = Linear(W_text -> W_image)`` (i = 0 uses the input context), appended after the patch tokens at
-layer 0 and replacing them at layers 1 .. J-1; class-token pooling ignores them. Paper setting: M = 2, J = 9.
+layer 0 (through the image tower's pre-norm, as the patch tokens) and replacing them at layers 1 .. J-1;
+class-token pooling ignores them. Paper setting: M = 2, J = 9.
 CLIP ViT-B/16 (W_text = 512, W_image = 768): input context 2 * 512 = 1,024; deep language prompts
 8 * 2 * 512 = 8,192; couplings 9 * (512 * 768 + 768) = 3,545,856; total 3,555,072.
 At J = 1 MaPLe is its shallow form: CoOp's context in the text input and ``F_0(context)`` as prompt tokens at the
