@@ -1,0 +1,330 @@
+"""Zero-shot (and prompt-learned) classification with a two-tower CLIP on the task slot.
+
+Reference: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021
+(zero-shot transfer, prompt ensembling); Zhou et al., "Learning to Prompt for Vision-Language Models" (CoOp),
+IJCV 2022 (the per-dataset hand-crafted templates in :data:`COOP_TEMPLATES`).
+
+The classes are *names* (``classes.txt``, underscores read as spaces), not indices into a trained head: the text
+tower turns them into class weights, ``logits = logit_scale.exp() * norm(image) @ norm(text).T``. The text side is
+the backbone's ``prompt`` slot (hand-written templates, or a learned prompt: CoOp, CoCoOp, MaPLe); its features
+are computed once and cached while nothing that produces them changes (the cache is keyed on the version counters
+of every text-side parameter, so an optimiser step or a loaded delta invalidates it) and recomputed every step
+while a prompt learner or the text tower trains. A conditional prompt (CoCoOp) gives per-image class weights.
+
+The same adapted backbone serves other class lists: ``ZeroShotTask(other_names).build(model.backbone)`` evaluates a
+prompt trained on base classes on novel ones (base-to-novel) or on another data set (cross-dataset transfer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+from .base import Task, TaskModel, register_task
+from .classification import ClassificationMeter
+
+__all__ = [
+    "ZeroShotTask",
+    "ZeroShotModel",
+    "IMAGENET_TEMPLATES",
+    "COOP_TEMPLATES",
+    "templates_for",
+    "read_class_names",
+    "zero_shot_logits",
+]
+
+#: CLIP's 80 ImageNet prompt templates (Radford et al. 2021, the released prompt-engineering notebook)
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+#: CoOp's single hand-crafted template per data set (Zhou et al. 2022, Table/appendix; CoOp's dataset configs),
+#: keyed by CoOp's data-set names and the VTAB-1k task names used here
+COOP_TEMPLATES: Mapping[str, str] = {
+    "imagenet": "a photo of a {}.",
+    "caltech101": "a photo of a {}.",
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "oxford_iiit_pet": "a photo of a {}, a type of pet.",
+    "stanford_cars": "a photo of a {}.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "oxford_flowers102": "a photo of a {}, a type of flower.",
+    "food101": "a photo of {}, a type of food.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+    "sun397": "a photo of a {}.",
+    "dtd": "{} texture.",
+    "dtd10": "{} texture.",
+    "eurosat": "a centered satellite photo of {}.",
+    "ucf101": "a photo of a person doing {}.",
+    "cifar10": "a photo of a {}.",
+    "cifar100": "a photo of a {}.",
+}
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+def templates_for(dataset: str, ensemble: bool = False) -> tuple[str, ...]:
+    """The prompt templates of a data set: CoOp's single template (default ``"a photo of a {}."``), or CLIP's 80."""
+    if ensemble:
+        return IMAGENET_TEMPLATES
+    return (COOP_TEMPLATES.get(dataset.lower(), DEFAULT_TEMPLATE),)
+
+
+def read_class_names(task_dir: str | Path) -> tuple[str, ...]:
+    """Class names from ``<task_dir>/classes.txt`` (one per line, label order), underscores read as spaces."""
+    path = Path(task_dir) / "classes.txt"
+    if not path.is_file():
+        raise DataError(f"{str(path)!r} does not exist; a zero-shot task needs its class names in classes.txt")
+    names = [line.strip().replace("_", " ") for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{str(path)!r} lists no class names")
+    return tuple(names)
+
+
+def zero_shot_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """``logit_scale.exp() * norm(image) @ norm(text).T``; ``text`` ``(C, E)`` or per image ``(B, C, E)``."""
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    scores = image @ text.T if text.dim() == 2 else torch.einsum("be,bce->bc", image, text)
+    return logit_scale.exp() * scores
+
+
+class ZeroShotModel(TaskModel):
+    """A CLIP backbone classifying images among the task's class names (``decoder``: empty, nothing outside it).
+
+    ``forward(images) -> (B, C)`` logits.
+    """
+
+    def __init__(self, backbone: nn.Module, task: ZeroShotTask) -> None:
+        super().__init__(backbone, nn.Module(), task)
+        self.__dict__["_cache"] = None
+
+    def _text_parameters(self) -> list[torch.Tensor]:
+        b = self.backbone
+        mods = [b.prompt, b.text] + [m for m in (getattr(b, "text_proj", None),) if m is not None]
+        return [p for m in mods for p in m.parameters()]
+
+    def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """The class weights ``(C, E)`` (``(B, C, E)`` for a conditional prompt), cached while valid."""
+        task, prompt = self.task, self.backbone.prompt
+        prompt.check_classes(len(task.class_names))
+        args = (self.backbone, task.class_names, task.templates)
+        if prompt.conditional:
+            return prompt.text_features(*args, image_features)
+        params = self._text_parameters()
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if trains:
+            self.__dict__["_cache"] = None
+            return prompt.text_features(*args)
+        # inference-mode tensors cannot enter autograd later: a cache filled under inference_mode serves only it
+        key = (
+            task.class_names,
+            task.templates,
+            str(self.backbone.device),
+            torch.is_inference_mode_enabled(),
+            tuple(p._version for p in params),
+            tuple(id(p) for p in params),
+        )
+        cache = self.__dict__["_cache"]
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, prompt.text_features(*args))
+            self.__dict__["_cache"] = cache
+        return cache[1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        image = b.encode_image(images, b.prompt.vision_prompts(b))
+        return zero_shot_logits(image, self.text_features(image), b.logit_scale)
+
+
+@register_task
+@dataclasses.dataclass(frozen=True)
+class ZeroShotTask(Task):
+    """Classify among class *names* with a CLIP backbone.
+
+    Attributes:
+        class_names: the classes, in label order.
+        templates: prompt templates with one ``{}`` for the class name (several: CLIP's ensemble).
+        context_length: text context (CLIP: 77; larger is refused).
+    """
+
+    kind: ClassVar[str] = "zeroshot"
+    primary_metric: ClassVar[str] = "top1"
+    class_names: tuple[str, ...] = ()
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    context_length: int = 77
+
+    def __post_init__(self) -> None:
+        for name in ("class_names", "templates"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if not self.class_names:
+            raise ConfigError("zeroshot: class_names is empty; give the class names (e.g. from classes.txt)")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ConfigError(f"zeroshot: class_names has repeated entries: {list(self.class_names)[:5]}...")
+        bad = [t for t in self.templates if t.count("{}") != 1]
+        if bad or not self.templates:
+            raise ConfigError(f"zeroshot: template {bad[0] if bad else ''!r} is invalid; each needs exactly one '{{}}'")
+        if not isinstance(self.context_length, int) or not 1 <= self.context_length <= 77:
+            raise ConfigError(
+                f"zeroshot: context_length={self.context_length!r} is invalid; CLIP's text tower has 77 positions "
+                "(expected an integer in [1, 77])"
+            )
+
+    @classmethod
+    def from_folder(cls, path: Path, **options: Any) -> ZeroShotTask:
+        """The task of a VTAB-format folder: its ``classes.txt`` names and CoOp's template for the folder's name.
+
+        Options: ``templates`` (list of templates), ``ensemble`` (CLIP's 80 ImageNet templates), ``context_length``.
+        """
+        valid = ("templates", "ensemble", "context_length")
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"zeroshot: unknown task option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}"
+            )
+        names = read_class_names(path)
+        templates = options.get("templates") or templates_for(Path(path).name, bool(options.get("ensemble", False)))
+        return cls(names, tuple(templates), options.get("context_length", 77))
+
+    def dataset(
+        self, path: Path, split: str, model: nn.Module, *, input_size: int | None = None, train: bool = False
+    ) -> Dataset:
+        """The ``split`` list of a VTAB-format folder, images prepared with the model's (CLIP's) mean/std."""
+        from ..data import VTABTask, build_transform
+
+        task = VTABTask.from_dir(path)
+        if task.num_classes != len(self.class_names):
+            raise DataError(
+                f"zeroshot: folder {str(path)!r} has {task.num_classes} classes, the task names {len(self.class_names)}"
+            )
+        return task.dataset(split, build_transform(model, input_size=input_size))
+
+    def describe(self) -> str:
+        return f"zero-shot, {len(self.class_names)} class names, {len(self.templates)} template(s)"
+
+    def subset(self, indices: Sequence[int]) -> ZeroShotTask:
+        """The task restricted to the classes at ``indices`` (labels renumbered in that order)."""
+        return dataclasses.replace(self, class_names=tuple(self.class_names[i] for i in indices))
+
+    def backbone_classes(self) -> int:
+        return 0
+
+    def check_tokens(self, tokenizer) -> None:
+        """Raise ConfigError naming the first class whose prompt does not fit the context."""
+        for template in self.templates:
+            for name in self.class_names:
+                n = len(tokenizer.encode(template.format(name))) + 2
+                if n > self.context_length:
+                    raise ConfigError(
+                        f"zeroshot: class {name!r} in template {template!r} is {n} tokens; CLIP's context holds "
+                        f"{self.context_length}"
+                    )
+
+    def build(self, backbone: nn.Module) -> ZeroShotModel:
+        if not callable(getattr(backbone, "encode_text_embeds", None)):
+            raise ConfigError(
+                f"zeroshot: {type(backbone).__name__} has no text tower; a zero-shot task needs a CLIP backbone "
+                "(vpeft.backbones.clip.create)"
+            )
+        self.check_tokens(backbone.tokenizer)
+        return ZeroShotModel(backbone, self)
+
+    def loss(self, output: Any, target: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+        return F.cross_entropy(output.float(), target, label_smoothing=label_smoothing)
+
+    def new_meter(self) -> ClassificationMeter:
+        return ClassificationMeter()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "class_names": list(self.class_names),
+            "templates": list(self.templates),
+            "context_length": self.context_length,
+        }
