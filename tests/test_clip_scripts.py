@@ -44,3 +44,24 @@ def test_clip_pipeline_quick(tmp_path):
     b2n = [r for r in result["rows"] if r["protocol"] == "base-to-novel"]
     assert len(b2n) == 2 * 2 * 2 and all(0 <= r["hm"] <= 1 for r in b2n)
     assert (tmp_path / "out" / "lists" / "toy_base_shots2_seed1.txt").is_file()
+
+
+@pytest.mark.slow
+def test_cli_trains_coop_on_a_random_open_clip_vit_b16_and_refuses_hub_weights_offline(tmp_path, capsys):
+    """``vpeft train --backbone open_clip:ViT-B-16 --method coop`` works like the image-only path (random weights:
+    the accuracy measures only the plumbing); asking for the pretrained weights offline is a one-line error."""
+    from vpeft.cli import main
+    from vpeft.data import ensure_digits_task
+
+    ensure_digits_task(tmp_path / "data")
+    argv = ["train", "--backbone", "open_clip:ViT-B-16", "--method", "coop", "--opt", "num_tokens=4",
+            "--task", "digits", "--data-root", str(tmp_path / "data"), "--img-size", "32", "--epochs", "1",
+            "--batch-size", "50", "--train-split", "val200", "--eval-split", "val200", "--quiet"]  # fmt: skip
+    assert main([*argv, "--no-pretrained", "--out", str(tmp_path / "run")]) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["task_spec"]["kind"] == "zeroshot" and result["method_params"] == 4 * 512
+    capsys.readouterr()
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # tests/conftest.py: the hub is never reached
+    assert main([*argv, "--out", str(tmp_path / "hub")]) == 2
+    err = capsys.readouterr().err
+    assert "its pretrained weights could not be loaded" in err and "--no-pretrained" in err

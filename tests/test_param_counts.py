@@ -112,7 +112,9 @@ def test_hand_arithmetic():
 
 
 def test_every_registered_method_has_an_expected_count():
-    assert set(vpeft.list_methods()) <= set(EXPECTED), "add the new method's ViT-B/16 count here"
+    from vpeft.methods.towers import CLIP_METHODS  # counted on CLIP ViT-B/16 in tests/test_clip_counts.py
+
+    assert set(vpeft.list_methods()) - set(CLIP_METHODS) <= set(EXPECTED), "add the new method's ViT-B/16 count here"
 
 
 @pytest.fixture(scope="module")

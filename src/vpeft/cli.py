@@ -78,12 +78,20 @@ def _vit_b16_counts(names: Sequence[str]) -> dict[str, str]:
     import timm
 
     from .api import apply
+    from .methods.towers import CLIP_METHODS
 
     base = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+    clip = None
     counts = {}
     for name in names:
+        if name in CLIP_METHODS and clip is None:  # the vision-language methods count on CLIP ViT-B/16
+            from .backbones.clip import create as create_clip
+
+            clip = create_clip("open_clip:ViT-B-16")
+        model = clip if name in CLIP_METHODS else base
         try:
-            counts[name] = f"{apply(copy.deepcopy(base), name).method_params:,}"
+            n = apply(copy.deepcopy(model), name).method_params
+            counts[name] = f"{n:,} (CLIP)" if name in CLIP_METHODS else f"{n:,}"
         except VpeftError as exc:
             counts[name] = f"n/a ({exc})"
     return counts
@@ -98,7 +106,14 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     for name in names:
         cls = get_method(name)
         m = cls(cls.config_cls())  # flags of the default config (a composition's depend on its parts)
-        row = {"name": name, "family": m.family, "mergeable": m.mergeable, "cnn": "cnn" in m.kinds, "paper": m.paper}
+        row = {
+            "name": name,
+            "family": m.family,
+            "mergeable": m.mergeable,
+            "cnn": "cnn" in m.kinds,
+            "towers": list(m.towers),
+            "paper": m.paper,
+        }
         if args.counts:
             row["vit_b16_params"] = counts[name]
         rows.append(row)
@@ -106,11 +121,13 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2, allow_nan=False))
         return 0
     extra = " ViT-B/16 params |" if args.counts else ""
-    print(f"| method | family | mergeable | CNN |{extra} paper |\n|---|---|---|---|{'---:|' if extra else ''}---|")
+    print(f"| method | family | mergeable | CNN | CLIP towers |{extra} paper |")
+    print(f"|---|---|---|---|---|{'---:|' if extra else ''}---|")
     for r in rows:
         flags = ["yes" if r[k] else "no" for k in ("mergeable", "cnn")]
         count = f" {r['vit_b16_params']} |" if args.counts else ""
-        print(f"| {r['name']} | {r['family']} | {flags[0]} | {flags[1]} |{count} {r['paper']} |")
+        towers = "+".join(r["towers"])
+        print(f"| {r['name']} | {r['family']} | {flags[0]} | {flags[1]} | {towers} |{count} {r['paper']} |")
     return 0
 
 

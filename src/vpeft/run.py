@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from .api import apply, load, merge, read_delta, save, save_merged
 from .arch import input_size
+from .backbones import is_clip_name
 from .config import MethodConfig
 from .data import (
     ImageFolderDataset,
@@ -232,7 +233,8 @@ def finetune(
 ) -> RunResult:
     """Adapt ``backbone`` to ``task`` with ``method``; return (and write) the run's result.
 
-    The task folder's format decides the task type (:func:`vpeft.tasks.task_for_folder`; ``task_kind`` forces
+    The task folder's format decides the task type (:func:`vpeft.tasks.task_for_folder`; a CLIP backbone
+    (``open_clip:<model>``, ``hf:<id>``) makes a classification folder a zero-shot task; ``task_kind`` forces
     one, ``task_options`` configures it, e.g. ``{"decoder": "fpn"}`` for segmentation), which builds the model
     around the backbone, its loss and its metrics. The protocol: hyper-parameters are chosen with a train split
     and a validation split (VTAB-1k: ``train800`` / ``val200``); the final run trains on both
@@ -252,6 +254,8 @@ def finetune(
         device = ctx.device if ctx is not None else device
         with main_first(ctx):  # rank 0 alone exports generated data and converts weights into the caches
             folder = open_task(data_root, task)
+            if task_kind is None and is_clip_name(backbone):  # a CLIP classifies by its class names
+                task_kind = "zeroshot"
             t = folder.task(task_kind, **dict(task_options or {}))
             set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
             model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained, **t.backbone_kwargs()))

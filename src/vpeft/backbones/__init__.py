@@ -151,6 +151,34 @@ def backbone_info(name: str) -> BackboneInfo:
 # --------------------------------------------------------------------------------------------------- model creation
 
 
+CLIP_PREFIXES = ("open_clip:", "hf:")
+"""Backbone names with these prefixes are two-tower CLIP models (:mod:`vpeft.backbones.clip`)."""
+
+
+def is_clip_name(name: str) -> bool:
+    """Whether ``name`` names a CLIP backbone (``open_clip:<model>`` or ``hf:<hub id>``)."""
+    return name.startswith(CLIP_PREFIXES)
+
+
+def _create_clip(name: str, num_classes, img_size, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
+    from .clip import create as create_clip
+
+    try:
+        model = create_clip(
+            name, pretrained=pretrained or None, img_size=img_size, num_classes=num_classes or 0, **kwargs
+        )  # noqa: E501
+    except VpeftError:
+        raise
+    except Exception as exc:  # no network (hub errors of several types), an unknown tag or model name
+        what = "its pretrained weights could not be loaded" if pretrained else "it could not be built"
+        raise VpeftError(
+            f"CLIP backbone {name!r}: {what} ({type(exc).__name__}: {str(exc)[:160]}); no CLIP weights ship offline, "
+            "so on a machine without a network use random weights (pretrained=False / --no-pretrained)"
+        ) from None
+    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "vpeft_backbone": name}
+    return model
+
+
 def create(
     name: str,
     *,
@@ -182,6 +210,8 @@ def create(
         ConfigError: If ``img_size`` is invalid or ``timm_kwargs`` change the architecture incompatibly.
         VpeftError: If a source package needed for the pretrained weights is missing.
     """
+    if name.startswith(CLIP_PREFIXES):
+        return _create_clip(name, num_classes, img_size, pretrained, timm_kwargs)
     if name in _BACKBONES:
         return _create_local(name, num_classes, img_size, pretrained, cache_dir, timm_kwargs)
     _check_timm_name(name)

@@ -48,6 +48,7 @@ class Method:
         mergeable: the trained delta folds into the base weights (zero inference overhead).
         identity_at_init: the adapted model equals the frozen backbone before training.
         kinds: backbone kinds the method supports (``"vit"``, ``"swin"``, ``"cnn"``; see ArchSpec.kind).
+        towers: on a two-tower CLIP, the towers it trains in (``"image"``, ``"text"``).
         freeze_norm_stats: keep BatchNorm running statistics frozen (all methods but full tuning).
         saves_buffers: the delta checkpoint also stores buffers (full tuning only).
         roles: the roles the template loop adapts in every block (see :mod:`vpeft.arch.targets`).
@@ -59,6 +60,8 @@ class Method:
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = ("vit", "swin", "cnn")
+    #: the towers of a two-tower CLIP the method trains in (a vision method adapts the image tower)
+    towers: ClassVar[tuple[str, ...]] = ("image",)
     freeze_norm_stats: ClassVar[bool] = True
     saves_buffers: ClassVar[bool] = False
     roles: ClassVar[tuple[str, ...]] = ()

@@ -65,6 +65,7 @@ class CLIPAdapter(Method):
     paper = "Gao et al., CLIP-Adapter: Better Vision-Language Models with Feature Adapters, IJCV 2023"
     identity_at_init = False
     kinds = ("vit",)
+    towers = ("image",)
 
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         super().check(model, spec)

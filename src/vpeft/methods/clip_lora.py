@@ -66,6 +66,7 @@ class CLIPLoRA(Method):
     paper = "Zanella & Ben Ayed, Low-Rank Few-Shot Adaptation of Vision-Language Models, CVPRW 2024"
     mergeable = True
     kinds = ("vit",)
+    towers = ("image", "text")
 
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         super().check(model, spec)

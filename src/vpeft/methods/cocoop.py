@@ -76,6 +76,7 @@ class CoCoOp(Method):
     paper = "Zhou et al., Conditional Prompt Learning for Vision-Language Models (CoCoOp), CVPR 2022"
     identity_at_init = False
     kinds = ("vit",)
+    towers = ("text", "image")
 
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         super().check(model, spec)

@@ -200,6 +200,7 @@ class CoOp(Method):
     paper = "Zhou et al., Learning to Prompt for Vision-Language Models (CoOp), IJCV 2022"
     identity_at_init = False
     kinds = ("vit",)
+    towers = ("text",)
 
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         super().check(model, spec)

@@ -90,6 +90,7 @@ class MaPLe(Method):
     paper = "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023"
     identity_at_init = False
     kinds = ("vit",)
+    towers = ("text", "image")
 
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         super().check(model, spec)

@@ -176,6 +176,7 @@ class Towers(Method):
     family = UNIFIED
     paper = "vpeft: a method per tower of a two-tower model (Radford et al., CLIP, ICML 2021)"
     kinds = ("vit",)
+    towers = ("image", "text")
 
     def __init__(self, config: TowersConfig) -> None:
         super().__init__(config)

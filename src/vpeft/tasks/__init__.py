@@ -1,9 +1,11 @@
-"""Task types on the task slot (see :mod:`vpeft.tasks.base`): classification, segmentation; importing this package
+"""Task types on the task slot (see :mod:`vpeft.tasks.base`): classification, segmentation, zero-shot
+(vision-language); importing this package
 registers every built-in task type."""
 
 from .base import Meter, Task, TaskModel, register_task, task_for_folder, task_from_dict, task_kinds
 from .classification import ClassificationMeter, ClassificationTask
 from .segmentation import SegmentationMeter, SegmentationModel, SegmentationTask
+from .zeroshot import ZeroShotModel, ZeroShotTask
 
 __all__ = [
     "Meter",
@@ -18,4 +20,6 @@ __all__ = [
     "SegmentationMeter",
     "SegmentationModel",
     "SegmentationTask",
+    "ZeroShotModel",
+    "ZeroShotTask",
 ]
