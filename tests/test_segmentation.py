@@ -888,3 +888,28 @@ def test_cli_train_eval_and_save_masks_on_a_segmentation_folder(tmp_path, capsys
            "--data-root", str(root), "--decoder", "fpn", "--out", str(tmp_path / "bad"), "--quiet"]  # fmt: skip
     assert main(bad) == 2
     assert "classification tasks take no task options" in capsys.readouterr().err
+
+
+def test_a_delta_of_another_segmentation_setup_is_refused_and_grad_checkpointing_reaches_the_backbone(tmp_path):
+    from tiny import TINY_BACKBONES
+
+    from vpeft.errors import CheckpointError
+    from vpeft.train import TrainConfig, train
+
+    def backbone():
+        factory, _ = TINY_BACKBONES["vit_cls"]
+        model = factory()
+        model.reset_classifier(0)
+        return model
+
+    seg = SegmentationTask(3, levels=(0,)).build(backbone())
+    vpeft.apply(seg, "lora")
+    path = vpeft.save(seg, tmp_path / "d.safetensors")
+    with pytest.raises(CheckpointError, match=r"another segmentation set-up: levels=\[0\] \(this model: \[1\]\)"):
+        vpeft.load(SegmentationTask(3, levels=(1,)).build(backbone()), path)
+    vpeft.load(SegmentationTask(3, levels=(0,), augment=True).build(backbone()), path)  # data options may differ
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4, 32, 32)))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    result = train(seg, loader, TrainConfig(epochs=1, batch_size=2, grad_checkpointing=True), progress=False)
+    assert result.steps == 2 and seg.backbone.grad_checkpointing

@@ -438,6 +438,11 @@ def load(model: nn.Module, path: str | os.PathLike) -> Report:
             f"checkpoint {str(path)!r} was trained for a {want.get('kind')!r} task; this model is a "
             f"{have['kind']!r} model (build it with that task)"
         )
+    if isinstance(model, TaskModel):  # the same task set-up: classes, decoder, levels ... (data options may differ)
+        try:
+            model.task.check_compatible(want, f"checkpoint {str(path)!r}")
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
     if is_adapted(model):
         state = state_of(model)
         if state.config != cfg:

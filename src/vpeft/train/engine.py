@@ -644,6 +644,8 @@ def _apply_options(model: nn.Module, cfg: TrainConfig) -> bool:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:
+        if isinstance(model, TaskModel):  # the backbone's blocks are what is worth recomputing
+            model = model.backbone
         if hasattr(model, "set_grad_checkpointing"):  # timm
             model.set_grad_checkpointing(True)
         elif hasattr(model, "gradient_checkpointing_enable"):  # Hugging Face transformers
