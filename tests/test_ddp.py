@@ -211,7 +211,7 @@ def test_two_processes_train_like_one(ddp_runs, tmp_path, single_process):
     torch.manual_seed(0)
     init = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 3)).state_dict()
     assert _max_diff(init, ref_state) > 0.05, "training moved the parameters far beyond the tolerance"
-    assert sorted(p.name for p in (ddp_runs / "mlp" / "rank0").iterdir()) == ["metrics.json"]
+    assert sorted(p.name for p in (ddp_runs / "mlp" / "rank0").iterdir()) == ["checkpoint.pt", "metrics.json"]
     metrics = json.loads((ddp_runs / "mlp" / "rank0" / "metrics.json").read_text())
     assert metrics["complete"] and metrics["steps"] == ref_history[-1]["steps"] == 3 * 2
 

@@ -70,8 +70,11 @@ def test_cached_training_equals_uncached(bb, method, kwargs, depth, seed):
     expected = _trained(ref_model)
     trained = _trained(model)
     assert trained.keys() == expected.keys()
+    # a CNN's convolutions may pick other kernels for the cache pass's unshuffled batches than for the shuffled
+    # ones under several threads: float rounding of ~5e-6 (on weights of ~0.5) after 3 epochs; ViTs are exact
+    atol = 2e-5 if bb.startswith("cnn") else 1e-6
     for n in expected:
-        torch.testing.assert_close(trained[n], expected[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(trained[n], expected[n], rtol=1e-5, atol=atol, msg=n)
 
 
 def test_spills_to_disk_with_the_same_results(tmp_path):

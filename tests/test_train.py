@@ -193,7 +193,7 @@ def test_vit_learns_separable_task(tmp_path: Path) -> None:
     assert [r["epoch"] for r in saved["history"]] == list(range(1, 4))
     keys = {"epoch", "train_loss", "train_top1", "lr", "val_top1", "val_loss", "epoch_time_s", "images_per_s"}
     assert keys <= set(saved["history"][-1])
-    assert not [p for p in tmp_path.iterdir() if p.name != "metrics.json"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.json"]  # no temp files left
 
 
 def test_grad_accum_matches_large_batch() -> None:

@@ -148,7 +148,7 @@ class TrainConfig:
                 raise _fail(name, getattr(self, name), "a bool")
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             raise _fail("channels_last", self.channels_last, "a bool or None (automatic: on for CNNs)")
-        self._set("lr", _check_float("lr", self.lr, 0.0, lo_open=True))
+        self._set("lr", _check_float("lr", self.lr, 0.0, 1e30, lo_open=True))  # beyond: float32 overflow
         self._set("weight_decay", _check_float("weight_decay", self.weight_decay, 0.0))
         self._set("warmup_epochs", _check_float("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs)))
         self._set("label_smoothing", _check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True))
