@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -122,3 +123,60 @@ def test_base_to_novel_and_cross_dataset_plumbing(tmp_path):
     other = ZeroShotTask(("zebra", "airplane", "tulip"), ("a photo of a {}.",))
     loader = torch.utils.data.DataLoader(SampleList(restrict(read_split_list(other_dir, "test"), [0, 1, 2]), transform))
     assert 0.0 <= _accuracy(other.build(clip).eval(), loader) <= 1.0
+
+
+# ---- the protocols in vpeft bench ------------------------------------------------------------------------------
+def test_zeroshot_task_class_subsets_and_k_shot_training_sets(tmp_path):
+    from vpeft.data import ensure_digits_task
+    from vpeft.tasks import ZeroShotTask, task_from_dict
+
+    ensure_digits_task(tmp_path)
+    folder = tmp_path / "digits"
+    base = ZeroShotTask.from_folder(folder, classes="base", shots=2, shot_seed=3, lists_dir=str(tmp_path / "lists"))
+    novel = ZeroShotTask.from_folder(folder, classes="novel")
+    assert base.class_names == ("0", "1", "2", "3", "4") and novel.class_names == ("5", "6", "7", "8", "9")
+    assert task_from_dict(base.to_dict()) == base
+    model = torch.nn.Identity()
+    model.pretrained_cfg = {"input_size": (3, 32, 32)}
+    train = base.dataset(folder, "train800val200", model, input_size=32, train=True)
+    assert len(train) == 10 and sorted(train.targets) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    listed = list((tmp_path / "lists").glob("digits_base_train800val200_shots2_seed3.txt"))
+    assert listed and len(listed[0].read_text().split("\n")) == 11  # the drawn list is written out
+    test = novel.dataset(folder, "test", model, input_size=32)
+    assert set(test.targets) == {0, 1, 2, 3, 4} and len(test) < 797  # the novel labels, renumbered
+    with pytest.raises(vpeft.ConfigError, match="classes='half' is invalid; valid: all, base, novel"):
+        ZeroShotTask.from_folder(folder, classes="half")
+
+
+@pytest.mark.slow
+def test_bench_base_to_novel_records_base_novel_and_hm(tmp_path):
+    """A base-to-novel definition on a random open_clip ViT-B-16 (plumbing only): the record holds base, novel and
+    HM accuracies, the leaderboard ranks by HM and shows the base / novel / HM table."""
+    from vpeft.bench import load_definition, parse_definition, run_bench
+    from vpeft.bench.report import write_report
+    from vpeft.data import ensure_digits_task
+    from vpeft.data.fewshot import harmonic_mean
+
+    shipped = load_definition(Path(__file__).resolve().parents[1] / "experiments" / "b2n.yaml")
+    assert {r.protocol for r in shipped.runs()} == {"base-to-novel"}
+    assert all(r.task_options["classes"] == "base" and r.task_kind == "zeroshot" for r in shipped.runs())
+    ensure_digits_task(tmp_path / "data")
+    definition = parse_definition(
+        {
+            "name": "b2n-tiny", "backbone": "open_clip:ViT-B-16", "img_size": 32, "pretrained": False, "seeds": [0],
+            "data_root": str(tmp_path / "data"), "train": {"epochs": 1, "batch_size": 8, "lr": 2e-3},
+            "latency": {"batch_size": 1, "warmup": 0, "repeats": 1},
+            "tasks": [{"name": "digits", "group": "vision-language", "protocol": "base-to-novel",
+                       "options": {"shots": 1, "lists_dir": str(tmp_path / "lists")}}],
+            "methods": [{"name": "coop", "settings": {"num_tokens": 4}}],
+        }
+    )  # fmt: skip
+    summary = run_bench(definition, tmp_path / "out", workers=0, progress=False)
+    assert summary.ok == 1, summary.failures
+    rec = json.loads((tmp_path / "out" / "runs" / "coop" / "digits" / "seed0" / "record.json").read_text())
+    assert rec["protocol"] == "base-to-novel" and rec["primary_metric"] == "hm"
+    assert rec["hm"] == pytest.approx(harmonic_mean(rec["base"], rec["novel"])) and rec["score"] == rec["hm"]
+    assert rec["test_n"] + rec["novel_n"] == 797 and rec["method_params"] == 4 * 512
+    assert list((tmp_path / "lists").glob("digits_base_*shots1_seed0.txt"))
+    md = write_report(tmp_path / "out")[0]
+    assert "## Base-to-novel accuracy (%)" in md and "digits base | digits novel | digits HM" in md

@@ -870,11 +870,13 @@ def test_cli_train_eval_and_save_masks_on_a_segmentation_folder(tmp_path, capsys
     out = tmp_path / "run"
     argv = ["train", "--backbone", "test_vit", "--no-pretrained", "--method", "lora", "--task", "toy",
             "--data-root", str(root), "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--decoder", "fpn",
-            "--train-split", "train", "--eval-split", "val", "--out", str(out), "--quiet"]  # fmt: skip
+            "--train-split", "train", "--eval-split", "val", "--out", str(out), "--quiet",
+            "--task-opt", "augment=true"]  # fmt: skip
     assert main(argv) == 0
     assert "mIoU (%)" in capsys.readouterr().out
     result = json.loads((out / "result.json").read_text())
     assert result["task_spec"]["kind"] == "segmentation" and result["task_spec"]["decoder"] == "fpn"
+    assert result["task_spec"]["augment"] is True and result["feature_cache"] is None
     masks = tmp_path / "masks"
     code = main(["eval", "--delta", str(out / "delta.safetensors"), "--data-root", str(root), "--save-masks",
                  str(masks)])  # fmt: skip

@@ -140,6 +140,37 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_value(raw: str) -> Any:
+    """``16`` -> 16, ``0.5`` -> 0.5, ``true`` -> True, ``84,112`` -> [84, 112], anything else the string."""
+    low = raw.lower()
+    if low in ("true", "false", "yes", "no"):
+        return low in ("true", "yes")
+    if low in ("none", "null"):
+        return None
+    parts = [p for p in raw.split(",") if p]
+    values = []
+    for part in parts:
+        try:
+            values.append(int(part))
+        except ValueError:
+            try:
+                values.append(float(part))
+            except ValueError:
+                values.append(part)
+    return values if "," in raw else (values[0] if values else raw)
+
+
+def task_options_from_cli(options: Sequence[str], decoder: str | None = None) -> dict[str, Any]:
+    """``["size=84,112", "shots=16"]`` (and ``--decoder``) -> task options."""
+    out: dict[str, Any] = {"decoder": decoder} if decoder else {}
+    for item in options:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"task option {item!r} is not KEY=VALUE")
+        out[key] = _option_value(raw)
+    return out
+
+
 def _train_config(args: argparse.Namespace):
     from .train import TrainConfig
 
@@ -271,7 +302,7 @@ def _finetune_from_args(args: argparse.Namespace, method: dict[str, Any], finetu
         num_workers=args.workers,
         progress=not args.quiet,
         task_kind=args.task_kind,
-        task_options={"decoder": args.decoder} if args.decoder else None,
+        task_options=task_options_from_cli(args.task_opt, args.decoder) or None,
         resume=args.resume,
     )
 
@@ -382,6 +413,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--decoder", default=None, help="segmentation decoder: linear (DINOv2 linear head) or fpn (ViTDet + FPN)"
+    )
+    p.add_argument(
+        "--task-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task option, repeatable: segmentation size=84,112 / augment=true / levels=3,6,9,11; zero-shot "
+        "shots=16 / classes=base / ensemble=true",
     )
     add_dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")

@@ -466,13 +466,14 @@ def evaluate_delta(
 
 def _check_task_fits(t: Task, folder: TaskFolder, delta: str | os.PathLike, extra: Mapping[str, Any]) -> None:
     """Refuse evaluating a delta on a folder of another task kind or class count."""
-    here = folder.task()
+    detected = folder.task()
     trained = extra.get("task", "unknown")
-    if here.kind != t.kind:
+    if detected.kind != t.kind and detected.kind not in t.folder_kinds:
         raise DataError(
             f"delta {str(delta)!r} was trained for a {t.kind} task but task folder {folder.name!r} holds a "
-            f"{here.kind} task; evaluate it on a {t.kind} task (it was trained on {trained!r})"
+            f"{detected.kind} task; evaluate it on a {t.kind} task (it was trained on {trained!r})"
         )
+    here = folder.task(t.kind, **t.folder_options())
     mine, theirs = t.to_dict().get("num_classes"), here.to_dict().get("num_classes")
     if mine is not None and theirs is not None and mine != theirs:
         raise DataError(

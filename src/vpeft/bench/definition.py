@@ -54,6 +54,9 @@ GROUPS: tuple[str, ...] = ("natural", "specialized", "structured", "fgvc", "dens
 """Task groups: the three VTAB-1k groups, the FGVC suite, dense prediction, vision-language, and anything else."""
 
 GENERATORS: tuple[str, ...] = ("digits", "dsprites_loc", "dsprites_ori")
+
+PROTOCOLS: tuple[str, ...] = ("standard", "base-to-novel")
+"""How a task's runs are trained and tested (see :class:`TaskSpec`)."""
 """Tasks vpeft can produce offline (``generate:``), written under the definition's ``generated_root``."""
 
 
@@ -126,8 +129,11 @@ class TaskSpec:
         generate: One of :data:`GENERATORS` to produce the task offline under ``generated_root``.
         splits: The protocol split names in this folder.
         kind: The task type (``vpeft.tasks.task_kinds()``); ``None``: detected from the folder's files.
-        options: Task options (e.g. ``{decoder: fpn}`` for segmentation); a method entry's ``task_options``
-            override them.
+        options: Task options (e.g. ``{decoder: fpn}`` for segmentation, ``{shots: 16}`` for a few-shot
+            zero-shot task); a method entry's ``task_options`` override them.
+        protocol: ``"standard"`` (train on trainval, test once) or ``"base-to-novel"`` (CoCoOp's: a zero-shot task
+            trained on the base classes -- the first ceil(n/2) labels -- and tested on the base and on the novel
+            classes; the score is the harmonic mean HM = 2BN/(B+N)).
     """
 
     name: str
@@ -137,10 +143,11 @@ class TaskSpec:
     splits: SplitNames = field(default_factory=SplitNames)
     kind: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "standard"
 
     @classmethod
     def parse(cls, data: Any, where: str, base: Path) -> TaskSpec:
-        keys = ("name", "group", "root", "generate", "splits", "kind", "options")
+        keys = ("name", "group", "root", "generate", "splits", "kind", "options", "protocol")
         data = _check_keys(data, where, keys, ("name", "group"))
         name = _check_name(data["name"], f"{where}.name")
         group = data["group"]
@@ -164,7 +171,16 @@ class TaskSpec:
                 raise _err(f"{where}.kind", suggest(str(kind), task_kinds(), "task kind"))
         options = _check_mapping(data.get("options") or {}, f"{where}.options")
         splits = SplitNames.parse(data.get("splits"), f"{where}.splits")
-        return cls(name, group, root, gen, splits, kind, options)
+        protocol = data.get("protocol", "standard")
+        if protocol not in PROTOCOLS:
+            raise _err(f"{where}.protocol", suggest(str(protocol), PROTOCOLS, "protocol"))
+        if protocol == "base-to-novel":
+            if kind not in (None, "zeroshot"):
+                raise _err(f"{where}.kind", f"the base-to-novel protocol needs a zeroshot task, got kind {kind!r}")
+            kind = "zeroshot"
+            if options.get("classes", "base") != "base":
+                raise _err(f"{where}.options.classes", "base-to-novel trains on the base classes; leave it out")
+        return cls(name, group, root, gen, splits, kind, options, protocol)
 
 
 @dataclass(frozen=True)
@@ -300,6 +316,7 @@ class RunSpec:
     latency: dict[str, int]
     task_kind: str | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "standard"
 
     @classmethod
     def build(cls, d: BenchDefinition, m: MethodSpec, t: TaskSpec, seed: int) -> RunSpec:
@@ -324,7 +341,8 @@ class RunSpec:
             seed=seed,
             latency=dataclasses.asdict(d.latency),
             task_kind=t.kind,
-            task_options={**t.options, **m.task_options},
+            task_options={**t.options, **m.task_options, **({"classes": "base"} if t.protocol != "standard" else {})},
+            protocol=t.protocol,
         )
 
     @property
@@ -344,6 +362,8 @@ class RunSpec:
         for k in ("task_kind", "task_options"):  # absent when default, so classification fingerprints stay as they were
             if not d[k]:
                 d.pop(k)
+        if d["protocol"] == "standard":
+            d.pop("protocol")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:

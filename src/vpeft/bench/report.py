@@ -119,8 +119,31 @@ def build_leaderboard(records: Sequence[Mapping[str, Any]], definition: Mapping[
         meta["env"]["commits"] = sorted(commits)
     meta["metric"] = metric_name(ok)
     meta["per_class"] = _per_class(ok, tasks, methods)
+    meta["base_to_novel"] = _base_to_novel(ok, tasks, methods)
     title = f"vpeft leaderboard: {meta.get('name') or 'results'}"
     return Leaderboard(title, tasks, groups, rows, failures, meta)
+
+
+def _base_to_novel(ok: Sequence[Mapping[str, Any]], tasks, methods) -> dict[str, dict[str, list[float | None]]]:
+    """Per method, per base-to-novel task: mean base, novel and HM accuracy over seeds."""
+    b2n_tasks = [t for t, _ in tasks if any(r["task"] == t and r.get("protocol") == "base-to-novel" for r in ok)]
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for label, _ in methods:
+        row = {}
+        for task in b2n_tasks:
+            recs = [r for r in ok if r["method"] == label and r["task"] == task and r.get("protocol")]
+            row[task] = [_mean([r[k] for r in recs]) for k in ("base", "novel", "hm")]
+        if any(v[2] is not None for v in row.values()):
+            out[label] = row
+    return out
+
+
+def _b2n_table(lb: Leaderboard):
+    table = lb.meta.get("base_to_novel") or {}
+    tasks = list(next(iter(table.values()), {}))
+    head = [("method", "method")] + [(f"{t}:{k}", f"{t} {k}") for t in tasks for k in ("base", "novel", "HM")]
+    rows = [[(m, m)] + [(_num(v, ".1f", 100), v) for t in tasks for v in per[t]] for m, per in table.items()]
+    return head, rows
 
 
 def _per_class(ok: Sequence[Mapping[str, Any]], tasks, methods) -> dict[str, dict[str, Any]]:
@@ -146,7 +169,7 @@ def _score(record: Mapping[str, Any]) -> float:
     return record["score"] if "score" in record else record["top1"]
 
 
-METRIC_NAMES = {"top1": "top-1", "miou": "mIoU"}
+METRIC_NAMES = {"top1": "top-1", "miou": "mIoU", "hm": "HM (base-to-novel)"}
 
 
 def metric_name(records: Sequence[Mapping[str, Any]]) -> str:
@@ -313,6 +336,9 @@ def render_markdown(lb: Leaderboard) -> str:
     out += [_PROTOCOL.format(metric=lb.meta.get("metric", "top-1")), "", _md_table(*_accuracy_table(lb)), ""]
     out += [f"## {_cost_title(lb)}", "", _md_table(*_cost_table(lb)), ""]
     out += _per_class_md(lb)
+    if lb.meta.get("base_to_novel"):
+        out += ["## Base-to-novel accuracy (%)", "", "HM = 2BN/(B+N), mean over seeds.", ""]
+        out += [_md_table(*_b2n_table(lb)), ""]
     if lb.failures:
         out += [f"## Failed runs ({len(lb.failures)})", ""]
         out += [f"- `{f.get('run_id')}`: {f.get('error')}" for f in lb.failures]
@@ -443,6 +469,11 @@ def render_html(lb: Leaderboard) -> str:
         f"<h2>{e(_cost_title(lb))}</h2>",
         _html_table(*_cost_table(lb), "cost"),
         *_per_class_html(lb),
+        *(
+            ["<h2>Base-to-novel accuracy (%)</h2>", _html_table(*_b2n_table(lb), "base-to-novel")]
+            if lb.meta.get("base_to_novel")
+            else []
+        ),
         "<h2>Plots</h2>",
     ]
     for pid, caption, png in _plots(lb):

@@ -65,6 +65,8 @@ class Task(abc.ABC):
     primary_metric: ClassVar[str]
     #: folder detection order of :func:`task_for_folder` (higher first); the generic fallback has the lowest
     detect_priority: ClassVar[int] = 0
+    #: other task kinds whose folders this task type reads too (zero-shot reads classification folders)
+    folder_kinds: ClassVar[tuple[str, ...]] = ()
 
     # ---- data: what a task folder holds and how its batches look ----------------------------------------------
     @classmethod
@@ -86,6 +88,10 @@ class Task(abc.ABC):
     def describe(self) -> str:
         """A short human description, e.g. ``"classification, 10 classes"``."""
         return self.kind
+
+    def folder_options(self) -> dict[str, Any]:
+        """The task options that select what of a folder the task reads (rebuilding it from a folder keeps them)."""
+        return {}
 
     def save_predictions(
         self, model: nn.Module, dataset: Dataset, out_dir: Path, *, device: str = "cpu", limit: int | None = None

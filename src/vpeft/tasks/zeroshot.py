@@ -148,6 +148,24 @@ COOP_TEMPLATES: Mapping[str, str] = {
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
+CLASS_SETS = ("all", "base", "novel")
+
+
+def _class_indices(which: str, n: int) -> list[int]:
+    from ..data.fewshot import base_novel_split
+
+    if which == "all":
+        return list(range(n))
+    base, novel = base_novel_split(n)
+    return base if which == "base" else novel
+
+
+def _default_lists_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("VPEFT_CACHE") or Path.home() / ".cache" / "vpeft") / "fewshot"
+
+
 def templates_for(dataset: str, ensemble: bool = False) -> tuple[str, ...]:
     """The prompt templates of a data set: CoOp's single template (default ``"a photo of a {}."``), or CLIP's 80."""
     if ensemble:
@@ -231,13 +249,26 @@ class ZeroShotTask(Task):
         class_names: the classes, in label order.
         templates: prompt templates with one ``{}`` for the class name (several: CLIP's ensemble).
         context_length: text context (CLIP: 77; larger is refused).
+        classes: which of the folder's classes the task holds: ``"all"``, or for the base-to-novel protocol
+            (CoCoOp) ``"base"`` (the first ceil(n/2) labels) or ``"novel"`` (the rest); samples of the other
+            classes are dropped and labels renumbered within the subset.
+        shots: K of a K-shot training set (CoOp: 1, 2, 4, 8, 16), drawn per class from the training split with
+            ``shot_seed`` when the dataset is built for training, the drawn list written to ``lists_dir``
+            (default ``$VPEFT_CACHE/fewshot``) so that a run can be reproduced; ``None``: the whole split.
+        folder_classes: the folder's class count (set by :meth:`from_folder`; base/novel are taken from it).
     """
 
     kind: ClassVar[str] = "zeroshot"
     primary_metric: ClassVar[str] = "top1"
+    folder_kinds: ClassVar[tuple[str, ...]] = ("classification",)  # reads VTAB-format classification folders
     class_names: tuple[str, ...] = ()
     templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
     context_length: int = 77
+    classes: str = "all"
+    shots: int | None = None
+    shot_seed: int = 0
+    lists_dir: str | None = None
+    folder_classes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("class_names", "templates"):
@@ -250,6 +281,11 @@ class ZeroShotTask(Task):
         bad = [t for t in self.templates if t.count("{}") != 1]
         if bad or not self.templates:
             raise ConfigError(f"zeroshot: template {bad[0] if bad else ''!r} is invalid; each needs exactly one '{{}}'")
+        if self.classes not in CLASS_SETS:
+            raise ConfigError(f"zeroshot: classes={self.classes!r} is invalid; valid: {', '.join(CLASS_SETS)}")
+        shots = self.shots
+        if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
+            raise ConfigError(f"zeroshot: shots={self.shots!r} is invalid; expected an integer >= 1 or None")
         if not isinstance(self.context_length, int) or not 1 <= self.context_length <= 77:
             raise ConfigError(
                 f"zeroshot: context_length={self.context_length!r} is invalid; CLIP's text tower has 77 positions "
@@ -260,9 +296,10 @@ class ZeroShotTask(Task):
     def from_folder(cls, path: Path, **options: Any) -> ZeroShotTask:
         """The task of a VTAB-format folder: its ``classes.txt`` names and CoOp's template for the folder's name.
 
-        Options: ``templates`` (list of templates), ``ensemble`` (CLIP's 80 ImageNet templates), ``context_length``.
+        Options: ``templates`` (list of templates), ``ensemble`` (CLIP's 80 ImageNet templates), ``context_length``,
+        ``classes`` (all / base / novel), ``shots``, ``shot_seed``, ``lists_dir``.
         """
-        valid = ("templates", "ensemble", "context_length")
+        valid = ("templates", "ensemble", "context_length", "classes", "shots", "shot_seed", "lists_dir")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ConfigError(
@@ -270,23 +307,50 @@ class ZeroShotTask(Task):
             )
         names = read_class_names(path)
         templates = options.get("templates") or templates_for(Path(path).name, bool(options.get("ensemble", False)))
-        return cls(names, tuple(templates), options.get("context_length", 77))
+        chosen = options.get("classes", "all")
+        kept = _class_indices(chosen, len(names)) if chosen in CLASS_SETS else range(len(names))
+        return cls(
+            tuple(names[i] for i in kept),
+            tuple(templates),
+            options.get("context_length", 77),
+            classes=chosen,
+            shots=options.get("shots"),
+            shot_seed=options.get("shot_seed", 0),
+            lists_dir=options.get("lists_dir"),
+            folder_classes=len(names),
+        )
 
     def dataset(
         self, path: Path, split: str, model: nn.Module, *, input_size: int | None = None, train: bool = False
     ) -> Dataset:
         """The ``split`` list of a VTAB-format folder, images prepared with the model's (CLIP's) mean/std."""
         from ..data import VTABTask, build_transform
+        from ..data.fewshot import SampleList, read_split_list, restrict, sample_few_shot, write_list
 
         task = VTABTask.from_dir(path)
-        if task.num_classes != len(self.class_names):
-            raise DataError(
-                f"zeroshot: folder {str(path)!r} has {task.num_classes} classes, the task names {len(self.class_names)}"
-            )
-        return task.dataset(split, build_transform(model, input_size=input_size))
+        expected = self.folder_classes if self.folder_classes is not None else len(self.class_names)
+        if task.num_classes != expected:
+            raise DataError(f"zeroshot: folder {str(path)!r} has {task.num_classes} classes, the task names {expected}")
+        transform = build_transform(model, input_size=input_size)
+        if self.classes == "all" and not (train and self.shots):
+            return task.dataset(split, transform)
+        samples = read_split_list(Path(path), split)
+        if self.classes != "all":
+            samples = restrict(samples, _class_indices(self.classes, task.num_classes))
+        if train and self.shots:
+            samples = sample_few_shot(samples, self.shots, self.shot_seed)
+            lists = Path(self.lists_dir) if self.lists_dir else _default_lists_dir()
+            name = f"{Path(path).name}_{self.classes}_{split}_shots{self.shots}_seed{self.shot_seed}.txt"
+            write_list(samples, lists / name, path)
+        return SampleList(samples, transform)
 
     def describe(self) -> str:
-        return f"zero-shot, {len(self.class_names)} class names, {len(self.templates)} template(s)"
+        subset = f" ({self.classes} classes)" if self.classes != "all" else ""
+        shots = f", {self.shots}-shot" if self.shots else ""
+        return f"zero-shot, {len(self.class_names)} class names{subset}{shots}, {len(self.templates)} template(s)"
+
+    def folder_options(self) -> dict[str, Any]:
+        return {"classes": self.classes}
 
     def subset(self, indices: Sequence[int]) -> ZeroShotTask:
         """The task restricted to the classes at ``indices`` (labels renumbered in that order)."""
@@ -327,4 +391,14 @@ class ZeroShotTask(Task):
             "class_names": list(self.class_names),
             "templates": list(self.templates),
             "context_length": self.context_length,
+            "classes": self.classes,
+            "shots": self.shots,
+            "shot_seed": self.shot_seed,
+            "lists_dir": self.lists_dir,
+            "folder_classes": self.folder_classes,
+            "num_classes": len(self.class_names),
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ZeroShotTask:
+        return cls(**{k: v for k, v in data.items() if k not in ("kind", "num_classes")})
