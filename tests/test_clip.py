@@ -452,3 +452,32 @@ def test_per_tower_configs():
         per_tower("bitfit", ["text.q"])
     with pytest.raises(vpeft.ConfigError, match="towers: no method given"):
         TowersConfig(image=None, text=None)
+
+
+# ---- the linear-probe baseline on frozen CLIP features -----------------------------------------------------------
+def test_linear_probe_starts_as_zero_shot_and_trains_only_its_classifier(tmp_path):
+    """probe=True: a Linear(E, C) decoder on the normalised image feature, initialised from the zero-shot class
+    weights (its logits equal zero-shot CLIP's before training), trained with method ``linear`` while both towers
+    stay frozen; the delta holds the classifier and reloads exactly."""
+    clip = tiny_open_clip()
+    x = images(4)
+    with torch.no_grad():
+        zero_shot = ZeroShotTask(NAMES).build(copy.deepcopy(clip)).eval()(x)
+    task = ZeroShotTask(NAMES, probe=True)
+    model = task.build(copy.deepcopy(clip)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), zero_shot, rtol=1e-5, atol=1e-5)
+    rep = vpeft.apply(model, "linear")
+    assert rep.decoder == rep.trainable == clip.embed_dim * len(NAMES) + len(NAMES)
+    frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), torch.arange(4) % len(NAMES)).backward()
+    opt.step()
+    assert all(torch.equal(v, frozen[k]) for k, v in model.backbone.state_dict().items())
+    path = vpeft.save(model, tmp_path / "probe.safetensors")
+    fresh = ZeroShotTask(NAMES, probe=True).build(copy.deepcopy(clip))
+    vpeft.load(fresh, path)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))

@@ -158,8 +158,9 @@ def test_bench_base_to_novel_records_base_novel_and_hm(tmp_path):
     from vpeft.data.fewshot import harmonic_mean
 
     shipped = load_definition(Path(__file__).resolve().parents[1] / "experiments" / "b2n.yaml")
-    assert {r.protocol for r in shipped.runs()} == {"base-to-novel"}
-    assert all(r.task_options["classes"] == "base" and r.task_kind == "zeroshot" for r in shipped.runs())
+    assert {r.protocol for r in shipped.runs()} == {"base-to-novel", "standard"}
+    assert all(r.task_options["classes"] == "base" for r in shipped.runs() if r.protocol == "base-to-novel")
+    assert {r.task_kind for r in shipped.runs()} == {"zeroshot"}
     ensure_digits_task(tmp_path / "data")
     definition = parse_definition(
         {
@@ -180,3 +181,45 @@ def test_bench_base_to_novel_records_base_novel_and_hm(tmp_path):
     assert list((tmp_path / "lists").glob("digits_base_*shots1_seed0.txt"))
     md = write_report(tmp_path / "out")[0]
     assert "## Base-to-novel accuracy (%)" in md and "digits base | digits novel | digits HM" in md
+
+
+@pytest.mark.slow
+def test_bench_cross_dataset_transfer_and_the_linear_probe(tmp_path):
+    """Cross-dataset transfer in a definition (trained on one task, evaluated zero-shot on another with its own
+    class names), and the linear-probe baseline (probe=True, method linear) on a random open_clip ViT-B-16."""
+    import shutil
+
+    from vpeft.bench import parse_definition, run_bench
+    from vpeft.bench.report import write_report
+    from vpeft.data import ensure_digits_task
+
+    ensure_digits_task(tmp_path / "data")
+    other = tmp_path / "data" / "digits_rev"
+    shutil.copytree(tmp_path / "data" / "digits", other)
+    names = (other / "classes.txt").read_text().split()
+    (other / "classes.txt").write_text("\n".join(f"digit {n}" for n in names) + "\n")
+    base = {
+        "backbone": "open_clip:ViT-B-16", "img_size": 32, "pretrained": False, "seeds": [0],
+        "data_root": str(tmp_path / "data"), "train": {"epochs": 1, "batch_size": 10, "lr": 2e-3},
+        "latency": {"batch_size": 1, "warmup": 0, "repeats": 1},
+    }  # fmt: skip
+    transfer = parse_definition(
+        {**base, "name": "xd",
+         "tasks": [{"name": "digits", "group": "vision-language", "transfer_to": ["digits_rev"],
+                    "options": {"shots": 1, "lists_dir": str(tmp_path / "lists")}}],
+         "methods": [{"name": "coop", "settings": {"num_tokens": 4}}]}
+    )  # fmt: skip
+    assert run_bench(transfer, tmp_path / "xd", workers=0, progress=False).ok == 1
+    rec = json.loads((tmp_path / "xd" / "runs" / "coop" / "digits" / "seed0" / "record.json").read_text())
+    assert set(rec["transfer"]) == {"digits_rev"} and rec["transfer"]["digits_rev"]["n"] == 797
+    md = write_report(tmp_path / "xd")[0]
+    assert "## Cross-dataset transfer" in md and "digits -> digits_rev" in md
+    probe = parse_definition(
+        {**base, "name": "lp",
+         "tasks": [{"name": "digits", "group": "vision-language", "kind": "zeroshot",
+                    "options": {"probe": True, "shots": 1, "lists_dir": str(tmp_path / "lists")}}],
+         "methods": [{"name": "linear", "label": "linear_probe", "train": {"lr": 1e-3}}]}
+    )  # fmt: skip
+    assert run_bench(probe, tmp_path / "lp", workers=0, progress=False).ok == 1
+    rec = json.loads((tmp_path / "lp" / "runs" / "linear_probe" / "digits" / "seed0" / "record.json").read_text())
+    assert rec["decoder_params"] == rec["trainable_params"] == 512 * 10 + 10 and rec["method_params"] == 0

@@ -134,6 +134,8 @@ class TaskSpec:
         protocol: ``"standard"`` (train on trainval, test once) or ``"base-to-novel"`` (CoCoOp's: a zero-shot task
             trained on the base classes -- the first ceil(n/2) labels -- and tested on the base and on the novel
             classes; the score is the harmonic mean HM = 2BN/(B+N)).
+        transfer_to: cross-dataset transfer (zero-shot tasks): after training, the delta is also evaluated
+            zero-shot on these task folders (under the same root), each with its own class names.
     """
 
     name: str
@@ -144,10 +146,11 @@ class TaskSpec:
     kind: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     protocol: str = "standard"
+    transfer_to: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, data: Any, where: str, base: Path) -> TaskSpec:
-        keys = ("name", "group", "root", "generate", "splits", "kind", "options", "protocol")
+        keys = ("name", "group", "root", "generate", "splits", "kind", "options", "protocol", "transfer_to")
         data = _check_keys(data, where, keys, ("name", "group"))
         name = _check_name(data["name"], f"{where}.name")
         group = data["group"]
@@ -180,7 +183,14 @@ class TaskSpec:
             kind = "zeroshot"
             if options.get("classes", "base") != "base":
                 raise _err(f"{where}.options.classes", "base-to-novel trains on the base classes; leave it out")
-        return cls(name, group, root, gen, splits, kind, options, protocol)
+        transfer = data.get("transfer_to") or []
+        if not isinstance(transfer, list) or not all(isinstance(t, str) and t for t in transfer):
+            raise _err(f"{where}.transfer_to", f"expected a list of task folder names, got {transfer!r}")
+        if transfer and kind not in (None, "zeroshot"):
+            raise _err(f"{where}.transfer_to", f"cross-dataset transfer needs a zeroshot task, got kind {kind!r}")
+        if transfer:
+            kind = "zeroshot"
+        return cls(name, group, root, gen, splits, kind, options, protocol, tuple(transfer))
 
 
 @dataclass(frozen=True)
@@ -317,6 +327,7 @@ class RunSpec:
     task_kind: str | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     protocol: str = "standard"
+    transfer_to: list[str] = field(default_factory=list)
 
     @classmethod
     def build(cls, d: BenchDefinition, m: MethodSpec, t: TaskSpec, seed: int) -> RunSpec:
@@ -343,6 +354,7 @@ class RunSpec:
             task_kind=t.kind,
             task_options={**t.options, **m.task_options, **({"classes": "base"} if t.protocol != "standard" else {})},
             protocol=t.protocol,
+            transfer_to=list(t.transfer_to),
         )
 
     @property
@@ -364,6 +376,8 @@ class RunSpec:
                 d.pop(k)
         if d["protocol"] == "standard":
             d.pop("protocol")
+        if not d["transfer_to"]:
+            d.pop("transfer_to")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:

@@ -230,18 +230,12 @@ def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str,
 def _novel_classes(spec: RunSpec, delta: Path, base_run) -> dict[str, Any]:
     """Base-to-novel: the delta trained on the base classes, tested on the novel classes of the test split (their
     own class names, the same adapted towers); ``{"base", "novel", "hm", "protocol"}``."""
-    from vpeft.data import build_dataloader
     from vpeft.data.fewshot import harmonic_mean
-    from vpeft.run import model_from_delta, open_task
-    from vpeft.train import evaluate
+    from vpeft.run import model_from_delta
 
     model, extra, _ = model_from_delta(delta)
-    folder = open_task(_data_root(spec), spec.task)
     options = {k: v for k, v in spec.task_options.items() if k not in ("classes", "shots", "shot_seed")}
-    novel = folder.task("zeroshot", **options, classes="novel")
-    novel_model = novel.build(model.backbone).to(spec.device)
-    ds = novel.dataset(folder.path, spec.splits["test"], novel_model, input_size=extra.get("img_size"))
-    metrics = evaluate(novel_model, build_dataloader(ds, 64, shuffle=False), spec.device, task=novel)
+    metrics = _zero_shot_on(model, extra, spec, spec.task, **options, classes="novel")
     base = float(base_run.score)
     return {
         "protocol": "base-to-novel",
@@ -250,6 +244,31 @@ def _novel_classes(spec: RunSpec, delta: Path, base_run) -> dict[str, Any]:
         "hm": harmonic_mean(base, float(metrics["top1"])),
         "novel_n": int(metrics["n"]),
     }
+
+
+def _zero_shot_on(model, extra: Mapping[str, Any], spec: RunSpec, task_name: str, **options: Any) -> dict[str, Any]:
+    """Evaluate the adapted CLIP towers of ``model`` zero-shot on ``task_name``'s test split (its class names)."""
+    from vpeft.data import build_dataloader
+    from vpeft.run import open_task
+    from vpeft.train import evaluate
+
+    folder = open_task(_data_root(spec), task_name)
+    task = folder.task("zeroshot", **options)
+    target = task.build(model.backbone).to(spec.device)
+    ds = task.dataset(folder.path, spec.splits["test"], target, input_size=extra.get("img_size"))
+    return evaluate(target, build_dataloader(ds, 64, shuffle=False), spec.device, task=task)
+
+
+def _transfer(spec: RunSpec, delta: Path) -> dict[str, dict[str, Any]]:
+    """Cross-dataset transfer: the delta trained on ``spec.task`` evaluated zero-shot on each ``transfer_to`` task."""
+    from vpeft.run import model_from_delta
+
+    model, extra, _ = model_from_delta(delta)
+    out = {}
+    for name in spec.transfer_to:
+        metrics = _zero_shot_on(model, extra, spec, name)
+        out[name] = {"top1": float(metrics["top1"]), "n": int(metrics["n"])}
+    return out
 
 
 def _class_names(spec: RunSpec) -> list[str] | None:
@@ -300,7 +319,9 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["num_classes"], final["img_size"])
     b2n = _novel_classes(spec, Path(out_dir) / "delta.safetensors", run) if spec.protocol == "base-to-novel" else {}
     score = b2n["hm"] if b2n else run.score
+    transfer = _transfer(spec, Path(out_dir) / "delta.safetensors") if spec.transfer_to else None
     return {
+        **({"transfer": transfer} if transfer is not None else {}),
         "top1": score,  # the primary metric (kept under its historical name; "score" and "primary_metric" too)
         "score": score,
         **b2n,

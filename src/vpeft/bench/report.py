@@ -120,6 +120,7 @@ def build_leaderboard(records: Sequence[Mapping[str, Any]], definition: Mapping[
     meta["metric"] = metric_name(ok)
     meta["per_class"] = _per_class(ok, tasks, methods)
     meta["base_to_novel"] = _base_to_novel(ok, tasks, methods)
+    meta["transfer"] = _transfer(ok, methods)
     title = f"vpeft leaderboard: {meta.get('name') or 'results'}"
     return Leaderboard(title, tasks, groups, rows, failures, meta)
 
@@ -136,6 +137,28 @@ def _base_to_novel(ok: Sequence[Mapping[str, Any]], tasks, methods) -> dict[str,
         if any(v[2] is not None for v in row.values()):
             out[label] = row
     return out
+
+
+def _transfer(ok: Sequence[Mapping[str, Any]], methods) -> dict[str, dict[str, float | None]]:
+    """Cross-dataset transfer: per method, ``"source -> target"``: mean zero-shot top-1 over seeds."""
+    out: dict[str, dict[str, float | None]] = {}
+    for label, _ in methods:
+        pairs: dict[str, list[float]] = {}
+        for r in ok:
+            if r["method"] == label:
+                for target, m in (r.get("transfer") or {}).items():
+                    pairs.setdefault(f"{r['task']} -> {target}", []).append(m["top1"])
+        if pairs:
+            out[label] = {k: _mean(v) for k, v in pairs.items()}
+    return out
+
+
+def _transfer_table(lb: Leaderboard):
+    table = lb.meta.get("transfer") or {}
+    cols = list(dict.fromkeys(k for per in table.values() for k in per))
+    head = [("method", "method")] + [(c, c) for c in cols]
+    rows = [[(m, m)] + [(_num(per.get(c), ".1f", 100), per.get(c)) for c in cols] for m, per in table.items()]
+    return head, rows
 
 
 def _b2n_table(lb: Leaderboard):
@@ -339,6 +362,9 @@ def render_markdown(lb: Leaderboard) -> str:
     if lb.meta.get("base_to_novel"):
         out += ["## Base-to-novel accuracy (%)", "", "HM = 2BN/(B+N), mean over seeds.", ""]
         out += [_md_table(*_b2n_table(lb)), ""]
+    if lb.meta.get("transfer"):
+        out += ["## Cross-dataset transfer: zero-shot top-1 (%) on other tasks", ""]
+        out += [_md_table(*_transfer_table(lb)), ""]
     if lb.failures:
         out += [f"## Failed runs ({len(lb.failures)})", ""]
         out += [f"- `{f.get('run_id')}`: {f.get('error')}" for f in lb.failures]
@@ -472,6 +498,11 @@ def render_html(lb: Leaderboard) -> str:
         *(
             ["<h2>Base-to-novel accuracy (%)</h2>", _html_table(*_b2n_table(lb), "base-to-novel")]
             if lb.meta.get("base_to_novel")
+            else []
+        ),
+        *(
+            ["<h2>Cross-dataset transfer (%)</h2>", _html_table(*_transfer_table(lb), "transfer")]
+            if lb.meta.get("transfer")
             else []
         ),
         "<h2>Plots</h2>",

@@ -200,6 +200,19 @@ class ZeroShotModel(TaskModel):
     def __init__(self, backbone: nn.Module, task: ZeroShotTask) -> None:
         super().__init__(backbone, nn.Module(), task)
         self.__dict__["_cache"] = None
+        if task.probe:  # a linear classifier on the frozen image feature, initialised as the zero-shot one
+            self.decoder = self._zero_shot_probe()
+
+    def _zero_shot_probe(self) -> nn.Linear:
+        """``Linear(E, C)`` with ``W = exp(logit_scale) * normalize(text features)``, ``b = 0``: at initialisation its
+        logits on the normalised image feature equal zero-shot CLIP's (the linear-probe baseline, initialised from
+        the text side as in CLIP-LoRA's and LP++'s baselines rather than from random)."""
+        with torch.no_grad():
+            text = F.normalize(self.text_features().float(), dim=-1)
+            probe = nn.Linear(text.shape[1], text.shape[0])
+            probe.weight.copy_(self.backbone.logit_scale.exp().float() * text)
+            probe.bias.zero_()
+        return probe.to(device=self.backbone.logit_scale.device, dtype=self.backbone.logit_scale.dtype)
 
     def _text_parameters(self) -> list[torch.Tensor]:
         b = self.backbone
@@ -237,6 +250,8 @@ class ZeroShotModel(TaskModel):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b = self.backbone
         image = b.encode_image(images, b.prompt.vision_prompts(b))
+        if self.task.probe:
+            return self.decoder(F.normalize(image, dim=-1))
         return zero_shot_logits(image, self.text_features(image), b.logit_scale)
 
 
@@ -256,6 +271,9 @@ class ZeroShotTask(Task):
             ``shot_seed`` when the dataset is built for training, the drawn list written to ``lists_dir``
             (default ``$VPEFT_CACHE/fewshot``) so that a run can be reproduced; ``None``: the whole split.
         folder_classes: the folder's class count (set by :meth:`from_folder`; base/novel are taken from it).
+        probe: the linear-probe baseline (Radford et al., ICML 2021's evaluation of CLIP features): a trained
+            ``Linear(E, C)`` on the normalised image feature, initialised from the zero-shot class weights, as the
+            task's decoder (train it with method ``linear``; it is class-specific, so no base-to-novel transfer).
     """
 
     kind: ClassVar[str] = "zeroshot"
@@ -269,6 +287,7 @@ class ZeroShotTask(Task):
     shot_seed: int = 0
     lists_dir: str | None = None
     folder_classes: int | None = None
+    probe: bool = False
 
     def __post_init__(self) -> None:
         for name in ("class_names", "templates"):
@@ -299,7 +318,7 @@ class ZeroShotTask(Task):
         Options: ``templates`` (list of templates), ``ensemble`` (CLIP's 80 ImageNet templates), ``context_length``,
         ``classes`` (all / base / novel), ``shots``, ``shot_seed``, ``lists_dir``.
         """
-        valid = ("templates", "ensemble", "context_length", "classes", "shots", "shot_seed", "lists_dir")
+        valid = ("templates", "ensemble", "context_length", "classes", "shots", "shot_seed", "lists_dir", "probe")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ConfigError(
@@ -318,6 +337,7 @@ class ZeroShotTask(Task):
             shot_seed=options.get("shot_seed", 0),
             lists_dir=options.get("lists_dir"),
             folder_classes=len(names),
+            probe=bool(options.get("probe", False)),
         )
 
     def dataset(
@@ -396,6 +416,7 @@ class ZeroShotTask(Task):
             "shot_seed": self.shot_seed,
             "lists_dir": self.lists_dir,
             "folder_classes": self.folder_classes,
+            "probe": self.probe,
             "num_classes": len(self.class_names),
         }
 
