@@ -24,8 +24,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -362,8 +364,9 @@ def save_prediction_overlays(
     """Predict the items of a segmentation dataset and write each prediction as a colour overlay PNG.
 
     For ``vpeft eval --save-masks DIR``: one ``<mask file stem>.png`` per item in ``out_dir``, the predicted
-    classes blended over the (un-normalised) input image (:func:`vpeft.data.segmentation.save_overlay`, written
-    atomically); pixels the ground truth marks void are left uncoloured.
+    classes (logits resampled to the stored mask's resolution) blended over the stored image at its own size
+    (:func:`vpeft.data.segmentation.save_overlay`, written atomically); pixels the ground truth marks void are left
+    uncoloured.
 
     Args:
         model: a segmentation model (``(B, 3, H, W) -> (B, K, H, W)`` logits), already on ``device``.
@@ -387,16 +390,19 @@ def save_prediction_overlays(
     try:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            items = [base[i] for i in chunk]
-            x = torch.stack([im for im, _ in items]).to(device)
+            x = torch.stack([base[i][0] for i in chunk]).to(device)
             with torch.inference_mode():
                 logits = model(x)
-            for i, (image, mask), lg in zip(chunk, items, logits):
-                pred = resize_logits(lg[None].float(), mask.shape[-2:])[0].argmax(0).cpu()
-                pred[mask == VOID] = VOID
-                name = Path(base.pairs[i][1]).stem + ".png"
-                mean, std = base.mean.flatten().tolist(), base.std.flatten().tolist()
-                written.append(save_overlay(image, pred, out_dir / name, palette, alpha=alpha, mean=mean, std=std))
+            for i, lg in zip(chunk, logits):
+                image_path, mask_path = base.pairs[i]
+                with Image.open(image_path) as im:  # the stored image, at its own resolution
+                    original = im.convert("RGB")
+                with Image.open(mask_path) as mk:
+                    truth = torch.from_numpy(np.asarray(mk, dtype=np.int64))
+                pred = resize_logits(lg[None].float(), truth.shape[-2:])[0].argmax(0).cpu()
+                pred[truth == VOID] = VOID
+                name = Path(mask_path).stem + ".png"
+                written.append(save_overlay(original, pred, out_dir / name, palette, alpha=alpha))
     finally:
         model.train(was_training)
     return written
