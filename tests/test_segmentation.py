@@ -838,7 +838,7 @@ def test_bench_definition_and_leaderboard_for_segmentation(tmp_path):
     shipped = load_definition(Path(__file__).resolve().parents[1] / "experiments" / "seg_camvid.yaml")
     runs = {r.method_label: r for r in shipped.runs()}
     assert runs["frozen"].task_kind == "segmentation" and runs["frozen"].task_options["decoder"] == "linear"
-    assert runs["lora_fpn"].task_options == {"decoder": "fpn", "size": [84, 112]}
+    assert runs["vpt_deep_fpn"].task_options == {"decoder": "fpn", "size": [84, 112]}
     _make_folder(tmp_path / "data" / "toy", n={"train": 6, "val": 2, "trainval": 8, "test": 3})
     definition = parse_definition(
         {
