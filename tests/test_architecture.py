@@ -3,7 +3,7 @@
 - no module imports another module's private (``_name``) name, nor reads ``module._name`` of another vpeft module;
 - layering: methods never import train / bench / cli / run / search; layers never import methods; arch never imports
   methods; the core (api, state, config, registry, errors) never imports cli, bench, run, train or search;
-- no import cycles among module-level imports.
+- no import cycles, counting every import (module-level, inside functions and under TYPE_CHECKING).
 """
 
 from __future__ import annotations
@@ -39,14 +39,10 @@ def _modules() -> dict[str, tuple[Path, ast.Module]]:
 MODULES = _modules()
 
 
-def _imports(name: str, tree: ast.Module, top_level_only: bool = False):
+def _imports(name: str, tree: ast.Module):
     """``(imported module, imported names, line)`` of every vpeft import in ``tree``."""
     is_pkg = MODULES[name][0].name == "__init__.py"
     nodes = list(ast.walk(tree))
-    if top_level_only:  # module-level statements, including those inside ``if``/``try`` at module level
-        defs = (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)
-        nodes = [n for stmt in tree.body if not isinstance(stmt, defs) for n in ast.walk(stmt)]
-        nodes = [n for n in nodes if not _in_type_checking(tree, n)]
     for node in nodes:
         if isinstance(node, ast.ImportFrom):
             target = _resolve(name, is_pkg, node)
@@ -56,14 +52,6 @@ def _imports(name: str, tree: ast.Module, top_level_only: bool = False):
             for alias in node.names:
                 if alias.name.startswith("vpeft"):
                     yield alias.name, [], node.lineno
-
-
-def _in_type_checking(tree: ast.Module, target: ast.AST) -> bool:
-    for stmt in tree.body:
-        if isinstance(stmt, ast.If) and isinstance(stmt.test, ast.Name) and stmt.test.id == "TYPE_CHECKING":
-            if any(n is target for n in ast.walk(stmt)):
-                return True
-    return False
 
 
 def _is_module(name: str) -> bool:
@@ -131,9 +119,9 @@ def test_layering(importer, forbidden):
 
 def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
-    for name, (_, tree) in MODULES.items():
+    for name, (_, tree) in MODULES.items():  # every import counts: module-level, in functions, under TYPE_CHECKING
         deps = set()
-        for target, names, _ in _imports(name, tree, top_level_only=True):
+        for target, names, _ in _imports(name, tree):
             for imported in names or [""]:
                 full = f"{target}.{imported}" if imported else target
                 deps.add(full if _is_module(full) else target)

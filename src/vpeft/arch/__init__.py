@@ -2,7 +2,7 @@
 
 Methods never hard-code module paths or widths; they ask the :class:`ArchSpec` returned by
 :func:`get_spec`, and resolve the roles they adapt (q, v, qkv, fc1, pw, ...) to :class:`Target` s with
-:func:`resolve` (``spec.targets(model, roles)``). Adding a backbone family means adding one builder here.
+:func:`resolve` (``resolve(model, spec, roles)``). Adding a backbone family means adding one builder here.
 """
 
 from __future__ import annotations

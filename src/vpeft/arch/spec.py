@@ -87,12 +87,6 @@ class ArchSpec:
     def depth(self) -> int:
         return len(self.blocks)
 
-    def targets(self, model: nn.Module, roles, *, method: str = "") -> list:
-        """The :class:`~vpeft.arch.targets.Target` s of ``roles`` in ``model`` (:func:`vpeft.arch.targets.resolve`)."""
-        from .targets import resolve
-
-        return resolve(model, self, roles, method=method)
-
 
 Builder = Callable[[nn.Module], ArchSpec]
 _BUILDERS: list[tuple[str, Callable[[nn.Module], bool], Builder]] = []

@@ -24,7 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .spaces import Cand, SearchSpace
+from .space import Cand, SearchSpace
 
 __all__ = ["EvolutionConfig", "Evaluated", "SearchResult", "evolve", "repair"]
 

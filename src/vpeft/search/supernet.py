@@ -16,7 +16,7 @@ with the exported config (the weight-sharing identity the tests check).
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,9 +26,7 @@ from ..errors import ConfigError
 from ..layers import LoRALinear, PromptedBlock, SequentialAdapter, Wrapper
 from ..layers.glora import GLoRALinear, GLoRASuperLinear
 from ..state import is_adapted
-
-if TYPE_CHECKING:
-    from .spaces import SearchSpace
+from .space import SearchSpace
 
 __all__ = ["SuperLoRA", "SuperAdapter", "SuperPromptedBlock", "Supernet", "transfer_weights", "SUPER_LAYERS"]
 
