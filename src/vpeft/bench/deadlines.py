@@ -45,15 +45,7 @@ def timed_out_record(spec: RunSpec, out_dir: Path, elapsed_s: float, limit_s: fl
 def failure_record(spec: RunSpec, out_dir: Path, error: str, **extra: Any) -> dict[str, Any]:
     """Write and return the failure record of a run that did not write its own."""
     record = {
-        "run_id": spec.run_id,
-        "method": spec.method_label,
-        "method_name": spec.method_name,
-        "task": spec.task,
-        "group": spec.group,
-        "seed": spec.seed,
-        "definition": spec.definition,
-        "fingerprint": spec.fingerprint(),
-        "spec": spec.to_dict(),
+        **spec.record_fields(),
         "status": "failed",
         "error": error,
         **extra,

@@ -383,6 +383,20 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def record_fields(self, fingerprint: str | None = None) -> dict[str, Any]:
+        """What every record of this run starts with (success or failure, from any backend): its identity."""
+        return {
+            "run_id": self.run_id,
+            "method": self.method_label,
+            "method_name": self.method_name,
+            "task": self.task,
+            "group": self.group,
+            "seed": self.seed,
+            "definition": self.definition,
+            "fingerprint": fingerprint or self.fingerprint(),
+            "spec": self.to_dict(),
+        }
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunSpec:
         return cls(**data)

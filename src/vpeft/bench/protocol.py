@@ -363,18 +363,7 @@ def run_and_record(spec: RunSpec, out_dir: str | os.PathLike, fingerprint: str |
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = {
-        "run_id": spec.run_id,
-        "method": spec.method_label,
-        "method_name": spec.method_name,
-        "task": spec.task,
-        "group": spec.group,
-        "seed": spec.seed,
-        "definition": spec.definition,
-        "fingerprint": fingerprint or spec.fingerprint(),
-        "spec": spec.to_dict(),
-        "started_at": _now(),
-    }
+    base = {**spec.record_fields(fingerprint), "started_at": _now()}
     start = time.perf_counter()
     try:
         metrics = execute_run(spec, out_dir)

@@ -53,15 +53,7 @@ def _announce(started: Any, spec_dict: dict[str, Any]) -> None:
 
 def _lost(spec: RunSpec, error: BaseException) -> dict[str, Any]:
     return {
-        "run_id": spec.run_id,
-        "method": spec.method_label,
-        "method_name": spec.method_name,
-        "task": spec.task,
-        "group": spec.group,
-        "seed": spec.seed,
-        "definition": spec.definition,
-        "fingerprint": spec.fingerprint(),
-        "spec": spec.to_dict(),
+        **spec.record_fields(),
         "status": "failed",
         "error": f"RayTaskFailed: {type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}",
         "env": environment(spec.device),
