@@ -22,14 +22,16 @@ from pathlib import Path
 
 import torch
 
-from vpeft.data import build_dataloader, build_transform, ensure_digits_task
+from vpeft.data import build_dataloader, ensure_digits_task
 from vpeft.run import build_backbone, finetune, open_task
+from vpeft.tasks import ClassificationTask
 from vpeft.train import TrainConfig
 
 
 def _forward_pass_s(backbone: str, img_size: int, pretrained: bool, root: Path, batch: int) -> float:
     model = build_backbone(backbone, 10, img_size, pretrained).eval()
-    ds = open_task(root, "digits").dataset("train800val200", build_transform(model, input_size=img_size))
+    folder = open_task(root, "digits")
+    ds = ClassificationTask.from_folder(folder.path).dataset(folder.path, "train800val200", model, input_size=img_size)
     loader = build_dataloader(ds, batch, shuffle=False)
     start = time.perf_counter()
     with torch.inference_mode():

@@ -17,23 +17,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from .api import apply, load, merge, read_delta, save, save_merged
 from .arch import input_size
 from .backbones import is_clip_name
 from .config import MethodConfig
 from .data import (
-    ImageFolderDataset,
-    VTABTask,
     build_dataloader,
     default_data_root,
     ensure_digits_task,
 )
 from .errors import CheckpointError, ConfigError, DataError
 from .state import state_of
-from .tasks import ClassificationTask, Task, TaskModel, task_for_folder, task_from_dict
-from .tasks.classification import split_names
+from .tasks import Task, TaskModel, task_for_folder, task_from_dict
 from .train import TrainConfig, evaluate, set_seed, train
 from .train.cache import cached_training_setup, frozen_split
 from .train.checkpoint import CHECKPOINT_NAME
@@ -78,22 +74,6 @@ class TaskFolder:
     def task(self, kind: str | None = None, **options: Any) -> Task:
         """The folder's task (its type detected from the files unless ``kind`` is given)."""
         return task_for_folder(self.path, kind, **options)
-
-    @property
-    def num_classes(self) -> int:
-        """The class count of a classification folder (VTAB-1k lists or split image folders)."""
-        return ClassificationTask.from_folder(self.path).backbone_classes()
-
-    def dataset(self, split: str, transform) -> Dataset:
-        """A classification split read with ``transform`` (the search's data path)."""
-        if (self.path / f"{split}.txt").is_file():
-            return VTABTask.from_dir(self.path).dataset(split, transform)
-        if (self.path / split).is_dir():  # test images are read once, at the end (checked as they are read)
-            return ImageFolderDataset(self.path / split, transform, verify=split != "test")
-        raise DataError(
-            f"task {self.name!r} has no split {split!r} (no {split}.txt, no {split}/ folder); "
-            f"splits there: {', '.join(split_names(self.path)) or 'none'}"
-        )
 
 
 def open_task(data_root: str | os.PathLike | None, task: str) -> TaskFolder:

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from ..arch import input_size
-from ..data import build_dataloader, build_transform
+from ..data import build_dataloader
 from ..errors import ConfigError
 from ..run import build_backbone, finetune, open_task
+from ..tasks import ClassificationTask
 from ..train import TrainConfig, evaluate, train
 from ..train.metrics import write_json_atomic
 from .evolution import EvolutionConfig, evolve, record
@@ -87,8 +88,9 @@ def run_search(
     """
     evo = evolution or EvolutionConfig()
     out = Path(out_dir)
-    t = open_task(data_root, task)
-    model = build_backbone(backbone, t.num_classes, img_size, pretrained)
+    folder = open_task(data_root, task)
+    t = ClassificationTask.from_folder(folder.path)
+    model = build_backbone(backbone, t.backbone_classes(), img_size, pretrained)
     kwargs: dict[str, Any] = {"sizes": tuple(sizes)} if space == "noah" else {"r": rank}
     search_space = build_space(space, model, **kwargs)
     if search_space.min_params() > budget:
@@ -97,8 +99,7 @@ def run_search(
         )
     supernet = Supernet(model, search_space, seed=seed)
     size = input_size(model, img_size)[-1]
-    tf = build_transform(model, input_size=size)
-    train_ds, val_ds = t.dataset(search_splits[0], tf), t.dataset(search_splits[1], tf)
+    train_ds, val_ds = (t.dataset(folder.path, split, model, input_size=size) for split in search_splits)
     loader = build_dataloader(train_ds, batch_size, shuffle=True, num_workers=num_workers, seed=seed)
     val_loader = build_dataloader(val_ds, 2 * batch_size, shuffle=False, num_workers=num_workers)
     log.info("%s supernet: %d trainable parameters; %d train / %d val images", space, supernet.trainable(),
@@ -153,7 +154,7 @@ def run_search(
             backbone=backbone,
             method=config,
             task=task,
-            data_root=t.root,
+            data_root=folder.root,
             train_cfg=_train_cfg(retrain_epochs, retrain_lr or lr, batch_size, weight_decay, seed),
             img_size=img_size,
             train_split=retrain_splits[0],
