@@ -29,7 +29,7 @@ from .data import (
 )
 from .errors import CheckpointError, ConfigError, DataError
 from .state import state_of
-from .tasks import Task, TaskModel, task_for_folder, task_from_dict
+from .tasks import Task, task_for_folder, task_from_dict
 from .train import TrainConfig, evaluate, set_seed, train
 from .train.cache import cached_training_setup, frozen_split
 from .train.checkpoint import CHECKPOINT_NAME
@@ -240,7 +240,7 @@ def finetune(
             set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
             model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained, **t.backbone_kwargs()))
             rep = apply(model, method)
-        size = input_size(model.backbone if isinstance(model, TaskModel) else model, img_size)[-1]
+        size = input_size(model, img_size)[-1]  # a task model's backbone decides
         train_ds = t.dataset(folder.path, train_split, model, input_size=size, train=True)
         eval_ds = t.dataset(folder.path, eval_split, model, input_size=size)
         loader = build_dataloader(train_ds, cfg.batch_size, shuffle=True, num_workers=num_workers, seed=cfg.seed)

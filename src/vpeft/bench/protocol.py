@@ -155,7 +155,7 @@ def _time_forward(model: torch.nn.Module, x: torch.Tensor, warmup: int, repeats:
     return statistics.median(times), out.float().cpu()
 
 
-def measure_latency(spec: RunSpec, delta: str | os.PathLike, num_classes: int, img_size: int) -> dict[str, Any]:
+def measure_latency(spec: RunSpec, delta: str | os.PathLike, img_size: int) -> dict[str, Any]:
     """Inference latency (ms per batch of random images) of the saved delta: unmerged, and merged if mergeable.
 
     The model is rebuilt from the stored delta (with its task's model around the backbone), so this also checks
@@ -316,7 +316,7 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
             **kwargs, train_split=spec.splits["trainval"], eval_split=spec.splits["test"], out_dir=out_dir, resume=True
         )
     final = run.to_dict()
-    latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["num_classes"], final["img_size"])
+    latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["img_size"])
     b2n = _novel_classes(spec, Path(out_dir) / "delta.safetensors", run) if spec.protocol == "base-to-novel" else {}
     score = b2n["hm"] if b2n else run.score
     transfer = _transfer(spec, Path(out_dir) / "delta.safetensors") if spec.transfer_to else None
