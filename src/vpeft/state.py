@@ -130,12 +130,10 @@ def wrapper_parameters(model: nn.Module) -> list[str]:
     ]
 
 
-def trainable_names(model: nn.Module, method: Method, spec: ArchSpec, extra: Iterable[str] = ()) -> list[str]:
-    """What trains, decided in one place: wrapper parameters, the method's selected base parameters, the head.
-
-    ``extra`` adds names (a task decoder's, already qualified in the same model).
-    """
-    names = wrapper_parameters(model) + method.select(model, spec) + head_names(model, spec) + list(extra)
+def trainable_names(model: nn.Module, method: Method, spec: ArchSpec) -> list[str]:
+    """What trains in a backbone, decided in one place: wrapper parameters, the method's selected base parameters,
+    the head (:func:`vpeft.apply` adds a task model's decoder)."""
+    names = wrapper_parameters(model) + method.select(model, spec) + head_names(model, spec)
     return list(dict.fromkeys(names))
 
 

@@ -20,7 +20,7 @@ business. A new task type is one module defining a :class:`Task` subclass regist
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -192,6 +192,3 @@ def task_for_folder(path: Path, kind: str | None = None, **options: Any) -> Task
         if cls.matches_folder(Path(path)):
             return cls.from_folder(Path(path), **options)
     raise ConfigError(f"task folder {path} is in none of the known formats ({', '.join(task_kinds())})")
-
-
-TaskFactory = Callable[..., Task]
