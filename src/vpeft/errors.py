@@ -28,8 +28,12 @@ class ConfigError(VpeftError, ValueError):
     """A hyper-parameter or option has an invalid value."""
 
 
-class UnknownNameError(VpeftError, KeyError):
-    """A method, backbone or task name is not known. The message lists close matches."""
+class UnknownNameError(ConfigError, KeyError):
+    """A registered name (method, backbone family, task kind, decoder, protocol ...) is not known.
+
+    The message lists close matches and every valid name. It is a :class:`ConfigError` (a bad option value) and a
+    ``KeyError`` (a failed look-up), so either ``except`` catches it.
+    """
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
         return str(self.args[0]) if self.args else ""

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, suggest
+from ..errors import ConfigError
+from ..registry import Registry
 
 __all__ = ["Meter", "Task", "TaskModel", "register_task", "task_for_folder", "task_from_dict", "task_kinds"]
 
@@ -160,35 +161,29 @@ class TaskModel(nn.Module):
         return getattr(self.backbone, "pretrained_cfg", None) or {}
 
 
-_TASKS: dict[str, type[Task]] = {}
+TASKS: Registry[type[Task]] = Registry("task kind")
 
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: make ``cls`` known to :func:`task_from_dict` under ``cls.kind``."""
-    _TASKS[cls.kind] = cls
-    return cls
+    return TASKS.register(cls.kind, cls)
 
 
 def task_kinds() -> list[str]:
     """The registered task kinds."""
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def task_from_dict(data: Mapping[str, Any]) -> Task:
     """Rebuild a task from its :meth:`Task.to_dict` record (e.g. a delta header)."""
-    kind = data.get("kind")
-    if kind not in _TASKS:
-        raise ConfigError(suggest(str(kind), task_kinds(), "task kind"))
-    return _TASKS[kind].from_dict(data)
+    return TASKS.get(str(data.get("kind"))).from_dict(data)
 
 
 def task_for_folder(path: Path, kind: str | None = None, **options: Any) -> Task:
     """The task of a task folder: of type ``kind``, or of the first registered type whose format the folder has."""
     if kind is not None:
-        if kind not in _TASKS:
-            raise ConfigError(suggest(str(kind), task_kinds(), "task kind"))
-        return _TASKS[kind].from_folder(Path(path), **options)
-    for cls in sorted(_TASKS.values(), key=lambda c: -c.detect_priority):
+        return TASKS.get(kind).from_folder(Path(path), **options)
+    for cls in sorted((c for _, c in TASKS.items()), key=lambda c: -c.detect_priority):
         if cls.matches_folder(Path(path)):
             return cls.from_folder(Path(path), **options)
     raise ConfigError(f"task folder {path} is in none of the known formats ({', '.join(task_kinds())})")
