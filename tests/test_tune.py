@@ -9,16 +9,15 @@ import subprocess
 import sys
 import textwrap
 
+import optuna  # a test dependency: a missing one fails the suite, never skips it
 import pytest
 
-import optuna  # noqa: E402  (a test dependency: a missing one fails the suite)
-
-from vpeft.cli import main  # noqa: E402
-from vpeft.data import ensure_digits_task  # noqa: E402
-from vpeft.errors import ConfigError  # noqa: E402
-from vpeft.tasks import ClassificationTask  # noqa: E402
-from vpeft.train import TrainConfig  # noqa: E402
-from vpeft.tune import TuneConfig, parse_space, run_tune  # noqa: E402
+from vpeft.cli import main
+from vpeft.data import ensure_digits_task
+from vpeft.errors import ConfigError
+from vpeft.tasks import ClassificationTask
+from vpeft.train import TrainConfig
+from vpeft.tune import TuneConfig, parse_space, run_tune
 
 FAST = TrainConfig(epochs=2, batch_size=128, warmup_epochs=0.0)
 
