@@ -220,3 +220,44 @@ def test_two_processes_share_one_study(data_root, tmp_path):
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 4 <= len(done) <= 5  # each process stops once 4 are finished (one may be running at that moment)
     assert len({t.user_attrs["pid"] for t in done}) == 2  # both processes contributed trials
+
+
+# ---- in vpeft bench: a tune block per method, beside fixed recipes in the leaderboard -------------------------------
+def test_bench_tune_block_selects_on_val_and_reports_beside_fixed(data_root, tmp_path):
+    from vpeft.bench import parse_definition, run_bench, write_report
+    from vpeft.bench.records import read_record, record_path
+
+    methods = [
+        {"name": "lora", "settings": {"r": 2}},
+        {"name": "lora", "label": "lora_tuned", "settings": {"r": 2},
+         "tune": {"trials": 2, "startup_trials": 1, "pruner": "none", "space": {"lr": "1e-3:3e-2:log", "r": [2, 4]}}},
+    ]  # fmt: skip
+    d = parse_definition({
+        "name": "t", "backbone": "test_vit", "img_size": 32, "pretrained": False, "seeds": [0],
+        "data_root": str(data_root), "train": {"epochs": 1, "batch_size": 128, "warmup_epochs": 0},
+        "latency": {"batch_size": 2, "warmup": 0, "repeats": 1}, "tasks": [{"name": "digits", "group": "natural"}],
+        "methods": methods,
+    })  # fmt: skip
+    out = tmp_path / "bench"
+    assert run_bench(d, out, workers=0, progress=False).ok == 2
+    rec = read_record(record_path(out, "lora_tuned", "digits", 0))
+    sel = rec["selection"]
+    assert sel["kind"] == "tune" and sel["trials"]["complete"] == 2 and sel["cpu_s"] > 0
+    assert rec["resolved"]["method_config"]["r"] == sel["chosen"]["method"]["r"]
+    assert rec["resolved"]["train"]["lr"] == sel["chosen"]["train"]["lr"]
+    assert rec["resolved"]["train_split"] == "train800val200"
+    md = write_report(out)[0]
+    assert "Recipe selection" in md
+    assert "| lora | fixed | - |" in md and "| lora_tuned | tuned (Optuna) | 2 |" in md
+
+
+def test_bench_tune_block_is_checked_on_load():
+    from vpeft.bench import parse_definition
+
+    base = {"name": "t", "backbone": "test_vit", "tasks": [{"name": "digits", "group": "natural"}]}
+    bad = {"name": "lora", "tune": {"trials": 2, "space": {"rank": [2, 4]}}}
+    with pytest.raises(ConfigError, match="'rank' is neither a training hyper-parameter nor an option of lora"):
+        parse_definition({**base, "methods": [bad]})
+    both = {"name": "lora", "grid": {"lr": [1e-3, 1e-2]}, "tune": {"space": {"r": [2, 4]}}}
+    with pytest.raises(ConfigError, match="either a grid or a tune block"):
+        parse_definition({**base, "methods": [both]})

@@ -64,6 +64,7 @@ class MethodRow:
     mean_groups: Stat = field(default_factory=lambda: Stat([]))
     complete_seeds: list[int] = field(default_factory=list)
     cost: dict[str, float | None] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)  # how the recipe was chosen: fixed / grid / tune
 
 
 @dataclass
@@ -234,7 +235,49 @@ def _method_row(label: str, name: str, recs: Sequence[Mapping[str, Any]], tasks,
         "latency_batch": lat[0].get("batch_size") if lat else None,
         "runs": len(recs),
     }
+    row.selection = _selection_summary([r.get("selection") for r in recs])
     return row
+
+
+def _selection_summary(selections: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """How a method's recipes were chosen over its runs: fixed, a grid of N settings, or N Optuna trials."""
+    sels = [s for s in selections if s]
+    if not sels:
+        return {"kind": "fixed", "candidates": None, "cpu_s": None, "val": None, "pruned": None}
+    kind = "tune" if any(s.get("kind") == "tune" for s in sels) else "grid"
+    pruned = [int((s.get("trials") or {}).get("pruned", 0)) for s in sels] if kind == "tune" else None
+    return {
+        "kind": kind,
+        "candidates": _mean([s.get("candidates") or len(s.get("results") or []) for s in sels]),
+        "cpu_s": sum(float(s["cpu_s"]) for s in sels) if all(s.get("cpu_s") is not None for s in sels) else None,
+        "val": _mean([s.get("best_val") for s in sels]),
+        "pruned": _mean(pruned) if pruned is not None else None,
+    }
+
+
+def _selection_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
+    """Fixed, grid-selected and tuned recipes side by side, with what choosing cost (trials, CPU time)."""
+    head = [
+        ("method", "method"),
+        ("recipe", "recipe"),
+        ("trials", "settings / trials per run"),
+        ("val", "chosen val (%)"),
+        ("test", "test, mean over tasks (%)"),
+        ("cpu", "selection CPU (s, all runs)"),
+    ]
+    rows = []
+    for r in lb.rows:
+        sel = r.selection
+        label = {"fixed": "fixed", "grid": "grid", "tune": "tuned (Optuna)"}[sel["kind"]]
+        n = sel["candidates"]
+        trials = "-" if n is None else f"{n:.0f}" + (f" ({sel['pruned']:.1f} pruned)" if sel["pruned"] else "")
+        rows.append([(r.label, r.label), (label, label), (trials, n), (_num(sel["val"], ".1f", 100), sel["val"]),
+                     (r.mean_tasks.fmt(), r.mean_tasks.mean), (_num(sel["cpu_s"], ",.1f"), sel["cpu_s"])])  # fmt: skip
+    return head, rows
+
+
+def _has_selection(lb: Leaderboard) -> bool:
+    return any(r.selection.get("kind") != "fixed" for r in lb.rows)
 
 
 # ---- formatting -----------------------------------------------------------------------------------------------------
@@ -342,6 +385,9 @@ _PROTOCOL = (
 )
 
 
+_SELECTION = "Recipe selection: fixed, grid and tuned recipes at their selection cost"
+
+
 def _per_class_md(lb: Leaderboard) -> list[str]:
     out = []
     for task, table in (lb.meta.get("per_class") or {}).items():
@@ -358,6 +404,8 @@ def render_markdown(lb: Leaderboard) -> str:
         out += [_describe(lb), ""]
     out += [_PROTOCOL.format(metric=lb.meta.get("metric", "top-1")), "", _md_table(*_accuracy_table(lb)), ""]
     out += [f"## {_cost_title(lb)}", "", _md_table(*_cost_table(lb)), ""]
+    if _has_selection(lb):
+        out += [f"## {_SELECTION}", "", _md_table(*_selection_table(lb)), ""]
     out += _per_class_md(lb)
     if lb.meta.get("base_to_novel"):
         out += ["## Base-to-novel accuracy (%)", "", "HM = 2BN/(B+N), mean over seeds.", ""]
@@ -494,6 +542,7 @@ def render_html(lb: Leaderboard) -> str:
         _html_table(*_accuracy_table(lb), "accuracy"),
         f"<h2>{e(_cost_title(lb))}</h2>",
         _html_table(*_cost_table(lb), "cost"),
+        *([f"<h2>{e(_SELECTION)}</h2>", _html_table(*_selection_table(lb), "selection")] if _has_selection(lb) else []),
         *_per_class_html(lb),
         *(
             ["<h2>Base-to-novel accuracy (%)</h2>", _html_table(*_b2n_table(lb), "base-to-novel")]
