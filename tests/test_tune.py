@@ -249,6 +249,9 @@ def test_bench_tune_block_selects_on_val_and_reports_beside_fixed(data_root, tmp
     md = write_report(out)[0]
     assert "Recipe selection" in md
     assert "| lora | fixed | - |" in md and "| lora_tuned | tuned (Optuna) | 2 |" in md
+    link = "runs/lora_tuned/digits/seed0/tune/plots/history.html"
+    assert f"[history]({link})" in md and (out / link).is_file()
+    assert f'href="{link}"' in (out / "leaderboard.html").read_text()
 
 
 def test_bench_tune_block_is_checked_on_load():
@@ -261,3 +264,18 @@ def test_bench_tune_block_is_checked_on_load():
     both = {"name": "lora", "grid": {"lr": [1e-3, 1e-2]}, "tune": {"space": {"r": [2, 4]}}}
     with pytest.raises(ConfigError, match="either a grid or a tune block"):
         parse_definition({**base, "methods": [both]})
+
+
+def test_tune_on_a_segmentation_task_scores_miou(tmp_path):
+    from test_segmentation import _make_folder
+
+    _make_folder(tmp_path / "data" / "toy", n={"train": 3, "val": 2, "trainval": 5, "test": 2})
+    res = run_tune(backbone="test_vit", method="lora", task="toy", space=parse_space("lora", ["lr=1e-3:1e-1:log"]),
+                   out_dir=tmp_path / "t", train_cfg=TrainConfig(epochs=2, batch_size=4, warmup_epochs=0.0),
+                   data_root=tmp_path / "data", img_size=32, pretrained=False,
+                   tune=TuneConfig(trials=2, startup_trials=1, search_splits=("train", "val"),
+                                   final_splits=("trainval", "test")))  # fmt: skip
+    assert res["metric"] == "miou" and res["primary_metric"] == "miou"
+    trial = json.loads((tmp_path / "t" / "trials" / "0000" / "metrics.json").read_text())
+    assert all(h["val_miou"] is not None for h in trial["history"])  # pruning saw the per-epoch val mIoU
+    assert res["test"]["miou"] == res["score"]

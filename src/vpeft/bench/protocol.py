@@ -270,7 +270,8 @@ def _tune_select(spec: RunSpec, out_dir: Path) -> dict[str, Any]:
         "candidates": cfg.trials,
         "best_val": summary["best_val"],
         "cpu_s": summary["search_cpu_s"],
-        "study": str(out_dir / "tune"),
+        "study": "tune",  # relative to the run folder
+        "plots": [f"tune/{p}" for p in summary.get("plots", [])],
     }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vpeft.bench.definition import GROUPS
-from vpeft.bench.records import load_records, write_text_atomic
+from vpeft.bench.records import load_records, run_dir, write_text_atomic
 from vpeft.errors import DataError
 
 __all__ = ["Leaderboard", "build_leaderboard", "current_records", "render_html", "render_markdown", "write_report"]
@@ -405,7 +405,7 @@ def render_markdown(lb: Leaderboard) -> str:
     out += [_PROTOCOL.format(metric=lb.meta.get("metric", "top-1")), "", _md_table(*_accuracy_table(lb)), ""]
     out += [f"## {_cost_title(lb)}", "", _md_table(*_cost_table(lb)), ""]
     if _has_selection(lb):
-        out += [f"## {_SELECTION}", "", _md_table(*_selection_table(lb)), ""]
+        out += [f"## {_SELECTION}", "", _md_table(*_selection_table(lb)), "", *_plot_links_md(lb)]
     out += _per_class_md(lb)
     if lb.meta.get("base_to_novel"):
         out += ["## Base-to-novel accuracy (%)", "", "HM = 2BN/(B+N), mean over seeds.", ""]
@@ -542,7 +542,11 @@ def render_html(lb: Leaderboard) -> str:
         _html_table(*_accuracy_table(lb), "accuracy"),
         f"<h2>{e(_cost_title(lb))}</h2>",
         _html_table(*_cost_table(lb), "cost"),
-        *([f"<h2>{e(_SELECTION)}</h2>", _html_table(*_selection_table(lb), "selection")] if _has_selection(lb) else []),
+        *(
+            [f"<h2>{e(_SELECTION)}</h2>", _html_table(*_selection_table(lb), "selection"), *_plot_links_html(lb)]
+            if _has_selection(lb)
+            else []
+        ),
         *_per_class_html(lb),
         *(
             ["<h2>Base-to-novel accuracy (%)</h2>", _html_table(*_b2n_table(lb), "base-to-novel")]
@@ -589,6 +593,33 @@ def current_records(
     return keep, len(records) - len(keep)
 
 
+def _tune_plots(records: Sequence[Mapping[str, Any]], results_dir: Path) -> list[tuple[str, list[str]]]:
+    """``[(run id, [plot paths relative to the results folder])]`` of the runs whose recipe Optuna chose."""
+    out = []
+    for r in records:
+        sel = r.get("selection") or {}
+        if r.get("status") == "ok" and sel.get("kind") == "tune" and sel.get("plots"):
+            base = run_dir(Path("."), r["method"], r["task"], r["seed"])
+            out.append((str(r.get("run_id")), [(base / p).as_posix() for p in sel["plots"]]))
+    return out
+
+
+def _plot_links_md(lb: Leaderboard) -> list[str]:
+    links = lb.meta.get("tune_plots") or []
+    lines = [f"- `{rid}`: " + ", ".join(f"[{Path(p).stem}]({p})" for p in paths) for rid, paths in links]
+    return ["Optuna plots of the tuned runs:", "", *lines, ""] if lines else []
+
+
+def _plot_links_html(lb: Leaderboard) -> list[str]:
+    e = html.escape
+    links = lb.meta.get("tune_plots") or []
+    if not links:
+        return []
+    items = [f"<li><code>{e(rid)}</code>: " + ", ".join(f'<a href="{e(p)}">{e(Path(p).stem)}</a>' for p in paths)
+             + "</li>" for rid, paths in links]  # fmt: skip
+    return ['<p class="note">Optuna plots of the tuned runs:</p><ul>', *items, "</ul>"]
+
+
 def write_report(
     results_dir: str | Path, html_path: str | Path | None = None, md_path: str | Path | None = None
 ) -> tuple[str, Path, Path]:
@@ -620,6 +651,7 @@ def write_report(
         )
     lb = build_leaderboard(records, definition)
     lb.meta["stale"] = stale
+    lb.meta["tune_plots"] = _tune_plots(records, results_dir)
     md = render_markdown(lb)
     md_path = Path(md_path) if md_path else results_dir / "leaderboard.md"
     html_path = Path(html_path) if html_path else results_dir / "leaderboard.html"
