@@ -97,7 +97,8 @@ RULES = [
     ("vpeft.state", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.search", "vpeft.api")),
     ("vpeft.config", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api", "vpeft.methods")),
     ("vpeft.registry", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api")),
-    ("vpeft.run", ("vpeft.cli", "vpeft.bench", "vpeft.search")),
+    ("vpeft.run", ("vpeft.cli", "vpeft.bench", "vpeft.search", "vpeft.tune")),
+    ("vpeft.tune", ("vpeft.cli", "vpeft.bench", "vpeft.search")),
 ]
 
 

@@ -307,6 +307,68 @@ def _finetune_from_args(args: argparse.Namespace, method: dict[str, Any], finetu
     )
 
 
+def _splits(flag: str, value: str) -> tuple[str, str]:
+    parts = tuple(v.strip() for v in value.split(","))
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{flag} {value!r} must be two split names joined by a comma, e.g. train800,val200")
+    return parts  # type: ignore[return-value]
+
+
+def _assignment(text: str) -> dict[str, Any]:
+    """``"lr=0.001,r=8"`` -> ``{"lr": 0.001, "r": 8}`` (an enqueued recipe of ``vpeft tune``)."""
+    from .tune.space import parse_value
+
+    out = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--enqueue {text!r} is not KEY=VALUE[,KEY=VALUE...]")
+        out[key.strip()] = parse_value(raw)
+    return out
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import TuneConfig, parse_space, run_tune
+    from .tune.study import final_table
+
+    method = method_from_cli(args.method, args.opt)
+    check_img_size(args.img_size)
+    check_device(args.device)
+    cfg = TuneConfig(
+        trials=args.trials,
+        pruner=args.pruner,
+        startup_trials=args.startup_trials,
+        sampler_seed=args.sampler_seed,
+        search_splits=_splits("--search-splits", args.search_splits),
+        final_splits=_splits("--final-splits", args.final_splits),
+        final=not args.no_final,
+    )
+    space = parse_space(args.method, args.space)
+    summary = run_tune(
+        backbone=args.backbone,
+        method=method,
+        task=args.task,
+        space=space,
+        out_dir=args.out,
+        tune=cfg,
+        train_cfg=_train_config(args),
+        data_root=args.data_root,
+        img_size=args.img_size,
+        pretrained=not args.no_pretrained,
+        task_kind=args.task_kind,
+        task_options=task_options_from_cli(args.task_opt, args.decoder) or None,
+        device=args.device,
+        num_workers=args.workers,
+        storage=args.storage,
+        study_name=args.study_name,
+        on_trial=None if args.quiet else lambda line: print(line, flush=True),
+        enqueue=[_assignment(a) for a in args.enqueue],
+    )
+    print(final_table(summary))
+    print(f"study, trials, final run and plots in {args.out} (tune_result.json)")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .run import evaluate_delta
     from .train.metrics import json_safe
@@ -466,12 +528,67 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_cmd_demo)
 
+    _add_tune_parser(sub)
+
     from .bench.cli import add_bench_commands  # bench, report
     from .search.cli import add_search_command  # search (NOAH / GLoRA structure search)
 
     add_bench_commands(sub)
     add_search_command(sub)
     return parser
+
+
+def _add_tune_parser(sub) -> None:
+    from .train import TrainConfig
+    from .tune import PRUNERS
+
+    p = sub.add_parser(
+        "tune",
+        help="choose a method's recipe on val with Optuna (TPE, pruning), then retrain and test it once",
+        description="Each trial trains on the first --search-splits split and is scored on the second; the best "
+        "recipe is retrained on the first --final-splits split and tested once on the second. The study is kept in "
+        "--storage (default: SQLite in --out), so a killed run resumes and several processes can share it.",
+    )
+    p.add_argument("--backbone", required=True, help="local backbone (vpeft backbones) or any timm model name")
+    p.add_argument("--method", required=True, help="method name (vpeft methods); join names with + to compose")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="fixed method option, repeatable")
+    p.add_argument(
+        "--space",
+        action="append",
+        required=True,
+        metavar="KEY=SPEC",
+        help="tuned parameter, repeatable: lr=1e-4:1e-2:log (float, log scale), weight_decay=0:1e-3 (uniform), "
+        "r=4,8,16 (choice), bottleneck=4:64:int (integer); a TrainConfig field or an option of the method",
+    )
+    _add_data(p)
+    p.add_argument("--trials", type=int, default=20, help="finished trials (complete + pruned) in all (default: 20)")
+    p.add_argument("--pruner", default="median", choices=PRUNERS, help="prune bad trials per epoch (default: median)")
+    p.add_argument("--startup-trials", type=int, default=5, help="random trials before TPE and pruning (default: 5)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+    p.add_argument("--search-splits", default="train800,val200", help="TRAIN,VAL of the trials (default: %(default)s)")
+    p.add_argument(
+        "--final-splits", default="train800val200,test", help="TRAINVAL,TEST of the final run (default: %(default)s)"
+    )
+    p.add_argument("--no-final", action="store_true", help="stop after the search (the test split is never read)")
+    p.add_argument(
+        "--enqueue",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE,...",
+        help="a recipe tried first, repeatable (e.g. the method's usual one: lr=1e-3,r=8); a new study only",
+    )
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db)")
+    p.add_argument("--study-name", default=None, help="study name in the storage (default: METHOD-TASK)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
+    p.add_argument("--task-kind", default=None, help="task type (default: detected from the folder's files)")
+    p.add_argument("--decoder", default=None, help="segmentation decoder (linear or fpn)")
+    p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="task option, repeatable")
+    add_dataclass_flags(p.add_argument_group("base training recipe (TrainConfig; --space overrides)"), TrainConfig)
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
+    p.add_argument("--out", required=True, help="study folder (study.db, trials/, final/, tune_result.json, plots/)")
+    p.add_argument("--quiet", action="store_true", help="no per-trial lines")
+    p.set_defaults(fn=_cmd_tune)
 
 
 _NEGATIVE = re.compile(r"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")

@@ -39,6 +39,7 @@ from .version import __version__
 
 __all__ = [
     "finetune",
+    "task_kind_for",
     "RunResult",
     "TaskFolder",
     "evaluate_delta",
@@ -210,6 +211,8 @@ def finetune(
     task_options: Mapping[str, Any] | None = None,
     resume: bool = False,
     run_id: str | None = None,
+    val_split: str | None = None,
+    callbacks: Sequence[Any] | None = None,
 ) -> RunResult:
     """Adapt ``backbone`` to ``task`` with ``method``; return (and write) the run's result.
 
@@ -224,6 +227,10 @@ def finetune(
     ``result.json`` is written. Every file of the run folder names the run (``"run"``: ``run_id`` -- generated
     unless given, kept when resuming --, method, task, backbone).
 
+    ``val_split`` is evaluated after every epoch (``val_<metric>`` in each epoch record of ``metrics.json``);
+    ``callbacks`` see each epoch record, and one returning ``True`` stops training after that epoch
+    (:func:`vpeft.train.train`): ``vpeft tune`` prunes bad trials this way from their per-epoch val metric.
+
     Under ``torchrun`` every process runs this function: training is data-parallel with ``train_cfg.batch_size``
     as the global batch, the final evaluation is sharded over the processes, and only rank 0 logs and writes
     files; the others wait for it at a barrier, then return the same result (without ``delta_bytes``).
@@ -234,8 +241,7 @@ def finetune(
         device = ctx.device if ctx is not None else device
         with main_first(ctx):  # rank 0 alone exports generated data and converts weights into the caches
             folder = open_task(data_root, task)
-            if task_kind is None and is_clip_name(backbone):  # a CLIP classifies by its class names
-                task_kind = "zeroshot"
+            task_kind = task_kind_for(backbone, task_kind)
             t = folder.task(task_kind, **dict(task_options or {}))
             set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
             model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained, **t.backbone_kwargs()))
@@ -244,6 +250,10 @@ def finetune(
         train_ds = t.dataset(folder.path, train_split, model, input_size=size, train=True)
         eval_ds = t.dataset(folder.path, eval_split, model, input_size=size)
         loader = build_dataloader(train_ds, cfg.batch_size, shuffle=True, num_workers=num_workers, seed=cfg.seed)
+        val_loader = None
+        if val_split is not None:
+            val_ds = t.dataset(folder.path, val_split, model, input_size=size)
+            val_loader = build_dataloader(val_ds, 2 * cfg.batch_size, shuffle=False, num_workers=num_workers)
         out = Path(out_dir) if out_dir is not None else None
         if main:
             n_train, n_eval = len(train_ds), len(eval_ds)
@@ -258,11 +268,23 @@ def finetune(
                 size,
             )
         start = time.perf_counter()
-        trained, loader, cached = _maybe_cache(model, loader, cfg, device, ctx is None, progress and main)
+        trained, loader, val_loader, cached = _maybe_cache(
+            model, loader, val_loader, cfg, device, ctx is None, progress and main
+        )
         cache_time = time.perf_counter() - start
         identity = _run_identity(out, method, task, backbone, run_id, resume)
         result = train(
-            trained, loader, cfg, device=device, out_dir=out, progress=progress, task=t, resume=resume, run=identity
+            trained,
+            loader,
+            cfg,
+            val_loader=val_loader,
+            device=device,
+            out_dir=out,
+            progress=progress,
+            callbacks=callbacks,
+            task=t,
+            resume=resume,
+            run=identity,
         )
         train_time = cache_time + result.total_time_s  # a resumed run counts the epochs before the crash too
         spec = t.to_dict()
@@ -311,6 +333,14 @@ def finetune(
         return run
 
 
+def task_kind_for(backbone: str, task_kind: str | None = None) -> str | None:
+    """The task type a run of ``backbone`` uses: ``task_kind`` when given; a CLIP backbone (``open_clip:...``,
+    ``hf:...``) classifies by its class names (``"zeroshot"``); otherwise ``None`` (detected from the folder)."""
+    if task_kind is None and is_clip_name(backbone):
+        return "zeroshot"
+    return task_kind
+
+
 def _run_identity(
     out: Path | None, method: Any, task: str, backbone: str, run_id: str | None, resume: bool
 ) -> dict[str, Any]:
@@ -337,28 +367,30 @@ def _run_identity(
 
 
 def _maybe_cache(
-    model: nn.Module, loader, cfg: TrainConfig, device: str, single_process: bool, progress: bool
-) -> tuple[nn.Module, Any, str | None]:
-    """``(model to train, its loader, cached depth)``: the cached suffix where caching is exact, else as given.
+    model: nn.Module, loader, val_loader, cfg: TrainConfig, device: str, single_process: bool, progress: bool
+) -> tuple[nn.Module, Any, Any, str | None]:
+    """``(model to train, its loader, its val loader, cached depth)``: the cached suffix where caching is exact,
+    else as given.
 
     Exact means: ``cfg.feature_cache``, a single process, no gradient checkpointing (it belongs to the whole
     model), a training set without random augmentation, and a frozen deterministic prefix
     (:func:`vpeft.train.cache.frozen_split`).
     """
+    uncached = model, loader, val_loader, None
     if not (cfg.feature_cache and single_process and not cfg.grad_checkpointing):
-        return model, loader, None
+        return uncached
     if getattr(loader.dataset, "random_augmentation", False):
-        return model, loader, None
+        return uncached
     try:
         split = frozen_split(model)
     except ConfigError:  # not a timm model with forward_features / forward_head
-        return model, loader, None
+        return uncached
     if split is None:
-        return model, loader, None
+        return uncached
     set_seed(cfg.seed)  # as train() will: the cached loader then shuffles exactly as the original
-    setup = cached_training_setup(model, loader, device=device, progress=progress)
+    setup = cached_training_setup(model, loader, val_loader, device=device, progress=progress)
     log.info("training on cached features of the frozen prefix (%s, %.1f MiB)", setup.depth, setup.nbytes / 2**20)
-    return setup.model, setup.train_loader, str(setup.depth)
+    return setup.model, setup.train_loader, setup.val_loader, str(setup.depth)
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:

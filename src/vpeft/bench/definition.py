@@ -205,6 +205,9 @@ class MethodSpec:
         grid: Candidate values per key, chosen on the validation split; a key is a training-recipe field or a
             method setting (prefix ``train.`` / ``method.`` when a name is both). Empty: no selection.
         task_options: Task options for this method's runs, over the task's (e.g. ``{decoder: fpn}``).
+        tune: Choose the recipe with Optuna instead of a grid (``vpeft tune``'s search on the train / val splits):
+            ``{trials: 8, space: {lr: "1e-4:1e-2:log", r: [4, 8, 16]}, pruner: median, startup_trials: 3}``
+            (``space`` in ``--space`` syntax, a list being a choice). Excludes ``grid``.
     """
 
     name: str
@@ -213,6 +216,7 @@ class MethodSpec:
     train: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
+    tune: dict[str, Any] = field(default_factory=dict)
 
     def candidates(self) -> list[dict[str, dict[str, Any]]]:
         """The grid's settings in order: ``[{"train": {...}, "method": {...}}, ...]`` (``[]`` without a grid)."""
@@ -328,6 +332,7 @@ class RunSpec:
     task_options: dict[str, Any] = field(default_factory=dict)
     protocol: str = "standard"
     transfer_to: list[str] = field(default_factory=list)
+    tune: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, d: BenchDefinition, m: MethodSpec, t: TaskSpec, seed: int) -> RunSpec:
@@ -355,6 +360,7 @@ class RunSpec:
             task_options={**t.options, **m.task_options, **({"classes": "base"} if t.protocol != "standard" else {})},
             protocol=t.protocol,
             transfer_to=list(t.transfer_to),
+            tune=dict(m.tune),
         )
 
     @property
@@ -378,6 +384,8 @@ class RunSpec:
             d.pop("protocol")
         if not d["transfer_to"]:
             d.pop("transfer_to")
+        if not d["tune"]:  # absent without a tune block, so earlier fingerprints stay as they were
+            d.pop("tune")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -576,7 +584,7 @@ def _parse_method(data: Any, where: str, base_train: Mapping[str, Any]) -> Metho
 
     if isinstance(data, str):
         data = {"name": data}
-    data = _check_keys(data, where, ("name", "label", "settings", "train", "grid", "task_options"), ("name",))
+    data = _check_keys(data, where, ("name", "label", "settings", "train", "grid", "task_options", "tune"), ("name",))
     name = data["name"]
     if not isinstance(name, str):
         raise _err(f"{where}.name", f"expected a method name, got {name!r}")
@@ -591,7 +599,10 @@ def _parse_method(data: Any, where: str, base_train: Mapping[str, Any]) -> Metho
     _train_config(TrainConfig, {**base_train, **train}, f"{where}.train")
     grid = _parse_grid(data.get("grid"), f"{where}.grid", TrainConfig, cfg_cls)
     task_options = _check_mapping(data.get("task_options") or {}, f"{where}.task_options")
-    spec = MethodSpec(name, label, settings, train, grid, task_options)
+    tune = _parse_tune(data.get("tune"), f"{where}.tune", name, settings)
+    if tune and grid:
+        raise _err(where, "give either a grid or a tune block: both choose the recipe on the validation split")
+    spec = MethodSpec(name, label, settings, train, grid, task_options, tune)
     for i, cand in enumerate(spec.candidates()):  # every grid point must be a valid configuration
         _train_config(TrainConfig, {**base_train, **train, **cand["train"]}, f"{where}.grid (setting {i}: {cand})")
         _method_config(name, {**settings, **cand["method"]}, f"{where}.grid (setting {i}: {cand})")
@@ -599,6 +610,21 @@ def _parse_method(data: Any, where: str, base_train: Mapping[str, Any]) -> Metho
 
 
 _MAX_GRID = 64
+
+
+def _parse_tune(value: Any, where: str, method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A method's ``tune:`` block, checked as ``vpeft tune`` checks its flags (space keys, bounds, budget)."""
+    if value is None:
+        return {}
+    block = _check_keys(value, where, ("trials", "space", "pruner", "startup_trials", "sampler_seed"), ("space",))
+    from vpeft.tune import TuneConfig, parse_space
+
+    try:
+        parse_space(method, _check_mapping(block["space"], f"{where}.space"))
+        TuneConfig(**{k: v for k, v in block.items() if k != "space"})
+    except VpeftError as exc:
+        raise _err(where, str(exc)) from None
+    return dict(block)
 
 
 def _parse_grid(value: Any, where: str, train_cls, cfg_cls) -> dict[str, tuple[Any, ...]]:

@@ -212,8 +212,10 @@ def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str,
     results = []
     for i, cand in enumerate(candidates):
         set_seed(spec.seed)  # method parameters are initialised before training seeds the RNG
+        cpu = time.process_time()
         rec = finetune(**_finetune_kwargs(spec, cand), train_split=spec.splits["train"], eval_split=spec.splits["val"])
-        results.append({"setting": cand, "val_top1": rec.score, "train_time_s": rec.train_time_s})
+        cpu = time.process_time() - cpu
+        results.append({"setting": cand, "val_top1": rec.score, "train_time_s": rec.train_time_s, "cpu_s": cpu})
         logger.info("%s: grid setting %d/%d %s: val %.4f", spec.run_id, i + 1, len(candidates), cand, rec.score)
         gc.collect()
     best = max(range(len(results)), key=lambda i: (results[i]["val_top1"], -i))
@@ -224,6 +226,52 @@ def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str,
         "chosen": candidates[best],
         "chosen_index": best,
         "rule": "highest val score (the task's primary metric); ties go to the first setting in grid order",
+        "kind": "grid",
+        "candidates": len(candidates),
+        "best_val": results[best]["val_top1"],
+        "cpu_s": sum(r["cpu_s"] for r in results),
+    }
+
+
+def _tune_select(spec: RunSpec, out_dir: Path) -> dict[str, Any]:
+    """Step 1 with a ``tune:`` block: Optuna's search on ``train`` / ``val`` (:func:`vpeft.tune.run_tune`, its
+    study in ``out_dir/tune``, so a killed bench resumes it), the test split untouched; the chosen recipe in the
+    grid's ``{"train": ..., "method": ...}`` form."""
+    from vpeft.train import TrainConfig
+    from vpeft.tune import TuneConfig, parse_space, run_tune
+
+    block = dict(spec.tune)
+    space = parse_space(spec.method_name, block.pop("space"))
+    cfg = TuneConfig(**block, search_splits=(spec.splits["train"], spec.splits["val"]), final=False)
+    summary = run_tune(
+        backbone=spec.backbone,
+        method={"method": spec.method_name, **spec.settings},
+        task=spec.task,
+        space=space,
+        out_dir=out_dir / "tune",
+        tune=cfg,
+        train_cfg=TrainConfig(**spec.train),
+        data_root=_data_root(spec),
+        img_size=spec.img_size,
+        pretrained=spec.pretrained,
+        task_kind=spec.task_kind,
+        task_options=spec.task_options or None,
+        device=spec.device,
+        on_trial=lambda line: logger.info("%s: %s", spec.run_id, line),
+    )
+    train, method = space.split(summary["best_params"])
+    return {
+        "train_split": spec.splits["train"],
+        "val_split": spec.splits["val"],
+        "chosen": {"train": train, "method": method},
+        "rule": f"Optuna TPE, {cfg.trials} trials, pruner {cfg.pruner}: the best complete trial's val score",
+        "kind": "tune",
+        "trials": summary["trials"],
+        "candidates": cfg.trials,
+        "best_val": summary["best_val"],
+        "cpu_s": summary["search_cpu_s"],
+        "study": "tune",  # relative to the run folder
+        "plots": [f"tune/{p}" for p in summary.get("plots", [])],
     }
 
 
@@ -306,7 +354,7 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     from vpeft.train import set_seed
 
     ensure_task(spec)
-    selection = _select(spec, finetune)
+    selection = _tune_select(spec, Path(out_dir)) if spec.tune else _select(spec, finetune)
     chosen = selection["chosen"] if selection else {"train": {}, "method": {}}
     set_seed(spec.seed)
     kwargs = _finetune_kwargs(spec, chosen)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vpeft.bench.definition import GROUPS
-from vpeft.bench.records import load_records, write_text_atomic
+from vpeft.bench.records import load_records, run_dir, write_text_atomic
 from vpeft.errors import DataError
 
 __all__ = ["Leaderboard", "build_leaderboard", "current_records", "render_html", "render_markdown", "write_report"]
@@ -64,6 +64,7 @@ class MethodRow:
     mean_groups: Stat = field(default_factory=lambda: Stat([]))
     complete_seeds: list[int] = field(default_factory=list)
     cost: dict[str, float | None] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)  # how the recipe was chosen: fixed / grid / tune
 
 
 @dataclass
@@ -234,7 +235,49 @@ def _method_row(label: str, name: str, recs: Sequence[Mapping[str, Any]], tasks,
         "latency_batch": lat[0].get("batch_size") if lat else None,
         "runs": len(recs),
     }
+    row.selection = _selection_summary([r.get("selection") for r in recs])
     return row
+
+
+def _selection_summary(selections: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """How a method's recipes were chosen over its runs: fixed, a grid of N settings, or N Optuna trials."""
+    sels = [s for s in selections if s]
+    if not sels:
+        return {"kind": "fixed", "candidates": None, "cpu_s": None, "val": None, "pruned": None}
+    kind = "tune" if any(s.get("kind") == "tune" for s in sels) else "grid"
+    pruned = [int((s.get("trials") or {}).get("pruned", 0)) for s in sels] if kind == "tune" else None
+    return {
+        "kind": kind,
+        "candidates": _mean([s.get("candidates") or len(s.get("results") or []) for s in sels]),
+        "cpu_s": sum(float(s["cpu_s"]) for s in sels) if all(s.get("cpu_s") is not None for s in sels) else None,
+        "val": _mean([s.get("best_val") for s in sels]),
+        "pruned": _mean(pruned) if pruned is not None else None,
+    }
+
+
+def _selection_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
+    """Fixed, grid-selected and tuned recipes side by side, with what choosing cost (trials, CPU time)."""
+    head = [
+        ("method", "method"),
+        ("recipe", "recipe"),
+        ("trials", "settings / trials per run"),
+        ("val", "chosen val (%)"),
+        ("test", "test, mean over tasks (%)"),
+        ("cpu", "selection CPU (s, all runs)"),
+    ]
+    rows = []
+    for r in lb.rows:
+        sel = r.selection
+        label = {"fixed": "fixed", "grid": "grid", "tune": "tuned (Optuna)"}[sel["kind"]]
+        n = sel["candidates"]
+        trials = "-" if n is None else f"{n:.0f}" + (f" ({sel['pruned']:.1f} pruned)" if sel["pruned"] else "")
+        rows.append([(r.label, r.label), (label, label), (trials, n), (_num(sel["val"], ".1f", 100), sel["val"]),
+                     (r.mean_tasks.fmt(), r.mean_tasks.mean), (_num(sel["cpu_s"], ",.1f"), sel["cpu_s"])])  # fmt: skip
+    return head, rows
+
+
+def _has_selection(lb: Leaderboard) -> bool:
+    return any(r.selection.get("kind") != "fixed" for r in lb.rows)
 
 
 # ---- formatting -----------------------------------------------------------------------------------------------------
@@ -342,6 +385,9 @@ _PROTOCOL = (
 )
 
 
+_SELECTION = "Recipe selection: fixed, grid and tuned recipes at their selection cost"
+
+
 def _per_class_md(lb: Leaderboard) -> list[str]:
     out = []
     for task, table in (lb.meta.get("per_class") or {}).items():
@@ -358,6 +404,8 @@ def render_markdown(lb: Leaderboard) -> str:
         out += [_describe(lb), ""]
     out += [_PROTOCOL.format(metric=lb.meta.get("metric", "top-1")), "", _md_table(*_accuracy_table(lb)), ""]
     out += [f"## {_cost_title(lb)}", "", _md_table(*_cost_table(lb)), ""]
+    if _has_selection(lb):
+        out += [f"## {_SELECTION}", "", _md_table(*_selection_table(lb)), "", *_plot_links_md(lb)]
     out += _per_class_md(lb)
     if lb.meta.get("base_to_novel"):
         out += ["## Base-to-novel accuracy (%)", "", "HM = 2BN/(B+N), mean over seeds.", ""]
@@ -494,6 +542,11 @@ def render_html(lb: Leaderboard) -> str:
         _html_table(*_accuracy_table(lb), "accuracy"),
         f"<h2>{e(_cost_title(lb))}</h2>",
         _html_table(*_cost_table(lb), "cost"),
+        *(
+            [f"<h2>{e(_SELECTION)}</h2>", _html_table(*_selection_table(lb), "selection"), *_plot_links_html(lb)]
+            if _has_selection(lb)
+            else []
+        ),
         *_per_class_html(lb),
         *(
             ["<h2>Base-to-novel accuracy (%)</h2>", _html_table(*_b2n_table(lb), "base-to-novel")]
@@ -540,6 +593,33 @@ def current_records(
     return keep, len(records) - len(keep)
 
 
+def _tune_plots(records: Sequence[Mapping[str, Any]], results_dir: Path) -> list[tuple[str, list[str]]]:
+    """``[(run id, [plot paths relative to the results folder])]`` of the runs whose recipe Optuna chose."""
+    out = []
+    for r in records:
+        sel = r.get("selection") or {}
+        if r.get("status") == "ok" and sel.get("kind") == "tune" and sel.get("plots"):
+            base = run_dir(Path("."), r["method"], r["task"], r["seed"])
+            out.append((str(r.get("run_id")), [(base / p).as_posix() for p in sel["plots"]]))
+    return out
+
+
+def _plot_links_md(lb: Leaderboard) -> list[str]:
+    links = lb.meta.get("tune_plots") or []
+    lines = [f"- `{rid}`: " + ", ".join(f"[{Path(p).stem}]({p})" for p in paths) for rid, paths in links]
+    return ["Optuna plots of the tuned runs:", "", *lines, ""] if lines else []
+
+
+def _plot_links_html(lb: Leaderboard) -> list[str]:
+    e = html.escape
+    links = lb.meta.get("tune_plots") or []
+    if not links:
+        return []
+    items = [f"<li><code>{e(rid)}</code>: " + ", ".join(f'<a href="{e(p)}">{e(Path(p).stem)}</a>' for p in paths)
+             + "</li>" for rid, paths in links]  # fmt: skip
+    return ['<p class="note">Optuna plots of the tuned runs:</p><ul>', *items, "</ul>"]
+
+
 def write_report(
     results_dir: str | Path, html_path: str | Path | None = None, md_path: str | Path | None = None
 ) -> tuple[str, Path, Path]:
@@ -571,6 +651,7 @@ def write_report(
         )
     lb = build_leaderboard(records, definition)
     lb.meta["stale"] = stale
+    lb.meta["tune_plots"] = _tune_plots(records, results_dir)
     md = render_markdown(lb)
     md_path = Path(md_path) if md_path else results_dir / "leaderboard.md"
     html_path = Path(html_path) if html_path else results_dir / "leaderboard.html"
