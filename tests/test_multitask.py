@@ -318,9 +318,9 @@ class ChannelShiftMethod(Method):
         return names
 
 
-def test_a_new_layer_class_is_multi_task_capable_without_editing_multitask(tmp_path, monkeypatch):
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # the registration is undone afterwards
+def test_a_new_layer_class_is_multi_task_capable_without_editing_multitask(tmp_path, request):
     registry.register_method(ChannelShiftMethod)
+    request.addfinalizer(lambda: registry.METHODS.unregister("toy_channel_shift"))  # the registration is undone
     assert "toy_channel_shift" in supported_methods(fresh("vit_cls"))
     tasks = {"toy": ("toy_channel_shift", {}, 5), "lora_qv": TASKS["lora_qv"], "ssf": TASKS["ssf"]}
     paths, refs = setup(tmp_path, tasks=tasks)
