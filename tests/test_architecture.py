@@ -153,3 +153,86 @@ def test_no_import_cycles():
         if node not in state:
             visit(node)
     assert not cycles, "import cycles:\n" + "\n".join(cycles[:20])
+
+
+# ---- no private attribute of torch / timm / open_clip / transformers -------------------------------------------
+# What vpeft reads of a library goes through its public API. A ``._name`` attribute (or ``getattr(x, "_name")``) in
+# src/ must name something vpeft itself defines; the one deliberate exception has its reason beside it.
+LIBRARY_PRIVATE_ALLOWED = {
+    ("vpeft._modules", "_version"),  # torch's in-place version counter: no public API (see tensor_versions)
+}
+
+
+def _private(attr: str) -> bool:
+    return attr.startswith("_") and not attr.startswith("__")
+
+
+def _defined_names(modules) -> set[str]:
+    """Every name vpeft defines: functions, classes, arguments, assigned names and attributes, import aliases."""
+    names: set[str] = set()
+    for _, (_, tree) in modules.items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.alias):
+                names.add(node.asname or node.name.split(".")[0])
+            elif isinstance(node, ast.keyword) and node.arg:
+                names.add(node.arg)
+            elif (  # self.__dict__["_cache"] = ..., setattr(self, "_x", ...)
+                isinstance(node, ast.Subscript)
+                and isinstance(node.ctx, ast.Store)
+                and isinstance(node.slice, ast.Constant)
+                and isinstance(node.slice.value, str)
+            ):
+                names.add(node.slice.value)
+    return names
+
+
+def library_private_uses(modules) -> list[str]:
+    defined = _defined_names(modules)
+    bad = []
+    for name, (path, tree) in modules.items():
+        for node in ast.walk(tree):
+            attr = None
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                attr = node.attr
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr", "delattr")
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+                and _private(node.args[1].value)
+            ):
+                attr = node.args[1].value
+            if attr and attr not in defined and (name, attr) not in LIBRARY_PRIVATE_ALLOWED:
+                bad.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: {attr}")
+    return bad
+
+
+def test_no_library_private_attributes():
+    bad = library_private_uses(MODULES)
+    assert not bad, "private attributes of other libraries read in src/ (use their public API):\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "x = model._pos_embed(tokens)",
+        "n = sampler._num_samples",
+        "same = mha._qkv_same_embed_dim",
+        "hooks = getattr(module, '_forward_hooks')",
+        "import torch as t\nv = t.nn.modules.batchnorm._BatchNorm",
+    ],
+)
+def test_the_library_private_rule_catches_a_planted_use(planted):
+    planted_tree = ast.parse(planted)
+    modules = {**MODULES, "vpeft.planted": (SRC / "planted.py", planted_tree)}
+    assert library_private_uses(modules), planted

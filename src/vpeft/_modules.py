@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["get_module", "set_module", "parent_of", "probe_shapes"]
+__all__ = ["BATCH_NORMS", "DROPOUTS", "get_module", "parent_of", "probe_shapes", "set_module", "tensor_versions"]
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -48,3 +48,29 @@ def probe_shapes(model: nn.Module, names: list[str], size: tuple[int, int]) -> d
         for m, training in modes.items():
             m.training = training
     return shapes
+
+
+BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+"""Every torch BatchNorm class (the lazy variants and timm's ``BatchNormAct2d`` subclass these), public names only."""
+
+DROPOUTS: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+"""Every torch dropout class (each has a rate ``p``)."""
+
+
+def tensor_versions(tensors) -> tuple[int, ...]:
+    """The in-place version counters of ``tensors`` (they grow at every in-place write: an optimiser step, a
+    loaded delta, a merge), to know whether a cache computed from them is still valid.
+
+    This is the one place vpeft reads a private torch attribute, ``Tensor._version``: torch has no public API for
+    the counter its autograd uses to detect in-place changes (documented in "Autograd mechanics: in-place
+    correctness checks"), and comparing the tensors themselves would cost a copy of every one of them.
+    ``tests/test_architecture.py`` allows it here and nowhere else.
+    """
+    return tuple(int(t._version) for t in tensors)

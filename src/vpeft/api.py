@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._modules import parent_of
+from ._modules import BATCH_NORMS, parent_of
 from .arch import ArchSpec, get_spec
 from .config import MethodConfig
 from .errors import CheckpointError, ConfigError, UnsupportedBackboneError, VpeftError
@@ -184,11 +184,7 @@ def _as_config(config: MethodConfig | Mapping[str, Any] | str, overrides: Mappin
 
 
 def _freeze_norm_stats(model: nn.Module, head: str) -> None:
-    names = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not (head and n.startswith(head))
-    ]
+    names = [n for n, m in model.named_modules() if isinstance(m, BATCH_NORMS) and not (head and n.startswith(head))]
     for name in names:
         parent, attr = parent_of(model, name)
         setattr(parent, attr, FrozenStatsNorm(getattr(parent, attr)))

@@ -56,4 +56,5 @@ def suggest(name: str, options: Iterable[str], what: str) -> str:
     options = sorted(options)
     close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return f"unknown {what} {name!r}.{hint} Valid {what}s: {', '.join(options)}"
+    plural = f"{what[:-1]}ies" if what.endswith("y") else f"{what}s"
+    return f"unknown {what} {name!r}.{hint} Valid {plural}: {', '.join(options)}"

@@ -103,4 +103,3 @@ def get_method(name: str) -> type[Method]:
 def list_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     return METHODS.names()
-

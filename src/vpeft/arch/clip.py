@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..layers.base import Wrapper
-from .spec import ArchSpec, BlockParts, get_spec, register_arch
+from .family import Family, get_spec, register_arch, register_family
+from .spec import ArchSpec, BlockParts
 
 __all__ = ["CLIP_FAMILIES", "is_clip_spec", "prefixed"]
 
@@ -87,8 +90,7 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
 
 
-@register_arch("open_clip_vision", lambda m: _is(m, "open_clip", ("VisionTransformer",)))
-def _open_clip_vision(model: nn.Module) -> ArchSpec:
+def open_clip_vision_spec(model: nn.Module) -> ArchSpec:
     parts = _blocks(model, "transformer.resblocks", _OPEN_CLIP, _OPEN_CLIP_LIN)
     return ArchSpec(
         arch="open_clip_vision",
@@ -104,6 +106,48 @@ def _open_clip_vision(model: nn.Module) -> ArchSpec:
         patch_size=_pair(model.patch_size),
         image_size=_pair(model.image_size),
     )
+
+
+class OpenClipVision(Family):
+    """open_clip's ``VisionTransformer``: its token embedding and pooling written here on its public modules
+    (bit-exact with open_clip's own ``forward``, checked in ``tests/test_families.py``). Attention pooling
+    (CoCa) is not supported."""
+
+    name = "open_clip_vision"
+
+    def matches(self, model: nn.Module) -> bool:
+        return _is(model, "open_clip", ("VisionTransformer",))
+
+    def spec(self, model: nn.Module) -> ArchSpec:
+        return open_clip_vision_spec(model)
+
+    def tokens(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = model.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, grid**2, width)
+        cls = model.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + model.positional_embedding.to(x.dtype)
+        return model.ln_pre(model.patch_dropout(x))
+
+    def token_stem(self, model: nn.Module):
+        return (model.conv1, model.patch_dropout, model.ln_pre)
+
+    def finish(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooled (class token or mean of the patch tokens), normalised and projected image features."""
+        if getattr(model, "attn_pool", None) is not None:
+            raise ConfigError("open_clip attention pooling (CoCa) is not supported; use a CLIP ViT")
+        pool = getattr(model, "pool_type", "tok")
+        after = bool(getattr(model, "final_ln_after_pool", False))
+        x = tokens if after else model.ln_post(tokens)
+        pooled = x[:, 1:].mean(dim=1) if pool == "avg" else x[:, 0] if pool == "tok" else x
+        if after:
+            pooled = model.ln_post(pooled)
+        return pooled @ model.proj if model.proj is not None else pooled
+
+    def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
+        model.set_grad_checkpointing(enable)
+
+
+register_family(OpenClipVision())
 
 
 @register_arch("open_clip_text", lambda m: _is(m, "vpeft.backbones.clip", ("OpenClipTextTower",)))

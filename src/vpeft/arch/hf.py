@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedBackboneError
+from .family import Family, register_family
 from .spec import (
     ArchSpec,
     BlockParts,
@@ -31,7 +32,6 @@ from .spec import (
     module_name,
     pair,
     present,
-    register_arch,
     unwrap,
 )
 
@@ -158,14 +158,45 @@ def _build(
     )
 
 
-@register_arch("hf_vit", lambda m: is_transformers_model(m, VIT_CLASSES))
-def _hf_vit(model: nn.Module) -> ArchSpec:
+def hf_vit_spec(model: nn.Module) -> ArchSpec:
     return _build(model, "hf_vit", ("layernorm", "pooler"), norm="layernorm")
 
 
-@register_arch("hf_clip_vision", lambda m: is_transformers_model(m, CLIP_CLASSES))
-def _hf_clip(model: nn.Module) -> ArchSpec:
+def hf_clip_vision_spec(model: nn.Module) -> ArchSpec:
     # CLIPForImageClassification mean-pools the patch tokens without post_layernorm: that norm is unused there;
     # CLIPVisionModel applies it to the pooled class token only: no norm acts on the whole token sequence
     post = () if is_transformers_model(model, ("CLIPForImageClassification",)) else ("post_layernorm",)
     return _build(model, "hf_clip_vision", post, ("visual_projection",))
+
+
+class HFVision(Family):
+    """Hugging Face vision transformers: ``pixel_values`` in, a ``ModelOutput`` out, the switches of
+    ``PreTrainedModel`` (``gradient_checkpointing_enable``)."""
+
+    def __init__(self, name: str, classes: tuple[str, ...], build) -> None:
+        self.name, self.classes, self._build = name, classes, build
+
+    def matches(self, model: nn.Module) -> bool:
+        return is_transformers_model(model, self.classes)
+
+    def spec(self, model: nn.Module) -> ArchSpec:
+        return self._build(model)
+
+    def final_features(self, model: nn.Module, x: torch.Tensor):
+        """The tower's ``last_hidden_state`` (position embeddings interpolated for another input size)."""
+        stem = self.spec(model).stem
+        tower = model.get_submodule(stem[0].rpartition(".")[0] if stem else "")
+        config_size = getattr(getattr(tower, "config", None), "image_size", None)
+        interpolate = config_size is not None and tuple(x.shape[-2:]) != pair(config_size)
+        kwargs = {"interpolate_pos_encoding": True} if interpolate else {}
+        return tower(pixel_values=x, **kwargs).last_hidden_state
+
+    def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
+        if enable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+
+
+register_family(HFVision("hf_vit", VIT_CLASSES, hf_vit_spec))
+register_family(HFVision("hf_clip_vision", CLIP_CLASSES, hf_clip_vision_spec))

@@ -1,15 +1,13 @@
-"""ArchSpec and the per-family builders (timm VisionTransformer, EfficientNet, ConvNeXt, ...)."""
+"""ArchSpec, the helpers spec builders share, and the timm VisionTransformer / EfficientNet / ConvNeXt builders
+(registered as families in :mod:`vpeft.arch.family`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from torch import nn
 
-from ..errors import UnsupportedBackboneError
-
-__all__ = ["ArchSpec", "BlockParts", "get_spec", "register_arch", "supported_families"]
+__all__ = ["ArchSpec", "BlockParts", "timm_convnext_spec", "timm_efficientnet_spec", "timm_vit_spec"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,35 +86,6 @@ class ArchSpec:
         return len(self.blocks)
 
 
-Builder = Callable[[nn.Module], ArchSpec]
-_BUILDERS: list[tuple[str, Callable[[nn.Module], bool], Builder]] = []
-
-
-def register_arch(arch: str, matches: Callable[[nn.Module], bool]) -> Callable[[Builder], Builder]:
-    """Register a spec builder for models where ``matches(model)`` is true."""
-
-    def deco(fn: Builder) -> Builder:
-        _BUILDERS.append((arch, matches, fn))
-        return fn
-
-    return deco
-
-
-def supported_families() -> list[str]:
-    return [name for name, _, _ in _BUILDERS]
-
-
-def get_spec(model: nn.Module) -> ArchSpec:
-    """Return the ArchSpec of ``model``; unsupported architectures raise UnsupportedBackboneError."""
-    for _, matches, build in _BUILDERS:
-        if matches(model):
-            return build(model)
-    raise UnsupportedBackboneError(
-        f"backbone class {type(model).__name__!r} is not supported; "
-        f"supported families: {', '.join(supported_families())}"
-    )
-
-
 def module_name(model: nn.Module, target: nn.Module | None) -> str:
     if target is None or isinstance(target, nn.Identity):
         return ""
@@ -146,15 +115,7 @@ def present(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(n for n in names if n in mods and not isinstance(mods[n], nn.Identity))
 
 
-# ---- timm VisionTransformer ------------------------------------------------------------------
-def _is_timm_vit(model: nn.Module) -> bool:
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return isinstance(model, VisionTransformer)
-
-
+# ---- helpers the builders share --------------------------------------------------------------
 def unwrap(module: nn.Module | None, name: str) -> tuple[nn.Module | None, str]:
     """Look through vpeft wrappers: the wrapped module and its qualified name (``....base_layer``)."""
     from ..layers.base import Wrapper
@@ -173,8 +134,8 @@ def linear_name(parent: nn.Module | None, prefix: str, attr: str) -> str:
     return name if isinstance(module, nn.Linear) else ""
 
 
-@register_arch("timm_vit", _is_timm_vit)
-def _timm_vit(model: nn.Module) -> ArchSpec:
+# ---- timm VisionTransformer ------------------------------------------------------------------
+def timm_vit_spec(model: nn.Module) -> ArchSpec:
     # Names resolve through vpeft wrappers, so a second method (composition) finds the real sub-layers.
     parts = []
     for i, outer in enumerate(model.blocks):
@@ -226,16 +187,7 @@ def _is_timm_attention(attn: nn.Module | None) -> bool:
 
 
 # ---- timm EfficientNet / MobileNet-style CNNs ------------------------------------------------
-def _is_timm_efficientnet(model: nn.Module) -> bool:
-    try:
-        from timm.models.efficientnet import EfficientNet
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, EfficientNet)
-
-
-@register_arch("timm_efficientnet", _is_timm_efficientnet)
-def _timm_efficientnet(model: nn.Module) -> ArchSpec:
+def timm_efficientnet_spec(model: nn.Module) -> ArchSpec:
     blocks = tuple(f"blocks.{s}.{b}" for s, stage in enumerate(model.blocks) for b in range(len(stage)))
     return ArchSpec(
         arch="timm_efficientnet",
@@ -250,16 +202,7 @@ def _timm_efficientnet(model: nn.Module) -> ArchSpec:
 
 
 # ---- timm ConvNeXt -----------------------------------------------------------------------------
-def _is_timm_convnext(model: nn.Module) -> bool:
-    try:
-        from timm.models.convnext import ConvNeXt
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, ConvNeXt)
-
-
-@register_arch("timm_convnext", _is_timm_convnext)
-def _timm_convnext(model: nn.Module) -> ArchSpec:
+def timm_convnext_spec(model: nn.Module) -> ArchSpec:
     # Blocks across the four stages; the downsampling layers (LayerNorm2d + 2x2 conv) sit between them.
     blocks = tuple(f"stages.{s}.blocks.{b}" for s, stage in enumerate(model.stages) for b in range(len(stage.blocks)))
     return ArchSpec(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .family import TimmFamily, register_family
 from .spec import (
     ArchSpec,
     BlockParts,
@@ -20,19 +21,10 @@ from .spec import (
     module_name,
     pair,
     present,
-    register_arch,
     unwrap,
 )
 
 __all__: list[str] = []
-
-
-def _is_timm_swin(model: nn.Module) -> bool:
-    try:
-        from timm.models.swin_transformer import SwinTransformer
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return isinstance(model, SwinTransformer)
 
 
 def _block_parts(outer: nn.Module, name: str) -> BlockParts:
@@ -51,8 +43,7 @@ def _block_parts(outer: nn.Module, name: str) -> BlockParts:
     )
 
 
-@register_arch("timm_swin", _is_timm_swin)
-def _timm_swin(model: nn.Module) -> ArchSpec:
+def timm_swin_spec(model: nn.Module) -> ArchSpec:
     parts = tuple(
         _block_parts(block, f"layers.{s}.blocks.{b}")
         for s, stage in enumerate(model.layers)
@@ -72,3 +63,10 @@ def _timm_swin(model: nn.Module) -> ArchSpec:
         patch_size=(int(ps[0]), int(ps[1])),
         image_size=pair(getattr(model.patch_embed, "img_size", None)) or cfg_input_size(model),
     )
+
+
+class TimmSwin(TimmFamily):
+    name, model_class = "timm_swin", "swin_transformer:SwinTransformer"
+
+
+register_family(TimmSwin(timm_swin_spec))

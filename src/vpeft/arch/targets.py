@@ -25,7 +25,8 @@ import dataclasses
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedBackboneError
-from .spec import ArchSpec, BlockParts, get_spec
+from .family import get_spec
+from .spec import ArchSpec, BlockParts
 
 __all__ = [
     "QKV",

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import clip as _clip_specs  # noqa: F401  (registers the CLIP ArchSpecs)
+from ..arch import get_family
 from ..errors import ConfigError, UnknownNameError
 
 __all__ = [
@@ -109,7 +110,8 @@ class FusedSelfAttention(nn.Module):
 
     def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
-        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+        same = mha.kdim == mha.vdim == mha.embed_dim
+        if not same or mha.in_proj_weight is None:
             raise ConfigError("FusedSelfAttention needs a self-attention nn.MultiheadAttention (one packed q/k/v)")
         width = mha.embed_dim
         self.num_heads, self.batch_first = mha.num_heads, mha.batch_first
@@ -312,13 +314,12 @@ class ClipBackbone(nn.Module):
     # ---- image tower ---------------------------------------------------------------------------------------
     def _image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         if self.source == "open_clip":
-            return self.image._embeds(images)
+            return get_family(self.image).tokens(self.image, images)
         return self.image.pre_layrnorm(self.image.embeddings(images))
 
     def _image_pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.source == "open_clip":
-            pooled, _ = self.image._pool(x)
-            return pooled @ self.image.proj if self.image.proj is not None else pooled
+            return get_family(self.image).finish(self.image, x)
         return self.image_proj(self.image.post_layernorm(x[:, 0]))
 
     def encode_image(self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:

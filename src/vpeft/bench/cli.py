@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from vpeft.errors import ConfigError
 
@@ -76,7 +77,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_commands(sub: argparse._SubParsersAction) -> None:
+def add_bench_commands(sub: Any) -> None:  # argparse subparsers (their class is private)
     """Add ``bench`` and ``report`` to the ``vpeft`` subcommands."""
     p = sub.add_parser(
         "bench",

@@ -178,8 +178,8 @@ class GLoRALinear(Wrapper):
             if hasattr(self, f"{t}_d"):
                 prod = getattr(self, f"{t}_d") @ getattr(self, f"{t}_u")
                 out[t] = prod.squeeze(1) if t == "C" else prod
-            elif kind in ("vector", "scalar") and t in self._parameters:
-                p = self._parameters[t]
+            elif kind in ("vector", "scalar") and isinstance(getattr(self, t, None), nn.Parameter):
+                p = getattr(self, t)
                 out[t] = p.unsqueeze(1) if (t in "AB" and kind == "vector") else p
             else:
                 out[t] = None

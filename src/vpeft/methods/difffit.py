@@ -25,13 +25,14 @@ import dataclasses
 
 from torch import nn
 
+from .._modules import BATCH_NORMS
 from ..arch import ArchSpec, Target
 from ..config import MethodConfig
 from ..layers.scaling import OutputScale
 from ..registry import register_method
 from .base import SPECIFICATION, Method
 
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, *BATCH_NORMS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,12 +12,13 @@ import dataclasses
 
 from torch import nn
 
+from .._modules import BATCH_NORMS
 from ..arch import ArchSpec
 from ..config import MethodConfig
 from ..registry import register_method
 from .base import SPECIFICATION, Method
 
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, *BATCH_NORMS)
 
 
 @dataclasses.dataclass(frozen=True)

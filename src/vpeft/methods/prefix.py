@@ -131,7 +131,8 @@ class PrefixAttention(KVPromptAttention):
         self.key = nn.Parameter(key.detach().clone().contiguous())
         self.value = nn.Parameter(value.detach().clone().contiguous())
         self.source = _EncoderRef(None)
-        self._modules.pop("encoder", None)
+        if "encoder" in dict(self.named_children()):
+            delattr(self, "encoder")
 
 
 @register_method

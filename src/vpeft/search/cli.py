@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -60,7 +61,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_search_command(sub: argparse._SubParsersAction) -> None:
+def add_search_command(sub: Any) -> None:  # argparse subparsers (their class is private)
     """Add ``search`` to the ``vpeft`` sub-commands."""
     p = sub.add_parser(
         "search",

@@ -16,13 +16,14 @@ them:
   stage (found by a shape probe: where the spatial size changes next), permuted to ``(B, C, H, W)``.
 - **CNN** (``"cnn"``): the output of the last block of each stage (again where the spatial size changes next).
 
-The deepest candidate is not a hook on the last block but the backbone's own final features
-(``forward_features`` for timm, ``last_hidden_state`` for Hugging Face): they include the final norm (DINOv2's
-linear evaluation reads normalised tokens; EfficientNet's 1x1 head conv; a final norm the head applies after
-pooling -- timm ViT ``fc_norm``, ConvNeXt ``head.norm`` -- is applied per location), the removal of VPT prompts
-after the last block, and the output of side networks that replace the final features (LST), so such methods feed the
-decoder too. Earlier levels come from temporary forward hooks on the module *currently* at each block's
-qualified name, looked up at every forward (``get_submodule``), so the hooks see the wrappers methods put there
+The deepest candidate is not a hook on the last block but the backbone's own final features (its family's
+``final_features``: ``forward_features`` for timm, ``last_hidden_state`` for Hugging Face): they include the
+final norm (DINOv2's linear evaluation reads normalised tokens; EfficientNet's 1x1 head conv; a final norm the
+head applies after pooling -- timm ViT ``fc_norm``, ConvNeXt ``head.norm`` -- is applied per location), the
+removal of VPT prompts after the last block, and the output of side networks that replace the final features
+(LST), so such methods feed the decoder too.
+Earlier levels come from temporary forward hooks on the module *currently* at each block's qualified name,
+looked up at every forward (``get_submodule``), so the hooks see the wrappers methods put there
 (prompted blocks, adapters, side taps) and survive ``merge``.
 
 Nothing here is an ``nn.Module``: :class:`DenseFeatures` holds names and shapes only and is given the backbone at
@@ -38,7 +39,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..arch import get_spec, is_transformers_model
+from ..arch import get_family, get_spec
 from ..errors import ConfigError
 
 __all__ = ["DenseFeatures", "Level", "default_levels"]
@@ -117,10 +118,10 @@ class DenseFeatures:
         probe_size: tuple[int, int] | None = None,
     ) -> None:
         spec = get_spec(backbone)
+        self.family = get_family(backbone)
         self.kind = spec.kind
         self.patch_size = spec.patch_size
         self.num_prefix_tokens = spec.num_prefix_tokens
-        self.hf_tower = self._hf_tower(backbone, spec)
         size = probe_size or _probe_size(backbone, spec)
         norms = [n for n in spec.post_blocks if "norm" in type(backbone.get_submodule(n)).__name__.lower()]
         self.head_norms: tuple[str, ...] = ()
@@ -154,14 +155,6 @@ class DenseFeatures:
         return tuple(self._level(c, shapes, final, size) for c in self._resolve(levels))
 
     # ----------------------------------------------------------------------------------------------- set-up
-    @staticmethod
-    def _hf_tower(backbone: nn.Module, spec) -> str | None:
-        """Hugging Face: the qualified name of the module holding ``embeddings`` (its forward gives the tokens)."""
-        if not is_transformers_model(backbone):
-            return None
-        stem = spec.stem[0] if spec.stem else "embeddings"
-        return stem.rpartition(".")[0]
-
     def _hw(self, shape: torch.Size) -> tuple[int, int]:
         """Spatial size of a block output (tokens of a ViT have none: the grid comes from the input)."""
         if self.kind == "swin":
@@ -239,15 +232,7 @@ class DenseFeatures:
         return captured, final
 
     def _final(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.hf_tower is not None:
-            tower = backbone.get_submodule(self.hf_tower)
-            config_size = getattr(getattr(tower, "config", None), "image_size", None)
-            interpolate = config_size is not None and tuple(x.shape[-2:]) != _pair(config_size)
-            kwargs = {"interpolate_pos_encoding": True} if interpolate else {}
-            return _first_tensor(tower(pixel_values=x, **kwargs))
-        if not hasattr(backbone, "forward_features"):
-            raise ConfigError(f"dense features need forward_features (timm); {type(backbone).__name__} has none")
-        out = backbone.forward_features(x)
+        out = _first_tensor(self.family.final_features(backbone, x))
         for name in self.head_norms:
             out = backbone.get_submodule(name)(out)
         return out
@@ -274,27 +259,10 @@ class DenseFeatures:
     def __call__(self, backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """The maps of :attr:`levels` for images ``x`` ``(B, 3, H, W)``, one backbone pass."""
         grid = self.grid(x.shape[-2:]) if self.kind == "vit" else (0, 0)
-        _check_fixed_size(backbone, tuple(x.shape[-2:]))
+        self.family.check_input_size(backbone, (int(x.shape[-2]), int(x.shape[-1])))
         hooked = [lv.source for lv in self.levels if lv.source]
         captured, final = self._run(backbone, x, hooked)
         return [self.to_map(captured[lv.source] if lv.source else final, grid) for lv in self.levels]
 
     def __repr__(self) -> str:
         return f"DenseFeatures(kind={self.kind!r}, levels={[lv.source or '<final>' for lv in self.levels]})"
-
-
-def _check_fixed_size(backbone: nn.Module, size: tuple[int, int]) -> None:
-    """A timm ViT / Swin built for one input size refuses others with a clear message (not timm's assertion)."""
-    embed = getattr(backbone, "patch_embed", None)
-    built = getattr(embed, "img_size", None)
-    if built is None or not getattr(embed, "strict_img_size", False) or getattr(backbone, "dynamic_img_size", False):
-        return
-    if tuple(built) != size:
-        raise ConfigError(
-            f"the backbone was built for {built[0]}x{built[1]} inputs, got {size[0]}x{size[1]}; build it with "
-            f"img_size=({size[0]}, {size[1]}) or dynamic_img_size=True (timm) to segment at that size"
-        )
-
-
-def _pair(size) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[-1]))

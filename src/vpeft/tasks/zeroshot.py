@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from .._modules import tensor_versions
 from ..errors import ConfigError, DataError
 from .base import Task, TaskModel, register_task
 from .classification import ClassificationMeter
@@ -237,7 +238,7 @@ class ZeroShotModel(TaskModel):
             task.templates,
             str(self.backbone.device),
             torch.is_inference_mode_enabled(),
-            tuple(p._version for p in params),
+            tensor_versions(params),
             tuple(id(p) for p in params),
         )
         cache = self.__dict__["_cache"]

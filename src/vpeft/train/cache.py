@@ -15,15 +15,16 @@ batches it is given. Every epoch after the first then costs only the suffix.
 
 What is cached:
 
-* nothing but the classification head is touched (linear probe; any timm model with ``forward_features`` /
-  ``forward_head``): the pre-logits features, one vector per sample;
-* a timm ``VisionTransformer`` whose embedding and first ``k`` blocks are untouched: the tokens after block
-  ``k - 1``; the suffix runs blocks ``k..``, the final norm and the head;
+* nothing but the classification head is touched (linear probe; any backbone whose family gives ``pre_logits``,
+  every timm family): the pre-logits features, one vector per sample;
+* a ViT-family backbone (its :class:`~vpeft.arch.Family` gives ``tokens`` / ``finish``: timm ``VisionTransformer``)
+  whose embedding and first ``k`` blocks are untouched: the tokens after block ``k - 1``; the suffix runs blocks
+  ``k..``, the final norm and the head;
 * a task model whose whole backbone is untouched and which offers a ``cache_split()`` (the segmentation model on a
   ViT: the decoder-only baseline): the backbone's stacked feature maps; the suffix is the decoder.
 
 "Untouched" means: no parameter requires a gradient, no vpeft wrapper (other than the BatchNorm-statistics
-pin) and no forward hook inside, no dropout / drop-path / patch-dropout that is active in training (its output
+pin) inside, no dropout / drop-path / patch-dropout that is active in training (its output
 would differ every epoch) and no BatchNorm computing batch statistics. Random *data augmentation* cannot be
 detected: caching is only correct for loaders without it (the caller's responsibility; the cache holds
 the one view of each sample seen by the caching pass).
@@ -50,7 +51,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from vpeft.errors import ConfigError, DataError
+from vpeft._modules import BATCH_NORMS, DROPOUTS
+from vpeft.arch import Family, get_family, get_spec
+from vpeft.errors import ConfigError, DataError, UnsupportedBackboneError
 
 __all__ = [
     "CachedSetup",
@@ -72,14 +75,19 @@ def _subtree(*modules: nn.Module) -> list[nn.Module]:
 
 
 def _random_in_training(m: nn.Module) -> bool:
-    """Dropout, timm DropPath / PatchDropout with a non-zero rate."""
-    if isinstance(m, nn.modules.dropout._DropoutNd):
+    """Dropout, timm DropPath / PatchDropout (and open_clip's PatchDropout) with a non-zero rate."""
+    if isinstance(m, DROPOUTS):
         return m.p > 0
     return bool(getattr(m, "drop_prob", 0.0) or (type(m).__name__ == "PatchDropout" and getattr(m, "prob", 0.0)))
 
 
 def _frozen_and_deterministic(modules: Iterable[nn.Module]) -> bool:
-    """No trainable parameter, vpeft wrapper (but the BatchNorm pin), hook, random layer or live BatchNorm."""
+    """No trainable parameter, vpeft wrapper (but the BatchNorm pin), random layer or live BatchNorm.
+
+    Forward hooks are not visible through a public torch API: vpeft itself keeps none on a model it trains (the
+    dense-feature hooks live for one forward pass), and a user's own persistent hook inside the frozen prefix would
+    run once per sample while caching instead of once per step -- do not combine such hooks with the cache.
+    """
     from vpeft.layers import FrozenStatsNorm, Wrapper
 
     modules = list(modules)
@@ -87,53 +95,51 @@ def _frozen_and_deterministic(modules: Iterable[nn.Module]) -> bool:
     for m in modules:
         if isinstance(m, Wrapper) and not isinstance(m, FrozenStatsNorm):
             return False
-        if m._forward_hooks or m._forward_pre_hooks or _random_in_training(m):
+        if _random_in_training(m):
             return False
         if any(p.requires_grad for p in m.parameters(recurse=False)):
             return False
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in pinned:
+        if isinstance(m, BATCH_NORMS) and id(m) not in pinned:
             return False
     return True
 
 
 class _PreLogits(nn.Module):
-    """The frozen part of a head-only model: ``forward_head(forward_features(x), pre_logits=True)``."""
+    """The frozen part of a head-only model: the features its family says the classifier reads."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, family: Family) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.family = model, family
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.family.pre_logits(self.model, x)
 
 
-class _ViTPrefix(nn.Module):
-    """Embedding and the first ``k`` blocks of a timm VisionTransformer (its own modules, its own order)."""
+class _TokenPrefix(nn.Module):
+    """The token embedding and the first ``k`` blocks of a ViT-family backbone (its own modules, its own order)."""
 
-    def __init__(self, model: nn.Module, k: int) -> None:
+    def __init__(self, model: nn.Module, family: Family, k: int) -> None:
         super().__init__()
-        self.model, self.k = model, k
+        self.model, self.family, self.k = model, family, k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-        for blk in m.blocks[: self.k]:
-            x = blk(x)
+        x = self.family.tokens(self.model, x)
+        for name in self.family.spec(self.model).blocks[: self.k]:
+            x = self.model.get_submodule(name)(x)
         return x
 
 
-class _ViTSuffix(nn.Module):
-    """Blocks ``k..``, the final norm and the head of a timm VisionTransformer, fed with cached tokens."""
+class _TokenSuffix(nn.Module):
+    """Blocks ``k..`` and the family's ``finish`` (final norm, head), fed with cached tokens."""
 
-    def __init__(self, model: nn.Module, k: int) -> None:
+    def __init__(self, model: nn.Module, family: Family, k: int) -> None:
         super().__init__()
-        self.model, self.k = model, k
+        self.model, self.family, self.k = model, family, k
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        for blk in m.blocks[self.k :]:
-            tokens = blk(tokens)
-        return m.forward_head(m.norm(tokens))
+        for name in self.family.spec(self.model).blocks[self.k :]:
+            tokens = self.model.get_submodule(name)(tokens)
+        return self.family.finish(self.model, tokens)
 
 
 @dataclasses.dataclass
@@ -152,10 +158,6 @@ class FrozenSplit:
     depth: int | str
 
 
-def _is_timm_vit(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm"))
-
-
 def frozen_split(model: nn.Module) -> FrozenSplit | None:
     """The largest frozen, deterministic prefix of ``model`` worth caching, or ``None`` if there is none.
 
@@ -168,27 +170,33 @@ def frozen_split(model: nn.Module) -> FrozenSplit | None:
         if parts is None or not _frozen_and_deterministic(model.backbone.modules()):
             return None
         return FrozenSplit(parts[0], parts[1], "backbone")
-    if not all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
-        raise ConfigError(f"feature caching needs a timm model (forward_features/forward_head), got {type(model)}")
-    head = model.get_classifier()
+    try:
+        family = get_family(model)
+        head = family.head(model)
+    except UnsupportedBackboneError:
+        family, head = None, None
+    if family is None or head is None:
+        raise ConfigError(f"feature caching needs a backbone with a classifier of a known family, got {type(model)}")
     in_head = {id(m) for m in head.modules()}
-    if not getattr(model, "drop_rate", 0.0) and _frozen_and_deterministic(
-        m for m in model.modules() if id(m) not in in_head
-    ):
-        return FrozenSplit(_PreLogits(model), head, "pre_logits")
-    if not _is_timm_vit(model):
-        return None
-    stem = [model.patch_embed, model.patch_drop, model.norm_pre, getattr(model, "pos_drop", nn.Identity())]
-    if not _frozen_and_deterministic([model, *_subtree(*stem)]):  # the root: own tokens/position embedding, hooks
+    frozen_body = _frozen_and_deterministic(m for m in model.modules() if id(m) not in in_head)
+    if frozen_body and not family.random_in_training(model) and _supports(family, "pre_logits", model):
+        return FrozenSplit(_PreLogits(model, family), head, "pre_logits")
+    stem = family.token_stem(model)
+    if not stem or not _frozen_and_deterministic([model, *_subtree(*stem)]):  # the root: own tokens, position
         return None
     k = 0
-    for blk in model.blocks:
-        if not _frozen_and_deterministic(_subtree(blk)):
+    for name in get_spec(model).blocks:
+        if not _frozen_and_deterministic(_subtree(model.get_submodule(name))):
             break
         k += 1
     if k == 0:
         return None
-    return FrozenSplit(_ViTPrefix(model, k), _ViTSuffix(model, k), k)
+    return FrozenSplit(_TokenPrefix(model, family, k), _TokenSuffix(model, family, k), k)
+
+
+def _supports(family: Family, capability: str, model: nn.Module) -> bool:
+    """Whether ``family`` overrides ``capability`` (a :class:`Family` method) for ``model``'s kind of backbone."""
+    return getattr(type(family), capability) is not getattr(Family, capability)
 
 
 # ---- the cache --------------------------------------------------------------------------------------------

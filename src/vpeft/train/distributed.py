@@ -304,7 +304,7 @@ def shard_loader(loader: Any, ctx: DistContext, *, train: bool, seed: int = 0) -
         sampler = RandomSampler(
             loader.dataset,  # type: ignore[arg-type]
             replacement=sampler.replacement,
-            num_samples=sampler._num_samples,
+            num_samples=sampler.num_samples,
             generator=torch.Generator().manual_seed(seed),
         )
         if ctx.is_main:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from vpeft.arch import get_spec
+from vpeft.arch import get_family, get_spec, supported_families
 from vpeft.errors import CheckpointError, ConfigError, DataError, UnsupportedBackboneError, suggest
 from vpeft.tasks import ClassificationTask, Meter, Task, TaskModel
 from vpeft.train import checkpoint as ckpt
@@ -646,15 +646,14 @@ def _apply_options(model: nn.Module, cfg: TrainConfig) -> bool:
     if cfg.grad_checkpointing:
         if isinstance(model, TaskModel):  # the backbone's blocks are what is worth recomputing
             model = model.backbone
-        if hasattr(model, "set_grad_checkpointing"):  # timm
-            model.set_grad_checkpointing(True)
-        elif hasattr(model, "gradient_checkpointing_enable"):  # Hugging Face transformers
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
+        try:
+            family = get_family(model)
+        except UnsupportedBackboneError:
             raise ConfigError(
-                f"TrainConfig.grad_checkpointing=True needs a timm model (set_grad_checkpointing) or a Hugging Face "
-                f"model (gradient_checkpointing_enable); {type(model).__name__} has neither"
-            )
+                f"TrainConfig.grad_checkpointing=True needs a backbone of a known family "
+                f"({', '.join(supported_families())}); {type(model).__name__} is none"
+            ) from None
+        family.set_grad_checkpointing(model, True)
     return bool(channels_last)
 
 

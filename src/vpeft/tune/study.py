@@ -494,8 +494,14 @@ def run_tune(
         "best_method_config": best.user_attrs.get("method_config"),
         "best_train": best.user_attrs.get("train"),
         "history": [
-            {"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": dict(t.params),
-             "cpu_s": t.user_attrs.get("cpu_s"), "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch")}
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "value": t.value,
+                "params": dict(t.params),
+                "cpu_s": t.user_attrs.get("cpu_s"),
+                "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),
+            }
             for t in trials
         ],  # fmt: skip
     }
