@@ -227,8 +227,27 @@ def test_protocol_test_split_read_once_after_final_training(monkeypatch, tmp_pat
     sel = rec["selection"]
     assert [r["setting"]["train"]["lr"] for r in sel["results"]] == [1e-4, 3e-2]
     best = max(range(2), key=lambda i: (sel["results"][i]["val_top1"], -i))
+    assert sel["metric"] == "top1" and sel["best_val"] == sel["results"][best]["val_top1"]
     assert sel["chosen_index"] == best and rec["resolved"]["train"]["lr"] == sel["chosen"]["train"]["lr"]
     assert rec["resolved"]["train_split"] == "train800val200" and rec["test_n"] == SIZES["test"]
+
+
+def test_a_grid_selection_names_the_tasks_own_metric(data_root):
+    """A segmentation run's grid records val_miou (not val_top1): every record names its metric by the task's name."""
+    import types
+
+    from vpeft.bench.protocol import _select
+
+    methods = [{"name": "lora", "grid": {"lr": [1e-4, 3e-2, 1e-3]}}]
+    spec = parse_definition(_definition(data_root, methods=methods)).runs()[0]
+    scores = iter([0.25, 0.5, 0.5])
+
+    def finetune(**_):
+        return types.SimpleNamespace(score=next(scores), primary_metric="miou", train_time_s=0.0)
+
+    sel = _select(spec, finetune)
+    assert [sorted(r) for r in sel["results"]] == [["cpu_s", "setting", "train_time_s", "val_miou"]] * 3
+    assert sel["metric"] == "miou" and sel["best_val"] == 0.5 and sel["chosen_index"] == 1  # ties: the first
 
 
 def test_record_contents_and_resume(tmp_path, data_root):

@@ -280,6 +280,32 @@ def test_tampered_headers_are_checkpoint_errors_in_the_cli_and_the_library(tmp_p
             vpeft.load(build_backbone("test_vit", 10, 32, pretrained=False), bad)
 
 
+def _unsigned(m):
+    return {k: v for k, v in m.items() if k != DIGEST_KEY}
+
+
+def _edit_first_tensor(t):
+    name = sorted(t)[0]
+    t[name] = t[name].clone()
+    t[name].view(-1)[0] += 1.0
+    return t
+
+
+@pytest.mark.parametrize("tensor_edit", [None, _edit_first_tensor], ids=["digest removed", "digest removed + edit"])
+def test_a_delta_without_its_digest_is_refused_unless_trusted(tmp_path, data_root, delta, capsys, tensor_edit):
+    bad = _rewrite(delta, tmp_path / "unsigned.safetensors", _unsigned, tensor_edit)
+    model = build_backbone("test_vit", 10, 32, pretrained=False)
+    with pytest.raises(CheckpointError, match=f"has no {DIGEST_KEY}, so an edited tensor would go unnoticed"):
+        vpeft.load(model, bad)
+    assert main(["eval", "--delta", str(bad), "--data-root", str(data_root)]) == 2
+    assert "--trust-unsigned" in _one_line_error(capsys)
+    vpeft.load(model, bad, trust_unsigned=True)  # the caller vouches for the file: it loads, edit and all
+    loaded = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    edited = load_file(bad)
+    assert all(torch.equal(loaded[k], edited[k]) for k in edited)
+    assert main(["eval", "--delta", str(bad), "--data-root", str(data_root), "--trust-unsigned"]) == 0
+
+
 def test_checkpoint_paths(tmp_path, delta, capsys):
     assert main(["eval", "--delta", str(tmp_path), "--task", "digits"]) == 2
     assert "is a directory, not a delta file" in _one_line_error(capsys)
@@ -292,8 +318,17 @@ def test_checkpoint_paths(tmp_path, delta, capsys):
 def test_mismatch_says_what_differs(delta):
     with pytest.raises(CheckpointError, match="the delta's head has 10 classes, the model's 2"):
         vpeft.load(build_backbone("test_vit", 2, 32, pretrained=False), delta)
-    with pytest.raises(CheckpointError, match="the delta was trained at img_size 32, the model takes 64"):
+    with pytest.raises(CheckpointError, match="trained at 32x32 inputs; this 'test_vit' takes 64x64: build the "
+                       "backbone with img_size=32"):  # fmt: skip
         vpeft.load(build_backbone("test_vit", 10, 64, pretrained=False), delta)
+    old = _rewrite(
+        delta,
+        delta.parent / "old.safetensors",
+        lambda m: {k: v for k, v in m.items() if k != "input_size"},
+        resign=True,
+    )  # fmt: skip  (written before the header recorded the input size)
+    with pytest.raises(CheckpointError, match="the delta was trained at img_size 32, the model takes 64"):
+        vpeft.load(build_backbone("test_vit", 10, 64, pretrained=False), old)
 
 
 def test_json_outputs_are_strict_json(tmp_path):

@@ -30,9 +30,9 @@ from vpeft.data.segmentation import (
 )
 from vpeft.errors import ConfigError, DataError
 from vpeft.tasks import task_from_dict
-from vpeft.tasks.decoders import FPNDecoder, LinearDecoder, build_decoder
+from vpeft.tasks.decoders import FPNDecoder, LinearDecoder, build_decoder, default_levels
 from vpeft.tasks.decoders.fpn import default_width
-from vpeft.tasks.dense import DenseFeatures, default_levels
+from vpeft.tasks.dense import DenseFeatures
 from vpeft.tasks.segmentation import SegmentationMeter, SegmentationModel, SegmentationTask, segmentation_metrics
 
 K = 4
@@ -742,6 +742,59 @@ def test_finetune_detects_a_segmentation_folder_and_trains(tmp_path):
     assert 0.0 <= run.metrics["miou"] <= 1.0 and run.metrics["n"] == 2 and len(run.metrics["iou"]) == 3
     again = evaluate_delta(tmp_path / "run" / "delta.safetensors", data_root=tmp_path / "data", split="test")
     assert again["miou"] == pytest.approx(run.metrics["miou"]) and again["primary_metric"] == "miou"
+
+
+def test_a_decoder_registered_outside_the_package_is_found_by_name_and_trains(tmp_path, capsys):
+    """A new decoder is one registered class: the task, finetune, eval and the CLI help find it by name."""
+    from vpeft.cli import main
+    from vpeft.run import evaluate_delta, finetune
+    from vpeft.tasks.decoders import DECODERS, decoder_options, register_decoder
+    from vpeft.train import TrainConfig
+
+    @register_decoder("toy_mean")
+    class MeanDecoder(torch.nn.Module):
+        """Per-pixel classes from the mean of every level (upsampled to the first one)."""
+
+        summary = "mean of the levels, then a 1x1 conv"
+
+        def __init__(self, channels: int, num_classes: int, scale: float) -> None:
+            super().__init__()
+            self.scale = scale
+            self.classifier = torch.nn.Conv2d(channels, num_classes, 1)
+
+        @staticmethod
+        def default_levels(kind, num_candidates):
+            return (0, num_candidates - 1)
+
+        @classmethod
+        def from_levels(cls, levels, num_classes, kind, scale: float = 1.0):
+            assert len({lv.channels for lv in levels}) == 1
+            return cls(levels[0].channels, num_classes, scale)
+
+        def forward(self, feats):
+            size = feats[0].shape[-2:]
+            x = sum(F.interpolate(f, size=size, mode="bilinear") for f in feats) / len(feats)
+            return self.classifier(x * self.scale)
+
+    try:
+        assert decoder_options("toy_mean") == ["scale"]
+        with pytest.raises(SystemExit):
+            main(["train", "--help"])
+        assert "toy_mean (mean of the levels, then a 1x1 conv)" in " ".join(capsys.readouterr().out.split())
+        _make_folder(tmp_path / "data" / "toy", n={"train": 4, "val": 2, "test": 2}, size=(32, 32))
+        run = finetune(
+            backbone="vit_tiny_patch16_224", method="lora", task="toy", data_root=tmp_path / "data",
+            train_cfg=TrainConfig(epochs=1, batch_size=2, lr=1e-3, warmup_epochs=0.0), img_size=32,
+            train_split="trainval", eval_split="test", out_dir=tmp_path / "run", pretrained=False, progress=False,
+            task_options={"decoder": "toy_mean", "scale": 2.0},
+        )  # fmt: skip
+        assert run.task_spec["decoder"] == "toy_mean" and run.decoder_params == 192 * 3 + 3
+        again = evaluate_delta(tmp_path / "run" / "delta.safetensors", data_root=tmp_path / "data", split="test")
+        assert again["miou"] == pytest.approx(run.metrics["miou"])
+        with pytest.raises(ConfigError, match="unknown option.*'width' for the 'toy_mean' decoder.*scale"):
+            SegmentationTask(3, decoder="toy_mean", width=8)
+    finally:
+        DECODERS.unregister("toy_mean")
 
 
 # ------------------------------------------------------------------------------------------ real CamVid, real DINOv2

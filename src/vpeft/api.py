@@ -1,13 +1,15 @@
-"""The public API: apply a method to a frozen backbone, report, save/load deltas, merge/unmerge."""
+"""The public API: apply a method to a frozen backbone, report, save/load deltas, merge/unmerge.
+
+The delta file format itself (header, digest, reading, atomic writing) is :mod:`vpeft.delta`; its names are
+re-exported here for code written before the split.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,18 @@ from torch import nn
 from ._modules import BATCH_NORMS, parent_of
 from .arch import ArchSpec, get_spec
 from .config import MethodConfig
+from .delta import (
+    DIGEST_KEY,
+    FORMAT,
+    FORMAT_VERSION,
+    DeltaHeader,
+    atomic_write,
+    delta_digest,
+    delta_task,
+    read_delta,
+    read_header,
+    write_delta,
+)
 from .errors import CheckpointError, ConfigError, UnsupportedBackboneError, VpeftError
 from .layers import FrozenStatsNorm, Wrapper
 from .methods.base import Method
@@ -37,7 +51,6 @@ from .state import (
     wrappers,
 )
 from .tasks.base import TaskModel
-from .version import __version__
 
 __all__ = [
     "Report",
@@ -52,12 +65,19 @@ __all__ = [
     "fingerprint",
     "is_adapted",
     "read_delta",
+    "read_header",
     "task_of",
+    "input_size_of",
+    # the delta file format (vpeft.delta), re-exported
+    "DIGEST_KEY",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "DeltaHeader",
+    "delta_digest",
+    "delta_task",
 ]
 
 log = logging.getLogger(__name__)
-FORMAT = "vpeft-delta"
-FORMAT_VERSION = "1"
 _CLASSIFICATION = {"kind": "classification"}
 
 
@@ -264,204 +284,87 @@ def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any] | str, **ov
 
 
 # ---- save / load --------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def input_size_of(model: nn.Module) -> tuple[int, int] | None:
+    """The input size the (task model's) backbone was built for, ``None`` when unknown or any size works."""
+    backbone = _parts(model)[0]
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        size = get_spec(backbone).image_size
+    except VpeftError:
+        return None
+    return (int(size[0]), int(size[1])) if size and size[0] > 0 and get_spec(backbone).kind != "cnn" else None
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:
     """Write the trainable delta (+ head or task decoder) of an adapted model to one safetensors file, atomically.
 
-    The header metadata holds the method config, the backbone name, the fingerprint of the frozen weights and
-    the task (``task``: its ``to_dict()`` as JSON), so the delta is never loaded onto the wrong backbone or task.
+    The header (:class:`vpeft.delta.DeltaHeader`) holds the method config, the backbone name, the fingerprint of
+    the frozen weights, the input size and the task (``task``: its ``to_dict()``), so the delta is never loaded
+    onto the wrong backbone, size or task; a SHA-256 over header and tensors catches any later change.
     """
-    from safetensors.torch import save_file
-
     state = state_of(model)
     if state.merged is not None:
         raise CheckpointError(
             "model is merged; call vpeft.unmerge(model) before saving the delta (or vpeft.save_merged)"
         )
-    path = Path(path)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "vpeft_version": __version__,
-        "config": state.config.to_json(),
-        "backbone": state.backbone,
-        "fingerprint": state.fingerprint,
-        "task": json.dumps(state.task, sort_keys=True),
-        "extra": json.dumps(dict(extra or {}), sort_keys=True),
-    }
+    header = DeltaHeader(
+        config=state.config,
+        backbone=state.backbone,
+        fingerprint=state.fingerprint,
+        task=state.task,
+        extra=dict(extra or {}),
+        input_size=input_size_of(model),
+    )
     tensors = delta_tensors(model, state)
-    meta[DIGEST_KEY] = delta_digest(meta, tensors)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    path = write_delta(path, header, tensors)
     log.info("saved %d tensors (%s) to %s", len(tensors), state.config.method, path)
     return path
 
 
-def read_delta(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Read a delta file: ``(metadata, tensors)``; anything but a complete vpeft delta raises CheckpointError.
-
-    Checked before anything is used: the file is a readable safetensors file; its header says ``format`` vpeft-delta
-    and a supported ``format_version``; ``config`` is a valid method config, ``extra`` a JSON object, ``backbone`` and
-    ``fingerprint`` non-empty strings; every tensor is a real (not complex or bool) tensor with only finite values;
-    the header's ``content_sha256`` (deltas written by this vpeft) matches the header and tensors, so a flipped
-    byte is caught. Nothing in the file is executed (safetensors and JSON only).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    path = Path(path)
-    where = str(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {where!r} is a directory, not a delta file (give the .safetensors file)")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {where!r} does not exist")
-    try:
-        with safe_open(where, framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(where)
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
-        raise CheckpointError(f"checkpoint {where!r} is truncated or not a safetensors file ({exc})") from None
-    _check_header(meta, where)
-    _check_tensors(tensors, where)
-    digest = meta.get(DIGEST_KEY)
-    if digest is not None and digest != delta_digest(meta, tensors):
-        raise CheckpointError(
-            f"checkpoint {where!r} is corrupt: its contents do not match the {DIGEST_KEY} written with them "
-            "(the file was changed after it was saved)"
-        )
-    return meta, tensors
-
-
-DIGEST_KEY = "content_sha256"
-"""Header field of a SHA-256 over the other header fields and every tensor (name, dtype, shape, bytes)."""
-
-
-def delta_digest(meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
-    """The :data:`DIGEST_KEY` of a delta: any change to a header value or to a tensor's bytes changes it."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != DIGEST_KEY}, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-_HEADER_STRINGS = ("backbone", "fingerprint", "config")
-
-
-def _check_header(meta: Mapping[str, Any], where: str) -> None:
-    """Refuse a foreign, tampered or future delta header (see :func:`read_delta`)."""
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {where!r} is not a vpeft delta (format={meta.get('format')!r})")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {where!r} has format_version {version!r}; this vpeft ({__version__}) reads format_version "
-            f"{FORMAT_VERSION!r} only"
-        )
-    missing = [k for k in _HEADER_STRINGS if not isinstance(meta.get(k), str) or not meta.get(k)]
-    if missing:
-        raise CheckpointError(f"checkpoint {where!r}: header lacks {', '.join(missing)} (or they are empty)")
-    try:
-        MethodConfig.from_json(meta["config"])
-    except (VpeftError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-        raise CheckpointError(
-            f"checkpoint {where!r}: header field config is not a valid method config ({exc})"
-        ) from None
-    extra = meta.get("extra", "{}")
-    try:
-        parsed = json.loads(extra) if isinstance(extra, str) else None
-    except (ValueError, RecursionError) as exc:
-        raise CheckpointError(f"checkpoint {where!r}: header field extra is not valid JSON ({exc})") from None
-    if not isinstance(parsed, dict):
-        raise CheckpointError(f"checkpoint {where!r}: header field extra must be a JSON object, got {extra!r:.80}")
-
-
-def _check_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> None:
-    """Refuse complex/bool tensors and any NaN or infinite value, naming the tensor."""
-    for name, t in tensors.items():
-        if t.is_complex() or t.dtype == torch.bool:
-            raise CheckpointError(f"checkpoint {where!r}: tensor {name!r} has unsupported dtype {t.dtype}")
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise CheckpointError(
-                f"checkpoint {where!r}: tensor {name!r} holds {bad} non-finite value(s) (NaN/inf); the training "
-                "that wrote it diverged"
-            )
-
-
-def delta_task(meta: Mapping[str, str]) -> dict[str, Any]:
-    """The task a delta was trained for (deltas written before tasks were recorded are classification)."""
-    raw = meta.get("task")
-    if raw is None:
-        return dict(_CLASSIFICATION)
-    try:
-        task = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise CheckpointError(f"delta header field task is not valid JSON ({exc})") from None
-    if not isinstance(task, dict) or not isinstance(task.get("kind"), str):
-        raise CheckpointError(f"delta header field task must be a JSON object with a 'kind', got {raw!r:.80}")
-    return task
-
-
-def load(model: nn.Module, path: str | os.PathLike) -> Report:
+def load(model: nn.Module, path: str | os.PathLike, *, trust_unsigned: bool = False) -> Report:
     """Apply the checkpoint's method to a fresh ``model`` and load the trained delta into it.
 
-    ``model`` is built as the delta's was: the same backbone, and for a task with a decoder the same
-    :class:`vpeft.tasks.TaskModel` (e.g. ``task.build(backbone)``).
+    ``model`` is built as the delta's was: the same backbone at the same input size, and for a task with a decoder
+    the same :class:`vpeft.tasks.TaskModel` (e.g. ``task.build(backbone)``). ``trust_unsigned`` loads a delta that
+    has no content digest (written by an older vpeft).
 
     Raises:
-        CheckpointError: missing/truncated file, another backbone or task, or tensors that do not fit.
+        CheckpointError: missing/truncated/changed file, another backbone, size or task, or tensors that do not fit.
     """
-    meta, tensors = read_delta(path)
-    cfg = MethodConfig.from_json(meta["config"])
-    name = backbone_name(model)
-    if meta["backbone"] != name:
-        raise CheckpointError(f"checkpoint {str(path)!r} was trained on backbone {meta['backbone']!r}, not {name!r}")
-    want, have = delta_task(meta), task_of(model)
-    if want.get("kind") != have["kind"]:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} was trained for a {want.get('kind')!r} task; this model is a "
-            f"{have['kind']!r} model (build it with that task)"
-        )
-    if isinstance(model, TaskModel):  # the same task set-up: classes, decoder, levels ... (data options may differ)
-        try:
-            model.task.check_compatible(want, f"checkpoint {str(path)!r}")
-        except ConfigError as exc:
-            raise CheckpointError(str(exc)) from None
+    where = str(path)
+    header, tensors = read_header(path, trust_unsigned=trust_unsigned)
     if is_adapted(model):
         state = state_of(model)
-        if state.config != cfg:
-            raise CheckpointError(f"model has {state.config.to_json()} applied; the checkpoint needs {cfg.to_json()}")
+        if state.config != header.config:
+            raise CheckpointError(
+                f"model has {state.config.to_json()} applied; the checkpoint needs {header.config.to_json()}"
+            )
         got = state.fingerprint
     else:
         backbone = _parts(model)[0]
         got = _base_fingerprint(backbone, get_spec(backbone))
-    if got != meta["fingerprint"]:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} belongs to other weights of {name!r} (fingerprint {meta['fingerprint']}, "
-            f"model {got}){_mismatch_hint(model, meta, tensors)}; load it onto the backbone it was trained from"
-        )
+    header.check_fits(
+        backbone=backbone_name(model),
+        fingerprint=got,
+        where=where,
+        kind=task_of(model)["kind"],
+        input_size=input_size_of(model),
+        hint=lambda: _mismatch_hint(model, header, tensors),
+    )
+    if isinstance(model, TaskModel):  # the same task set-up: classes, decoder, levels ... (data options may differ)
+        try:
+            model.task.check_compatible(header.task, f"checkpoint {where!r}")
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
     if not is_adapted(model):
         try:
-            apply(model, cfg)
+            apply(model, header.config)
         except (ConfigError, UnsupportedBackboneError) as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r}: its method config does not apply here ({exc})") from None
-    load_tensors(model, tensors, str(path))
+            raise CheckpointError(f"checkpoint {where!r}: its method config does not apply here ({exc})") from None
+    load_tensors(model, tensors, where)
     return report(model)
 
 
-def _mismatch_hint(model: nn.Module, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+def _mismatch_hint(model: nn.Module, header: DeltaHeader, tensors: Mapping[str, torch.Tensor]) -> str:
     """What visibly differs between a delta and a model whose fingerprints differ: classes, input size."""
     diffs = []
     backbone, prefix, _ = _parts(model)
@@ -474,12 +377,11 @@ def _mismatch_hint(model: nn.Module, meta: Mapping[str, str], tensors: Mapping[s
         if n in tensors and n in params and tensors[n].ndim and tensors[n].shape[0] != params[n].shape[0]:
             diffs.append(f"the delta's head has {tensors[n].shape[0]} classes, the model's {params[n].shape[0]}")
             break
-    extra = json.loads(meta.get("extra") or "{}")
-    size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
-    size = int(size[0]) if isinstance(size, (tuple, list)) and size else size
-    if extra.get("img_size") is not None and size is not None and extra["img_size"] != size:
-        diffs.append(f"the delta was trained at img_size {extra['img_size']}, the model takes {size}")
-    return f" -- {'; '.join(diffs)}" if diffs else ""
+    size = input_size_of(model)
+    trained = header.extra.get("img_size") if header.input_size is None else header.input_size[0]
+    if trained is not None and size is not None and trained != size[0]:
+        diffs.append(f"the delta was trained at img_size {trained}, the model takes {size[0]}")
+    return "; ".join(diffs)
 
 
 # ---- merge / unmerge ----------------------------------------------------------------------------------------
@@ -544,5 +446,4 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": "vpeft-merged", "backbone": state.backbone, "config": state.config.to_json()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

@@ -369,6 +369,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trust_unsigned(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-unsigned",
+        action="store_true",
+        help="load a delta that has no content digest (written by an older vpeft); without it such a file is refused",
+    )
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .run import evaluate_delta
     from .train.metrics import json_safe
@@ -383,6 +391,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         merged=args.merged,
         save_predictions=args.save_masks,
         max_predictions=args.max_masks,
+        trust_unsigned=args.trust_unsigned,
     )
     print(json.dumps(json_safe(res), indent=2, allow_nan=False))
     return 0
@@ -395,7 +404,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder; give the merged model's file name (e.g. model.safetensors)")
-    path = merge_delta(args.delta, args.out)
+    path = merge_delta(args.delta, args.out, trust_unsigned=args.trust_unsigned)
     print(f"merged model written to {path}")
     return 0
 
@@ -440,6 +449,7 @@ def _add_data(p: argparse.ArgumentParser, task_required: bool = True) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from .tasks import task_kinds
+    from .tasks.decoders import decoders_help
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="vpeft", description="Parameter-efficient fine-tuning of vision backbones.")
@@ -473,9 +483,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="task type (default: detected from the folder's files): " + ", ".join(task_kinds()),
     )
-    p.add_argument(
-        "--decoder", default=None, help="segmentation decoder: linear (DINOv2 linear head) or fpn (ViTDet + FPN)"
-    )
+    p.add_argument("--decoder", default=None, help="segmentation decoder: " + decoders_help())
     p.add_argument(
         "--task-opt",
         action="append",
@@ -511,11 +519,13 @@ def _parser() -> argparse.ArgumentParser:
         help="segmentation: write each prediction as a colour overlay PNG into DIR (one per image)",
     )
     p.add_argument("--max-masks", type=int, default=None, metavar="N", help="with --save-masks: at most N images")
+    _add_trust_unsigned(p)
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("merge", help="write the full merged model of a mergeable delta")
     p.add_argument("--delta", required=True)
     p.add_argument("--out", required=True, help="output .safetensors (a plain timm state dict)")
+    _add_trust_unsigned(p)
     p.set_defaults(fn=_cmd_merge)
 
     p = sub.add_parser("demo", help="offline demo: real DINOv2 ViT-S/14 adapted with several methods on real data")
@@ -539,6 +549,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_tune_parser(sub) -> None:
+    from .tasks.decoders import decoders_help
     from .train import TrainConfig
     from .tune import PRUNERS
 
@@ -581,7 +592,7 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--study-name", default=None, help="study name in the storage (default: METHOD-TASK)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
     p.add_argument("--task-kind", default=None, help="task type (default: detected from the folder's files)")
-    p.add_argument("--decoder", default=None, help="segmentation decoder (linear or fpn)")
+    p.add_argument("--decoder", default=None, help="segmentation decoder: " + decoders_help())
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="task option, repeatable")
     add_dataclass_flags(p.add_argument_group("base training recipe (TrainConfig; --space overrides)"), TrainConfig)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -60,6 +59,7 @@ from . import api
 from ._modules import get_module, set_module
 from .arch import ArchSpec, get_spec, logits_of
 from .config import MethodConfig
+from .delta import DeltaHeader, read_header
 from .errors import CheckpointError, ConfigError, UnknownNameError, UnsupportedBackboneError, suggest
 from .layers import Wrapper
 from .layers.base import has_task_delta, input_of, map_output
@@ -282,28 +282,24 @@ class _TaskDelta:
     head: nn.Module
 
 
-def _read_source(task: str, source: DeltaSource) -> tuple[Mapping[str, str], Mapping[str, torch.Tensor], str]:
-    """``(metadata, tensors, description)`` of one task's delta."""
+def _read_source(task: str, source: DeltaSource) -> tuple[DeltaHeader, Mapping[str, torch.Tensor], str]:
+    """``(header, tensors, description)`` of one task's delta."""
     if isinstance(source, (str, os.PathLike)):
-        meta, tensors = api.read_delta(source)
-        return meta, tensors, repr(str(source))
+        header, tensors = read_header(source)
+        return header, tensors, repr(str(source))
     if isinstance(source, nn.Module):
         state = state_of(source)
         if state.merged is not None:
             raise CheckpointError(f"task {task!r}: the model is merged; unmerge it (or pass its delta file)")
-        meta = {
-            "config": state.config.to_json(),
-            "backbone": state.backbone,
-            "fingerprint": state.fingerprint,
-            "task": json.dumps(state.task),
-        }
-        return meta, delta_tensors(source, state), f"task {task!r} (adapted {type(source).__name__})"
+        header = DeltaHeader(config=state.config, backbone=state.backbone, fingerprint=state.fingerprint,
+                             task=state.task)  # fmt: skip
+        return header, delta_tensors(source, state), f"task {task!r} (adapted {type(source).__name__})"
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], Mapping):
         meta, tensors = source
         missing = [k for k in ("config", "backbone", "fingerprint") if k not in meta]
         if missing:
             raise CheckpointError(f"task {task!r}: delta metadata lacks {missing}; use vpeft.api.read_delta output")
-        return meta, tensors, f"task {task!r}"
+        return DeltaHeader.from_fields(meta, f"task {task!r}"), tensors, f"task {task!r}"
     raise ConfigError(
         f"task {task!r}: a delta must be a file path, a (metadata, tensors) pair from vpeft.api.read_delta or an "
         f"adapted model, got {type(source).__name__}"
@@ -501,21 +497,15 @@ class MultiTaskModel(nn.Module):
         for task, source in deltas.items():
             if not isinstance(task, str) or not task:
                 raise ConfigError(f"task names must be non-empty strings, got {task!r}")
-            meta, tensors, where = _read_source(task, source)
-            if meta["backbone"] != name:
-                raise CheckpointError(f"delta {where} was trained on backbone {meta['backbone']!r}, not {name!r}")
-            if meta["fingerprint"] != print_:
-                raise CheckpointError(
-                    f"delta {where} belongs to other weights of {name!r} (fingerprint {meta['fingerprint']}, "
-                    f"backbone {print_}); load it onto the backbone it was trained from"
-                )
-            kind = api.delta_task(meta).get("kind")
+            header, tensors, where = _read_source(task, source)
+            header.check_fits(backbone=name, fingerprint=print_, where=where.strip("'"))
+            kind = header.kind
             if kind != "classification":
                 raise ConfigError(
                     f"task {task!r}: its delta is for a {kind!r} task (with its own decoder); MultiTaskModel runs "
                     "classification deltas (the backbone's features and a Linear head)"
                 )
-            cfg = MethodConfig.from_json(meta["config"])
+            cfg = header.config
             prefix = head_name + "." if head_name else None
             head = {k[len(prefix) :]: v for k, v in tensors.items() if prefix and k.startswith(prefix)}
             body = {k: v for k, v in tensors.items() if not (prefix and k.startswith(prefix))}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import apply, load, merge, read_delta, save, save_merged
+from .api import apply, load, merge, save, save_merged
 from .arch import input_size
 from .backbones import is_clip_name
 from .config import MethodConfig
@@ -27,6 +27,7 @@ from .data import (
     default_data_root,
     ensure_digits_task,
 )
+from .delta import check_train_extra, read_header
 from .errors import CheckpointError, ConfigError, DataError
 from .state import state_of
 from .tasks import Task, task_for_folder, task_from_dict
@@ -397,37 +398,13 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
     return state_of(model).config.to_dict()
 
 
-_EXTRA_TYPES: dict[str, tuple[type, ...]] = {
-    "num_classes": (int,),
-    "backbone_arg": (str,),
-    "img_size": (int, type(None)),
-    "pretrained": (bool,),
-    "task": (str,),
-}
-
-
-def _check_extra(extra: Mapping[str, Any], delta: str | os.PathLike) -> None:
-    """The ``extra`` header of a ``vpeft train`` delta: required keys present, every known key of the right type."""
-    missing = [k for k in ("num_classes", "backbone_arg") if k not in extra]
-    if missing:
-        raise CheckpointError(
-            f"delta {str(delta)!r} lacks {missing} in its metadata; it was not written by vpeft train"
-        )
-    for key, types in _EXTRA_TYPES.items():
-        value = extra.get(key)
-        if key in extra and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise CheckpointError(f"delta {str(delta)!r}: metadata {key}={value!r} is not {names}")
-    for key in ("num_classes", "img_size"):
-        if isinstance(extra.get(key), int) and extra[key] < 1:
-            raise CheckpointError(f"delta {str(delta)!r}: metadata {key}={extra[key]!r} is not >= 1")
-
-
-def model_from_delta(delta: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], Task]:
+def model_from_delta(
+    delta: str | os.PathLike, *, trust_unsigned: bool = False
+) -> tuple[nn.Module, dict[str, Any], Task]:
     """Rebuild the model a delta was trained with (backbone, and the task's model around it) and load the delta."""
-    meta, _ = read_delta(delta)
-    extra = json.loads(meta.get("extra") or "{}")
-    _check_extra(extra, delta)
+    header, _ = read_header(delta, trust_unsigned=trust_unsigned)
+    extra = dict(header.extra)
+    check_train_extra(extra, str(delta))
     spec = extra.get("task_spec") or {"kind": "classification", "num_classes": extra["num_classes"]}
     try:
         task = task_from_dict(spec)
@@ -438,7 +415,7 @@ def model_from_delta(delta: str | os.PathLike) -> tuple[nn.Module, dict[str, Any
         extra["backbone_arg"], task.backbone_classes(), extra.get("img_size"), pretrained, **task.backbone_kwargs()
     )
     model = task.build(backbone)
-    load(model, delta)
+    load(model, delta, trust_unsigned=trust_unsigned)
     return model, extra, task
 
 
@@ -453,13 +430,14 @@ def evaluate_delta(
     merged: bool = False,
     save_predictions: str | os.PathLike | None = None,
     max_predictions: int | None = None,
+    trust_unsigned: bool = False,
 ) -> dict[str, Any]:
     """Rebuild the model a delta was trained with, load it, and evaluate the task's metrics on ``split``.
 
     With ``save_predictions`` (a folder) the predictions are also written as pictures (segmentation: one colour
     overlay PNG per image, at most ``max_predictions``).
     """
-    model, extra, t = model_from_delta(delta)
+    model, extra, t = model_from_delta(delta, trust_unsigned=trust_unsigned)
     if task is None and "task" not in extra:
         raise CheckpointError(f"delta {str(delta)!r} does not name its task; pass --task")
     folder = open_task(data_root, task or extra["task"])
@@ -494,9 +472,9 @@ def _check_task_fits(t: Task, folder: TaskFolder, delta: str | os.PathLike, extr
         )
 
 
-def merge_delta(delta: str | os.PathLike, out: str | os.PathLike) -> Path:
+def merge_delta(delta: str | os.PathLike, out: str | os.PathLike, *, trust_unsigned: bool = False) -> Path:
     """Write the full merged model (a plain timm state dict) of a mergeable delta."""
-    model, _, _ = model_from_delta(delta)
+    model, _, _ = model_from_delta(delta, trust_unsigned=trust_unsigned)
     merge(model, keep_original=False)
     return save_merged(model, out)
 

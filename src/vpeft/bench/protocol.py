@@ -209,16 +209,17 @@ def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str,
     candidates = spec.candidates()
     if len(candidates) < 2:
         return None
-    results = []
+    results, key = [], "val_score"
     for i, cand in enumerate(candidates):
         set_seed(spec.seed)  # method parameters are initialised before training seeds the RNG
         cpu = time.process_time()
         rec = finetune(**_finetune_kwargs(spec, cand), train_split=spec.splits["train"], eval_split=spec.splits["val"])
         cpu = time.process_time() - cpu
-        results.append({"setting": cand, "val_top1": rec.score, "train_time_s": rec.train_time_s, "cpu_s": cpu})
+        key = f"val_{rec.primary_metric}"  # the task's own metric name: val_top1, val_miou ...
+        results.append({"setting": cand, key: rec.score, "train_time_s": rec.train_time_s, "cpu_s": cpu})
         logger.info("%s: grid setting %d/%d %s: val %.4f", spec.run_id, i + 1, len(candidates), cand, rec.score)
         gc.collect()
-    best = max(range(len(results)), key=lambda i: (results[i]["val_top1"], -i))
+    best = max(range(len(results)), key=lambda i: (results[i][key], -i))
     return {
         "train_split": spec.splits["train"],
         "val_split": spec.splits["val"],
@@ -228,7 +229,8 @@ def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str,
         "rule": "highest val score (the task's primary metric); ties go to the first setting in grid order",
         "kind": "grid",
         "candidates": len(candidates),
-        "best_val": results[best]["val_top1"],
+        "metric": key[len("val_") :],
+        "best_val": results[best][key],
         "cpu_s": sum(r["cpu_s"] for r in results),
     }
 

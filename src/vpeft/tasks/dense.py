@@ -42,7 +42,7 @@ from torch import nn
 from ..arch import get_family, get_spec
 from ..errors import ConfigError
 
-__all__ = ["DenseFeatures", "Level", "default_levels"]
+__all__ = ["DenseFeatures", "Level"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,20 +58,6 @@ class Level:
     source: str
     channels: int
     stride: tuple[float, float]
-
-
-def default_levels(kind: str, num_candidates: int, decoder: str) -> tuple[int, ...]:
-    """The levels a decoder reads by default (indices into the candidates, see :class:`DenseFeatures`).
-
-    ``linear``: the last one (DINOv2's linear evaluation). ``fpn``: on a ViT four evenly spaced blocks, e.g.
-    blocks 3/6/9/12 of 12 (BEiT / MAE's UperNet set-up; duplicates removed on shallow models); on Swin / CNNs
-    the last four stages (strides 4..32 on the usual models).
-    """
-    if decoder == "linear":
-        return (num_candidates - 1,)
-    if kind == "vit":
-        return tuple(sorted({max(0, round((i + 1) * num_candidates / 4) - 1) for i in range(4)}))
-    return tuple(range(max(0, num_candidates - 4), num_candidates))
 
 
 def _first_tensor(output):

@@ -33,8 +33,8 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .base import Meter, Task, TaskModel, register_task
-from .decoders import build_decoder, decoder_names, decoder_options
-from .dense import DenseFeatures, default_levels
+from .decoders import build_decoder, decoder_options, default_levels, get_decoder
+from .dense import DenseFeatures
 
 __all__ = [
     "SegmentationMeter",
@@ -198,11 +198,11 @@ class SegmentationTask(Task):
 
     Args:
         num_classes: K (void excluded).
-        decoder: ``"linear"`` or ``"fpn"``.
+        decoder: a registered decoder's name (:mod:`vpeft.tasks.decoders`: ``"linear"``, ``"fpn"``, ...).
         ignore_index: the void label of the masks (255).
         levels: feature levels the decoder reads (indices into :attr:`DenseFeatures.candidates`, i.e. ViT
             blocks or Swin / CNN stages; negative from the end); ``None``: the decoder's default
-            (:func:`~vpeft.tasks.dense.default_levels`).
+            (:func:`~vpeft.tasks.decoders.default_levels`).
         size: ``(H, W)`` the images are resized to (default: the backbone's input size, or the ``input_size``
             the caller passes to :meth:`dataset`); non-square sizes need a ViT built for them or with
             ``dynamic_img_size=True``.
@@ -234,10 +234,7 @@ class SegmentationTask(Task):
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"segmentation: num_classes={num_classes!r} must be a positive int")
-        if decoder not in decoder_names():
-            raise ConfigError(
-                f"segmentation: unknown decoder {decoder!r}; valid decoders: {', '.join(decoder_names())}"
-            )
+        get_decoder(decoder)  # an unknown name lists the registered decoders
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or 0 <= ignore_index < num_classes:
             raise ConfigError(
                 f"segmentation: ignore_index={ignore_index!r} must be an int outside the classes 0..{num_classes - 1}"

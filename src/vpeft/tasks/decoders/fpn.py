@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
+from .base import evenly_spaced, register_decoder
 
 __all__ = ["FPNDecoder", "SimplePyramid", "default_width"]
 
@@ -94,6 +95,7 @@ class SimplePyramid(nn.Module):
         return self.op(x)
 
 
+@register_decoder("fpn")
 class FPNDecoder(nn.Module):
     """Simple pyramid (ViTs) + FPN + summed fusion + classifier.
 
@@ -134,6 +136,14 @@ class FPNDecoder(nn.Module):
         self.classifier = nn.Conv2d(width, num_classes, 1)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
+
+    summary = "ViTDet simple pyramid + FPN"
+
+    @staticmethod
+    def default_levels(kind: str, num_candidates: int) -> tuple[int, ...]:
+        """On a ViT four evenly spaced blocks, e.g. 3/6/9/12 of 12 (BEiT / MAE's UperNet set-up); on Swin / CNNs
+        the last four stages (strides 4..32 on the usual models)."""
+        return evenly_spaced(kind, num_candidates, 4)
 
     @classmethod
     def from_levels(

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
+from .base import register_decoder
 
 __all__ = ["LinearDecoder"]
 
 
+@register_decoder("linear")
 class LinearDecoder(nn.Module):
     """``BN -> Dropout -> Conv1x1`` on the (concatenated) maps.
 
@@ -41,6 +43,13 @@ class LinearDecoder(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
+
+    summary = "DINOv2's linear head"
+
+    @staticmethod
+    def default_levels(kind: str, num_candidates: int) -> tuple[int, ...]:
+        """The last level (DINOv2's linear evaluation)."""
+        return (num_candidates - 1,)
 
     @classmethod
     def from_levels(cls, levels, num_classes: int, kind: str, dropout: float = 0.0) -> LinearDecoder:
