@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -39,3 +41,54 @@ print("ok")
     proc = _fresh_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+# ---- CLIP through the CLI, on a tiny random open_clip (no weights exist offline; none are downloaded) ----------
+def tiny_clip_for_cli(monkeypatch) -> None:
+    """Every ``open_clip:<model>`` name the CLI builds becomes a tiny random open_clip CLIP (same seed each time,
+    so a delta trained on it loads onto the next one)."""
+    pytest.importorskip("open_clip")
+    from vpeft.backbones import clip
+
+    def create(name, pretrained=None, img_size=None, num_classes=0, **kwargs):
+        model = clip.tiny_open_clip(image_size=img_size or 32)
+        model.name = name
+        return model
+
+    monkeypatch.setattr(clip, "create", create)
+
+
+def test_few_shot_clip_on_a_task_whose_images_folder_is_a_symlink(tmp_path, monkeypatch, capsys):
+    from test_clip_fewshot import make_task
+
+    from vpeft.cli import main
+
+    tiny_clip_for_cli(monkeypatch)
+    task = make_task(tmp_path / "data", "toy")
+    elsewhere = tmp_path / "storage" / "toy_images"
+    elsewhere.parent.mkdir()
+    (task / "images").rename(elsewhere)
+    (task / "images").symlink_to(elsewhere, target_is_directory=True)
+    lists = tmp_path / "lists"
+    argv = ["train", "--backbone", "open_clip:ViT-B-16", "--no-pretrained", "--method", "coop", "--opt",
+            "num_tokens=2", "--task", "toy", "--data-root", str(tmp_path / "data"), "--img-size", "32",
+            "--epochs", "1", "--batch-size", "4", "--quiet", "--task-opt", "shots=2", "--task-opt", "classes=base",
+            "--task-opt", f"lists_dir={lists}", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    written = list(lists.glob("toy_base_*shots2_seed0.txt"))
+    assert len(written) == 1
+    rows = written[0].read_text().split()
+    assert all(r.startswith("images/") for r in rows[::2]), "paths stay relative to the task folder, through the link"
+    from vpeft.data.fewshot import read_list
+
+    assert len(read_list(written[0], task)) == 3 * 2  # base = the first ceil(5/2) classes, 2 shots each
+
+
+def test_a_sample_outside_the_task_folder_is_a_data_error(tmp_path):
+    import vpeft
+    from vpeft.data.fewshot import relative_to_task, write_list
+
+    (tmp_path / "task" / "images").mkdir(parents=True)
+    assert relative_to_task(tmp_path / "task" / "images" / "a.png", tmp_path / "task") == "images/a.png"
+    with pytest.raises(vpeft.DataError, match="is not inside the task folder"):
+        write_list([(tmp_path / "other.png", 0)], tmp_path / "list.txt", tmp_path / "task")
