@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,77 @@ def test_a_sample_outside_the_task_folder_is_a_data_error(tmp_path):
     assert relative_to_task(tmp_path / "task" / "images" / "a.png", tmp_path / "task") == "images/a.png"
     with pytest.raises(vpeft.DataError, match="is not inside the task folder"):
         write_list([(tmp_path / "other.png", 0)], tmp_path / "list.txt", tmp_path / "task")
+
+
+def test_linear_on_a_zero_shot_clip_says_to_add_the_probe(tmp_path, monkeypatch, capsys):
+    from test_clip_fewshot import make_task
+
+    from vpeft.cli import main
+
+    tiny_clip_for_cli(monkeypatch)
+    make_task(tmp_path / "data", "toy")
+    argv = ["train", "--backbone", "open_clip:ViT-B-16", "--no-pretrained", "--method", "linear", "--task", "toy",
+            "--data-root", str(tmp_path / "data"), "--img-size", "32", "--epochs", "1", "--batch-size", "5",
+            "--quiet"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "no-probe")]) == 2
+    err = capsys.readouterr().err
+    assert "--task-opt probe=true" in err and "no classification head" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert main([*argv, "--task-opt", "probe=true", "--out", str(tmp_path / "probe")]) == 0  # the fix it names
+    result = json.loads((tmp_path / "probe" / "result.json").read_text())
+    assert result["task_spec"]["probe"] is True and result["method"] == "linear"
+
+
+def _native_zero_shot(task: Path, split: str) -> tuple[float, float, int]:
+    """Top-1 and mean cross-entropy of open_clip's own CLIP forward (the tiny CLIP's weights, open_clip's
+    tokenizer, CoOp's default template) on a split: the oracle of ``vpeft zeroshot``."""
+    import open_clip
+    import torch
+    from PIL import Image
+    from test_clip import _native_open_clip
+    from torch.nn import functional as F
+
+    from vpeft.backbones.clip import tiny_open_clip
+    from vpeft.data import build_transform
+
+    native = _native_open_clip()
+    names = [n.replace("_", " ") for n in (task / "classes.txt").read_text().split()]
+    transform = build_transform(tiny_open_clip(), input_size=32)
+    rows = [line.rsplit(" ", 1) for line in (task / f"{split}.txt").read_text().splitlines() if line.strip()]
+    x = torch.stack([transform(Image.open(task / rel).convert("RGB")) for rel, _ in rows])
+    y = torch.tensor([int(label) for _, label in rows])
+    with torch.no_grad():
+        text = native.encode_text(open_clip.tokenize([f"a photo of a {n}." for n in names]), normalize=True)
+        logits = native.logit_scale.exp() * native.encode_image(x, normalize=True) @ text.T
+    return (logits.argmax(1) == y).sum().item() / len(rows), F.cross_entropy(logits, y).item(), len(rows)
+
+
+def test_zeroshot_command_evaluates_a_clip_on_a_task_folder(tmp_path, monkeypatch, capsys):
+    from test_clip_fewshot import make_task
+
+    from vpeft.cli import main
+
+    tiny_clip_for_cli(monkeypatch)
+    task = make_task(tmp_path / "data", "toy")
+    argv = ["zeroshot", "--backbone", "open_clip:ViT-B-16", "--no-pretrained", "--task", "toy",
+            "--data-root", str(tmp_path / "data"), "--img-size", "32", "--split", "test"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "zs" / "metrics.json")]) == 0
+    printed = capsys.readouterr().out
+    written = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert json.loads(printed[: printed.rindex("}") + 1]) == written
+    top1, loss, n = _native_zero_shot(task, "test")
+    assert written["n"] == n == 10 and written["task"] == "toy" and written["split"] == "test"
+    assert written["top1"] == pytest.approx(top1, abs=1e-9) and written["loss"] == pytest.approx(loss, abs=1e-4)
+    assert written["task_spec"]["class_names"][2] == "crystalline rock"
+    # bad input: one line, exit 2
+    for extra, needle in (
+        (["--task-opt", "probe=true"], "trains nothing"),
+        (["--task", "nope"], "nope"),
+        (["--task-opt", "colour=red"], "unknown task option"),
+    ):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert main(["zeroshot", "--backbone", "vit_tiny_patch16_224", "--task", "toy",
+                 "--data-root", str(tmp_path / "data")]) == 2  # fmt: skip
+    assert "is not a CLIP" in capsys.readouterr().err

@@ -388,6 +388,65 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .run import evaluate_zero_shot
+    from .train.metrics import json_safe, write_json_atomic
+
+    check_img_size(args.img_size)
+    check_device(args.device)
+    if args.out is not None and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give the metrics file's name (e.g. zeroshot.json)")
+    res = json_safe(
+        evaluate_zero_shot(
+            args.backbone,
+            task=args.task,
+            data_root=args.data_root,
+            split=args.split,
+            img_size=args.img_size,
+            pretrained=not args.no_pretrained,
+            task_options=task_options_from_cli(args.task_opt) or None,
+            batch_size=args.batch_size,
+            device=args.device,
+            num_workers=args.workers,
+        )
+    )
+    print(json.dumps(res, indent=2, allow_nan=False))
+    if args.out is not None:
+        write_json_atomic(Path(args.out), res)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _add_zeroshot_parser(sub) -> None:
+    p = sub.add_parser(
+        "zeroshot",
+        help="evaluate a CLIP backbone zero-shot (no training) on a classification task folder",
+        description="Classifies each image of --split among the task's class names (classes.txt) by CLIP's "
+        "image-text similarity, with CoOp's prompt template for the task (--task-opt ensemble=true: CLIP's 80 "
+        "templates), and prints the metrics as JSON.",
+    )
+    p.add_argument(
+        "--backbone", required=True, help="CLIP backbone: open_clip:<model> (e.g. open_clip:ViT-B-16) or hf:<hub id>"
+    )
+    _add_data(p)
+    p.add_argument("--split", default="test", help="split list to evaluate (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
+    p.add_argument(
+        "--task-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="zero-shot task option, repeatable: classes=base|novel, ensemble=true, templates=..., context_length=N",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: %(default)s)")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
+    p.set_defaults(fn=_cmd_zeroshot)
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -529,6 +588,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_demo)
 
     _add_tune_parser(sub)
+    _add_zeroshot_parser(sub)
 
     from .bench.cli import add_bench_commands  # bench, report
     from .search.cli import add_search_command  # search (NOAH / GLoRA structure search)

@@ -43,6 +43,8 @@ __all__ = [
     "RunResult",
     "TaskFolder",
     "evaluate_delta",
+    "evaluate_zero_shot",
+    "check_method_fits_task",
     "merge_delta",
     "open_task",
     "build_backbone",
@@ -244,6 +246,7 @@ def finetune(
             task_kind = task_kind_for(backbone, task_kind)
             t = folder.task(task_kind, **dict(task_options or {}))
             set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
+            check_method_fits_task(method, t)
             model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained, **t.backbone_kwargs()))
             rep = apply(model, method)
         size = input_size(model, img_size)[-1]  # a task model's backbone decides
@@ -492,6 +495,80 @@ def _check_task_fits(t: Task, folder: TaskFolder, delta: str | os.PathLike, extr
             f"delta {str(delta)!r} has a {mine}-class head but task {folder.name!r} has {theirs} classes; "
             f"evaluate it on the task it was trained on ({trained!r})"
         )
+
+
+def check_method_fits_task(method: MethodConfig | Mapping[str, Any] | str, task: Task) -> None:
+    """Refuse, before anything is built, a linear probe of a task whose model has no head to train: a zero-shot
+    CLIP task classifies by class names, and its ``probe`` option adds the trainable linear head."""
+    if isinstance(method, str):
+        name = method
+    elif isinstance(method, Mapping):
+        name = method.get("method")
+    else:
+        name = getattr(method, "method", None)
+    if name == "linear" and task.kind == "zeroshot" and not getattr(task, "probe", False):
+        raise ConfigError(
+            "method 'linear' trains a classification head, and a zero-shot CLIP task has none (it classifies by "
+            "class names); add the linear-probe head with the task option probe=true (CLI: --task-opt probe=true), "
+            "train a prompt (coop, cocoop, maple) or a tower method instead, or evaluate the CLIP as it is with "
+            "vpeft zeroshot"
+        )
+
+
+def evaluate_zero_shot(
+    backbone: str,
+    *,
+    task: str,
+    data_root: str | os.PathLike | None = None,
+    split: str = "test",
+    img_size: int | None = None,
+    pretrained: bool = True,
+    task_options: Mapping[str, Any] | None = None,
+    batch_size: int = 128,
+    device: str = "cpu",
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Evaluate a CLIP backbone zero-shot (nothing trained) on ``split`` of a classification task folder.
+
+    The class names come from the folder's ``classes.txt``, the prompts from CoOp's template for the task (CLIP's
+    80 templates with ``task_options={"ensemble": True}``); ``task_options`` are the zero-shot task's (``classes``,
+    ``templates``, ``context_length`` ...). Returns ``{backbone, task, split, primary_metric, <metrics>,
+    task_spec}``.
+
+    Raises:
+        ConfigError: ``backbone`` is not a CLIP (``open_clip:<model>``, ``hf:<id>``), or a bad task option.
+    """
+    if not is_clip_name(backbone):
+        raise ConfigError(
+            f"backbone {backbone!r} is not a CLIP; zero-shot evaluation needs a text tower: use 'open_clip:<model>' "
+            "or 'hf:<hub id>'"
+        )
+    folder = open_task(data_root, task)
+    options = dict(task_options or {})
+    if options.get("probe") or options.get("shots"):
+        raise ConfigError(
+            "zero-shot evaluation trains nothing: the task options probe and shots belong to training runs "
+            "(vpeft train --task-opt ...)"
+        )
+    t = folder.task("zeroshot", **options)
+    model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained, **t.backbone_kwargs()))
+    model.requires_grad_(False)
+    model.to(device)
+    size = input_size(model, img_size)[-1]
+    ds = t.dataset(folder.path, split, model, input_size=size)
+    loader = build_dataloader(ds, batch_size, shuffle=False, num_workers=num_workers)
+    metrics = evaluate(model, loader, device, task=t)
+    spec = t.to_dict()
+    return {
+        "backbone": backbone,
+        "pretrained": pretrained,
+        "task": folder.name,
+        "split": split,
+        "img_size": size,
+        "primary_metric": t.primary_metric,
+        **metrics,
+        "task_spec": spec,
+    }
 
 
 def merge_delta(delta: str | os.PathLike, out: str | os.PathLike) -> Path:
