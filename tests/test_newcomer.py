@@ -167,3 +167,94 @@ def test_zeroshot_command_evaluates_a_clip_on_a_task_folder(tmp_path, monkeypatc
     assert main(["zeroshot", "--backbone", "vit_tiny_patch16_224", "--task", "toy",
                  "--data-root", str(tmp_path / "data")]) == 2  # fmt: skip
     assert "is not a CLIP" in capsys.readouterr().err
+
+
+# ---- vpeft export / import: Hugging Face PEFT adapters from the command line ----------------------------------
+def _toy_lora_run(tmp_path, name: str, *opts: str) -> Path:
+    from test_clip_fewshot import make_task
+
+    from vpeft.cli import main
+
+    if not (tmp_path / "data" / "toy").exists():
+        make_task(tmp_path / "data", "toy")
+    out = tmp_path / name
+    argv = ["train", "--backbone", "test_vit", "--no-pretrained", "--task", "toy", "--data-root",
+            str(tmp_path / "data"), "--img-size", "32", "--epochs", "1", "--batch-size", "10", "--lr", "1e-2",
+            "--quiet", "--method", "lora", *opts, "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out / "delta.safetensors"
+
+
+def _eval(capsys, delta: Path, data_root: Path) -> dict:
+    from vpeft.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--delta", str(delta), "--data-root", str(data_root)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_export_peft_and_import_round_trip_through_the_cli(tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    import torch
+
+    from vpeft.cli import main
+    from vpeft.run import build_backbone, model_from_delta
+
+    delta = _toy_lora_run(tmp_path, "run", "--opt", "r=2", "--opt", "targets=qkv,fc1")
+    adapter = tmp_path / "adapter"
+    assert main(["export", "--format", "peft", str(delta), "--out", str(adapter)]) == 0
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ours = model_from_delta(delta)[0].eval()
+    theirs = peft.PeftModel.from_pretrained(build_backbone("test_vit", 5, 32, pretrained=False), str(adapter)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-5)
+    back = tmp_path / "back.safetensors"
+    assert main(["import", "--format", "peft", str(adapter), "--out", str(back)]) == 0  # the export names it all
+    original, imported = _eval(capsys, delta, tmp_path / "data"), _eval(capsys, back, tmp_path / "data")
+    assert imported["task"] == "toy" and imported["n"] == original["n"] == 10
+    assert imported["top1"] == original["top1"] and imported["loss"] == pytest.approx(original["loss"], abs=1e-6)
+
+
+def test_export_of_qv_only_lora_needs_pad_fused_and_imports_its_config(tmp_path, capsys):
+    pytest.importorskip("peft")
+    from vpeft.api import read_delta
+    from vpeft.cli import main
+
+    delta = _toy_lora_run(tmp_path, "run", "--opt", "r=2", "--opt", "targets=q,v")
+    adapter = tmp_path / "adapter"
+    assert main(["export", "--format", "peft", str(delta), "--out", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert "--pad-fused" in err and len(err.strip().splitlines()) == 1 and not adapter.exists()
+    assert main(["export", "--format", "peft", str(delta), "--out", str(adapter), "--pad-fused"]) == 0
+    back = tmp_path / "back.safetensors"
+    assert main(["import", "--format", "peft", str(adapter), "--out", str(back)]) == 0
+    assert read_delta(back)[0]["config"] == read_delta(delta)[0]["config"]  # q, v: from the export's metadata
+    assert _eval(capsys, back, tmp_path / "data")["top1"] == _eval(capsys, delta, tmp_path / "data")["top1"]
+
+
+def test_import_of_a_peft_trained_adapter(tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    import torch
+
+    from vpeft.cli import main
+    from vpeft.run import build_backbone, model_from_delta
+
+    pm = peft.get_peft_model(
+        build_backbone("test_vit", 7, 32, pretrained=False),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=r"blocks\.\d+\.attn\.qkv", modules_to_save=["head"]),
+    )
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    back = tmp_path / "back.safetensors"
+    argv = ["import", "--format", "peft", str(tmp_path / "adapter"), "--out", str(back)]
+    assert main(argv) == 2 and "pass --backbone" in capsys.readouterr().err  # a foreign adapter names no backbone
+    assert main([*argv, "--backbone", "test_vit", "--img-size", "32", "--no-pretrained"]) == 0
+    model, extra, _ = model_from_delta(back)
+    assert extra["num_classes"] == 7 and extra["img_size"] == 32  # the classes from the adapter's saved head
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), pm.eval()(x), rtol=0, atol=1e-5)

@@ -447,6 +447,71 @@ def _add_zeroshot_parser(sub) -> None:
     p.set_defaults(fn=_cmd_zeroshot)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .run import export_peft_delta
+
+    path = export_peft_delta(args.delta, args.out, pad_fused=args.pad_fused)
+    print(f"PEFT adapter written to {path} (load it with peft.PeftModel.from_pretrained(backbone, {str(path)!r}))")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .run import import_peft_delta
+
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give the delta's file name (e.g. delta.safetensors)")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ConfigError(f"--num-classes {args.num_classes} is invalid; expected a positive int")
+    check_img_size(args.img_size)
+    path = import_peft_delta(
+        args.adapter,
+        args.out,
+        backbone=args.backbone,
+        img_size=args.img_size,
+        num_classes=args.num_classes,
+        pretrained=False if args.no_pretrained else None,
+    )
+    print(f"vpeft delta written to {path} (vpeft eval --delta {path} ...)")
+    return 0
+
+
+def _add_interop_parsers(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a LoRA/DoRA delta in another library's format (Hugging Face PEFT)",
+        description="Writes the delta as a Hugging Face PEFT adapter folder (adapter_config.json, "
+        "adapter_model.safetensors): load it with peft.PeftModel.from_pretrained(backbone, OUT) onto the same "
+        "backbone, or back into vpeft with vpeft import.",
+    )
+    p.add_argument("delta", metavar="DELTA", help="a delta file written by vpeft train (method lora or dora)")
+    p.add_argument("--format", required=True, choices=["peft"], help="target format")
+    p.add_argument("--out", required=True, metavar="DIR", help="the adapter folder (created; its files replaced)")
+    p.add_argument(
+        "--pad-fused",
+        action="store_true",
+        help="export q/v-only LoRA of a fused qkv as a LoRA on the whole qkv with zero k rows (same outputs)",
+    )
+    p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        help="turn another library's LoRA/DoRA adapter (Hugging Face PEFT) into a vpeft delta",
+        description="Reads a Hugging Face PEFT LoRA/DoRA adapter folder and writes a vpeft delta file for vpeft "
+        "eval / merge. An adapter written by vpeft export names its backbone, image size and task; for others "
+        "give --backbone (and --img-size, --num-classes where the adapter has no saved head).",
+    )
+    p.add_argument("adapter", metavar="DIR", help="the PEFT adapter folder")
+    p.add_argument("--format", required=True, choices=["peft"], help="source format")
+    p.add_argument("--out", required=True, metavar="DELTA", help="the delta file to write (.safetensors)")
+    p.add_argument("--backbone", default=None, help="backbone name (default: the one a vpeft export names)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the export's, else the backbone's)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: from the saved head)")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
+    p.set_defaults(fn=_cmd_import)
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -589,6 +654,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_tune_parser(sub)
     _add_zeroshot_parser(sub)
+    _add_interop_parsers(sub)
 
     from .bench.cli import add_bench_commands  # bench, report
     from .search.cli import add_search_command  # search (NOAH / GLoRA structure search)

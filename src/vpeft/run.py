@@ -46,6 +46,8 @@ __all__ = [
     "evaluate_zero_shot",
     "check_method_fits_task",
     "merge_delta",
+    "export_peft_delta",
+    "import_peft_delta",
     "open_task",
     "build_backbone",
     "model_from_delta",
@@ -576,6 +578,71 @@ def merge_delta(delta: str | os.PathLike, out: str | os.PathLike) -> Path:
     model, _, _ = model_from_delta(delta)
     merge(model, keep_original=False)
     return save_merged(model, out)
+
+
+def export_peft_delta(delta: str | os.PathLike, out: str | os.PathLike, *, pad_fused: bool = False) -> Path:
+    """Write a LoRA / DoRA classification delta as a Hugging Face PEFT adapter folder
+    (:func:`vpeft.interop.peft.export_peft`), keeping the delta's run information for :func:`import_peft_delta`."""
+    from .interop.peft import export_peft
+
+    model, extra, task = model_from_delta(delta)
+    if task.kind != "classification":
+        raise ConfigError(
+            f"delta {str(delta)!r} is for a {task.kind} task; PEFT export covers classification deltas (a backbone "
+            "and its head)"
+        )
+    return export_peft(model, out, pad_fused=pad_fused, extra=extra)
+
+
+def import_peft_delta(
+    directory: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    backbone: str | None = None,
+    img_size: int | None = None,
+    num_classes: int | None = None,
+    pretrained: bool | None = None,
+) -> Path:
+    """Turn a Hugging Face PEFT LoRA / DoRA adapter folder into a vpeft delta file that ``vpeft eval`` and
+    ``vpeft merge`` read (:func:`vpeft.interop.peft.import_peft` onto a freshly built backbone).
+
+    An adapter written by :func:`export_peft_delta` names its backbone, image size, classes and task; for any
+    other the backbone must be given, and the classes are read from its saved head (``modules_to_save``) unless
+    ``num_classes`` is given. Arguments given override what the adapter says.
+    """
+    from .interop.peft import PREFIX, import_peft, read_peft
+
+    config, tensors, meta = read_peft(directory)
+    try:
+        extra = json.loads(meta.get("vpeft_extra") or "{}")
+    except ValueError:
+        raise CheckpointError(f"PEFT adapter {str(directory)!r}: metadata vpeft_extra is not JSON") from None
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"PEFT adapter {str(directory)!r}: metadata vpeft_extra is not a JSON object")
+    if extra:
+        _check_extra(extra, directory)
+    name = backbone or extra.get("backbone_arg") or meta.get("vpeft_backbone")
+    if not name:
+        raise ConfigError(f"PEFT adapter {str(directory)!r} does not name its backbone; pass --backbone")
+    saved = [f"{PREFIX}{m}.weight" for m in config.get("modules_to_save") or []]
+    heads = [tensors[k] for k in saved if k in tensors]
+    classes = num_classes or extra.get("num_classes") or (int(heads[0].shape[0]) if heads else None)
+    if not classes:
+        raise ConfigError(f"PEFT adapter {str(directory)!r} holds no classification head; pass --num-classes")
+    size = img_size if img_size is not None else extra.get("img_size")
+    pretrained = extra.get("pretrained", True) if pretrained is None else pretrained
+    model = build_backbone(name, classes, size, pretrained)
+    import_peft(model, directory)
+    spec = task_from_dict({"kind": "classification", "num_classes": classes}).to_dict()
+    info = {
+        **{k: v for k, v in extra.items() if k == "task"},
+        "num_classes": classes,
+        "img_size": input_size(model, size)[-1],
+        "backbone_arg": name,
+        "pretrained": pretrained,
+        "task_spec": spec,
+    }
+    return save(model, out, extra=info)
 
 
 # ---- the README's main job ------------------------------------------------------------------------------------
