@@ -258,3 +258,48 @@ def test_import_of_a_peft_trained_adapter(tmp_path, capsys):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), pm.eval()(x), rtol=0, atol=1e-5)
+
+
+# ---- help text: plain text, every option documented with its default ----------------------------------------
+def _subcommands():
+    import argparse
+
+    from vpeft.cli import _parser
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_help_is_plain_text_and_every_option_has_help_and_its_default():
+    import argparse
+
+    commands = _subcommands()
+    assert {"train", "eval", "search", "demo", "zeroshot", "export", "import"} <= set(commands)
+    for name, p in commands.items():
+        text = p.format_help()
+        for markup in (":func:", ":class:", ":meth:", ":mod:", ":data:", "``"):
+            assert markup not in text, f"vpeft {name} --help shows {markup!r}"
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = "/".join(action.option_strings) or action.dest
+            assert action.help, f"vpeft {name}: {flag} has no help text"
+            if name in ("train", "eval", "search", "demo") and action.option_strings and not action.required:
+                shown = p._get_formatter()._expand_help(action)
+                assert "default" in shown, f"vpeft {name}: {flag} shows no default: {shown!r}"
+
+
+def test_train_help_renders_docstring_roles():
+    text = " ".join(_subcommands()["train"].format_help().split())
+    assert "In vpeft.run.finetune() (vpeft train, vpeft bench)" in text
+    assert "--lr FLOAT Peak learning rate of AdamW (> 0). (default: 0.001)" in text
+    assert "--quiet no progress bars (default: off)" in text
+
+
+def test_plain_text():
+    from vpeft.cli import plain_text
+
+    assert plain_text("see :func:`train` and :class:`~vpeft.tasks.Task`") == "see train() and Task"
+    assert plain_text(":meth:`vpeft.tasks.Task.loss`, ``x=1``") == "vpeft.tasks.Task.loss(), x=1"
+    assert plain_text(":py:class:`the task <vpeft.tasks.Task>` and :data:`SPLITS`") == "the task and SPLITS"

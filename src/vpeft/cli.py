@@ -177,6 +177,43 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
+_ROLE = re.compile(r":(?:\w+:)*(\w+):`(~?)([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """Docstring text as plain help text: a Sphinx role (``:func:`train```, ``:class:`~vpeft.tasks.Task```)
+    becomes the name it refers to (``~``: its last part; ``label <target>``: the label; a function or method
+    gets ``()``), and reST's double backticks around literals are dropped."""
+
+    def role(m: re.Match) -> str:
+        kind, tilde, target = m.groups()
+        if target.endswith(">") and "<" in target:
+            return target[: target.index("<")].strip()
+        name = target.rsplit(".", 1)[-1] if tilde else target
+        return f"{name}()" if kind in ("func", "meth") else name
+
+    return _ROLE.sub(role, text).replace("``", "")
+
+
+_SHOWN = {None: "none", False: "off", True: "on"}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every optional flag's help ends with its default (``none`` / ``off`` / ``on`` for None / False / True),
+    unless its text already says it; required flags have none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.required or action.default is argparse.SUPPRESS:
+            return text
+        value = action.default
+        if isinstance(value, (list, tuple)) and not value:
+            value = None
+        if isinstance(value, bool) or value is None:
+            return f"{text} (default: {_SHOWN[value]})"
+        return f"{text} (default: %(default)s)"
+
+
 def field_help(cls: type) -> dict[str, str]:
     """The ``Attributes:`` section of a dataclass's Google-style docstring: ``{field: one-line help}``."""
     doc = inspect.getdoc(cls) or ""
@@ -197,7 +234,7 @@ def field_help(cls: type) -> dict[str, str]:
             helps[current] += " " + line.strip()
         elif line.strip() and not line.startswith(" "):
             break
-    return {k: v.replace("%", "%%").replace("``", "") for k, v in helps.items()}
+    return {k: plain_text(v).replace("%", "%%") for k, v in helps.items()}
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -559,7 +596,7 @@ def _add_data(p: argparse.ArgumentParser, task_required: bool = True) -> None:
         default=None,
         help="task folder name, e.g. cifar10; 'digits' is exported from scikit-learn",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -571,7 +608,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list the registered methods")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the table as JSON rows")
     p.add_argument("--counts", action="store_true", help="add each default's trainable parameters on ViT-B/16")
     p.set_defaults(fn=_cmd_methods)
 
@@ -589,8 +626,8 @@ def _parser() -> argparse.ArgumentParser:
         help="method option, repeatable (e.g. r=8, targets=q,v; lora.r=8 when composing with +)",
     )
     _add_data(p)
-    p.add_argument("--train-split", default="train800val200")
-    p.add_argument("--eval-split", default="test")
+    p.add_argument("--train-split", default="train800val200", help="split list to train on (a+b joins lists)")
+    p.add_argument("--eval-split", default="test", help="split list evaluated once after training")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
     p.add_argument(
         "--task-kind",
@@ -624,9 +661,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved delta on a split")
-    p.add_argument("--delta", required=True)
+    p.add_argument("--delta", required=True, help="a delta file written by vpeft train")
     _add_data(p, task_required=False)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split list to evaluate")
     p.add_argument("--merged", action="store_true", help="merge before evaluating (mergeable methods)")
     p.add_argument(
         "--save-masks",
@@ -638,18 +675,18 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("merge", help="write the full merged model of a mergeable delta")
-    p.add_argument("--delta", required=True)
+    p.add_argument("--delta", required=True, help="a delta file of a mergeable method (vpeft methods)")
     p.add_argument("--out", required=True, help="output .safetensors (a plain timm state dict)")
     p.set_defaults(fn=_cmd_merge)
 
     p = sub.add_parser("demo", help="offline demo: real DINOv2 ViT-S/14 adapted with several methods on real data")
-    p.add_argument("--methods", default="linear,lora,vpt_deep")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--img-size", type=int, default=112)
-    p.add_argument("--task", default="digits")
+    p.add_argument("--methods", default="linear,lora,vpt_deep", help="comma-separated methods, one run each")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of each run")
+    p.add_argument("--img-size", type=int, default=112, help="input side (a multiple of 14)")
+    p.add_argument("--task", default="digits", help="task folder name under --data-root")
     p.add_argument("--data-root", default=None, help="default: ~/.cache/vpeft/data (digits exported there)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="runs/demo", help="results folder: one sub-folder per method, results.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_demo)
 
     _add_tune_parser(sub)
@@ -661,6 +698,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_bench_commands(sub)
     add_search_command(sub)
+    for command in sub.choices.values():  # every option's help shows its default
+        command.formatter_class = HelpFormatter
     return parser
 
 
