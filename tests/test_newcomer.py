@@ -303,3 +303,66 @@ def test_plain_text():
     assert plain_text("see :func:`train` and :class:`~vpeft.tasks.Task`") == "see train() and Task"
     assert plain_text(":meth:`vpeft.tasks.Task.loss`, ``x=1``") == "vpeft.tasks.Task.loss(), x=1"
     assert plain_text(":py:class:`the task <vpeft.tasks.Task>` and :data:`SPLITS`") == "the task and SPLITS"
+
+
+# ---- a rejected invocation leaves no --out folder behind ----------------------------------------------------
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--opt", "r=-1"], "r=-1 is invalid"),
+        (["--lr", "-1e-3"], "TrainConfig.lr"),
+        (["--task", "no_such_task"], "no_such_task"),
+        (["--method", "no_such_method"], "no_such_method"),
+        (["--backbone", "no_such_backbone"], "no_such_backbone"),
+        (["--train-split", "train9"], "train9"),
+        (["--img-size", "8"], "img_size 8"),
+        (["--task-opt", "colour=red"], "colour"),
+        (["--device", "tpu9"], "tpu9"),
+    ],
+)
+def test_a_rejected_train_leaves_no_out_folder(tmp_path, capsys, args, message):
+    from test_clip_fewshot import make_task
+
+    from vpeft.cli import main
+
+    make_task(tmp_path / "data", "toy")
+    out = tmp_path / "new" / "nested" / "run"
+    flags = {"--backbone": "test_vit", "--method": "lora", "--task": "toy", "--img-size": "32"}
+    repeated = []
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in ("--opt", "--task-opt"):
+            repeated += [flag, value]
+        else:
+            flags[flag] = value
+    argv = ["train", "--no-pretrained", "--data-root", str(tmp_path / "data"), "--epochs", "1", "--quiet",
+            "--out", str(out), *[t for kv in flags.items() for t in kv], *repeated]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "new").exists(), f"{args}: left {sorted(str(p) for p in (tmp_path / 'new').rglob('*'))}"
+
+
+def test_a_rejected_train_keeps_an_out_folder_that_existed(tmp_path, capsys):
+    from vpeft.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["train", "--backbone", "test_vit", "--no-pretrained", "--method", "lora", "--opt", "r=-1",
+            "--task", "digits", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    assert out.is_dir(), "a folder the user made stays"
+
+
+def test_overwrite_with_bad_flags_keeps_the_previous_run(tmp_path, capsys):
+    """Flags are checked before --overwrite removes the previous run's files: a typo does not cost the old run."""
+    from vpeft.cli import main
+
+    delta = _toy_lora_run(tmp_path, "run", "--opt", "r=2")
+    before = sorted(p.name for p in delta.parent.iterdir())
+    base = ["train", "--backbone", "test_vit", "--no-pretrained", "--task", "toy", "--data-root",
+            str(tmp_path / "data"), "--img-size", "32", "--quiet", "--method", "lora", "--out", str(delta.parent),
+            "--overwrite"]  # fmt: skip
+    for bad in (["--opt", "r=-1"], ["--lr", "-1e-3"], ["--opt", "colour=red"]):
+        assert main([*base, *bad]) == 2
+        assert sorted(p.name for p in delta.parent.iterdir()) == before, bad
+    capsys.readouterr()

@@ -307,6 +307,44 @@ def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> None:
             (path / name).unlink(missing_ok=True)
 
 
+def check_train_args(args: argparse.Namespace) -> None:
+    """What can be checked of a ``vpeft train`` from its flags alone, before any folder is made: the method's
+    options and the training recipe."""
+    from .config import MethodConfig
+
+    MethodConfig.from_dict(method_from_cli(args.method, args.opt))
+    _train_config(args)
+
+
+def no_empty_out_left(command):
+    """Wrap a command writing into ``args.out``: its flags are checked first (:func:`check_train_args`), and the
+    folders the command creates for ``--out`` (``--out`` and any missing parents) are removed again when it fails
+    while they are still empty, so a rejected invocation leaves nothing behind. A folder that existed stays, and
+    so does one holding files (a diverged run keeps what it wrote)."""
+    import functools
+    from pathlib import Path
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        check_train_args(args)
+        created, path = [], Path(args.out).absolute()
+        while not path.exists() and path != path.parent:
+            created.append(path)  # innermost first
+            path = path.parent
+        try:
+            return command(args)
+        except BaseException:
+            for folder in created:
+                try:
+                    folder.rmdir()  # only an empty folder goes
+                except OSError:
+                    break
+            raise
+
+    return run
+
+
+@no_empty_out_left
 def _cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune, results_table
     from .train.distributed import is_main_process
