@@ -366,3 +366,26 @@ def test_overwrite_with_bad_flags_keeps_the_previous_run(tmp_path, capsys):
         assert main([*base, *bad]) == 2
         assert sorted(p.name for p in delta.parent.iterdir()) == before, bad
     capsys.readouterr()
+
+
+# ---- benchmarks/bench_step.py: what --quick prints ----------------------------------------------------------
+def _bench_step():
+    import importlib
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("bench_step")
+
+
+def test_bench_step_says_more_time_when_slower_and_judges_only_the_full_setting():
+    bs = _bench_step()
+    assert bs.time_change(1.25) == "20.0% less time" and bs.time_change(1 / 1.161) == "16.1% more time"
+    rows = [{"config": "lora_wide", "x_limit": 1.2, "backprop": True, "checks_ok": True}]
+    by = {"lora_wide": {"step_s": 1.161}, "peft_wide": {"step_s": 1.0}}  # vpeft slower than PEFT
+    full = "\n".join(bs.summarise(rows, by, judge=True))
+    assert "(16.1% more time) -> NOT met (>= 1.25x)" in full and "less time" not in full
+    assert "1.200x the limit -> NOT met (<= 1.05x)" in full
+    quick = "\n".join(bs.summarise(rows, by, judge=False))
+    assert "met" not in quick.replace("not judged", "") and "## Targets (not judged: --quick" in quick
+    assert "1.200x the limit (target <= 1.05x)" in quick and "(16.1% more time) (target >= 1.25x)" in quick
