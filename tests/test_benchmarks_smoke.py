@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPTS = {
-    "bench_step.py": ["| forward |", "| limit |", "| lora_wide |", "## Targets"],
+    "bench_step.py": ["| forward |", "| limit |", "| lora_wide |", "## Targets (not judged: --quick"],
     "bench_merge.py": ["| plain backbone |", "| lora |", "| vpt_deep |", "mergeable methods within 1 %"],
     "bench_options.py": ["| vit | lora | baseline |", "| cnn | bitfit | channels_last |", "| checkpointing |"],
     "bench_cache.py": ["| linear probe | pre_logits |", "| partial-1 | 1 |", "cheaper with the cache"],

@@ -258,6 +258,31 @@ def test_every_supported_method_is_covered_and_matches_its_model(tmp_path):
                 check_against_refs(mt(x, ids), refs, x, ids, list(tasks))
 
 
+@pytest.mark.parametrize(
+    "tasks", [["lora_qv", "lora_k"], ["lora_qv", "adapter", "ssf", "linear"]], ids=["lora", "mixed"]
+)
+def test_supported_methods_of_a_backbone_a_multitask_model_holds(tmp_path, tasks):
+    """Asked of a backbone a MultiTaskModel was built on, the answer is the plain backbone's, and neither the
+    backbone nor the model changes (LoRA-only and mixed sets: their layers' base layers are released)."""
+    chosen = {t: TASKS[t] for t in tasks}
+    paths, refs = setup(tmp_path, tasks=chosen)
+    backbone = fresh("vit_cls")
+    plain = supported_methods(backbone)
+    mt = MultiTaskModel.from_deltas(backbone, paths)
+    layers = {n for n, m in backbone.named_modules() if isinstance(m, MultiTaskLayer)}
+    assert layers
+    assert supported_methods(backbone) == plain
+    assert supported_methods(mt.backbone) == plain
+    assert {n for n, m in backbone.named_modules() if isinstance(m, MultiTaskLayer)} == layers
+    ids = torch.tensor([0, 1, 1, 0] + list(range(len(tasks))))
+    x = batch(32, n=len(ids))
+    with torch.inference_mode():
+        check_against_refs(mt(x, ids), refs, x, ids, tasks)
+    plain_backbone = mt.unload()  # the original head is back after unload, the answer unchanged
+    assert supported_methods(plain_backbone) == plain
+    assert isinstance(plain_backbone.head, nn.Linear) and plain_backbone.head.out_features == NUM_CLASSES
+
+
 def test_protocol_is_found_on_the_layer_classes():
     lin = nn.Linear(4, 6)
     assert has_task_delta(LoRALinear(lin, 2, 2.0)) and has_task_delta(ScaleShift(lin))

@@ -8,7 +8,12 @@ Small public API::
     ...train...
     vpeft.save(model, "task.safetensors")      # the delta only
     vpeft.merge(model)                          # zero-overhead inference
+
+The subpackages (``vpeft.train``, ``vpeft.data``, ``vpeft.backbones``, ``vpeft.interop``, ``vpeft.run`` ...) are
+attributes of the package after a plain ``import vpeft``: each is imported on first access.
 """
+
+import importlib
 
 from .api import Report, apply, backbone_name, fingerprint, is_adapted, load, merge, report, save, save_merged, unmerge
 from .config import MethodConfig
@@ -33,6 +38,22 @@ from .methods.vpt import VPTDeepConfig, VPTShallowConfig
 from .multitask import MultiTaskModel, MultiTaskOutput
 from .registry import get_method, list_methods, register_method
 from .version import __version__
+
+# subpackages imported on first attribute access (``vpeft.train.train(...)`` after only ``import vpeft``)
+LAZY_SUBMODULES = frozenset(
+    {"backbones", "bench", "cli", "data", "devices", "interop", "run", "search", "train", "tune"}
+)
+
+
+def __getattr__(name: str):
+    if name in LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | LAZY_SUBMODULES)
+
 
 __all__ = [
     "__version__",

@@ -177,6 +177,43 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
+_ROLE = re.compile(r":(?:\w+:)*(\w+):`(~?)([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """Docstring text as plain help text: a Sphinx role (``:func:`train```, ``:class:`~vpeft.tasks.Task```)
+    becomes the name it refers to (``~``: its last part; ``label <target>``: the label; a function or method
+    gets ``()``), and reST's double backticks around literals are dropped."""
+
+    def role(m: re.Match) -> str:
+        kind, tilde, target = m.groups()
+        if target.endswith(">") and "<" in target:
+            return target[: target.index("<")].strip()
+        name = target.rsplit(".", 1)[-1] if tilde else target
+        return f"{name}()" if kind in ("func", "meth") else name
+
+    return _ROLE.sub(role, text).replace("``", "")
+
+
+_SHOWN = {None: "none", False: "off", True: "on"}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every optional flag's help ends with its default (``none`` / ``off`` / ``on`` for None / False / True),
+    unless its text already says it; required flags have none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.required or action.default is argparse.SUPPRESS:
+            return text
+        value = action.default
+        if isinstance(value, (list, tuple)) and not value:
+            value = None
+        if isinstance(value, bool) or value is None:
+            return f"{text} (default: {_SHOWN[value]})"
+        return f"{text} (default: %(default)s)"
+
+
 def field_help(cls: type) -> dict[str, str]:
     """The ``Attributes:`` section of a dataclass's Google-style docstring: ``{field: one-line help}``."""
     doc = inspect.getdoc(cls) or ""
@@ -197,7 +234,7 @@ def field_help(cls: type) -> dict[str, str]:
             helps[current] += " " + line.strip()
         elif line.strip() and not line.startswith(" "):
             break
-    return {k: v.replace("%", "%%").replace("``", "") for k, v in helps.items()}
+    return {k: plain_text(v).replace("%", "%%") for k, v in helps.items()}
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -270,6 +307,44 @@ def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> None:
             (path / name).unlink(missing_ok=True)
 
 
+def check_train_args(args: argparse.Namespace) -> None:
+    """What can be checked of a ``vpeft train`` from its flags alone, before any folder is made: the method's
+    options and the training recipe."""
+    from .config import MethodConfig
+
+    MethodConfig.from_dict(method_from_cli(args.method, args.opt))
+    _train_config(args)
+
+
+def no_empty_out_left(command):
+    """Wrap a command writing into ``args.out``: its flags are checked first (:func:`check_train_args`), and the
+    folders the command creates for ``--out`` (``--out`` and any missing parents) are removed again when it fails
+    while they are still empty, so a rejected invocation leaves nothing behind. A folder that existed stays, and
+    so does one holding files (a diverged run keeps what it wrote)."""
+    import functools
+    from pathlib import Path
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        check_train_args(args)
+        created, path = [], Path(args.out).absolute()
+        while not path.exists() and path != path.parent:
+            created.append(path)  # innermost first
+            path = path.parent
+        try:
+            return command(args)
+        except BaseException:
+            for folder in created:
+                try:
+                    folder.rmdir()  # only an empty folder goes
+                except OSError:
+                    break
+            raise
+
+    return run
+
+
+@no_empty_out_left
 def _cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune, results_table
     from .train.distributed import is_main_process
@@ -397,6 +472,130 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .run import evaluate_zero_shot
+    from .train.metrics import json_safe, write_json_atomic
+
+    check_img_size(args.img_size)
+    check_device(args.device)
+    if args.out is not None and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give the metrics file's name (e.g. zeroshot.json)")
+    res = json_safe(
+        evaluate_zero_shot(
+            args.backbone,
+            task=args.task,
+            data_root=args.data_root,
+            split=args.split,
+            img_size=args.img_size,
+            pretrained=not args.no_pretrained,
+            task_options=task_options_from_cli(args.task_opt) or None,
+            batch_size=args.batch_size,
+            device=args.device,
+            num_workers=args.workers,
+        )
+    )
+    print(json.dumps(res, indent=2, allow_nan=False))
+    if args.out is not None:
+        write_json_atomic(Path(args.out), res)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _add_zeroshot_parser(sub) -> None:
+    p = sub.add_parser(
+        "zeroshot",
+        help="evaluate a CLIP backbone zero-shot (no training) on a classification task folder",
+        description="Classifies each image of --split among the task's class names (classes.txt) by CLIP's "
+        "image-text similarity, with CoOp's prompt template for the task (--task-opt ensemble=true: CLIP's 80 "
+        "templates), and prints the metrics as JSON.",
+    )
+    p.add_argument(
+        "--backbone", required=True, help="CLIP backbone: open_clip:<model> (e.g. open_clip:ViT-B-16) or hf:<hub id>"
+    )
+    _add_data(p)
+    p.add_argument("--split", default="test", help="split list to evaluate (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
+    p.add_argument(
+        "--task-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="zero-shot task option, repeatable: classes=base|novel, ensemble=true, templates=..., context_length=N",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: %(default)s)")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
+    p.set_defaults(fn=_cmd_zeroshot)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .run import export_peft_delta
+
+    path = export_peft_delta(args.delta, args.out, pad_fused=args.pad_fused)
+    print(f"PEFT adapter written to {path} (load it with peft.PeftModel.from_pretrained(backbone, {str(path)!r}))")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .run import import_peft_delta
+
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give the delta's file name (e.g. delta.safetensors)")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ConfigError(f"--num-classes {args.num_classes} is invalid; expected a positive int")
+    check_img_size(args.img_size)
+    path = import_peft_delta(
+        args.adapter,
+        args.out,
+        backbone=args.backbone,
+        img_size=args.img_size,
+        num_classes=args.num_classes,
+        pretrained=False if args.no_pretrained else None,
+    )
+    print(f"vpeft delta written to {path} (vpeft eval --delta {path} ...)")
+    return 0
+
+
+def _add_interop_parsers(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a LoRA/DoRA delta in another library's format (Hugging Face PEFT)",
+        description="Writes the delta as a Hugging Face PEFT adapter folder (adapter_config.json, "
+        "adapter_model.safetensors): load it with peft.PeftModel.from_pretrained(backbone, OUT) onto the same "
+        "backbone, or back into vpeft with vpeft import.",
+    )
+    p.add_argument("delta", metavar="DELTA", help="a delta file written by vpeft train (method lora or dora)")
+    p.add_argument("--format", required=True, choices=["peft"], help="target format")
+    p.add_argument("--out", required=True, metavar="DIR", help="the adapter folder (created; its files replaced)")
+    p.add_argument(
+        "--pad-fused",
+        action="store_true",
+        help="export q/v-only LoRA of a fused qkv as a LoRA on the whole qkv with zero k rows (same outputs)",
+    )
+    p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        help="turn another library's LoRA/DoRA adapter (Hugging Face PEFT) into a vpeft delta",
+        description="Reads a Hugging Face PEFT LoRA/DoRA adapter folder and writes a vpeft delta file for vpeft "
+        "eval / merge. An adapter written by vpeft export names its backbone, image size and task; for others "
+        "give --backbone (and --img-size, --num-classes where the adapter has no saved head).",
+    )
+    p.add_argument("adapter", metavar="DIR", help="the PEFT adapter folder")
+    p.add_argument("--format", required=True, choices=["peft"], help="source format")
+    p.add_argument("--out", required=True, metavar="DELTA", help="the delta file to write (.safetensors)")
+    p.add_argument("--backbone", default=None, help="backbone name (default: the one a vpeft export names)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the export's, else the backbone's)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: from the saved head)")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
+    p.set_defaults(fn=_cmd_import)
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -444,7 +643,7 @@ def _add_data(p: argparse.ArgumentParser, task_required: bool = True) -> None:
         default=None,
         help="task folder name, e.g. cifar10; 'digits' is exported from scikit-learn",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -457,7 +656,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list the registered methods")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the table as JSON rows")
     p.add_argument("--counts", action="store_true", help="add each default's trainable parameters on ViT-B/16")
     p.set_defaults(fn=_cmd_methods)
 
@@ -475,8 +674,8 @@ def _parser() -> argparse.ArgumentParser:
         help="method option, repeatable (e.g. r=8, targets=q,v; lora.r=8 when composing with +)",
     )
     _add_data(p)
-    p.add_argument("--train-split", default="train800val200")
-    p.add_argument("--eval-split", default="test")
+    p.add_argument("--train-split", default="train800val200", help="split list to train on (a+b joins lists)")
+    p.add_argument("--eval-split", default="test", help="split list evaluated once after training")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
     p.add_argument(
         "--task-kind",
@@ -508,9 +707,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved delta on a split")
-    p.add_argument("--delta", required=True)
+    p.add_argument("--delta", required=True, help="a delta file written by vpeft train")
     _add_data(p, task_required=False)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split list to evaluate")
     p.add_argument("--merged", action="store_true", help="merge before evaluating (mergeable methods)")
     p.add_argument(
         "--save-masks",
@@ -523,28 +722,32 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("merge", help="write the full merged model of a mergeable delta")
-    p.add_argument("--delta", required=True)
+    p.add_argument("--delta", required=True, help="a delta file of a mergeable method (vpeft methods)")
     p.add_argument("--out", required=True, help="output .safetensors (a plain timm state dict)")
     _add_trust_unsigned(p)
     p.set_defaults(fn=_cmd_merge)
 
     p = sub.add_parser("demo", help="offline demo: real DINOv2 ViT-S/14 adapted with several methods on real data")
-    p.add_argument("--methods", default="linear,lora,vpt_deep")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--img-size", type=int, default=112)
-    p.add_argument("--task", default="digits")
+    p.add_argument("--methods", default="linear,lora,vpt_deep", help="comma-separated methods, one run each")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of each run")
+    p.add_argument("--img-size", type=int, default=112, help="input side (a multiple of 14)")
+    p.add_argument("--task", default="digits", help="task folder name under --data-root")
     p.add_argument("--data-root", default=None, help="default: ~/.cache/vpeft/data (digits exported there)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="runs/demo", help="results folder: one sub-folder per method, results.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_demo)
 
     _add_tune_parser(sub)
+    _add_zeroshot_parser(sub)
+    _add_interop_parsers(sub)
 
     from .bench.cli import add_bench_commands  # bench, report
     from .search.cli import add_search_command  # search (NOAH / GLoRA structure search)
 
     add_bench_commands(sub)
     add_search_command(sub)
+    for command in sub.choices.values():  # every option's help shows its default
+        command.formatter_class = HelpFormatter
     return parser
 
 

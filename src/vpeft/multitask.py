@@ -327,16 +327,27 @@ def _strip(name: str) -> str:
     return name.replace(".base_layer", "")
 
 
+def _plain_shell(backbone: nn.Module) -> nn.Module:
+    """A structural copy of ``backbone`` sharing its tensors, its multi-task layers (if a :class:`MultiTaskModel`
+    holds it) replaced by their frozen modules; ``backbone`` itself is untouched."""
+    shared = {id(t): t for t in [*backbone.parameters(), *backbone.buffers()]}
+    shell = copy.deepcopy(backbone, memo=shared)
+    for name, m in reversed(list(shell.named_modules())):  # innermost first
+        if isinstance(m, MultiTaskLayer):
+            set_module(shell, name, m.base_layer)
+    return shell
+
+
 def supported_methods(backbone: nn.Module) -> list[str]:
     """The registered methods whose default configuration can be selected per sample on ``backbone``.
 
     Found by the protocol, not by a list: each method is injected (default config) into a structural copy of the
     backbone that shares its tensors (the backbone itself is not touched) and kept when :func:`_refusal` finds
-    nothing. Any method whose injection fails there (e.g. a missing optional package) is left out.
+    nothing. Any method whose injection fails there (e.g. a missing optional package) is left out. A backbone
+    that a :class:`MultiTaskModel` holds is probed without its multi-task layers (the plain backbone's answer).
     """
-    spec = get_spec(backbone)
-    shared = {id(t): t for t in [*backbone.parameters(), *backbone.buffers()]}
-    shell = copy.deepcopy(backbone, memo=shared)
+    shell = _plain_shell(backbone)
+    spec = get_spec(shell)
     found = []
     for name in list_methods():
         cls = get_method(name)

@@ -44,7 +44,11 @@ __all__ = [
     "RunResult",
     "TaskFolder",
     "evaluate_delta",
+    "evaluate_zero_shot",
+    "check_method_fits_task",
     "merge_delta",
+    "export_peft_delta",
+    "import_peft_delta",
     "open_task",
     "build_backbone",
     "model_from_delta",
@@ -245,6 +249,7 @@ def finetune(
             task_kind = task_kind_for(backbone, task_kind)
             t = folder.task(task_kind, **dict(task_options or {}))
             set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
+            check_method_fits_task(method, t)
             model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained, **t.backbone_kwargs()))
             rep = apply(model, method)
         size = input_size(model, img_size)[-1]  # a task model's backbone decides
@@ -472,11 +477,150 @@ def _check_task_fits(t: Task, folder: TaskFolder, delta: str | os.PathLike, extr
         )
 
 
+def check_method_fits_task(method: MethodConfig | Mapping[str, Any] | str, task: Task) -> None:
+    """Refuse, before anything is built, a linear probe of a task whose model has no head to train: a zero-shot
+    CLIP task classifies by class names, and its ``probe`` option adds the trainable linear head."""
+    if isinstance(method, str):
+        name = method
+    elif isinstance(method, Mapping):
+        name = method.get("method")
+    else:
+        name = getattr(method, "method", None)
+    if name == "linear" and task.kind == "zeroshot" and not getattr(task, "probe", False):
+        raise ConfigError(
+            "method 'linear' trains a classification head, and a zero-shot CLIP task has none (it classifies by "
+            "class names); add the linear-probe head with the task option probe=true (CLI: --task-opt probe=true), "
+            "train a prompt (coop, cocoop, maple) or a tower method instead, or evaluate the CLIP as it is with "
+            "vpeft zeroshot"
+        )
+
+
+def evaluate_zero_shot(
+    backbone: str,
+    *,
+    task: str,
+    data_root: str | os.PathLike | None = None,
+    split: str = "test",
+    img_size: int | None = None,
+    pretrained: bool = True,
+    task_options: Mapping[str, Any] | None = None,
+    batch_size: int = 128,
+    device: str = "cpu",
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Evaluate a CLIP backbone zero-shot (nothing trained) on ``split`` of a classification task folder.
+
+    The class names come from the folder's ``classes.txt``, the prompts from CoOp's template for the task (CLIP's
+    80 templates with ``task_options={"ensemble": True}``); ``task_options`` are the zero-shot task's (``classes``,
+    ``templates``, ``context_length`` ...). Returns ``{backbone, task, split, primary_metric, <metrics>,
+    task_spec}``.
+
+    Raises:
+        ConfigError: ``backbone`` is not a CLIP (``open_clip:<model>``, ``hf:<id>``), or a bad task option.
+    """
+    if not is_clip_name(backbone):
+        raise ConfigError(
+            f"backbone {backbone!r} is not a CLIP; zero-shot evaluation needs a text tower: use 'open_clip:<model>' "
+            "or 'hf:<hub id>'"
+        )
+    folder = open_task(data_root, task)
+    options = dict(task_options or {})
+    if options.get("probe") or options.get("shots"):
+        raise ConfigError(
+            "zero-shot evaluation trains nothing: the task options probe and shots belong to training runs "
+            "(vpeft train --task-opt ...)"
+        )
+    t = folder.task("zeroshot", **options)
+    model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained, **t.backbone_kwargs()))
+    model.requires_grad_(False)
+    model.to(device)
+    size = input_size(model, img_size)[-1]
+    ds = t.dataset(folder.path, split, model, input_size=size)
+    loader = build_dataloader(ds, batch_size, shuffle=False, num_workers=num_workers)
+    metrics = evaluate(model, loader, device, task=t)
+    spec = t.to_dict()
+    return {
+        "backbone": backbone,
+        "pretrained": pretrained,
+        "task": folder.name,
+        "split": split,
+        "img_size": size,
+        "primary_metric": t.primary_metric,
+        **metrics,
+        "task_spec": spec,
+    }
+
+
 def merge_delta(delta: str | os.PathLike, out: str | os.PathLike, *, trust_unsigned: bool = False) -> Path:
     """Write the full merged model (a plain timm state dict) of a mergeable delta."""
     model, _, _ = model_from_delta(delta, trust_unsigned=trust_unsigned)
     merge(model, keep_original=False)
     return save_merged(model, out)
+
+
+def export_peft_delta(delta: str | os.PathLike, out: str | os.PathLike, *, pad_fused: bool = False) -> Path:
+    """Write a LoRA / DoRA classification delta as a Hugging Face PEFT adapter folder
+    (:func:`vpeft.interop.peft.export_peft`), keeping the delta's run information for :func:`import_peft_delta`."""
+    from .interop.peft import export_peft
+
+    model, extra, task = model_from_delta(delta)
+    if task.kind != "classification":
+        raise ConfigError(
+            f"delta {str(delta)!r} is for a {task.kind} task; PEFT export covers classification deltas (a backbone "
+            "and its head)"
+        )
+    return export_peft(model, out, pad_fused=pad_fused, extra=extra)
+
+
+def import_peft_delta(
+    directory: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    backbone: str | None = None,
+    img_size: int | None = None,
+    num_classes: int | None = None,
+    pretrained: bool | None = None,
+) -> Path:
+    """Turn a Hugging Face PEFT LoRA / DoRA adapter folder into a vpeft delta file that ``vpeft eval`` and
+    ``vpeft merge`` read (:func:`vpeft.interop.peft.import_peft` onto a freshly built backbone).
+
+    An adapter written by :func:`export_peft_delta` names its backbone, image size, classes and task; for any
+    other the backbone must be given, and the classes are read from its saved head (``modules_to_save``) unless
+    ``num_classes`` is given. Arguments given override what the adapter says.
+    """
+    from .interop.peft import PREFIX, import_peft, read_peft
+
+    config, tensors, meta = read_peft(directory)
+    try:
+        extra = json.loads(meta.get("vpeft_extra") or "{}")
+    except ValueError:
+        raise CheckpointError(f"PEFT adapter {str(directory)!r}: metadata vpeft_extra is not JSON") from None
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"PEFT adapter {str(directory)!r}: metadata vpeft_extra is not a JSON object")
+    if extra:
+        check_train_extra(extra, str(directory))
+    name = backbone or extra.get("backbone_arg") or meta.get("vpeft_backbone")
+    if not name:
+        raise ConfigError(f"PEFT adapter {str(directory)!r} does not name its backbone; pass --backbone")
+    saved = [f"{PREFIX}{m}.weight" for m in config.get("modules_to_save") or []]
+    heads = [tensors[k] for k in saved if k in tensors]
+    classes = num_classes or extra.get("num_classes") or (int(heads[0].shape[0]) if heads else None)
+    if not classes:
+        raise ConfigError(f"PEFT adapter {str(directory)!r} holds no classification head; pass --num-classes")
+    size = img_size if img_size is not None else extra.get("img_size")
+    pretrained = extra.get("pretrained", True) if pretrained is None else pretrained
+    model = build_backbone(name, classes, size, pretrained)
+    import_peft(model, directory)
+    spec = task_from_dict({"kind": "classification", "num_classes": classes}).to_dict()
+    info = {
+        **{k: v for k, v in extra.items() if k == "task"},
+        "num_classes": classes,
+        "img_size": input_size(model, size)[-1],
+        "backbone_arg": name,
+        "pretrained": pretrained,
+        "task_spec": spec,
+    }
+    return save(model, out, extra=info)
 
 
 # ---- the README's main job ------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "few_shot_split",
     "write_list",
     "read_list",
+    "relative_to_task",
     "base_novel_split",
     "restrict",
     "harmonic_mean",
@@ -75,13 +76,35 @@ def sample_few_shot(samples: Sequence[Sample], shots: int, seed: int, *, strict:
 def write_list(samples: Sequence[Sample], path: str | os.PathLike, task_dir: str | os.PathLike) -> Path:
     """Write ``samples`` as a VTAB list (paths relative to ``task_dir``), atomically; return the path."""
     path, task_dir = Path(path), Path(task_dir)
-    lines = [f"{Path(p).resolve().relative_to(task_dir.resolve()).as_posix()} {y}" for p, y in samples]
+    lines = [f"{relative_to_task(p, task_dir)} {y}" for p, y in samples]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def relative_to_task(image: str | os.PathLike, task_dir: str | os.PathLike) -> str:
+    """``image``'s path relative to ``task_dir`` (POSIX), as a list line names it.
+
+    Read lexically first, so a task whose ``images/`` (or any sub-folder) is a symbolic link to a folder elsewhere
+    keeps its relative names, as the split lists give them; then through the resolved paths (a folder reached
+    through a link on both sides).
+
+    Raises:
+        DataError: ``image`` lies outside ``task_dir`` both ways.
+    """
+    lexical_image, lexical_dir = Path(image).absolute(), Path(task_dir).absolute()
+    if lexical_image.is_relative_to(lexical_dir):
+        return lexical_image.relative_to(lexical_dir).as_posix()
+    real_image, real_dir = Path(image).resolve(), Path(task_dir).resolve()
+    if real_image.is_relative_to(real_dir):
+        return real_image.relative_to(real_dir).as_posix()
+    raise DataError(
+        f"image {str(image)!r} is not inside the task folder {str(task_dir)!r}; a sample list names images "
+        "relative to their task folder"
+    )
 
 
 def read_list(path: str | os.PathLike, task_dir: str | os.PathLike) -> list[Sample]:

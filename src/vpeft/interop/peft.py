@@ -106,8 +106,9 @@ def _fused_error(name: str, slices: list[tuple[int, int]]) -> ConfigError:
         f"PEFT export: vpeft adapts only the output rows {slices} of the fused Linear {name} (e.g. q and v of "
         "timm's fused qkv, with k frozen); PEFT adapts whole modules, so this adaptation has no PEFT equivalent. "
         "Use LoRA targets ['qkv'] (q, k and v: exported as one rank-3r LoRA on qkv), a backbone with separate "
-        "q/k/v Linears (Hugging Face ViT/CLIP), or export_peft(..., pad_fused=True) for a rank-2r LoRA on the "
-        "whole qkv whose k rows are zero (the same outputs, but training it further in PEFT adapts k as well)"
+        "q/k/v Linears (Hugging Face ViT/CLIP), or export_peft(..., pad_fused=True) (vpeft export --pad-fused) "
+        "for a rank-2r LoRA on the whole qkv whose k rows are zero (the same outputs, but training it further in "
+        "PEFT adapts k as well)"
     )
 
 
@@ -174,7 +175,13 @@ def _peft_config(state: Any, layers: Mapping[str, _PeftLayer], head: str) -> dic
     }
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike, *, pad_fused: bool = False) -> Path:
+def export_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    pad_fused: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write the LoRA/DoRA delta of an adapted model as a Hugging Face PEFT adapter directory, atomically.
 
     Load it with ``peft.PeftModel.from_pretrained(backbone, directory)`` onto the same (unadapted) backbone.
@@ -183,6 +190,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, pad_fused: bo
         model: a backbone adapted with vpeft's ``lora`` or ``dora`` (not merged).
         directory: the adapter directory (created; an existing one gets both files replaced).
         pad_fused: export q/v-only adaptation of a fused qkv as a LoRA on the whole qkv with zero k rows.
+        extra: JSON-serialisable run information kept in the weights' metadata (``vpeft_extra``; ``vpeft export``
+            stores the delta's own: backbone argument, image size, task), which ``vpeft import`` reads back.
 
     Raises:
         ConfigError: another method, or q/v-only adaptation of a fused qkv without ``pad_fused``.
@@ -221,6 +230,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, pad_fused: bo
         "vpeft_backbone": state.backbone,
         "vpeft_fingerprint": state.fingerprint,
     }
+    if extra is not None:
+        meta["vpeft_extra"] = json.dumps(dict(extra), sort_keys=True, allow_nan=False)
     path = _write_adapter(Path(directory), config, tensors, meta)
     log.info("exported %d LoRA layers (%s) as a PEFT adapter to %s", len(layers), state.config.method, path)
     return path
