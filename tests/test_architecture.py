@@ -52,37 +52,115 @@ def _imports(name: str, tree: ast.Module):
             for alias in node.names:
                 if alias.name.startswith("vpeft"):
                     yield alias.name, [], node.lineno
+        elif isinstance(node, ast.Call) and _is_import_module(node.func) and node.args:
+            target = _constant_prefix(node.args[0])  # importlib.import_module("vpeft.train") counts as an import
+            if target.startswith("vpeft.") or target == "vpeft":
+                yield target.rstrip("."), [], node.lineno
+
+
+def _is_import_module(func: ast.expr) -> bool:
+    return (isinstance(func, ast.Attribute) and func.attr == "import_module") or (
+        isinstance(func, ast.Name) and func.id in ("import_module", "__import__")
+    )
+
+
+def _constant_prefix(arg: ast.expr) -> str:
+    """The literal part of a module name: "vpeft.train" or f"vpeft.{x}" -> "vpeft." (a package's own lazy
+    imports, ``f"{__name__}.{name}"``, have no literal vpeft prefix and are not counted)."""
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        return str(arg.values[0].value)
+    return ""
+
+
+def _module_aliases(name: str, tree: ast.Module) -> dict[str, str]:
+    """Local names bound to vpeft modules: ``from .. import state as st`` -> {"st": "vpeft.state"},
+    ``import vpeft.train as t`` -> {"t": "vpeft.train"}, ``import vpeft.x`` -> {"vpeft": "vpeft"}."""
+    is_pkg = MODULES[name][0].name == "__init__.py"
+    out: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(name, is_pkg, node)
+            for alias in node.names:
+                full = f"{target}.{alias.name}"
+                if full in MODULES:
+                    out[alias.asname or alias.name] = full
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("vpeft"):
+                    out[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else "vpeft"
+    return out
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``a.b.c`` of an attribute chain on a name, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([node.id, *reversed(parts)])
 
 
 def _is_module(name: str) -> bool:
     return name in MODULES
 
 
-def test_no_private_names_across_modules():
+def private_names_across_modules(modules) -> list[str]:
     bad = []
-    for name, (path, tree) in MODULES.items():
-        aliases: dict[str, str] = {}
+    for name, (path, tree) in modules.items():
+        where = path.relative_to(SRC.parent)
         for target, names, line in _imports(name, tree):
             for imported in names:
-                full = f"{target}.{imported}"
-                if _is_module(full):
-                    aliases[imported] = full
+                if _is_module(f"{target}.{imported}"):
                     continue
                 if imported.startswith("_") and not imported.startswith("__") and target != name:
-                    bad.append(f"{path.relative_to(SRC.parent)}:{line}: from {target} import {imported}")
+                    bad.append(f"{where}:{line}: from {target} import {imported}")
+        aliases = _module_aliases(name, tree)
         for node in ast.walk(tree):
-            if (
-                isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name)
-                and node.value.id in aliases
-                and node.attr.startswith("_")
-                and not node.attr.startswith("__")
-            ):
-                bad.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: {node.value.id}.{node.attr}")
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+                continue
+            owner = _dotted(node.value)  # st._x (st an alias of vpeft.state), vpeft.state._x, vpeft.x.y._z
+            if owner is None:
+                continue
+            head, _, rest = owner.partition(".")
+            module = aliases.get(head)
+            if module is not None:
+                full = f"{module}.{rest}" if rest else module
+                if full in MODULES and full != name:
+                    bad.append(f"{where}:{node.lineno}: {owner}.{node.attr}")
         for node in ast.walk(tree):  # the state attribute is read through vpeft.state only
-            if isinstance(node, ast.Constant) and node.value == "_vpeft_state" and name != "vpeft.state":
-                bad.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: the string '_vpeft_state'")
+            if name == "vpeft.state":
+                break
+            if isinstance(node, ast.Constant) and node.value == "_vpeft_state":
+                bad.append(f"{where}:{node.lineno}: the string '_vpeft_state'")
+            if isinstance(node, ast.Attribute) and node.attr == "_vpeft_state":
+                bad.append(f"{where}:{node.lineno}: the attribute ._vpeft_state")
+    return bad
+
+
+def test_no_private_names_across_modules():
+    bad = private_names_across_modules(MODULES)
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+PLANTED_PRIVATE = {
+    "alias": ("from . import state as st\nx = st._helper", "st._helper"),
+    "dotted": ("import vpeft.state\nx = vpeft.state._helper", "vpeft.state._helper"),
+    "state attribute": ("def f(model):\n    return model._vpeft_state", "._vpeft_state"),
+    "state string": ("def f(model):\n    return getattr(model, '_vpeft_state')", "'_vpeft_state'"),
+    "from-import": ("from .state import _helper", "import _helper"),
+}
+
+
+@pytest.mark.parametrize("case", PLANTED_PRIVATE, ids=list(PLANTED_PRIVATE))
+def test_the_private_name_rule_catches_a_planted_violation(case, monkeypatch):
+    source, expected = PLANTED_PRIVATE[case]
+    monkeypatch.setitem(MODULES, "vpeft.planted", (SRC / "planted.py", ast.parse(source)))
+    bad = private_names_across_modules(MODULES)
+    assert any(expected in line and "planted.py" in line for line in bad), bad
 
 
 # (importing package prefix, forbidden imported prefixes)
@@ -116,6 +194,27 @@ RULES = [
     ("vpeft.config", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api", "vpeft.methods")),
     ("vpeft.registry", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api")),
     ("vpeft.run", ("vpeft.cli", "vpeft.bench", "vpeft.search", "vpeft.tune")),
+    # the leaves everything may import import nothing of vpeft above them
+    ("vpeft.errors", ("vpeft",)),
+    ("vpeft.version", ("vpeft",)),
+    ("vpeft.config", ("vpeft.registry",)),  # configs register through their class, never the registry
+    ("vpeft.state", ("vpeft.methods",)),
+    (
+        "vpeft.backbones",
+        (
+            "vpeft.api",
+            "vpeft.methods",
+            "vpeft.train",
+            "vpeft.tasks",
+            "vpeft.run",
+            "vpeft.cli",
+            "vpeft.bench",
+            "vpeft.search",
+            "vpeft.tune",
+        ),
+    ),
+    ("vpeft.bench", ("vpeft.cli",)),
+    ("vpeft.search", ("vpeft.cli",)),
     ("vpeft.tune", ("vpeft.cli", "vpeft.bench", "vpeft.search")),
 ]
 
@@ -124,16 +223,35 @@ def _under(module: str, prefix: str) -> bool:
     return module == prefix or module.startswith(prefix + ".")
 
 
-@pytest.mark.parametrize("importer,forbidden", RULES, ids=[r[0] for r in RULES])
-def test_layering(importer, forbidden):
-    bad = [
-        f"{MODULES[name][0].relative_to(SRC.parent)}:{line}: imports {target}"
-        for name, (_, tree) in MODULES.items()
+def layering_violations(modules, importer: str, forbidden) -> list[str]:
+    return [
+        f"{modules[name][0].relative_to(SRC.parent)}:{line}: imports {target}"
+        for name, (_, tree) in modules.items()
         if _under(name, importer)
         for target, _, line in _imports(name, tree)
         if any(_under(target, f) for f in forbidden)
     ]
+
+
+@pytest.mark.parametrize("importer,forbidden", RULES, ids=[r[0] for r in RULES])
+def test_layering(importer, forbidden):
+    bad = layering_violations(MODULES, importer, forbidden)
     assert not bad, f"{importer} must not import {', '.join(forbidden)}:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import importlib\ntrain = importlib.import_module('vpeft.train')",
+        "from importlib import import_module\nrun = import_module(f'vpeft.run')",
+        "def f():\n    from vpeft.bench import runner",
+        "import vpeft.cli as c",
+    ],
+)
+def test_the_layering_rule_catches_a_planted_import(source, monkeypatch):
+    monkeypatch.setitem(MODULES, "vpeft.methods.planted", (SRC / "methods" / "planted.py", ast.parse(source)))
+    forbidden = dict(RULES)["vpeft.methods"]
+    assert layering_violations(MODULES, "vpeft.methods", forbidden), source
 
 
 def _graph() -> dict[str, set[str]]:
@@ -250,7 +368,6 @@ def test_no_library_private_attributes():
         "import torch as t\nv = t.nn.modules.batchnorm._BatchNorm",
     ],
 )
-def test_the_library_private_rule_catches_a_planted_use(planted):
-    planted_tree = ast.parse(planted)
-    modules = {**MODULES, "vpeft.planted": (SRC / "planted.py", planted_tree)}
-    assert library_private_uses(modules), planted
+def test_the_library_private_rule_catches_a_planted_use(planted, monkeypatch):
+    monkeypatch.setitem(MODULES, "vpeft.planted", (SRC / "planted.py", ast.parse(planted)))
+    assert library_private_uses(MODULES), planted

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -25,7 +25,15 @@ from .layers.base import Wrapper
 if TYPE_CHECKING:  # typing only: the state module sits below methods and arch in the import graph
     from .arch import ArchSpec
     from .config import MethodConfig
-    from .methods.base import Method
+
+
+class Method(Protocol):
+    """What the state needs of a method (:class:`vpeft.methods.base.Method` implements it): the backbone parameters
+    it trains, and whether its deltas carry buffers. Declared here so the state never imports the methods."""
+
+    saves_buffers: bool
+
+    def select(self, model: nn.Module, spec: ArchSpec) -> list[str]: ...
 
 __all__ = [
     "MergeRecord",
