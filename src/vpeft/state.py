@@ -35,6 +35,7 @@ class Method(Protocol):
 
     def select(self, model: nn.Module, spec: ArchSpec) -> list[str]: ...
 
+
 __all__ = [
     "MergeRecord",
     "ModelState",
