@@ -481,3 +481,17 @@ def test_linear_probe_starts_as_zero_shot_and_trains_only_its_classifier(tmp_pat
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def test_every_prompt_learner_implements_the_declared_prompt_slot_protocol():
+    """The ``prompt`` slot's protocol (vpeft.layers.prompt_slot.PromptSlot) is declared once; the default template
+    prompt and every prompt learner implement it, and the learners share ContextPrompt from the layer module."""
+    from vpeft.backbones.clip import TemplatePrompt, tiny_open_clip
+    from vpeft.layers.prompt_slot import ContextPrompt, PromptSlot
+
+    assert isinstance(TemplatePrompt(), PromptSlot)
+    for method, options in (("coop", {}), ("cocoop", {}), ("maple", {"depth": 2})):
+        clip = tiny_open_clip()
+        vpeft.apply(clip, method, **options)
+        assert isinstance(clip.prompt, PromptSlot) and isinstance(clip.prompt, ContextPrompt), method
+    assert not isinstance(torch.nn.Linear(2, 2), PromptSlot)  # the check is not vacuous

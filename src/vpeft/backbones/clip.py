@@ -169,7 +169,8 @@ class OpenClipTextTower(nn.Module):
 class TemplatePrompt(nn.Module):
     """The ``prompt`` slot's default: class names in hand-written templates, ensembled (CLIP, Sec. 3.1.4).
 
-    Every prompt learner (CoOp, CoCoOp, MaPLe) wraps this slot and implements the same two calls.
+    It implements :class:`vpeft.layers.prompt_slot.PromptSlot`, the protocol of the slot; every prompt learner
+    (CoOp, CoCoOp, MaPLe) wraps this slot and implements the same protocol.
     """
 
     conditional = False  # text features depend on the image (CoCoOp)

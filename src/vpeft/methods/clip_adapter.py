@@ -21,7 +21,7 @@ from ..config import MethodConfig, check_float, check_int
 from ..layers import Wrapper
 from ..registry import register_method
 from .base import ADDITION, Method
-from .coop import check_clip
+from .towers import check_clip
 
 
 class FeatureAdapter(Wrapper):

@@ -25,9 +25,10 @@ from .._modules import set_module
 from ..arch import ArchSpec
 from ..config import MethodConfig, check_int
 from ..errors import ConfigError, UnsupportedBackboneError
+from ..layers.prompt_slot import MAX_CONTEXT, ContextPrompt, init_context
 from ..registry import register_method
 from .base import ADDITION, Method
-from .coop import MAX_CONTEXT, ContextPrompt, check_clip, init_context
+from .towers import check_clip
 
 
 class MultiModalPrompt(ContextPrompt):

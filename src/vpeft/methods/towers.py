@@ -21,13 +21,16 @@ from typing import Any
 from torch import nn
 
 from ..arch import ArchSpec, get_spec
+from ..arch.clip import is_clip_spec
 from ..config import MethodConfig
 from ..errors import ConfigError, UnsupportedBackboneError
+from ..layers import Wrapper
 from ..registry import get_method, register_method
 from .base import UNIFIED, Method
 from .lora import LoRAConfig
 
 __all__ = [
+    "check_clip",
     "TowersConfig",
     "Towers",
     "per_tower",
@@ -37,6 +40,19 @@ __all__ = [
     "inject_tower",
     "CLIP_METHODS",
 ]
+
+
+def check_clip(method: Method, model: nn.Module, spec: ArchSpec, slot: str = "prompt") -> None:
+    """Raise unless ``model`` is a two-tower CLIP whose ``slot`` is free."""
+    if not is_clip_spec(spec):
+        raise UnsupportedBackboneError(
+            f"{method.name} learns CLIP prompts and needs a two-tower CLIP backbone (vpeft.backbones.clip.create); "
+            f"{spec.arch} has no text tower"
+        )
+    current = getattr(model, slot)
+    if isinstance(current, Wrapper):
+        raise ConfigError(f"{method.name}: the backbone's {slot} slot already holds {type(current).__name__}")
+
 
 TOWERS = ("image", "text")
 #: registered methods that need a two-tower CLIP backbone (their ViT-B/16 counts: tests/test_clip_counts.py)
