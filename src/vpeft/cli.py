@@ -494,7 +494,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the killed run in --out from its last checkpoint (same flags); from scratch if it has none",
+        help="continue the killed run in --out from its last checkpoint (same flags: any difference, --epochs "
+        "included, is refused naming it); from scratch if it has none; a finished run is refused",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_train)

@@ -39,6 +39,8 @@ from .version import __version__
 
 __all__ = [
     "finetune",
+    "check_resumable",
+    "resume_identity",
     "task_kind_for",
     "RunResult",
     "TaskFolder",
@@ -235,6 +237,7 @@ def finetune(
     as the global batch, the final evaluation is sharded over the processes, and only rank 0 logs and writes
     files; the others wait for it at a barrier, then return the same result (without ``delta_bytes``).
     """
+    check_resumable(out_dir, resume)
     with session(device) as ctx:  # None in a single-process run
         cfg = train_cfg or TrainConfig()
         main = ctx is None or ctx.is_main
@@ -273,6 +276,8 @@ def finetune(
         )
         cache_time = time.perf_counter() - start
         identity = _run_identity(out, method, task, backbone, run_id, resume)
+        splits = {"train": train_split, "eval": eval_split, "val": val_split}
+        same_run = resume_identity(model, folder, t, backbone, pretrained, size, splits, task_options)
         result = train(
             trained,
             loader,
@@ -285,6 +290,7 @@ def finetune(
             task=t,
             resume=resume,
             run=identity,
+            identity=same_run,
         )
         train_time = cache_time + result.total_time_s  # a resumed run counts the epochs before the crash too
         spec = t.to_dict()
@@ -331,6 +337,56 @@ def finetune(
             write_json_atomic(out / "result.json", {"run": identity, **run.to_dict()})
             (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # the run is complete: its delta and result are written
         return run
+
+
+def check_resumable(out_dir: str | os.PathLike | None, resume: bool) -> None:
+    """Refuse ``resume`` on a finished run folder (``result.json`` written, its checkpoint removed): resuming it
+    would train again from scratch and replace the finished run."""
+    if not resume or out_dir is None:
+        return
+    out = Path(out_dir)
+    if (out / "result.json").is_file() and not (out / CHECKPOINT_NAME).is_file():
+        raise ConfigError(
+            f"--out {str(out)!r} holds a finished run (result.json, no {CHECKPOINT_NAME}): there is nothing to "
+            "resume; pass --overwrite instead of --resume to train it again"
+        )
+
+
+def list_files_digest(folder: Path) -> str:
+    """SHA-256 over the names and bytes of the task folder's list files (every top-level ``*.txt``: split lists,
+    ``classes.txt``): a changed split or label list changes it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.txt")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def resume_identity(
+    model: nn.Module,
+    folder: TaskFolder,
+    task: Task,
+    backbone: str,
+    pretrained: bool,
+    img_size: int,
+    splits: Mapping[str, str | None],
+    task_options: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """What makes a run this run besides its training config: stored in its checkpoints, checked on resume."""
+    state = state_of(model)
+    return {
+        "backbone": backbone,
+        "pretrained": pretrained,
+        "weights_fingerprint": state.fingerprint,
+        "task_folder": str(folder.path.resolve()),
+        "task_lists_sha256": list_files_digest(folder.path),
+        "task": task.to_dict(),
+        "task_options": dict(task_options or {}),
+        "splits": dict(splits),
+        "img_size": img_size,
+        "method": state.config.to_dict(),
+    }
 
 
 def task_kind_for(backbone: str, task_kind: str | None = None) -> str | None:
