@@ -99,6 +99,7 @@ RULES = [
     ("vpeft.registry", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api")),
     ("vpeft.run", ("vpeft.cli", "vpeft.bench", "vpeft.search", "vpeft.tune")),
     ("vpeft.tune", ("vpeft.cli", "vpeft.bench", "vpeft.search")),
+    ("vpeft.files", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api", "vpeft.data", "vpeft.state")),
 ]
 
 

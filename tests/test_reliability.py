@@ -610,6 +610,69 @@ def test_one_writer_per_results_folder(tmp_path, tiny_root, capsys):
     assert run_bench(d, out, workers=0, progress=False).ok == 1
 
 
+LOCK_HOLDER = Path(__file__).with_name("lock_holder.py")
+
+
+def _hold_lock(folder: Path, command: str, seconds: float = 600) -> subprocess.Popen:
+    """A second real process holding ``folder``'s lock (see tests/lock_holder.py), once it says so."""
+    proc = subprocess.Popen([sys.executable, str(LOCK_HOLDER), str(folder), command, str(seconds)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _vpeft(*argv: str) -> subprocess.CompletedProcess:
+    """``vpeft ARGV`` as a real process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vpeft.cli", *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_one_writer_per_output_folder(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    holder = _hold_lock(out, "vpeft train")  # another process owns the empty --out
+    try:
+        assert _train(data_root, out) == 2  # refused at the lock, before the emptiness check would pass
+        err = _one_line_error(capsys)
+        assert f"--out {out} is in use by another vpeft train (pid {holder.pid} on " in err, err
+        assert [p.name for p in out.iterdir()] == [".vpeft.lock"]  # nothing of a run was written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _train(data_root, out) == 0  # the kernel freed the killed holder's lock; its stale file is no content
+    finished = sorted(p.name for p in out.iterdir())
+    assert finished == ["delta.safetensors", "metrics.json", "result.json"]  # released: no lock file left
+    result = (out / "result.json").read_bytes()
+    from vpeft.files import folder_lock
+
+    with folder_lock(out, "vpeft train", what="--out"):  # this process writes it: a real `vpeft train` is refused
+        proc = _vpeft(
+            "train", "--backbone", "test_vit", "--no-pretrained", "--method", "linear", "--task", "digits",
+            "--data-root", str(data_root), "--img-size", "32", "--out", str(out), "--overwrite", "--quiet",
+        )  # fmt: skip
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert f"is in use by another vpeft train (pid {os.getpid()} on " in err, err  # not "not empty": lock first
+    assert (out / "result.json").read_bytes() == result, "--overwrite did not touch a folder another process holds"
+
+
+def test_eval_and_merge_take_the_lock_of_what_they_write(tmp_path, delta, data_root, capsys):
+    from vpeft.files import folder_lock
+
+    masks = tmp_path / "masks"
+    with folder_lock(masks, "vpeft eval"):
+        argv = ["eval", "--delta", str(delta), "--data-root", str(data_root), "--save-masks", str(masks)]
+        assert main(argv) == 2
+    assert f"--save-masks {masks} is in use by another vpeft eval (pid {os.getpid()}" in _one_line_error(capsys)
+    merged = tmp_path / "merged.safetensors"
+    with folder_lock(tmp_path, "vpeft merge", name=".vpeft.merged.safetensors.lock"):
+        assert main(["merge", "--delta", str(delta), "--out", str(merged)]) == 2
+    assert f"is in use by another vpeft merge (pid {os.getpid()}" in _one_line_error(capsys)
+    assert not merged.exists()
+    assert main(["merge", "--delta", str(delta), "--out", str(merged)]) == 0 and merged.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".vpeft")) == []
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

@@ -247,6 +247,8 @@ def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> None:
     import tempfile
     from pathlib import Path
 
+    from .files import is_lock_file
+
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out!r} is a file, not a folder; choose a folder for the run's files")
@@ -256,7 +258,7 @@ def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"--out {out!r} is not writable ({exc.strerror or exc}); choose another folder") from None
-    present = sorted(p.name for p in path.iterdir())
+    present = sorted(p.name for p in path.iterdir() if not is_lock_file(p.name))
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume exclude each other: replace the run in --out, or continue it")
     if present and not overwrite and not resume:
@@ -270,6 +272,19 @@ def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> None:
             (path / name).unlink(missing_ok=True)
 
 
+def writer_lock(folder: str, command: str, what: str = "--out", name: str | None = None):
+    """The lock making this process the one writer of ``folder`` (:func:`vpeft.files.folder_lock`), taken before
+    the folder is checked and held until the command ends; under torchrun only rank 0 takes it."""
+    import contextlib
+
+    from .files import LOCK_NAME, folder_lock
+    from .train.distributed import is_main_process
+
+    if not is_main_process():
+        return contextlib.nullcontext()
+    return folder_lock(folder, f"vpeft {command}", what=what, name=name or LOCK_NAME)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune, results_table
     from .train.distributed import is_main_process
@@ -277,9 +292,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     method = method_from_cli(args.method, args.opt)
     check_img_size(args.img_size)
     check_device(args.device)
-    if is_main_process():  # under torchrun rank 0 alone owns the folder
-        check_out_dir(args.out, args.overwrite, args.resume)
-    rec = _finetune_from_args(args, method, finetune)
+    with writer_lock(args.out, "train"):
+        if is_main_process():  # under torchrun rank 0 alone owns the folder
+            check_out_dir(args.out, args.overwrite, args.resume)
+        rec = _finetune_from_args(args, method, finetune)
     if is_main_process():
         print(results_table([rec]))
         print(f"delta and results written to {args.out}")
@@ -374,16 +390,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.metrics import json_safe
 
     check_device(args.device)
-    res = evaluate_delta(
-        args.delta,
-        task=args.task,
-        data_root=args.data_root,
-        split=args.split,
-        device=args.device,
-        merged=args.merged,
-        save_predictions=args.save_masks,
-        max_predictions=args.max_masks,
-    )
+    import contextlib
+
+    with writer_lock(args.save_masks, "eval", "--save-masks") if args.save_masks else contextlib.nullcontext():
+        res = evaluate_delta(
+            args.delta,
+            task=args.task,
+            data_root=args.data_root,
+            split=args.split,
+            device=args.device,
+            merged=args.merged,
+            save_predictions=args.save_masks,
+            max_predictions=args.max_masks,
+        )
     print(json.dumps(json_safe(res), indent=2, allow_nan=False))
     return 0
 
@@ -395,7 +414,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder; give the merged model's file name (e.g. model.safetensors)")
-    path = merge_delta(args.delta, args.out)
+    target = Path(args.out).absolute()
+    with writer_lock(str(target.parent), "merge", "--out folder", name=f".vpeft.{target.name}.lock"):
+        path = merge_delta(args.delta, args.out)
     print(f"merged model written to {path}")
     return 0
 
@@ -632,7 +653,11 @@ def _kept(out: str | None) -> str:
     """Which files of a diverged run stay in ``out`` (none are removed)."""
     from pathlib import Path
 
-    files = sorted(p.name for p in Path(out).iterdir()) if out and Path(out).is_dir() else []
+    from .files import is_lock_file
+
+    if not out or not Path(out).is_dir():
+        return ""
+    files = sorted(p.name for p in Path(out).iterdir() if not is_lock_file(p.name))
     return f"; kept in {out}: {', '.join(files)}" if files else ""
 
 
