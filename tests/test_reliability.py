@@ -4,6 +4,7 @@ cases (see the README's Reliability section)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -494,6 +495,67 @@ def test_out_folder_is_not_overwritten_silently_and_files_name_their_run(tmp_pat
     assert json.loads((out / "result.json").read_text())["run"] == result["run"], "untouched"
     assert _train(data_root, out, "--overwrite") == 0
     assert json.loads((out / "result.json").read_text())["run"]["run_id"] != result["run"]["run_id"]
+
+
+# ---- disk errors: one line naming the file and the reason, the last good checkpoint kept, no temporary files --------
+def _fail_checkpoint_at(epoch: int, code: int):
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == epoch:
+            raise OSError(code, os.strerror(code))
+        return real(obj, f, *a, **k)
+
+    return save
+
+
+def _fail_replace_of(name: str, code: int):
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(dst).name == name:
+            raise OSError(code, os.strerror(code), str(src))
+        return real(src, dst, *a, **k)
+
+    return replace
+
+
+def _delta_disk_full(*a, **k):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize(
+    "target,patch,code,status",
+    [
+        ("checkpoint.pt", lambda mp: mp.setattr(torch, "save", _fail_checkpoint_at(2, errno.ENOSPC)), "ENOSPC", 3),
+        ("metrics.json", lambda mp: mp.setattr(os, "replace", _fail_replace_of("metrics.json", errno.EDQUOT)),
+         "EDQUOT", 2),
+        ("delta.safetensors", lambda mp: mp.setattr("safetensors.torch.save_file", _delta_disk_full), "ENOSPC", 3),
+        ("result.json", lambda mp: mp.setattr(os, "replace", _fail_replace_of("result.json", errno.EACCES)),
+         "EACCES", 3),
+    ],
+)  # fmt: skip
+def test_disk_errors_are_one_line_and_keep_the_last_checkpoint(tmp_path, data_root, capsys, monkeypatch, target,
+                                                               patch, code, status):  # fmt: skip
+    out = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        patch(mp)
+        assert _train(data_root, out, "--epochs", "3") == status
+    err = _one_line_error(capsys)
+    reason = os.strerror(getattr(errno, code))
+    assert f"vpeft train: error: cannot write '{out / target}': {reason}" in err, err
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")], "no temporary file is left"
+    assert not (out / "result.json").exists()
+    if status == 2:  # failed before a checkpoint existed: nothing to resume
+        assert not (out / "checkpoint.pt").exists()
+        return
+    assert "--resume" in err
+    kept = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert kept["epoch"] == (1 if target == "checkpoint.pt" else 3)  # the last good checkpoint
+    assert _train(data_root, out, "--epochs", "3", "--resume") == 0  # and the run completes from it
+    assert (out / "result.json").is_file() and not (out / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize(

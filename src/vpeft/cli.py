@@ -229,7 +229,8 @@ RUN_FILES = ("delta.safetensors", "metrics.json", "result.json", "checkpoint.pt"
 """What ``vpeft train`` writes into ``--out`` (``--overwrite`` removes these first)."""
 
 EXIT_DIVERGED = 3
-"""Exit status of a training run whose loss became NaN/inf (bad input exits 2)."""
+"""Exit status of a training run that failed after it trained, its files kept: the loss became NaN/inf, or a write
+failed (disk full, read-only, no permission, quota) with a checkpoint kept to resume from (bad input exits 2)."""
 
 
 def check_img_size(img_size: int | None) -> None:
@@ -631,7 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vpeft`` command; returns the exit code.
 
     Bad input exits with status 2 and a one-line error naming the value (and the valid choices); a training run
-    whose loss became NaN/inf exits with status 3 (:data:`EXIT_DIVERGED`), keeping the files written so far.
+    whose loss became NaN/inf exits with status 3 (:data:`EXIT_DIVERGED`), keeping the files written so far. A
+    failed write (disk full, read-only file system, permission, quota) is one line naming the file and the reason:
+    status 3 when ``vpeft train`` keeps a checkpoint to ``--resume`` from, else 2.
     """
     argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -640,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.fn(args)
+    except OSError as exc:  # vpeft.files.WriteError (a VpeftError too) or an I/O error of a library call
+        return _io_failed(args, exc)
     except VpeftError as exc:
         print(f"vpeft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -647,6 +652,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         kept = _kept(getattr(args, "out", None))
         print(f"vpeft {args.command}: error: training diverged: {_one_line(exc)}{kept}", file=sys.stderr)
         return EXIT_DIVERGED
+
+
+def _io_failed(args: argparse.Namespace, exc: OSError) -> int:
+    """Print the one-line error of a failed read or write; 3 if ``vpeft train`` kept a checkpoint, else 2."""
+    from pathlib import Path
+
+    from .train.checkpoint import CHECKPOINT_NAME
+
+    out = getattr(args, "out", None)
+    resumable = args.command == "train" and out is not None and (Path(out) / CHECKPOINT_NAME).is_file()
+    hint = "; free space or fix the folder, then run again with --resume" if resumable else ""
+    print(f"vpeft {args.command}: error: {_one_line(exc)}{_kept(out) if resumable else ''}{hint}", file=sys.stderr)
+    return EXIT_DIVERGED if resumable else 2
 
 
 def _kept(out: str | None) -> str:

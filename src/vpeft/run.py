@@ -28,6 +28,7 @@ from .data import (
     ensure_digits_task,
 )
 from .errors import CheckpointError, ConfigError, DataError
+from .files import writing
 from .state import state_of
 from .tasks import Task, task_for_folder, task_from_dict
 from .train import TrainConfig, evaluate, set_seed, train
@@ -304,7 +305,8 @@ def finetune(
                 "pretrained": pretrained,
                 "task_spec": spec,
             }
-            save(model, out / "delta.safetensors", extra=extra)
+            with writing(out / "delta.safetensors"):  # disk full, read-only ...: one line naming the file
+                save(model, out / "delta.safetensors", extra=extra)
             delta_bytes = (out / "delta.safetensors").stat().st_size
         start = time.perf_counter()
         eval_loader = build_dataloader(eval_ds, 2 * cfg.batch_size, shuffle=False, num_workers=num_workers)
@@ -554,7 +556,8 @@ def merge_delta(delta: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the full merged model (a plain timm state dict) of a mergeable delta."""
     model, _, _ = model_from_delta(delta)
     merge(model, keep_original=False)
-    return save_merged(model, out)
+    with writing(out):
+        return save_merged(model, out)
 
 
 # ---- the README's main job ------------------------------------------------------------------------------------

@@ -16,9 +16,7 @@ The file is read with ``torch.load(weights_only=True)``: tensors and plain conta
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 
 from vpeft.errors import CheckpointError, ConfigError
+from vpeft.files import atomic_write
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -81,18 +80,45 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+    """Write ``payload`` to ``path`` atomically (:func:`vpeft.files.atomic_write`: temporary file in the same
+    folder, fsync, ``os.replace``); a failed write (disk full ...) is a :class:`~vpeft.files.WriteError` and leaves
+    the previous checkpoint as it was."""
+    data = {"format_version": FORMAT_VERSION, **payload}
+    atomic_write(path, lambda tmp: _save(data, tmp))
+
+
+class _Recorded:
+    """A file torch.save writes through, keeping the ``OSError`` a write raised (torch turns it into a
+    ``RuntimeError`` that no longer says what failed)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
+def _save(obj: dict[str, Any], tmp: Path) -> None:
+    with open(tmp, "wb") as raw:
+        f = _Recorded(raw)
+        try:
+            torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        except Exception:
+            if f.error is not None:
+                raise f.error from None
+            raise
 
 
 class ResumeMismatchError(ConfigError):
