@@ -314,6 +314,45 @@ def test_failed_json_write_keeps_the_old_file(tmp_path):
     assert json.loads(path.read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_get_the_umask_mode_and_the_rename_is_fsynced(tmp_path, monkeypatch, umask, mode):
+    """mkstemp creates 0600 files; every writer gives them the mode a plain open() would (0666 minus the umask)."""
+    import stat
+
+    from vpeft.bench.records import write_record, write_text_atomic
+    from vpeft.data.fewshot import write_list
+    from vpeft.data.segmentation import save_overlay
+    from vpeft.files import atomic_write
+    from vpeft.train.checkpoint import write_checkpoint
+
+    synced_dirs = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced_dirs.append(fd)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    (tmp_path / "img.png").write_bytes(b"")
+    old = os.umask(umask)
+    try:
+        written = [
+            (write_json_atomic(tmp_path / "metrics.json", {"a": 1}), tmp_path / "metrics.json")[1],
+            (write_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1}), tmp_path / "checkpoint.pt")[1],
+            write_text_atomic(tmp_path / "leaderboard.md", "# x\n"),
+            (write_record(tmp_path / "record.json", {"run_id": "x"}), tmp_path / "record.json")[1],
+            write_list([(tmp_path / "img.png", 0)], tmp_path / "train16shot.txt", tmp_path),
+            save_overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int64), tmp_path / "mask.png"),
+            atomic_write(tmp_path / "delta.bin", lambda tmp: tmp.write_bytes(b"x")),
+        ]
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert modes == {p.name: oct(mode) for p in written}
+    assert len(synced_dirs) >= len(written), "the folder is fsynced after each rename"
+
+
 # ---- 6. fuzz: delta files ---------------------------------------------------------------------------------------
 def _outcome(path: Path, original: tuple[dict, dict]) -> str:
     """'error' (CheckpointError), 'same' (loads, and header and tensors equal the original's: the mutation changed

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch.utils.data import Dataset
 
 from vpeft.data.transforms import resolve_input_size
 from vpeft.errors import ConfigError, DataError, suggest
+from vpeft.files import atomic_write
 
 __all__ = [
     "SEG_SPLITS",
@@ -448,15 +448,4 @@ def save_overlay(
     out = rgb.astype(np.float32)
     out[coloured] = (1.0 - alpha) * out[coloured] + alpha * colours[m[coloured]]
     result = Image.fromarray((out + 0.5).clip(0, 255).astype(np.uint8))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            result.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates the file private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: result.save(tmp, format="PNG"))

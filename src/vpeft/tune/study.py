@@ -38,7 +38,7 @@ from typing import Any
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from ..files import folder_lock
+from ..files import atomic_write, folder_lock
 from ..train import TrainConfig
 from ..train.metrics import write_json_atomic
 from .space import SearchSpace
@@ -377,9 +377,7 @@ def _plots(study: Any, out: Path) -> list[str]:
             log.info("no %s plot: %s", name, exc)
             continue
         path = folder / f"{name}.html"
-        tmp = folder / f".{name}.html.tmp"
-        fig.write_html(str(tmp), include_plotlyjs="directory")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp, fig=fig: fig.write_html(str(tmp), include_plotlyjs="directory"))
         written.append(str(path.relative_to(out)))
     return written
 
