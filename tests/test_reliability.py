@@ -617,6 +617,32 @@ def test_cli_one_line_errors(tmp_path, data_root, capsys, args, message):
     assert message in _one_line_error(capsys)
 
 
+def test_img_size_off_the_patch_grid_is_refused_on_a_fixed_size_vit(tmp_path, data_root, capsys):
+    """timm's fixed-size ViT would silently drop the last 8 rows and columns of a 40-pixel input (2x2 patches)."""
+    argv = ["train", "--backbone", "vit_tiny_patch16_224", "--no-pretrained", "--method", "linear", "--task",
+            "digits", "--data-root", str(data_root), "--img-size", "40", "--epochs", "1", "--train-split", "val200",
+            "--eval-split", "val200", "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert "img_size 40 does not fit the backbone's 16-pixel patches: use a multiple of 16 (e.g. 32 or 48)" in err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_segmentation_folder_without_classes_txt_is_named(tmp_path, capsys):
+    task = tmp_path / "data" / "seg"
+    (task / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(task / "images" / "0.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(task / "images" / "0_mask.png")
+    for split in ("train", "val"):
+        (task / f"{split}.txt").write_text("images/0.png images/0_mask.png\n")
+    argv = ["train", "--backbone", "test_vit", "--no-pretrained", "--method", "linear", "--task", "seg",
+            "--data-root", str(tmp_path / "data"), "--img-size", "32", "--train-split", "train", "--eval-split",
+            "val", "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert f"segmentation folder {task} (train.txt lists image/mask pairs) has no classes.txt" in err, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_cuda_without_a_gpu_is_refused(tmp_path, data_root, capsys):
     assert _train(data_root, tmp_path / "o", "--device", "cuda") == 2
