@@ -354,14 +354,18 @@ def check_resumable(out_dir: str | os.PathLike | None, resume: bool) -> None:
         )
 
 
-def list_files_digest(folder: Path) -> str:
-    """SHA-256 over the names and bytes of the task folder's list files (every top-level ``*.txt``: split lists,
-    ``classes.txt``): a changed split or label list changes it."""
+def list_files_digest(folder: Path, splits: Sequence[str | None]) -> str:
+    """SHA-256 over the names and bytes of the task folder's list files that training reads: ``classes.txt`` and
+    every top-level ``X.txt`` whose name ``X`` is part of one of ``splits`` (``train800val200``: its own list,
+    ``train800.txt`` and ``val200.txt``; ``trainval``: ``train.txt``, ``val.txt``). Other lists (``test.txt``) are
+    never opened: the protocol reads the test split once, after training."""
     import hashlib
 
+    names = [s for s in splits if s]
     h = hashlib.sha256()
     for path in sorted(folder.glob("*.txt")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        if path.stem == "classes" or any(path.stem in name for name in names):
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -382,7 +386,7 @@ def resume_identity(
         "pretrained": pretrained,
         "weights_fingerprint": state.fingerprint,
         "task_folder": str(folder.path.resolve()),
-        "task_lists_sha256": list_files_digest(folder.path),
+        "task_lists_sha256": list_files_digest(folder.path, [splits.get("train"), splits.get("val")]),
         "task": task.to_dict(),
         "task_options": dict(task_options or {}),
         "splits": dict(splits),

@@ -4,7 +4,7 @@ A checkpoint holds the tensors that change during training (trainable parameters
 optimizer's and scheduler's state, the RNG states (python, numpy, torch, the training loader's generator), the
 optimizer step, the epoch history and the elapsed time, the training config it was written under, and the run's
 identity (what :func:`vpeft.run.finetune` records: backbone, a fingerprint of its frozen weights, task folder and a
-digest of its list files, splits, image size, task and method options); resuming another run is refused. It is
+digest of the list files training reads, splits, image size, task and method options); resuming another run is refused. It is
 written atomically after every ``TrainConfig.checkpoint_every`` epochs (a temporary file, then ``os.replace``):
 a crash at any moment, mid-write included, leaves the previous complete checkpoint. Resumed training takes the
 same optimizer steps on the same batches in the same order with the same random numbers, so on CPU with a fixed
