@@ -1,14 +1,14 @@
 """Training checkpoints for resuming a killed run: everything the loop needs to continue as if never stopped.
 
-A checkpoint holds the tensors that change during training (trainable parameters and every buffer), the
-optimizer's and scheduler's state, the RNG states (python, numpy, torch, the training loader's generator), the
-optimizer step, the epoch history and the elapsed time, the training config it was written under, and the run's
-identity (what :func:`vpeft.run.finetune` records: backbone, a fingerprint of its frozen weights, task folder and a
-digest of the list files training reads, splits, image size, task and method options); resuming another run is refused. It is
-written atomically after every ``TrainConfig.checkpoint_every`` epochs (a temporary file, then ``os.replace``):
-a crash at any moment, mid-write included, leaves the previous complete checkpoint. Resumed training takes the
-same optimizer steps on the same batches in the same order with the same random numbers, so on CPU with a fixed
-seed a resumed run ends bit-identical to an uninterrupted one (``tests/test_resume.py`` kills real processes).
+A checkpoint holds the tensors that change during training (trainable parameters and every buffer), the optimizer's
+and scheduler's state, the RNG states (python, numpy, torch, the training loader's generator), the optimizer step,
+the epoch history and the elapsed time, the training config it was written under, and the run's identity (what
+:func:`vpeft.run.finetune` records: backbone, a fingerprint of its frozen weights, task folder and a digest of the
+list files training reads, splits, image size, task and method options); resuming another run is refused. It is
+written atomically after every ``TrainConfig.checkpoint_every`` epochs (a temporary file, then ``os.replace``): a
+crash at any moment, mid-write included, leaves the previous complete checkpoint. Resumed training takes the same
+optimizer steps on the same batches in the same order with the same random numbers, so on CPU with a fixed seed a
+resumed run ends bit-identical to an uninterrupted one (``tests/test_resume.py`` kills real processes).
 
 The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
 """
