@@ -216,6 +216,7 @@ RULES = [
     ("vpeft.bench", ("vpeft.cli",)),
     ("vpeft.search", ("vpeft.cli",)),
     ("vpeft.tune", ("vpeft.cli", "vpeft.bench", "vpeft.search")),
+    ("vpeft.files", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api", "vpeft.data", "vpeft.state")),
 ]
 
 

@@ -4,6 +4,7 @@ cases (see the README's Reliability section)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -348,6 +349,50 @@ def test_failed_json_write_keeps_the_old_file(tmp_path):
     assert json.loads(path.read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_get_the_umask_mode_and_the_rename_is_fsynced(tmp_path, monkeypatch, umask, mode):
+    """mkstemp creates 0600 files; every writer gives them the mode a plain open() would (0666 minus the umask)."""
+    import stat
+
+    from vpeft.bench.records import write_record, write_text_atomic
+    from vpeft.data.fewshot import write_list
+    from vpeft.data.segmentation import save_overlay
+    from vpeft.files import atomic_write
+    from vpeft.train.checkpoint import write_checkpoint
+
+    synced_dirs = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced_dirs.append(fd)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    (tmp_path / "img.png").write_bytes(b"")
+    model = build_backbone("test_vit", 10, 32, pretrained=False)
+    vpeft.apply(model, "lora")
+    old = os.umask(umask)
+    try:
+        written = [
+            (write_json_atomic(tmp_path / "metrics.json", {"a": 1}), tmp_path / "metrics.json")[1],
+            (write_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1}), tmp_path / "checkpoint.pt")[1],
+            write_text_atomic(tmp_path / "leaderboard.md", "# x\n"),
+            (write_record(tmp_path / "record.json", {"run_id": "x"}), tmp_path / "record.json")[1],
+            write_list([(tmp_path / "img.png", 0)], tmp_path / "train16shot.txt", tmp_path),
+            save_overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int64), tmp_path / "mask.png"),
+            atomic_write(tmp_path / "delta.bin", lambda tmp: tmp.write_bytes(b"x")),
+            vpeft.save(model, tmp_path / "delta.safetensors"),
+        ]
+        vpeft.merge(model)
+        written.append(vpeft.save_merged(model, tmp_path / "merged.safetensors"))
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert modes == {p.name: oct(mode) for p in written}
+    assert len(synced_dirs) >= len(written), "the folder is fsynced after each rename"
+
+
 # ---- 6. fuzz: delta files ---------------------------------------------------------------------------------------
 def _outcome(path: Path, original: tuple[dict, dict]) -> str:
     """'error' (CheckpointError), 'same' (loads, and header and tensors equal the original's: the mutation changed
@@ -531,6 +576,67 @@ def test_out_folder_is_not_overwritten_silently_and_files_name_their_run(tmp_pat
     assert json.loads((out / "result.json").read_text())["run"]["run_id"] != result["run"]["run_id"]
 
 
+# ---- disk errors: one line naming the file and the reason, the last good checkpoint kept, no temporary files --------
+def _fail_checkpoint_at(epoch: int, code: int):
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == epoch:
+            raise OSError(code, os.strerror(code))
+        return real(obj, f, *a, **k)
+
+    return save
+
+
+def _fail_replace_of(name: str, code: int):
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(dst).name == name:
+            raise OSError(code, os.strerror(code), str(src))
+        return real(src, dst, *a, **k)
+
+    return replace
+
+
+def _delta_disk_full(*a, **k):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize(
+    "target,patch,code,status",
+    [
+        ("checkpoint.pt", lambda mp: mp.setattr(torch, "save", _fail_checkpoint_at(2, errno.ENOSPC)), "ENOSPC", 3),
+        ("metrics.json", lambda mp: mp.setattr(os, "replace", _fail_replace_of("metrics.json", errno.EDQUOT)),
+         "EDQUOT", 2),
+        ("delta.safetensors", lambda mp: mp.setattr("safetensors.torch.save_file", _delta_disk_full), "ENOSPC", 3),
+        ("result.json", lambda mp: mp.setattr(os, "replace", _fail_replace_of("result.json", errno.EACCES)),
+         "EACCES", 3),
+    ],
+)  # fmt: skip
+def test_disk_errors_are_one_line_and_keep_the_last_checkpoint(tmp_path, data_root, capsys, monkeypatch, target,
+                                                               patch, code, status):  # fmt: skip
+    out = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        patch(mp)
+        assert _train(data_root, out, "--epochs", "3") == status
+    err = _one_line_error(capsys)
+    reason = os.strerror(getattr(errno, code))
+    assert f"vpeft train: error: cannot write '{out / target}': {reason}" in err, err
+    if status == 2:  # failed before a checkpoint existed: nothing to resume, and the empty --out it made is removed
+        assert not out.exists()
+        return
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")], "no temporary file is left"
+    assert not (out / "result.json").exists()
+    assert "--resume" in err
+    kept = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert kept["epoch"] == (1 if target == "checkpoint.pt" else 3)  # the last good checkpoint
+    assert _train(data_root, out, "--epochs", "3", "--resume") == 0  # and the run completes from it
+    assert (out / "result.json").is_file() and not (out / "checkpoint.pt").exists()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -549,6 +655,32 @@ def test_cli_one_line_errors(tmp_path, data_root, capsys, args, message):
     args = [a.format(file=tmp_path / "f") for a in args]
     assert _train(data_root, tmp_path / "o", *args) == 2
     assert message in _one_line_error(capsys)
+
+
+def test_img_size_off_the_patch_grid_is_refused_on_a_fixed_size_vit(tmp_path, data_root, capsys):
+    """timm's fixed-size ViT would silently drop the last 8 rows and columns of a 40-pixel input (2x2 patches)."""
+    argv = ["train", "--backbone", "vit_tiny_patch16_224", "--no-pretrained", "--method", "linear", "--task",
+            "digits", "--data-root", str(data_root), "--img-size", "40", "--epochs", "1", "--train-split", "val200",
+            "--eval-split", "val200", "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert "img_size 40 does not fit the backbone's 16-pixel patches: use a multiple of 16 (e.g. 32 or 48)" in err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_segmentation_folder_without_classes_txt_is_named(tmp_path, capsys):
+    task = tmp_path / "data" / "seg"
+    (task / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(task / "images" / "0.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(task / "images" / "0_mask.png")
+    for split in ("train", "val"):
+        (task / f"{split}.txt").write_text("images/0.png images/0_mask.png\n")
+    argv = ["train", "--backbone", "test_vit", "--no-pretrained", "--method", "linear", "--task", "seg",
+            "--data-root", str(tmp_path / "data"), "--img-size", "32", "--train-split", "train", "--eval-split",
+            "val", "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert f"segmentation folder {task} (train.txt lists image/mask pairs) has no classes.txt" in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -643,6 +775,69 @@ def test_one_writer_per_results_folder(tmp_path, tiny_root, capsys):
     (out / ".vpeft-bench.lock").write_text(json.dumps({"pid": 2**22 + 1, "host": "x", "since": "then"}))
     write_record(record_path(out, "linear", "tiny", 0), {"run_id": "x", "status": "failed"})
     assert run_bench(d, out, workers=0, progress=False).ok == 1
+
+
+LOCK_HOLDER = Path(__file__).with_name("lock_holder.py")
+
+
+def _hold_lock(folder: Path, command: str, seconds: float = 600) -> subprocess.Popen:
+    """A second real process holding ``folder``'s lock (see tests/lock_holder.py), once it says so."""
+    proc = subprocess.Popen([sys.executable, str(LOCK_HOLDER), str(folder), command, str(seconds)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _vpeft(*argv: str) -> subprocess.CompletedProcess:
+    """``vpeft ARGV`` as a real process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vpeft.cli", *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_one_writer_per_output_folder(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    holder = _hold_lock(out, "vpeft train")  # another process owns the empty --out
+    try:
+        assert _train(data_root, out) == 2  # refused at the lock, before the emptiness check would pass
+        err = _one_line_error(capsys)
+        assert f"--out {out} is in use by another vpeft train (pid {holder.pid} on " in err, err
+        assert [p.name for p in out.iterdir()] == [".vpeft.lock"]  # nothing of a run was written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _train(data_root, out) == 0  # the kernel freed the killed holder's lock; its stale file is no content
+    finished = sorted(p.name for p in out.iterdir())
+    assert finished == ["delta.safetensors", "metrics.json", "result.json"]  # released: no lock file left
+    result = (out / "result.json").read_bytes()
+    from vpeft.files import folder_lock
+
+    with folder_lock(out, "vpeft train", what="--out"):  # this process writes it: a real `vpeft train` is refused
+        proc = _vpeft(
+            "train", "--backbone", "test_vit", "--no-pretrained", "--method", "linear", "--task", "digits",
+            "--data-root", str(data_root), "--img-size", "32", "--out", str(out), "--overwrite", "--quiet",
+        )  # fmt: skip
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert f"is in use by another vpeft train (pid {os.getpid()} on " in err, err  # not "not empty": lock first
+    assert (out / "result.json").read_bytes() == result, "--overwrite did not touch a folder another process holds"
+
+
+def test_eval_and_merge_take_the_lock_of_what_they_write(tmp_path, delta, data_root, capsys):
+    from vpeft.files import folder_lock
+
+    masks = tmp_path / "masks"
+    with folder_lock(masks, "vpeft eval"):
+        argv = ["eval", "--delta", str(delta), "--data-root", str(data_root), "--save-masks", str(masks)]
+        assert main(argv) == 2
+    assert f"--save-masks {masks} is in use by another vpeft eval (pid {os.getpid()}" in _one_line_error(capsys)
+    merged = tmp_path / "merged.safetensors"
+    with folder_lock(tmp_path, "vpeft merge", name=".vpeft.merged.safetensors.lock"):
+        assert main(["merge", "--delta", str(delta), "--out", str(merged)]) == 2
+    assert f"is in use by another vpeft merge (pid {os.getpid()}" in _one_line_error(capsys)
+    assert not merged.exists()
+    assert main(["merge", "--delta", str(delta), "--out", str(merged)]) == 0 and merged.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".vpeft")) == []
 
 
 def _alive(pid: int) -> bool:

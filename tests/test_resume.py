@@ -25,7 +25,7 @@ import vpeft
 from vpeft.data import ensure_digits_task
 from vpeft.errors import CheckpointError, ConfigError
 from vpeft.train import TrainConfig, train
-from vpeft.train.checkpoint import CHECKPOINT_NAME
+from vpeft.train.checkpoint import CHECKPOINT_NAME, ResumeMismatchError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -68,6 +68,12 @@ def test_resumed_training_is_bit_identical(tmp_path, method):
         train(model, _loader(), cfg, out_dir=tmp_path / "run", progress=False, callbacks=[_crash_after(2)])
     fresh = _model(method)  # a new process would rebuild the run from scratch
     result = train(fresh, _loader(), cfg, out_dir=tmp_path / "run", progress=False, resume=True)
+    # it resumed (a deterministic re-run from scratch would end with the same tensors): epochs 3 and 4 ran here
+    per_epoch = ref_result.steps // cfg.epochs
+    assert (result.resumed_after, result.epochs_run, result.steps_run) == (2, [3, 4], 2 * per_epoch)
+    assert ref_result.epochs_run == [1, 2, 3, 4] and ref_result.resumed_after is None
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["resumes"] == [{"after_epoch": 2, "step": 2 * per_epoch}]
     strip = [{k: v for k, v in r.items() if "time" not in k and k != "images_per_s"} for r in ref_result.history]
     got = [{k: v for k, v in r.items() if "time" not in k and k != "images_per_s"} for r in result.history]
     assert got == strip and result.steps == ref_result.steps
@@ -78,8 +84,10 @@ def test_resumed_training_is_bit_identical(tmp_path, method):
 def test_resume_refuses_another_config_and_another_model(tmp_path):
     cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=8)
     train(_model(), _loader(), cfg, out_dir=tmp_path, progress=False)
-    with pytest.raises(ConfigError, match=r"training config differs \(lr: checkpoint 0.01, now 0.001\)"):
+    differs = r"run differs from the checkpointed one \(train.lr: checkpoint 0.01, now 0.001\)"
+    with pytest.raises(ResumeMismatchError, match=differs) as info:
         train(_model(), _loader(), TrainConfig(epochs=2, lr=1e-3, batch_size=8), out_dir=tmp_path, resume=True)
+    assert isinstance(info.value, ConfigError)  # the CLI's exit status 2
     with pytest.raises(CheckpointError, match="belongs to another model"):
         train(_model("bitfit"), _loader(), cfg, out_dir=tmp_path, progress=False, resume=True)
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
@@ -87,12 +95,91 @@ def test_resume_refuses_another_config_and_another_model(tmp_path):
         train(_model(), _loader(), cfg, out_dir=tmp_path, progress=False, resume=True)
 
 
-def test_resume_may_extend_the_epochs(tmp_path):
-    train(_model(), _loader(), TrainConfig(epochs=2, batch_size=8), out_dir=tmp_path, progress=False)
+def test_resume_refuses_changed_epochs(tmp_path):
+    """The warm-up + cosine schedule is planned for the run's epochs: more or fewer on resume is refused."""
+    model = _model()
+    with pytest.raises(_Crash):
+        train(model, _loader(), TrainConfig(epochs=3, batch_size=8), out_dir=tmp_path, progress=False,
+              callbacks=[_crash_after(2)])  # fmt: skip
+    with pytest.raises(ResumeMismatchError, match="schedule .* was planned for 3 epochs and --epochs 4 would re-plan"):
+        train(_model(), _loader(), TrainConfig(epochs=4, batch_size=8), out_dir=tmp_path, progress=False, resume=True)
+    with pytest.raises(ResumeMismatchError, match="already trained 2 epochs, more than --epochs 1"):
+        train(_model(), _loader(), TrainConfig(epochs=1, batch_size=8), out_dir=tmp_path, progress=False, resume=True)
     result = train(
         _model(), _loader(), TrainConfig(epochs=3, batch_size=8), out_dir=tmp_path, progress=False, resume=True
     )
-    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.epochs_run == [3]
+
+
+# ---- the CLI: vpeft train --resume continues the same run, and refuses another one ----------------------------------
+def _cli_train(data_root, out, *extra):
+    from vpeft.cli import main
+
+    argv = [
+        "train", "--backbone", "test_vit", "--no-pretrained", "--task", "digits", "--data-root", str(data_root),
+        "--img-size", "32", "--epochs", "3", "--batch-size", "50", "--train-split", "val200",
+        "--eval-split", "val200", "--method", "lora", "--opt", "r=4", "--out", str(out), "--quiet", *extra,
+    ]  # fmt: skip
+    return main(argv)
+
+
+def test_cli_resume_continues_the_run_and_refuses_another(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import vpeft.train.engine as engine
+
+    ensure_digits_task(tmp_path / "data")
+    out = tmp_path / "run"
+    ran: list[int] = []
+    real_run_epoch = engine._Loop.run_epoch
+
+    def counting_run_epoch(self, loader, epoch, progress):
+        ran.append(epoch)
+        if crash_after and epoch > crash_after:
+            raise _Crash
+        return real_run_epoch(self, loader, epoch, progress)
+
+    monkeypatch.setattr(engine._Loop, "run_epoch", counting_run_epoch)
+    crash_after = 2
+    with pytest.raises(_Crash):  # killed during epoch 3, after epoch 2's checkpoint
+        _cli_train(tmp_path / "data", out)
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["epoch"] == 2
+    crash_after, ran[:] = 0, []
+
+    def refused(*extra, data=tmp_path / "data"):
+        capsys.readouterr()
+        assert _cli_train(data, out, "--resume", *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("vpeft train: error: cannot resume"), err
+        return err
+
+    err = refused("--opt", "r=8", "--lr", "0.01", "--img-size", "48")
+    for field in ("run.method.r: checkpoint 4, now 8", "train.lr: checkpoint 0.001, now 0.01",
+                  "run.img_size: checkpoint 32, now 48"):  # fmt: skip
+        assert field in err, err
+    assert "planned for 3 epochs and --epochs 4" in refused("--epochs", "4")
+    assert "already trained 2 epochs, more than --epochs 1" in refused("--epochs", "1")
+    assert "run.splits.train: checkpoint 'val200', now 'train800'" in refused("--train-split", "train800")
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "data", edited)
+    lines = (edited / "digits" / "val200.txt").read_text().splitlines()
+    (edited / "digits" / "val200.txt").write_text("\n".join(lines[:-1]) + "\n")
+    err = refused(data=edited)
+    assert "run.task_lists_sha256: checkpoint" in err and "run.task_folder: checkpoint" in err, err
+    assert ran == [] and (out / CHECKPOINT_NAME).is_file()  # refusals train nothing and keep the checkpoint
+
+    assert _cli_train(tmp_path / "data", out, "--resume") == 0
+    assert ran == [3], "the resumed run trains only the epoch after its checkpoint"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3] and metrics["resumes"][0]["after_epoch"] == 2
+    assert (out / "result.json").is_file() and not (out / CHECKPOINT_NAME).exists()
+
+    finished = (out / "result.json").read_bytes()
+    capsys.readouterr()
+    assert _cli_train(tmp_path / "data", out, "--resume") == 2  # a finished run is not retrained and replaced
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds a finished run" in err and "--overwrite" in err, err
+    assert ran == [3] and (out / "result.json").read_bytes() == finished
 
 
 # ---- real processes killed with SIGKILL --------------------------------------------------------------------------

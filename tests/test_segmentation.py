@@ -508,7 +508,7 @@ def test_classes_txt_that_disagrees_with_the_masks(tmp_path):
     with pytest.raises(DataError, match="names class 'a' twice"):
         SegmentationFolder.from_dir(root)
     (root / "classes.txt").unlink()
-    with pytest.raises(DataError, match="classes.txt does not exist"):
+    with pytest.raises(DataError, match=r"segmentation folder .* has no classes.txt: add it"):
         SegmentationFolder.from_dir(root)
 
 

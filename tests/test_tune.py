@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import optuna  # a test dependency: a missing one fails the suite, never skips it
 import pytest
@@ -158,6 +159,25 @@ def test_resume_runs_only_the_missing_trials(data_root, tmp_path, monkeypatch):
     more = _tune(data_root, out, tune=dataclasses_replace(cfg, trials=3))  # one more trial, not three
     assert len(calls) == 1 and more["trials"]["complete"] == 3
     assert more["history"][:2] == first["history"]
+
+
+def test_final_phase_has_one_writer(data_root, tmp_path):
+    """Trials are shared between processes; the final run, plots and summary are written under the folder lock,
+    which a second process waits for (here a real process holds it for 3 s)."""
+    import time
+
+    out = tmp_path / "t"
+    cfg = TuneConfig(trials=1, startup_trials=1, pruner="none", final=False)
+    first = _tune(data_root, out, tune=cfg)
+    holder = subprocess.Popen([sys.executable, str(Path(__file__).with_name("lock_holder.py")), str(out),
+                               "vpeft tune", "3"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    again = _tune(data_root, out, tune=cfg)  # nothing to train: it waits for the lock, then writes the summary
+    waited = time.monotonic() - start
+    assert holder.wait(timeout=60) == 0
+    assert waited >= 2.0, f"wrote the summary while another process held the folder ({waited:.2f} s)"
+    assert again["history"] == first["history"] and not (out / ".vpeft.lock").exists()
 
 
 def dataclasses_replace(cfg, **kw):

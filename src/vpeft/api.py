@@ -25,7 +25,6 @@ from .delta import (
     FORMAT,
     FORMAT_VERSION,
     DeltaHeader,
-    atomic_write,
     delta_digest,
     delta_task,
     read_delta,
@@ -33,6 +32,7 @@ from .delta import (
     write_delta,
 )
 from .errors import CheckpointError, ConfigError, UnsupportedBackboneError, VpeftError
+from .files import atomic_write
 from .layers import FrozenStatsNorm, Wrapper
 from .methods.base import Method
 from .registry import get_method

@@ -266,7 +266,8 @@ RUN_FILES = ("delta.safetensors", "metrics.json", "result.json", "checkpoint.pt"
 """What ``vpeft train`` writes into ``--out`` (``--overwrite`` removes these first)."""
 
 EXIT_DIVERGED = 3
-"""Exit status of a training run whose loss became NaN/inf (bad input exits 2)."""
+"""Exit status of a training run that failed after it trained, its files kept: the loss became NaN/inf, or a write
+failed (disk full, read-only, no permission, quota) with a checkpoint kept to resume from (bad input exits 2)."""
 
 
 def check_img_size(img_size: int | None) -> None:
@@ -284,6 +285,8 @@ def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> None:
     import tempfile
     from pathlib import Path
 
+    from .files import is_lock_file
+
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out!r} is a file, not a folder; choose a folder for the run's files")
@@ -293,7 +296,7 @@ def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"--out {out!r} is not writable ({exc.strerror or exc}); choose another folder") from None
-    present = sorted(p.name for p in path.iterdir())
+    present = sorted(p.name for p in path.iterdir() if not is_lock_file(p.name))
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume exclude each other: replace the run in --out, or continue it")
     if present and not overwrite and not resume:
@@ -344,6 +347,19 @@ def no_empty_out_left(command):
     return run
 
 
+def writer_lock(folder: str, command: str, what: str = "--out", name: str | None = None):
+    """The lock making this process the one writer of ``folder`` (:func:`vpeft.files.folder_lock`), taken before
+    the folder is checked and held until the command ends; under torchrun only rank 0 takes it."""
+    import contextlib
+
+    from .files import LOCK_NAME, folder_lock
+    from .train.distributed import is_main_process
+
+    if not is_main_process():
+        return contextlib.nullcontext()
+    return folder_lock(folder, f"vpeft {command}", what=what, name=name or LOCK_NAME)
+
+
 @no_empty_out_left
 def _cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune, results_table
@@ -352,9 +368,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     method = method_from_cli(args.method, args.opt)
     check_img_size(args.img_size)
     check_device(args.device)
-    if is_main_process():  # under torchrun rank 0 alone owns the folder
-        check_out_dir(args.out, args.overwrite, args.resume)
-    rec = _finetune_from_args(args, method, finetune)
+    with writer_lock(args.out, "train"):
+        if is_main_process():  # under torchrun rank 0 alone owns the folder
+            check_out_dir(args.out, args.overwrite, args.resume)
+        rec = _finetune_from_args(args, method, finetune)
     if is_main_process():
         print(results_table([rec]))
         print(f"delta and results written to {args.out}")
@@ -457,17 +474,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.metrics import json_safe
 
     check_device(args.device)
-    res = evaluate_delta(
-        args.delta,
-        task=args.task,
-        data_root=args.data_root,
-        split=args.split,
-        device=args.device,
-        merged=args.merged,
-        save_predictions=args.save_masks,
-        max_predictions=args.max_masks,
-        trust_unsigned=args.trust_unsigned,
-    )
+    import contextlib
+
+    with writer_lock(args.save_masks, "eval", "--save-masks") if args.save_masks else contextlib.nullcontext():
+        res = evaluate_delta(
+            args.delta,
+            task=args.task,
+            data_root=args.data_root,
+            split=args.split,
+            device=args.device,
+            merged=args.merged,
+            save_predictions=args.save_masks,
+            max_predictions=args.max_masks,
+            trust_unsigned=args.trust_unsigned,
+        )
     print(json.dumps(json_safe(res), indent=2, allow_nan=False))
     return 0
 
@@ -603,7 +623,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder; give the merged model's file name (e.g. model.safetensors)")
-    path = merge_delta(args.delta, args.out, trust_unsigned=args.trust_unsigned)
+    target = Path(args.out).absolute()
+    with writer_lock(str(target.parent), "merge", "--out folder", name=f".vpeft.{target.name}.lock"):
+        path = merge_delta(args.delta, args.out, trust_unsigned=args.trust_unsigned)
     print(f"merged model written to {path}")
     return 0
 
@@ -701,7 +723,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the killed run in --out from its last checkpoint (same flags); from scratch if it has none",
+        help="continue the killed run in --out from its last checkpoint (same flags: any difference, --epochs "
+        "included, is refused naming it); from scratch if it has none; a finished run is refused",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_train)
@@ -823,7 +846,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vpeft`` command; returns the exit code.
 
     Bad input exits with status 2 and a one-line error naming the value (and the valid choices); a training run
-    whose loss became NaN/inf exits with status 3 (:data:`EXIT_DIVERGED`), keeping the files written so far.
+    whose loss became NaN/inf exits with status 3 (:data:`EXIT_DIVERGED`), keeping the files written so far. A
+    failed write (disk full, read-only file system, permission, quota) is one line naming the file and the reason:
+    status 3 when ``vpeft train`` keeps a checkpoint to ``--resume`` from, else 2.
     """
     argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -832,6 +857,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.fn(args)
+    except OSError as exc:  # vpeft.files.WriteError (a VpeftError too) or an I/O error of a library call
+        return _io_failed(args, exc)
     except VpeftError as exc:
         print(f"vpeft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -841,11 +868,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_DIVERGED
 
 
+def _io_failed(args: argparse.Namespace, exc: OSError) -> int:
+    """Print the one-line error of a failed read or write; 3 if ``vpeft train`` kept a checkpoint, else 2."""
+    from pathlib import Path
+
+    from .train.checkpoint import CHECKPOINT_NAME
+
+    out = getattr(args, "out", None)
+    resumable = args.command == "train" and out is not None and (Path(out) / CHECKPOINT_NAME).is_file()
+    hint = "; free space or fix the folder, then run again with --resume" if resumable else ""
+    print(f"vpeft {args.command}: error: {_one_line(exc)}{_kept(out) if resumable else ''}{hint}", file=sys.stderr)
+    return EXIT_DIVERGED if resumable else 2
+
+
 def _kept(out: str | None) -> str:
     """Which files of a diverged run stay in ``out`` (none are removed)."""
     from pathlib import Path
 
-    files = sorted(p.name for p in Path(out).iterdir()) if out and Path(out).is_dir() else []
+    from .files import is_lock_file
+
+    if not out or not Path(out).is_dir():
+        return ""
+    files = sorted(p.name for p in Path(out).iterdir() if not is_lock_file(p.name))
     return f"; kept in {out}: {', '.join(files)}" if files else ""
 
 

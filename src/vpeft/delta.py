@@ -1,7 +1,8 @@
 """The delta file: one safetensors file holding a task's trained tensors and a header saying what they fit.
 
 Everything about the file format lives here: the header (:class:`DeltaHeader`), its validation, the content digest,
-reading and atomic writing. :func:`vpeft.save` / :func:`vpeft.load`, multi-task loading, ``vpeft eval`` /
+reading and writing (through :func:`vpeft.files.atomic_write`). :func:`vpeft.save` / :func:`vpeft.load`, multi-task
+loading, ``vpeft eval`` /
 ``merge`` and the server all read deltas through :func:`read_delta` / :func:`read_header` and check them against a
 model with :meth:`DeltaHeader.check_fits`.
 
@@ -28,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import torch
 
 from .config import MethodConfig
 from .errors import CheckpointError, VpeftError
+from .files import atomic_write
 from .version import __version__
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "DeltaHeader",
-    "atomic_write",
     "check_train_extra",
     "delta_digest",
     "delta_task",
@@ -311,43 +311,9 @@ def check_train_extra(extra: Mapping[str, Any], where: str) -> None:
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path`` (never half-written).
-
-    The file gets the mode the umask gives (not the temporary file's 0600); the folder entry is synced.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _sync_dir(path.parent)
-    return path
-
-
-def _sync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_delta(path: str | os.PathLike, header: DeltaHeader, tensors: Mapping[str, torch.Tensor]) -> Path:
-    """Write ``tensors`` with ``header`` (and its digest) to ``path`` atomically."""
+    """Write ``tensors`` with ``header`` (and its digest) to ``path`` atomically (:func:`vpeft.files.atomic_write`:
+    the umask's mode, fsynced; an I/O failure is one :class:`~vpeft.files.WriteError` line naming the file)."""
     from safetensors.torch import save_file
 
     meta = header.to_metadata()

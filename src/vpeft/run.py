@@ -29,6 +29,7 @@ from .data import (
 )
 from .delta import check_train_extra, read_header
 from .errors import CheckpointError, ConfigError, DataError
+from .files import writing
 from .state import state_of
 from .tasks import Task, task_for_folder, task_from_dict
 from .train import TrainConfig, evaluate, set_seed, train
@@ -40,6 +41,8 @@ from .version import __version__
 
 __all__ = [
     "finetune",
+    "check_resumable",
+    "resume_identity",
     "task_kind_for",
     "RunResult",
     "TaskFolder",
@@ -240,6 +243,7 @@ def finetune(
     as the global batch, the final evaluation is sharded over the processes, and only rank 0 logs and writes
     files; the others wait for it at a barrier, then return the same result (without ``delta_bytes``).
     """
+    check_resumable(out_dir, resume)
     with session(device) as ctx:  # None in a single-process run
         cfg = train_cfg or TrainConfig()
         main = ctx is None or ctx.is_main
@@ -279,6 +283,8 @@ def finetune(
         )
         cache_time = time.perf_counter() - start
         identity = _run_identity(out, method, task, backbone, run_id, resume)
+        splits = {"train": train_split, "eval": eval_split, "val": val_split}
+        same_run = resume_identity(model, folder, t, backbone, pretrained, size, splits, task_options)
         result = train(
             trained,
             loader,
@@ -291,6 +297,7 @@ def finetune(
             task=t,
             resume=resume,
             run=identity,
+            identity=same_run,
         )
         train_time = cache_time + result.total_time_s  # a resumed run counts the epochs before the crash too
         spec = t.to_dict()
@@ -304,7 +311,8 @@ def finetune(
                 "pretrained": pretrained,
                 "task_spec": spec,
             }
-            save(model, out / "delta.safetensors", extra=extra)
+            with writing(out / "delta.safetensors"):  # disk full, read-only ...: one line naming the file
+                save(model, out / "delta.safetensors", extra=extra)
             delta_bytes = (out / "delta.safetensors").stat().st_size
         start = time.perf_counter()
         eval_loader = build_dataloader(eval_ds, 2 * cfg.batch_size, shuffle=False, num_workers=num_workers)
@@ -337,6 +345,60 @@ def finetune(
             write_json_atomic(out / "result.json", {"run": identity, **run.to_dict()})
             (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # the run is complete: its delta and result are written
         return run
+
+
+def check_resumable(out_dir: str | os.PathLike | None, resume: bool) -> None:
+    """Refuse ``resume`` on a finished run folder (``result.json`` written, its checkpoint removed): resuming it
+    would train again from scratch and replace the finished run."""
+    if not resume or out_dir is None:
+        return
+    out = Path(out_dir)
+    if (out / "result.json").is_file() and not (out / CHECKPOINT_NAME).is_file():
+        raise ConfigError(
+            f"--out {str(out)!r} holds a finished run (result.json, no {CHECKPOINT_NAME}): there is nothing to "
+            "resume; pass --overwrite instead of --resume to train it again"
+        )
+
+
+def list_files_digest(folder: Path, splits: Sequence[str | None]) -> str:
+    """SHA-256 over the names and bytes of the task folder's list files that training reads: ``classes.txt`` and
+    every top-level ``X.txt`` whose name ``X`` is part of one of ``splits`` (``train800val200``: its own list,
+    ``train800.txt`` and ``val200.txt``; ``trainval``: ``train.txt``, ``val.txt``). Other lists (``test.txt``) are
+    never opened: the protocol reads the test split once, after training."""
+    import hashlib
+
+    names = [s for s in splits if s]
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.txt")):
+        if path.stem == "classes" or any(path.stem in name for name in names):
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def resume_identity(
+    model: nn.Module,
+    folder: TaskFolder,
+    task: Task,
+    backbone: str,
+    pretrained: bool,
+    img_size: int,
+    splits: Mapping[str, str | None],
+    task_options: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """What makes a run this run besides its training config: stored in its checkpoints, checked on resume."""
+    state = state_of(model)
+    return {
+        "backbone": backbone,
+        "pretrained": pretrained,
+        "weights_fingerprint": state.fingerprint,
+        "task_folder": str(folder.path.resolve()),
+        "task_lists_sha256": list_files_digest(folder.path, [splits.get("train"), splits.get("val")]),
+        "task": task.to_dict(),
+        "task_options": dict(task_options or {}),
+        "splits": dict(splits),
+        "img_size": img_size,
+        "method": state.config.to_dict(),
+    }
 
 
 def task_kind_for(backbone: str, task_kind: str | None = None) -> str | None:
@@ -555,7 +617,8 @@ def merge_delta(delta: str | os.PathLike, out: str | os.PathLike, *, trust_unsig
     """Write the full merged model (a plain timm state dict) of a mergeable delta."""
     model, _, _ = model_from_delta(delta, trust_unsigned=trust_unsigned)
     merge(model, keep_original=False)
-    return save_merged(model, out)
+    with writing(out):
+        return save_merged(model, out)
 
 
 def export_peft_delta(delta: str | os.PathLike, out: str | os.PathLike, *, pad_fused: bool = False) -> Path:

@@ -338,13 +338,27 @@ def _drop_stale_checkpoint(out_dir: Path, train_cfg) -> None:
     from vpeft.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 
     path = out_dir / CHECKPOINT_NAME
-    if not path.is_file():
+    if not path.is_file():  # a final run finished without its record (killed in between): it runs again
+        (out_dir / "result.json").unlink(missing_ok=True)
         return
     try:
         read_checkpoint(path, train_cfg.to_dict())
     except VpeftError as exc:
         logger.warning("%s: not resuming (%s); training from scratch", path, exc)
         path.unlink(missing_ok=True)
+
+
+def _final_run(finetune: Callable[..., Any], kwargs: dict[str, Any], spec: RunSpec, out_dir: Path) -> Any:
+    """The final run, resumed from its checkpoint; one of another run (other data, options) is dropped."""
+    from vpeft.train.checkpoint import CHECKPOINT_NAME, ResumeMismatchError
+
+    splits = {"train_split": spec.splits["trainval"], "eval_split": spec.splits["test"], "out_dir": out_dir}
+    try:
+        return finetune(**kwargs, **splits, resume=True)
+    except ResumeMismatchError as exc:
+        logger.warning("%s: not resuming (%s); training from scratch", out_dir / CHECKPOINT_NAME, exc)
+        (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        return finetune(**kwargs, **splits, resume=True)
 
 
 def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -362,9 +376,7 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     kwargs = _finetune_kwargs(spec, chosen)
     _drop_stale_checkpoint(Path(out_dir), kwargs["train_cfg"])
     with PeakMemory(spec.device) as mem:  # a run killed during its final training continues from its checkpoint
-        run = finetune(
-            **kwargs, train_split=spec.splits["trainval"], eval_split=spec.splits["test"], out_dir=out_dir, resume=True
-        )
+        run = _final_run(finetune, kwargs, spec, Path(out_dir))
     final = run.to_dict()
     latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["img_size"])
     b2n = _novel_classes(spec, Path(out_dir) / "delta.safetensors", run) if spec.protocol == "base-to-novel" else {}

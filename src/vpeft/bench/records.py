@@ -20,15 +20,13 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vpeft.errors import ConfigError
+from vpeft.files import folder_lock, write_text_atomic
 from vpeft.train.metrics import write_json_atomic
 
 __all__ = [
@@ -58,21 +56,6 @@ def record_path(out: str | Path, method: str, task: str, seed: int) -> Path:
     return run_dir(out, method, task, seed) / "record.json"
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 LOCK_NAME = ".vpeft-bench.lock"
 
 
@@ -80,81 +63,14 @@ LOCK_NAME = ".vpeft-bench.lock"
 def results_lock(out: str | Path) -> Iterator[Path]:
     """Hold the results folder's lock for the block: one ``vpeft bench`` writes a results folder at a time.
 
-    The lock is an exclusive ``flock`` on ``OUT/.vpeft-bench.lock`` (released by the kernel when the holder exits,
-    even by SIGKILL, so a stale lock never blocks), and the file names the holder (pid, host, start time) for the
-    refusal message. Where ``fcntl`` is missing, the file is created exclusively and a lock whose pid is no longer
-    alive is taken over.
+    :func:`vpeft.files.folder_lock` on ``OUT/.vpeft-bench.lock`` (an exclusive ``flock`` the kernel frees when the
+    holder exits, even by SIGKILL; the file names the holder's pid for the refusal message).
 
     Raises:
         ConfigError: Another live process holds the lock.
     """
-    path = Path(out) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    holder = json.dumps({"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        fcntl = None
-    if fcntl is None:  # pragma: no cover
-        yield from _pid_lock(path, holder)
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise _in_use(path, os.pread(fd, 4096, 0)) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
+    with folder_lock(out, "vpeft bench", what="results folder", name=LOCK_NAME) as path:
         yield path
-    finally:
-        os.close(fd)  # releases the flock
-
-
-def _in_use(path: Path, raw: bytes) -> ConfigError:
-    try:
-        info = json.loads(raw.decode("utf-8", errors="replace") or "{}")
-    except ValueError:
-        info = {}
-    who = f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')}"
-    return ConfigError(
-        f"results folder {path.parent} is in use by another vpeft bench ({who}); a results folder has one writer: "
-        "wait for it to finish, stop it, or use another --out"
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _pid_lock(path: Path, holder: str) -> Iterator[Path]:  # pragma: no cover - the fallback without fcntl
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            raw = path.read_bytes()
-            try:
-                pid = int(json.loads(raw.decode() or "{}").get("pid", 0))
-            except (ValueError, AttributeError):
-                pid = 0
-            if pid and _pid_alive(pid):
-                raise _in_use(path, raw) from None
-            path.unlink(missing_ok=True)  # stale: its holder is gone
-    else:
-        raise _in_use(path, path.read_bytes())
-    try:
-        os.write(fd, holder.encode())
-        os.close(fd)
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def write_record(path: str | Path, record: dict[str, Any]) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..files import write_text_atomic
 from .vtab import read_split_list
 
 __all__ = [
@@ -77,12 +77,7 @@ def write_list(samples: Sequence[Sample], path: str | os.PathLike, task_dir: str
     """Write ``samples`` as a VTAB list (paths relative to ``task_dir``), atomically; return the path."""
     path, task_dir = Path(path), Path(task_dir)
     lines = [f"{relative_to_task(p, task_dir)} {y}" for p, y in samples]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def relative_to_task(image: str | os.PathLike, task_dir: str | os.PathLike) -> str:

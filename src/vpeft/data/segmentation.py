@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch.utils.data import Dataset
 
 from vpeft.data.transforms import resolve_input_size
 from vpeft.errors import ConfigError, DataError, suggest
+from vpeft.files import atomic_write
 
 __all__ = [
     "SEG_SPLITS",
@@ -77,12 +77,13 @@ def _first_line(path: Path) -> str | None:
 
 
 def is_segmentation_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a segmentation task folder: ``classes.txt`` and a ``train.txt`` of ``image mask`` lines.
+    """Whether ``path`` is a segmentation task folder: a ``train.txt`` of ``image mask`` lines (its ``classes.txt``
+    is checked when the folder is read, so a folder lacking it is named as a segmentation folder without one).
 
     A VTAB-1k folder's lines are ``<image> <label index>`` (second field an integer), so the two never match.
     """
     path = Path(path)
-    if not (path / "classes.txt").is_file() or not (path / "train.txt").is_file():
+    if not (path / "train.txt").is_file():
         return False
     line = _first_line(path / "train.txt")
     if line is None:
@@ -135,7 +136,10 @@ def read_pairs(task_dir: str | os.PathLike[str], split: str) -> list[tuple[Path,
 def _read_classes(task_dir: Path) -> tuple[str, ...]:
     path = task_dir / "classes.txt"
     if not path.is_file():
-        raise DataError(f"{path} does not exist; a segmentation folder lists its class names there, one per line")
+        raise DataError(
+            f"segmentation folder {task_dir} (train.txt lists image/mask pairs) has no classes.txt: add it with one "
+            "class name per line (line i names mask value i)"
+        )
     names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     if not names:
         raise DataError(f"{path} is empty; list one class name per line")
@@ -224,13 +228,12 @@ class SegmentationFolder:
         task_dir = Path(task_dir)
         if not task_dir.is_dir():
             raise DataError(f"segmentation folder {task_dir} does not exist")
-        names = _read_classes(task_dir)
         if not is_segmentation_folder(task_dir):
             raise DataError(
                 f"{task_dir} is not a segmentation folder: expected train.txt with '<image> <mask>' lines "
                 "and classes.txt"
             )
-        return cls(task_dir=task_dir, class_names=names)
+        return cls(task_dir=task_dir, class_names=_read_classes(task_dir))
 
     def splits(self) -> list[str]:
         """The splits whose lists exist, in :data:`SEG_SPLITS` order."""
@@ -448,15 +451,4 @@ def save_overlay(
     out = rgb.astype(np.float32)
     out[coloured] = (1.0 - alpha) * out[coloured] + alpha * colours[m[coloured]]
     result = Image.fromarray((out + 0.5).clip(0, 255).astype(np.uint8))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            result.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates the file private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: result.save(tmp, format="PNG"))

@@ -74,15 +74,16 @@ def _fill_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_patch_size(model: nn.Module, size: int) -> None:
-    """Refuse an input side the model's patch embedding cannot take (smaller than a patch, or not a multiple of
-    it where timm would assert mid-training)."""
+    """Refuse an input side the model's patch embedding cannot take: smaller than a patch, or not a multiple of it
+    (a dynamic-size timm model asserts mid-training; a fixed-size one silently drops the last rows and columns of
+    pixels), unless the embedding pads (``dynamic_img_pad``)."""
     embed = getattr(model, "patch_embed", None)
     patch = getattr(embed, "patch_size", None)
     patch = patch[0] if isinstance(patch, (tuple, list)) and patch else patch
     if not isinstance(patch, int) or patch < 1:
         return
-    strict_multiple = not getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_pad", False)
-    if size < patch or (strict_multiple and size % patch):
+    pads = getattr(embed, "dynamic_img_pad", False)
+    if size < patch or (not pads and size % patch):
         near = sorted({max(patch, size // patch * patch), (size // patch + 1) * patch})
         raise ConfigError(
             f"img_size {size} does not fit the backbone's {patch}-pixel patches: use a multiple of {patch} "

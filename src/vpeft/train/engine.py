@@ -187,6 +187,10 @@ class TrainResult:
         total_time_s: Wall time of the whole run, evaluation included.
         steps: Optimizer steps taken.
         stopped_early: Whether a callback stopped training before ``cfg.epochs``.
+        epochs_run: The epochs this call trained (a resumed run: only those after its checkpoint).
+        steps_run: The optimizer steps this call took (``steps`` counts the checkpointed ones too).
+        resumed_after: The checkpoint's epoch this call continued from (``None``: trained from epoch 1).
+        resumes: Every resume of the run so far, ``{after_epoch, step}`` each (also in ``metrics.json``).
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -194,6 +198,10 @@ class TrainResult:
     total_time_s: float = 0.0
     steps: int = 0
     stopped_early: bool = False
+    epochs_run: list[int] = field(default_factory=list)
+    steps_run: int = 0
+    resumed_after: int | None = None
+    resumes: list[dict[str, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields."""
@@ -443,6 +451,7 @@ def train(
     task: Task | None = None,
     resume: bool = False,
     run: Mapping[str, Any] | None = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``train_loader``.
 
@@ -456,7 +465,7 @@ def train(
     appended to the history, one ``train_``/``val_`` key per scalar metric of the task's meter (classification:
     ``train_top1``, ``val_top1``; ``lr`` is the rate used by the epoch's last step; ``val_*`` are ``None`` without a
     val loader; fractions in [0, 1]; ``images_per_s`` counts training images over training time only).
-    With ``out_dir`` the file ``out_dir/metrics.json`` (``{config, history, steps, elapsed_s, complete}``) is
+    With ``out_dir`` the file ``out_dir/metrics.json`` (``{config, history, steps, elapsed_s, complete, resumes}``) is
     rewritten atomically after every epoch.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call runs data-parallel (see :mod:`vpeft.train.distributed`):
@@ -475,8 +484,12 @@ def train(
         resume: Continue from ``out_dir/checkpoint.pt`` when it exists (written every ``cfg.checkpoint_every``
             epochs): trainable tensors, buffers, optimizer, scheduler, RNG and loader-generator states, step and
             history are restored, and training goes on from the next epoch. The run must be built as the killed
-            one was (same model, method, data and config; ``cfg.epochs`` may grow). Without a checkpoint it
-            starts from scratch.
+            one was: the same model and the same config, ``epochs`` included (the schedule was planned for
+            them), else a :class:`~vpeft.train.checkpoint.ResumeMismatchError` names what differs. Without a
+            checkpoint it starts from scratch.
+        identity: What makes the run this run beyond ``cfg`` (e.g. backbone, weights fingerprint, data digest,
+            method options: :func:`vpeft.run.finetune` passes it), stored in every checkpoint; resuming under
+            another identity is refused, naming each differing field with both values.
         run: The run's identity (e.g. ``{run_id, method, task, backbone}``), written as ``"run"`` into
             ``metrics.json`` from the first epoch on, so every file of a run folder names the run it belongs to.
         val_loader: Optional loader evaluated after every epoch.
@@ -511,6 +524,7 @@ def train(
             resolve_task(model, task),
             resume,
             dict(run or {}),
+            dict(identity) if identity is not None else None,
         )
 
 
@@ -528,6 +542,7 @@ def _train(
     task: Task,
     resume: bool = False,
     run: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> TrainResult:
     set_seed(cfg.seed)
     device = torch.device(device) if ctx is None else ctx.device
@@ -557,21 +572,25 @@ def _train(
     ckpt_path = Path(out_dir) / ckpt.CHECKPOINT_NAME if out_dir is not None else None
     first = 1
     if resume and ckpt_path is not None and ckpt_path.is_file():
-        first, elapsed = _restore(loop, ckpt_path, result, generator)
+        first, elapsed = _restore(loop, ckpt_path, result, generator, identity)
         start -= elapsed
+        result.resumed_after = first - 1
     elif resume:
         logger.info("no checkpoint to resume from%s: training from scratch", f" in {out_dir}" if out_dir else "")
     if ckpt_path is not None and loop.main:
         ckpt.clean_stale(ckpt_path.parent)
+    steps_before = loop.step
     for epoch in range(first, cfg.epochs + 1):
         record = _epoch_record(loop, train_loader, val_loader, epoch, progress and loop.main)
         result.history.append(record)
+        result.epochs_run.append(epoch)
         result.total_time_s, result.steps, result.final = time.perf_counter() - start, loop.step, record
+        result.steps_run = loop.step - steps_before
         if write:
             _write_metrics(Path(out_dir), cfg, result, epoch == cfg.epochs, run)  # type: ignore[arg-type]
             every = cfg.checkpoint_every
             if every and (epoch % every == 0 or epoch == cfg.epochs):
-                _checkpoint(loop, ckpt_path, epoch, result, generator)  # type: ignore[arg-type]
+                _checkpoint(loop, ckpt_path, epoch, result, generator, identity)  # type: ignore[arg-type]
         stop = any([cb(record) is True for cb in callbacks or ()])  # a list: every callback sees every epoch
         if ctx is not None:  # one rank's callback stopping alone would leave the others waiting
             stop = dist_utils.all_reduce_sum([float(stop)], ctx)[0] > 0
@@ -589,9 +608,13 @@ def _trained_module(loop: _Loop) -> nn.Module:
     return loop.module if loop.module is not None else loop.model
 
 
-def _checkpoint(loop: _Loop, path: Path, epoch: int, result: TrainResult, generator) -> None:
+def _checkpoint(
+    loop: _Loop, path: Path, epoch: int, result: TrainResult, generator, identity: dict[str, Any] | None
+) -> None:
     payload = {
         "config": loop.cfg.to_dict(),
+        "identity": identity,
+        "resumes": result.resumes,
         "epoch": epoch,
         "step": loop.step,
         "last_lr": loop.last_lr,
@@ -605,9 +628,11 @@ def _checkpoint(loop: _Loop, path: Path, epoch: int, result: TrainResult, genera
     ckpt.write_checkpoint(path, payload)
 
 
-def _restore(loop: _Loop, path: Path, result: TrainResult, generator) -> tuple[int, float]:
+def _restore(
+    loop: _Loop, path: Path, result: TrainResult, generator, identity: dict[str, Any] | None
+) -> tuple[int, float]:
     """Load ``path`` into the loop; return ``(first epoch to run, elapsed seconds before)``."""
-    payload = ckpt.read_checkpoint(path, loop.cfg.to_dict())
+    payload = ckpt.read_checkpoint(path, loop.cfg.to_dict(), identity)
     module = _trained_module(loop)
     own = {n: p for n, p in module.named_parameters() if p.requires_grad}
     own.update(dict(module.named_buffers()))
@@ -628,6 +653,7 @@ def _restore(loop: _Loop, path: Path, result: TrainResult, generator) -> tuple[i
     result.steps = loop.step
     result.final = result.history[-1] if result.history else {}
     result.total_time_s = float(payload["elapsed_s"])
+    result.resumes = [*payload.get("resumes", []), {"after_epoch": int(payload["epoch"]), "step": loop.step}]
     if loop.main:
         logger.info("resumed from %s after epoch %d (step %d)", path, payload["epoch"], loop.step)
     return int(payload["epoch"]) + 1, float(payload["elapsed_s"])
@@ -730,6 +756,7 @@ def _write_metrics(
         "steps": result.steps,
         "elapsed_s": result.total_time_s,
         "complete": complete,
+        "resumes": result.resumes,
     }
     write_json_atomic(out_dir / "metrics.json", payload)
 

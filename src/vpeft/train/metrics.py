@@ -4,35 +4,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import atomic_write
 from ..tasks.classification import ClassificationMeter, topk_correct
 
 __all__ = ["ClassificationMeter", "json_safe", "topk_correct", "write_json_atomic"]
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temporary file in the same folder and ``os.replace``.
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`vpeft.files.atomic_write`).
 
-    Readers never see a half-written file, even if the process is killed mid-write. Non-finite floats are
-    written as ``null`` so the file stays strict JSON.
+    Readers never see a half-written file, even if the process is killed mid-write; a failed write is a
+    :class:`~vpeft.files.WriteError` naming ``path`` and leaves the previous file. Non-finite floats are written
+    as ``null`` so the file stays strict JSON.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(json_safe(obj), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"  # a bad value fails before any file
+    atomic_write(path, lambda tmp: _dump(text, tmp))
+
+
+def _dump(text: str, tmp: Path) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def json_safe(obj: Any) -> Any:

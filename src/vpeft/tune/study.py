@@ -38,6 +38,7 @@ from typing import Any
 
 from ..config import MethodConfig
 from ..errors import ConfigError
+from ..files import atomic_write, folder_lock
 from ..train import TrainConfig
 from ..train.metrics import write_json_atomic
 from .space import SearchSpace
@@ -376,9 +377,7 @@ def _plots(study: Any, out: Path) -> list[str]:
             log.info("no %s plot: %s", name, exc)
             continue
         path = folder / f"{name}.html"
-        tmp = folder / f".{name}.html.tmp"
-        fig.write_html(str(tmp), include_plotlyjs="directory")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp, fig=fig: fig.write_html(str(tmp), include_plotlyjs="directory"))
         written.append(str(path.relative_to(out)))
     return written
 
@@ -450,7 +449,8 @@ def run_tune(
     }  # fmt: skip
     name = study_name or f"{method_dict['method']}-{task}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study, store = _open_study(identity, cfg, out, storage, name)
+    with folder_lock(out, "vpeft tune", what="--out", wait=True):  # two processes creating one SQLite study race
+        study, store = _open_study(identity, cfg, out, storage, name)
     if enqueue and not study.trials:
         names = {p.name for p in space.params}
         for values in enqueue:
@@ -505,9 +505,12 @@ def run_tune(
             for t in trials
         ],  # fmt: skip
     }
-    if cfg.final:
-        summary.update(_final(search, best, out))
-        summary["cpu_s"] = summary["search_cpu_s"] + summary["final_cpu_s"]
-    summary["plots"] = _plots(study, out)
-    write_json_atomic(out / RESULT_NAME, summary)
+    # the trials are shared between processes; the final run, the plots and the summary have one writer: a second
+    # process waits here, then reuses the first one's final run
+    with folder_lock(out, "vpeft tune", what="--out", wait=True):
+        if cfg.final:
+            summary.update(_final(search, best, out))
+            summary["cpu_s"] = summary["search_cpu_s"] + summary["final_cpu_s"]
+        summary["plots"] = _plots(study, out)
+        write_json_atomic(out / RESULT_NAME, summary)
     return summary
