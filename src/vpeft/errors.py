@@ -56,5 +56,6 @@ def suggest(name: str, options: Iterable[str], what: str) -> str:
     options = sorted(options)
     close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    plural = f"{what[:-1]}ies" if what.endswith("y") else f"{what}s"
+    consonant_y = what.endswith("y") and len(what) > 1 and what[-2] not in "aeiou"
+    plural = f"{what[:-1]}ies" if consonant_y else f"{what}s"  # family -> families, key -> keys
     return f"unknown {what} {name!r}.{hint} Valid {plural}: {', '.join(options)}"
