@@ -242,7 +242,7 @@ def test_a_grid_selection_names_the_tasks_own_metric(data_root):
     spec = parse_definition(_definition(data_root, methods=methods)).runs()[0]
     scores = iter([0.25, 0.5, 0.5])
 
-    def finetune(**_):
+    def finetune(*_, **__):
         return types.SimpleNamespace(score=next(scores), primary_metric="miou", train_time_s=0.0)
 
     sel = _select(spec, finetune)

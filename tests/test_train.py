@@ -351,3 +351,23 @@ def test_compile_trains_the_same_model():
     compiled = train(_mlp(), _loader(_blobs(), 32), dataclasses.replace(cfg, compile=True), progress=False).history
     for a, b in zip(eager, compiled):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_a_run_request_describes_a_run_once():
+    """RunRequest holds finetune's parameter list once: finetune(request) == finetune(**fields); replace() derives
+    runs from it and refuses unknown fields by name."""
+    import dataclasses
+
+    from vpeft.run import RunRequest, finetune
+
+    req = RunRequest(backbone="test_vit", method="lora", task="digits")
+    assert req.replace(train_split="train800").train_split == "train800" and req.train_split == "train800val200"
+    with pytest.raises(TypeError, match=r"unknown run field\(s\) 'epochs'; valid: backbone, method, task"):
+        req.replace(epochs=3)
+    with pytest.raises(TypeError, match="unknown run field"):
+        finetune(backbone="test_vit", method="lora", task="digits", img_sise=32)
+    import inspect
+
+    params = [p for p in inspect.signature(finetune).parameters if p not in ("request", "callbacks", "fields")]
+    assert params == [], "finetune takes a RunRequest (or its fields): its own signature lists no run fields"
+    assert {f.name for f in dataclasses.fields(RunRequest)} >= {"backbone", "method", "task", "train_cfg", "resume"}

@@ -78,7 +78,7 @@ def test_composition_keys_name_their_method():
 
 def test_invalid_bound_refused_before_training(data_root, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("vpeft.run.finetune", lambda **kw: calls.append(kw))
+    monkeypatch.setattr("vpeft.run.finetune", lambda *a, **kw: calls.append(kw))
     with pytest.raises(ConfigError, match=r"--space r=0,4: the value 0 is invalid"):
         _tune(data_root, tmp_path / "t", space=("r=0,4",))
     assert calls == []
@@ -153,7 +153,7 @@ def test_resume_runs_only_the_missing_trials(data_root, tmp_path, monkeypatch):
 
     calls = []
     real = vpeft.run.finetune
-    monkeypatch.setattr(vpeft.run, "finetune", lambda **kw: calls.append(kw) or real(**kw))
+    monkeypatch.setattr(vpeft.run, "finetune", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     again = _tune(data_root, out, tune=cfg)  # the budget is spent: nothing trains
     assert calls == [] and again["history"] == first["history"]
     more = _tune(data_root, out, tune=dataclasses_replace(cfg, trials=3))  # one more trial, not three

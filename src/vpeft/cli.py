@@ -379,23 +379,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _finetune_from_args(args: argparse.Namespace, method: dict[str, Any], finetune) -> dict[str, Any]:
+    from .run import RunRequest
+
     return finetune(
-        backbone=args.backbone,
-        method=method,
-        task=args.task,
-        data_root=args.data_root,
-        train_cfg=_train_config(args),
-        img_size=args.img_size,
-        train_split=args.train_split,
-        eval_split=args.eval_split,
-        out_dir=args.out,
-        pretrained=not args.no_pretrained,
-        device=args.device,
-        num_workers=args.workers,
-        progress=not args.quiet,
-        task_kind=args.task_kind,
-        task_options=task_options_from_cli(args.task_opt, args.decoder) or None,
-        resume=args.resume,
+        RunRequest(
+            backbone=args.backbone,
+            method=method,
+            task=args.task,
+            data_root=args.data_root,
+            train_cfg=_train_config(args),
+            img_size=args.img_size,
+            train_split=args.train_split,
+            eval_split=args.eval_split,
+            out_dir=args.out,
+            pretrained=not args.no_pretrained,
+            device=args.device,
+            num_workers=args.workers,
+            progress=not args.quiet,
+            task_kind=args.task_kind,
+            task_options=task_options_from_cli(args.task_opt, args.decoder) or None,
+            resume=args.resume,
+        )
     )
 
 
@@ -669,10 +673,6 @@ def _add_data(p: argparse.ArgumentParser, task_required: bool = True) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .tasks import task_kinds
-    from .tasks.decoders import decoders_help
-    from .train import TrainConfig
-
     parser = argparse.ArgumentParser(prog="vpeft", description="Parameter-efficient fine-tuning of vision backbones.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -684,6 +684,28 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backbones", help="list the local (offline) backbones")
     p.set_defaults(fn=_cmd_backbones)
+
+    _add_train_parser(sub)
+    _add_eval_merge_parsers(sub)
+    _add_demo_parser(sub)
+    _add_tune_parser(sub)
+    _add_zeroshot_parser(sub)
+    _add_interop_parsers(sub)
+
+    from .bench.cli import add_bench_commands  # bench, report
+    from .search.cli import add_search_command  # search (NOAH / GLoRA structure search)
+
+    add_bench_commands(sub)
+    add_search_command(sub)
+    for command in sub.choices.values():  # every option's help shows its default
+        command.formatter_class = HelpFormatter
+    return parser
+
+
+def _add_train_parser(sub) -> None:
+    from .tasks import task_kinds
+    from .tasks.decoders import decoders_help
+    from .train import TrainConfig
 
     p = sub.add_parser("train", help="adapt a backbone to a task, save the delta, evaluate once")
     p.add_argument("--backbone", required=True, help="local backbone (vpeft backbones) or any timm model name")
@@ -729,6 +751,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_train)
 
+
+def _add_eval_merge_parsers(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a saved delta on a split")
     p.add_argument("--delta", required=True, help="a delta file written by vpeft train")
     _add_data(p, task_required=False)
@@ -750,6 +774,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_trust_unsigned(p)
     p.set_defaults(fn=_cmd_merge)
 
+
+def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="offline demo: real DINOv2 ViT-S/14 adapted with several methods on real data")
     p.add_argument("--methods", default="linear,lora,vpt_deep", help="comma-separated methods, one run each")
     p.add_argument("--epochs", type=int, default=3, help="training epochs of each run")
@@ -759,19 +785,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="results folder: one sub-folder per method, results.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_demo)
-
-    _add_tune_parser(sub)
-    _add_zeroshot_parser(sub)
-    _add_interop_parsers(sub)
-
-    from .bench.cli import add_bench_commands  # bench, report
-    from .search.cli import add_search_command  # search (NOAH / GLoRA structure search)
-
-    add_bench_commands(sub)
-    add_search_command(sub)
-    for command in sub.choices.values():  # every option's help shows its default
-        command.formatter_class = HelpFormatter
-    return parser
 
 
 def _add_tune_parser(sub) -> None:

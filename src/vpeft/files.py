@@ -32,6 +32,7 @@ __all__ = [
     "LOCK_NAME",
     "WriteError",
     "atomic_write",
+    "pid_alive",
     "file_mode",
     "folder_lock",
     "is_lock_file",
@@ -242,7 +243,8 @@ def _in_use(path: Path, raw: bytes, what: str) -> ConfigError:
     )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -263,7 +265,7 @@ def _pid_lock(path: Path, holder: str, what: str) -> Iterator[Path]:  # pragma: 
                 pid = int(json.loads(raw.decode() or "{}").get("pid", 0))
             except (ValueError, AttributeError):
                 pid = 0
-            if pid and _pid_alive(pid):
+            if pid and pid_alive(pid):
                 raise _in_use(path, raw, what) from None
             path.unlink(missing_ok=True)  # stale: its holder is gone
     else:

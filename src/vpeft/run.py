@@ -55,6 +55,7 @@ __all__ = [
     "open_task",
     "build_backbone",
     "model_from_delta",
+    "RunRequest",
     "demo",
     "results_table",
     "DEMO_RECIPES",
@@ -200,29 +201,69 @@ class RunResult:
 
 
 # ---- the one end-to-end path ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+    """One run, fully described: what :func:`finetune` trains and evaluates (the parameter list exists here once).
+
+    The CLI (``vpeft train``), the bench protocol, ``vpeft tune`` and the structure search's retraining build one and
+    derive the runs they need from it with :meth:`replace` (other splits, recipe, output folder).
+
+    Attributes:
+        backbone: backbone name (a local one, a timm name, ``open_clip:<model>``, ``hf:<id>``).
+        method: the method config (a ``MethodConfig``, its dict, or a method name).
+        task: task folder name under ``data_root``.
+        data_root: folder holding the task folders (default: :func:`vpeft.data.default_data_root`).
+        train_cfg: the training recipe (default ``TrainConfig()``).
+        img_size: input side (default: the backbone's).
+        train_split / eval_split: trained on, evaluated once at the end.
+        val_split: evaluated after every epoch (``val_<metric>`` in the epoch records), or ``None``.
+        out_dir: where the run's files go (``None``: nothing is written).
+        pretrained: the backbone's weights (``False``: seeded random weights, for smoke tests).
+        device, num_workers, progress: where and how it runs.
+        task_kind / task_options: force and configure the task type (e.g. ``{"decoder": "fpn"}``).
+        resume: continue the run in ``out_dir`` from its checkpoint.
+        run_id: the run's id (generated unless given; kept when resuming).
+    """
+
+    backbone: str
+    method: Any
+    task: str
+    data_root: str | os.PathLike | None = None
+    train_cfg: TrainConfig | None = None
+    img_size: int | None = None
+    train_split: str = "train800val200"
+    eval_split: str = "test"
+    val_split: str | None = None
+    out_dir: str | os.PathLike | None = None
+    pretrained: bool = True
+    device: str = "cpu"
+    num_workers: int = 0
+    progress: bool = True
+    task_kind: str | None = None
+    task_options: Mapping[str, Any] | None = None
+    resume: bool = False
+    run_id: str | None = None
+
+    def replace(self, **changes: Any) -> RunRequest:
+        """A copy with ``changes`` (unknown field names are a TypeError naming the valid ones)."""
+        return dataclasses.replace(self, **_check_fields(changes))
+
+
+def _check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    valid = [f.name for f in dataclasses.fields(RunRequest)]
+    unknown = [k for k in fields if k not in valid]
+    if unknown:
+        raise TypeError(f"unknown run field(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+    return dict(fields)
+
+
 def finetune(
-    *,
-    backbone: str,
-    method: MethodConfig | Mapping[str, Any] | str,
-    task: str,
-    data_root: str | os.PathLike | None = None,
-    train_cfg: TrainConfig | None = None,
-    img_size: int | None = None,
-    train_split: str = "train800val200",
-    eval_split: str = "test",
-    out_dir: str | os.PathLike | None = None,
-    pretrained: bool = True,
-    device: str = "cpu",
-    num_workers: int = 0,
-    progress: bool = True,
-    task_kind: str | None = None,
-    task_options: Mapping[str, Any] | None = None,
-    resume: bool = False,
-    run_id: str | None = None,
-    val_split: str | None = None,
-    callbacks: Sequence[Any] | None = None,
+    request: RunRequest | None = None, /, *, callbacks: Sequence[Any] | None = None, **fields: Any
 ) -> RunResult:
     """Adapt ``backbone`` to ``task`` with ``method``; return (and write) the run's result.
+
+    Called with a :class:`RunRequest` (``finetune(request)``), with its fields as keywords
+    (``finetune(backbone=..., method=..., task=...)``), or both (the keywords replace the request's fields).
 
     The task folder's format decides the task type (:func:`vpeft.tasks.task_for_folder`; a CLIP backbone
     (``open_clip:<model>``, ``hf:<id>``) makes a classification folder a zero-shot task; ``task_kind`` forces
@@ -243,108 +284,119 @@ def finetune(
     as the global batch, the final evaluation is sharded over the processes, and only rank 0 logs and writes
     files; the others wait for it at a barrier, then return the same result (without ``delta_bytes``).
     """
-    check_resumable(out_dir, resume)
-    with session(device) as ctx:  # None in a single-process run
-        cfg = train_cfg or TrainConfig()
+    if request is None:
+        req = RunRequest(**_check_fields(fields))
+    else:
+        req = request.replace(**fields) if fields else request
+    check_resumable(req.out_dir, req.resume)
+    with session(req.device) as ctx:  # None in a single-process run
+        cfg = req.train_cfg or TrainConfig()
         main = ctx is None or ctx.is_main
-        device = ctx.device if ctx is not None else device
-        with main_first(ctx):  # rank 0 alone exports generated data and converts weights into the caches
-            folder = open_task(data_root, task)
-            task_kind = task_kind_for(backbone, task_kind)
-            t = folder.task(task_kind, **dict(task_options or {}))
-            set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
-            check_method_fits_task(method, t)
-            model = t.build(build_backbone(backbone, t.backbone_classes(), img_size, pretrained, **t.backbone_kwargs()))
-            rep = apply(model, method)
-        size = input_size(model, img_size)[-1]  # a task model's backbone decides
-        train_ds = t.dataset(folder.path, train_split, model, input_size=size, train=True)
-        eval_ds = t.dataset(folder.path, eval_split, model, input_size=size)
-        loader = build_dataloader(train_ds, cfg.batch_size, shuffle=True, num_workers=num_workers, seed=cfg.seed)
-        val_loader = None
-        if val_split is not None:
-            val_ds = t.dataset(folder.path, val_split, model, input_size=size)
-            val_loader = build_dataloader(val_ds, 2 * cfg.batch_size, shuffle=False, num_workers=num_workers)
-        out = Path(out_dir) if out_dir is not None else None
+        device = ctx.device if ctx is not None else req.device
+        run = _prepare(req, cfg, ctx)
         if main:
-            n_train, n_eval = len(train_ds), len(eval_ds)
-            log.info(
-                "%s on %s/%s (%s; %d train, %d eval, %d px)",
-                rep,
-                task,
-                train_split,
-                t.describe(),
-                n_train,
-                n_eval,
-                size,
-            )
+            log.info("%s on %s/%s (%s; %d train, %d eval, %d px)", run.report, req.task, req.train_split,
+                     run.task.describe(), len(run.train_ds), len(run.eval_ds), run.size)  # fmt: skip
         start = time.perf_counter()
         trained, loader, val_loader, cached = _maybe_cache(
-            model, loader, val_loader, cfg, device, ctx is None, progress and main
+            run.model, run.loader, run.val_loader, cfg, device, ctx is None, req.progress and main
         )
         cache_time = time.perf_counter() - start
-        identity = _run_identity(out, method, task, backbone, run_id, resume)
-        splits = {"train": train_split, "eval": eval_split, "val": val_split}
-        same_run = resume_identity(model, folder, t, backbone, pretrained, size, splits, task_options)
-        result = train(
-            trained,
-            loader,
-            cfg,
-            val_loader=val_loader,
-            device=device,
-            out_dir=out,
-            progress=progress,
-            callbacks=callbacks,
-            task=t,
-            resume=resume,
-            run=identity,
-            identity=same_run,
-        )
+        out = Path(req.out_dir) if req.out_dir is not None else None
+        identity = _run_identity(out, req.method, req.task, req.backbone, req.run_id, req.resume)
+        splits = {"train": req.train_split, "eval": req.eval_split, "val": req.val_split}
+        same_run = resume_identity(run.model, run.folder, run.task, req.backbone, req.pretrained, run.size, splits,
+                                   req.task_options)  # fmt: skip
+        result = train(trained, loader, cfg, val_loader=val_loader, device=device, out_dir=out,
+                       progress=req.progress, callbacks=callbacks, task=run.task, resume=req.resume, run=identity,
+                       identity=same_run)  # fmt: skip
         train_time = cache_time + result.total_time_s  # a resumed run counts the epochs before the crash too
-        spec = t.to_dict()
-        delta_bytes = None
-        if out is not None and main:  # the trained delta is on disk before the test split is read
-            extra = {
-                "task": task,
-                "num_classes": spec.get("num_classes"),
-                "img_size": size,
-                "backbone_arg": backbone,
-                "pretrained": pretrained,
-                "task_spec": spec,
-            }
-            with writing(out / "delta.safetensors"):  # disk full, read-only ...: one line naming the file
-                save(model, out / "delta.safetensors", extra=extra)
-            delta_bytes = (out / "delta.safetensors").stat().st_size
+        delta_bytes = _save_delta(run, req, out) if out is not None and main else None  # before test is read
         start = time.perf_counter()
-        eval_loader = build_dataloader(eval_ds, 2 * cfg.batch_size, shuffle=False, num_workers=num_workers)
-        ev = evaluate(model, eval_loader, device, distributed=True, task=t)  # sharded over the processes
-        run = RunResult(
-            backbone=backbone,
-            img_size=size,
-            method=rep.method,
-            config=_config_dict(model),
-            task=task,
-            task_spec=spec,
-            primary_metric=t.primary_metric,
-            num_classes=spec.get("num_classes"),
-            train_split=train_split,
-            eval_split=eval_split,
-            train=cfg.to_dict(),
-            trainable_params=rep.trainable,
-            method_params=rep.method_params,
-            decoder_params=rep.decoder,
-            total_params=rep.total,
-            metrics=dict(ev),
-            train_time_s=train_time,
-            train_images_per_s=len(train_ds) * cfg.epochs / max(train_time, 1e-9),
-            feature_cache=cached,
-            eval_time_s=time.perf_counter() - start,
-            final_train={k: v for k, v in result.final.items() if k.startswith("train_")},
-            delta_bytes=delta_bytes,
-        )
+        eval_loader = build_dataloader(run.eval_ds, 2 * cfg.batch_size, shuffle=False, num_workers=req.num_workers)
+        ev = evaluate(run.model, eval_loader, device, distributed=True, task=run.task)  # sharded over the processes
+        res = _run_result(req, run, cfg, result.final, dict(ev), train_time, cached, time.perf_counter() - start,
+                          delta_bytes)  # fmt: skip
         if out is not None and main:
-            write_json_atomic(out / "result.json", {"run": identity, **run.to_dict()})
+            write_json_atomic(out / "result.json", {"run": identity, **res.to_dict()})
             (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # the run is complete: its delta and result are written
-        return run
+        return res
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A run's task, adapted model and data, built from its :class:`RunRequest`."""
+
+    folder: TaskFolder
+    task: Task
+    model: nn.Module
+    report: Any
+    size: int
+    train_ds: Any
+    eval_ds: Any
+    loader: Any
+    val_loader: Any
+
+
+def _prepare(req: RunRequest, cfg: TrainConfig, ctx) -> _Prepared:
+    """Folder -> task -> backbone -> task model -> method applied -> datasets and loaders."""
+    with main_first(ctx):  # rank 0 alone exports generated data and converts weights into the caches
+        folder = open_task(req.data_root, req.task)
+        t = folder.task(task_kind_for(req.backbone, req.task_kind), **dict(req.task_options or {}))
+        set_seed(cfg.seed)  # the new head and the method's parameters are drawn from the run's seed
+        check_method_fits_task(req.method, t)
+        backbone = build_backbone(req.backbone, t.backbone_classes(), req.img_size, req.pretrained,
+                                  **t.backbone_kwargs())  # fmt: skip
+        model = t.build(backbone)
+        rep = apply(model, req.method)
+    size = input_size(model, req.img_size)[-1]  # a task model's backbone decides
+    train_ds = t.dataset(folder.path, req.train_split, model, input_size=size, train=True)
+    eval_ds = t.dataset(folder.path, req.eval_split, model, input_size=size)
+    loader = build_dataloader(train_ds, cfg.batch_size, shuffle=True, num_workers=req.num_workers, seed=cfg.seed)
+    val_loader = None
+    if req.val_split is not None:
+        val_ds = t.dataset(folder.path, req.val_split, model, input_size=size)
+        val_loader = build_dataloader(val_ds, 2 * cfg.batch_size, shuffle=False, num_workers=req.num_workers)
+    return _Prepared(folder, t, model, rep, size, train_ds, eval_ds, loader, val_loader)
+
+
+def _save_delta(run: _Prepared, req: RunRequest, out: Path) -> int:
+    """Write the trained delta with what ``vpeft eval`` needs to rebuild the model; its size in bytes."""
+    spec = run.task.to_dict()
+    extra = {"task": req.task, "num_classes": spec.get("num_classes"), "img_size": run.size,
+             "backbone_arg": req.backbone, "pretrained": req.pretrained, "task_spec": spec}  # fmt: skip
+    with writing(out / "delta.safetensors"):  # disk full, read-only ...: one line naming the file
+        save(run.model, out / "delta.safetensors", extra=extra)
+    return (out / "delta.safetensors").stat().st_size
+
+
+def _run_result(req: RunRequest, run: _Prepared, cfg: TrainConfig, final: Mapping[str, Any], metrics: dict[str, Any],
+                train_time: float, cached: Any, eval_time: float, delta_bytes: int | None) -> RunResult:  # fmt: skip
+    spec, rep = run.task.to_dict(), run.report
+    return RunResult(
+        backbone=req.backbone,
+        img_size=run.size,
+        method=rep.method,
+        config=_config_dict(run.model),
+        task=req.task,
+        task_spec=spec,
+        primary_metric=run.task.primary_metric,
+        num_classes=spec.get("num_classes"),
+        train_split=req.train_split,
+        eval_split=req.eval_split,
+        train=cfg.to_dict(),
+        trainable_params=rep.trainable,
+        method_params=rep.method_params,
+        decoder_params=rep.decoder,
+        total_params=rep.total,
+        metrics=metrics,
+        train_time_s=train_time,
+        train_images_per_s=len(run.train_ds) * cfg.epochs / max(train_time, 1e-9),
+        feature_cache=cached,
+        eval_time_s=eval_time,
+        final_train={k: v for k, v in final.items() if k.startswith("train_")},
+        delta_bytes=delta_bytes,
+    )
 
 
 def check_resumable(out_dir: str | os.PathLike | None, resume: bool) -> None:

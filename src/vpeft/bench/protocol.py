@@ -24,13 +24,16 @@ import traceback
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vpeft.bench.definition import RunSpec
 from vpeft.bench.records import environment, write_record
 from vpeft.errors import VpeftError
+
+if TYPE_CHECKING:
+    from vpeft.run import RunRequest
 
 __all__ = ["PeakMemory", "ensure_task", "execute_run", "measure_latency", "run_and_record"]
 
@@ -184,22 +187,24 @@ def measure_latency(spec: RunSpec, delta: str | os.PathLike, img_size: int) -> d
 
 
 # ---- the protocol -------------------------------------------------------------------------------------------------
-def _finetune_kwargs(spec: RunSpec, cand: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def _request(spec: RunSpec, cand: Mapping[str, Mapping[str, Any]]) -> RunRequest:
+    """The run of ``spec`` with a grid setting / tuned recipe ``cand`` (splits and output are set by each step)."""
+    from vpeft.run import RunRequest
     from vpeft.train import TrainConfig
 
-    return {
-        "backbone": spec.backbone,
-        "method": {"method": spec.method_name, **spec.settings, **cand.get("method", {})},
-        "task": spec.task,
-        "data_root": _data_root(spec),
-        "train_cfg": TrainConfig(**{**spec.train, **cand.get("train", {})}),
-        "img_size": spec.img_size,
-        "pretrained": spec.pretrained,
-        "device": spec.device,
-        "progress": False,
-        "task_kind": spec.task_kind,
-        "task_options": spec.task_options or None,
-    }
+    return RunRequest(
+        backbone=spec.backbone,
+        method={"method": spec.method_name, **spec.settings, **cand.get("method", {})},
+        task=spec.task,
+        data_root=_data_root(spec),
+        train_cfg=TrainConfig(**{**spec.train, **cand.get("train", {})}),
+        img_size=spec.img_size,
+        pretrained=spec.pretrained,
+        device=spec.device,
+        progress=False,
+        task_kind=spec.task_kind,
+        task_options=spec.task_options or None,
+    )
 
 
 def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str, Any] | None:
@@ -213,7 +218,7 @@ def _select(spec: RunSpec, finetune: Callable[..., dict[str, Any]]) -> dict[str,
     for i, cand in enumerate(candidates):
         set_seed(spec.seed)  # method parameters are initialised before training seeds the RNG
         cpu = time.process_time()
-        rec = finetune(**_finetune_kwargs(spec, cand), train_split=spec.splits["train"], eval_split=spec.splits["val"])
+        rec = finetune(_request(spec, cand), train_split=spec.splits["train"], eval_split=spec.splits["val"])
         cpu = time.process_time() - cpu
         key = f"val_{rec.primary_metric}"  # the task's own metric name: val_top1, val_miou ...
         results.append({"setting": cand, key: rec.score, "train_time_s": rec.train_time_s, "cpu_s": cpu})
@@ -348,17 +353,17 @@ def _drop_stale_checkpoint(out_dir: Path, train_cfg) -> None:
         path.unlink(missing_ok=True)
 
 
-def _final_run(finetune: Callable[..., Any], kwargs: dict[str, Any], spec: RunSpec, out_dir: Path) -> Any:
+def _final_run(finetune: Callable[..., Any], request: RunRequest, spec: RunSpec, out_dir: Path) -> Any:
     """The final run, resumed from its checkpoint; one of another run (other data, options) is dropped."""
     from vpeft.train.checkpoint import CHECKPOINT_NAME, ResumeMismatchError
 
     splits = {"train_split": spec.splits["trainval"], "eval_split": spec.splits["test"], "out_dir": out_dir}
     try:
-        return finetune(**kwargs, **splits, resume=True)
+        return finetune(request, **splits, resume=True)
     except ResumeMismatchError as exc:
         logger.warning("%s: not resuming (%s); training from scratch", out_dir / CHECKPOINT_NAME, exc)
         (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-        return finetune(**kwargs, **splits, resume=True)
+        return finetune(request, **splits, resume=True)
 
 
 def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -373,10 +378,10 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     selection = _tune_select(spec, Path(out_dir)) if spec.tune else _select(spec, finetune)
     chosen = selection["chosen"] if selection else {"train": {}, "method": {}}
     set_seed(spec.seed)
-    kwargs = _finetune_kwargs(spec, chosen)
-    _drop_stale_checkpoint(Path(out_dir), kwargs["train_cfg"])
+    request = _request(spec, chosen)
+    _drop_stale_checkpoint(Path(out_dir), request.train_cfg)
     with PeakMemory(spec.device) as mem:  # a run killed during its final training continues from its checkpoint
-        run = _final_run(finetune, kwargs, spec, Path(out_dir))
+        run = _final_run(finetune, request, spec, Path(out_dir))
     final = run.to_dict()
     latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["img_size"])
     b2n = _novel_classes(spec, Path(out_dir) / "delta.safetensors", run) if spec.protocol == "base-to-novel" else {}

@@ -22,7 +22,7 @@ from typing import Any
 from ..arch import input_size
 from ..data import build_dataloader
 from ..errors import ConfigError
-from ..run import build_backbone, finetune, open_task
+from ..run import RunRequest, build_backbone, finetune, open_task
 from ..tasks import ClassificationTask
 from ..train import TrainConfig, evaluate, train
 from ..train.metrics import write_json_atomic
@@ -151,19 +151,21 @@ def run_search(
     }
     if retrain:
         rec = finetune(
-            backbone=backbone,
-            method=config,
-            task=task,
-            data_root=folder.root,
-            train_cfg=_train_cfg(retrain_epochs, retrain_lr or lr, batch_size, weight_decay, seed),
-            img_size=img_size,
-            train_split=retrain_splits[0],
-            eval_split=retrain_splits[1],
-            out_dir=out / "retrain",
-            pretrained=pretrained,
-            device=device,
-            num_workers=num_workers,
-            progress=progress,
+            RunRequest(
+                backbone=backbone,
+                method=config,
+                task=task,
+                data_root=folder.root,
+                train_cfg=_train_cfg(retrain_epochs, retrain_lr or lr, batch_size, weight_decay, seed),
+                img_size=img_size,
+                train_split=retrain_splits[0],
+                eval_split=retrain_splits[1],
+                out_dir=out / "retrain",
+                pretrained=pretrained,
+                device=device,
+                num_workers=num_workers,
+                progress=progress,
+            )
         )
         if rec.method_params != best.params:  # the budget check must have used the exact count
             raise RuntimeError(f"exported config: {rec.method_params} parameters; the search counted {best.params}")

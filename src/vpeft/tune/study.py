@@ -38,7 +38,7 @@ from typing import Any
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from ..files import atomic_write, folder_lock
+from ..files import atomic_write, folder_lock, pid_alive
 from ..train import TrainConfig
 from ..train.metrics import write_json_atomic
 from .space import SearchSpace
@@ -118,7 +118,10 @@ class _Search:
     """One study's objective: builds each trial's recipe, trains it with :func:`vpeft.run.finetune`."""
 
     def __init__(self, run: dict[str, Any], space: SearchSpace, cfg: TuneConfig, out: Path, metric: str) -> None:
+        from ..run import RunRequest
+
         self.run, self.space, self.cfg, self.out, self.metric = run, space, cfg, out, metric
+        self.request = RunRequest(**run)  # every trial and the final run are this request with their own recipe
 
     def recipe(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], TrainConfig]:
         """The method config dict and training config of one assignment of the space (validated)."""
@@ -143,26 +146,16 @@ class _Search:
                  val_each_epoch: bool = False, callbacks: list[Callable] | None = None):  # fmt: skip
         from ..run import finetune
 
-        r = self.run
-        return finetune(
-            backbone=r["backbone"],
+        request = self.request.replace(
             method=dict(method),
-            task=r["task"],
-            data_root=r["data_root"],
             train_cfg=train_cfg,
-            img_size=r["img_size"],
             train_split=splits[0],
             eval_split=splits[1],
             val_split=splits[1] if val_each_epoch else None,
-            callbacks=callbacks,
             out_dir=out,
-            pretrained=r["pretrained"],
-            device=r["device"],
-            num_workers=r["num_workers"],
             progress=False,
-            task_kind=r["task_kind"],
-            task_options=r["task_options"],
         )
+        return finetune(request, callbacks=callbacks)
 
     def __call__(self, trial: Any) -> float:
         import optuna
@@ -227,16 +220,6 @@ def _pruner(cfg: TuneConfig):
     return optuna.pruners.NopPruner()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _requeue_orphans(study: Any, storage: Any) -> int:
     """Trials left RUNNING by a process of this host that is gone: mark them failed, queue their recipe again."""
     import optuna
@@ -246,7 +229,7 @@ def _requeue_orphans(study: Any, storage: Any) -> int:
     study_id = storage.get_study_id_from_name(study.study_name)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or not isinstance(pid, int) or _pid_alive(pid) and pid != os.getpid():
+        if t.user_attrs.get("host") != host or not isinstance(pid, int) or pid_alive(pid) and pid != os.getpid():
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
