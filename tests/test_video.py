@@ -280,12 +280,27 @@ def _randomise(model: torch.nn.Module, seed: int = 3) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def test_the_video_matrix_covers_every_image_method():
+def test_the_video_matrix_covers_every_image_method_and_the_video_methods():
     from vpeft.methods.towers import CLIP_METHODS  # two-tower CLIP methods: tests/test_clip.py
 
-    image_methods = set(vpeft.list_methods()) - set(CLIP_METHODS)
-    assert {p.values[0][0] for p in VIDEO_MATRIX} == image_methods, "every image method works frame-wise"
+    video_only = {n for n in vpeft.list_methods() if "image" not in vpeft.get_method(n).inputs}
+    assert (
+        video_only == {"aim", "st_adapter", "zeroi2v"} & set(vpeft.list_methods())
+        and {"aim", "st_adapter"} <= video_only
+    )
+    methods = set(vpeft.list_methods()) - set(CLIP_METHODS)
+    assert {p.values[0][0] for p in VIDEO_MATRIX} == methods, "every image method works frame-wise"
     assert {p.values[1] for p in VIDEO_MATRIX} == set(VIDEO_BB)
+
+
+@pytest.mark.parametrize("case,bb", [p for p in VIDEO_MATRIX if method_of(*p.values[0]).identity_at_init])
+def test_identity_at_init_on_a_video_model(case, bb):
+    model, size = _video_model(bb, head="temporal", num_frames=4)
+    plain = copy.deepcopy(model).eval()
+    vpeft.apply(model, case[0], **case[1])
+    x = _clips(size, t=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case,bb", VIDEO_MATRIX)
@@ -455,3 +470,44 @@ def test_cli_trains_and_evaluates_a_video_folder(tmp_path, capsys):
     bad[bad.index("--out") + 1] = str(tmp_path / "bad")
     assert main(bad) == 2
     assert "head='lstm' is not a video head; valid heads: mean, temporal" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ temporal methods
+TEMPORAL = [m for m in ("aim", "st_adapter", "zeroi2v") if m in vpeft.list_methods()]
+
+
+@pytest.mark.parametrize("name", TEMPORAL)
+def test_temporal_methods_make_a_mean_pooled_model_see_the_order_of_frames(name):
+    """With order-free pooling, only a temporal path inside the backbone can tell a clip from its reversal."""
+    model, size = _video_model(num_frames=4)
+    vpeft.apply(model, name)
+    _randomise(model, seed=7)
+    x = _clips(size, t=4)
+    with torch.no_grad():
+        assert (model.eval()(x) - model(x.flip(1))).abs().max() > 1e-4
+    frame_wise, _ = _video_model(num_frames=4)
+    vpeft.apply(frame_wise, "lora")
+    _randomise(frame_wise, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(frame_wise.eval()(x), frame_wise(x.flip(1)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", TEMPORAL)
+def test_temporal_methods_refuse_image_tasks(name):
+    from vpeft.tasks import SegmentationTask
+
+    pattern = f"method '{name}' models time across the frames of a clip and adapts video backbones only"
+    with pytest.raises(vpeft.UnsupportedBackboneError, match=pattern):
+        vpeft.apply(TINY_BACKBONES["vit_cls"][0](), name)
+    with pytest.raises(vpeft.UnsupportedBackboneError, match=pattern):
+        vpeft.apply(SegmentationTask(K).build(_headless("vit_cls")[0]), name)
+
+
+def test_temporal_methods_follow_the_clip_length_of_each_forward():
+    model, size = _video_model(num_frames=4)
+    vpeft.apply(model, "st_adapter")
+    blocks = [m for m in model.modules() if isinstance(m, vpeft.layers.temporal.TemporalModule)]
+    assert blocks and all(b.num_frames == 4 for b in blocks)
+    assert model(_clips(size, n=1, t=8)).shape == (1, K)  # two views of 4 frames: unfolded as 4-frame clips
+    with pytest.raises(ConfigError, match="frame-wise batch of 6 is not a whole number of 4-frame clips"):
+        blocks[0](torch.randn(6, 17, 32))
