@@ -476,20 +476,46 @@ def test_cli_trains_and_evaluates_a_video_folder(tmp_path, capsys):
 TEMPORAL = [m for m in ("aim", "st_adapter", "zeroi2v") if m in vpeft.list_methods()]
 
 
+# AIM without its temporal embedding: the temporal attention alone, which mixes frames but knows no order
+NO_EMBEDDING = ("aim", {"temporal_embedding": False})
+MIX_CASES = [(n, {}) for n in TEMPORAL] + [NO_EMBEDDING]
+
+
+@pytest.mark.parametrize("name,kwargs", MIX_CASES, ids=[case_id(c) for c in MIX_CASES])
+def test_temporal_methods_mix_information_across_frames(name, kwargs):
+    """Changing frame 0 changes the other frames' features only through a temporal path inside the backbone."""
+    model, size = _video_model(num_frames=4)
+    vpeft.apply(model, name, **kwargs)
+    _randomise(model, seed=7)
+    x = _clips(size, n=1, t=4)
+    y = x.clone()
+    y[:, 0] = torch.randn(3, size, size, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        a, b = model.eval().frame_features(x), model.frame_features(y)
+    assert (a[:, 1:] - b[:, 1:]).abs().max() > 1e-6, f"{name}: the other frames ignore frame 0"
+    frame_wise, _ = _video_model(num_frames=4)
+    vpeft.apply(frame_wise, "lora")
+    _randomise(frame_wise, seed=7)
+    with torch.no_grad():
+        assert torch.equal(frame_wise.eval().frame_features(x)[:, 1:], frame_wise.frame_features(y)[:, 1:])
+
+
 @pytest.mark.parametrize("name", TEMPORAL)
 def test_temporal_methods_make_a_mean_pooled_model_see_the_order_of_frames(name):
-    """With order-free pooling, only a temporal path inside the backbone can tell a clip from its reversal."""
+    """With order-free pooling, only an order-aware path inside the backbone tells a clip from its reversal."""
     model, size = _video_model(num_frames=4)
     vpeft.apply(model, name)
     _randomise(model, seed=7)
     x = _clips(size, t=4)
     with torch.no_grad():
         assert (model.eval()(x) - model(x.flip(1))).abs().max() > 1e-4
-    frame_wise, _ = _video_model(num_frames=4)
-    vpeft.apply(frame_wise, "lora")
-    _randomise(frame_wise, seed=7)
+    # AIM's temporal attention is permutation-equivariant over the frames: without the temporal embedding, the
+    # order never reaches a mean-pooled output (so the embedding is what lets AIM tell time's arrow)
+    plain, _ = _video_model(num_frames=4)
+    vpeft.apply(plain, NO_EMBEDDING[0], **NO_EMBEDDING[1])
+    _randomise(plain, seed=7)
     with torch.no_grad():
-        torch.testing.assert_close(frame_wise.eval()(x), frame_wise(x.flip(1)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(plain.eval()(x), plain(x.flip(1)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", TEMPORAL)
