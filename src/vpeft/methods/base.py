@@ -10,6 +10,7 @@ from .._modules import set_module
 from ..arch import ArchSpec, Target, resolve
 from ..config import MethodConfig
 from ..errors import UnsupportedBackboneError
+from ..layers.temporal import num_frames_of
 
 __all__ = ["Method", "ADDITION", "SPECIFICATION", "REPARAMETER", "UNIFIED", "FAMILIES"]
 
@@ -49,6 +50,10 @@ class Method:
         identity_at_init: the adapted model equals the frozen backbone before training.
         kinds: backbone kinds the method supports (``"vit"``, ``"swin"``, ``"cnn"``; see ArchSpec.kind).
         towers: on a two-tower CLIP, the towers it trains in (``"image"``, ``"text"``).
+        inputs: what the adapted backbone sees: ``"image"`` (single images: classification, segmentation ...)
+            and/or ``"video"`` (a video task's clips, run frame-wise: :mod:`vpeft.layers.temporal`). Image methods
+            act on each frame and take both; temporal methods (AIM, ST-Adapter, ZeroI2V) need ``T`` and take
+            ``("video",)`` only.
         freeze_norm_stats: keep BatchNorm running statistics frozen (all methods but full tuning).
         saves_buffers: the delta checkpoint also stores buffers (full tuning only).
         roles: the roles the template loop adapts in every block (see :mod:`vpeft.arch.targets`).
@@ -62,6 +67,8 @@ class Method:
     kinds: ClassVar[tuple[str, ...]] = ("vit", "swin", "cnn")
     #: the towers of a two-tower CLIP the method trains in (a vision method adapts the image tower)
     towers: ClassVar[tuple[str, ...]] = ("image",)
+    #: the inputs it adapts a backbone for (a video-only method refuses an image backbone)
+    inputs: ClassVar[tuple[str, ...]] = ("image", "video")
     freeze_norm_stats: ClassVar[bool] = True
     saves_buffers: ClassVar[bool] = False
     roles: ClassVar[tuple[str, ...]] = ()
@@ -77,6 +84,12 @@ class Method:
 
     def check(self, model: nn.Module, spec: ArchSpec) -> None:
         """Raise UnsupportedBackboneError if this method cannot adapt ``model``."""
+        if "image" not in self.inputs and num_frames_of(model) is None:
+            raise UnsupportedBackboneError(
+                f"method {self.name!r} models time across the frames of a clip and adapts video backbones only; "
+                "this backbone is built for an image task (build it for a video task: "
+                "vpeft.tasks.VideoTask(...).build(backbone), or vpeft train on a video folder)"
+            )
         if spec.kind not in self.kinds:
             raise UnsupportedBackboneError(
                 f"method {self.name!r} cannot be applied to {spec.arch} ({spec.kind}) backbones; "

@@ -1,10 +1,11 @@
-"""Task types on the task slot (see :mod:`vpeft.tasks.base`): classification, segmentation, zero-shot
-(vision-language); importing this package
+"""Task types on the task slot (see :mod:`vpeft.tasks.base`): classification, segmentation, video,
+zero-shot (vision-language); importing this package
 registers every built-in task type."""
 
 from .base import Meter, Task, TaskModel, register_task, task_for_folder, task_from_dict, task_kinds
 from .classification import ClassificationMeter, ClassificationTask
 from .segmentation import SegmentationMeter, SegmentationModel, SegmentationTask
+from .video import VideoModel, VideoTask
 from .zeroshot import ZeroShotModel, ZeroShotTask
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "SegmentationMeter",
     "SegmentationModel",
     "SegmentationTask",
+    "VideoModel",
+    "VideoTask",
     "ZeroShotModel",
     "ZeroShotTask",
 ]
