@@ -907,11 +907,13 @@ def test_bench_definition_and_leaderboard_for_segmentation(tmp_path):
     assert summary.ok == 2, summary.failures
     record = json.loads((tmp_path / "out" / "runs" / "lora_fpn" / "toy" / "seed0" / "record.json").read_text())
     assert record["primary_metric"] == "miou" and record["score"] == record["test_metrics"]["miou"]
-    assert record["decoder_params"] > 0 and record["class_names"] == ["c0", "c1", "c2"]
+    assert record["decoder_params"] > 0 and record["class_names"] == ["c0", "c1", "c2"] and record["decoder"] == "fpn"
     assert len(record["test_metrics"]["iou"]) == 3 and record["latency"]["unmerged_ms"] > 0
     md = write_report(tmp_path / "out")[0]
     assert "Test mIoU (%)" in md and "decoder params" in md and "## Per-class IoU (%) on toy" in md
-    assert "| c0 | c1 | c2 |" in md
+    assert (
+        "| method | decoder | c0 | c1 | c2 |" in md and "| LoRA | fpn |" in md and "| frozen backbone | linear |" in md
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ the CLI
