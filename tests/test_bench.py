@@ -306,7 +306,7 @@ def test_failures_are_recorded_and_do_not_stop_the_grid(tmp_path, data_root):
     assert failed["status"] == "failed" and failed["error"].startswith("UnsupportedBackboneError")
     assert "Traceback" in failed["traceback"]
     md = write_report(tmp_path / "out")[0]
-    assert "Failed runs (1)" in md and "vpt_deep/tiny/seed0" in md and "| linear |" in md
+    assert "Failed runs (1)" in md and "vpt_deep/tiny/seed0" in md and "| linear probe |" in md
 
 
 def test_process_pool_survives_a_dying_worker(tmp_path, data_root):
@@ -495,7 +495,7 @@ def test_leaderboard_statistics():
     # big: tasks a, b, c at 70/80/90 (+2 for seed 1); natural = mean(a, b); mean of groups = (76 + 91) / 2
     big = ["big", "0.005", *(f"{v} ± 1.4" for v in ("71.0", "81.0", "91.0", "76.0", "91.0", "81.0", "83.5")), "2"]
     assert "| " + " | ".join(big) + " |" in md
-    assert "| partial | 0.000 | 90.0 | - | - | - | - | - | - | 0 |" in md
+    assert "| partial fine-tuning | 0.000 | 90.0 | - | - | - | - | - | - | 0 |" in md, "a method by its readable name"
     assert "mid/a/seed2`: RuntimeError: boom" in md
 
 
@@ -559,10 +559,11 @@ def test_html_in_headless_chromium(tmp_path):
     found = re.search(r'<pre id="probe">(.*?)</pre>', proc.stdout, re.S)
     assert found, f"no probe output; chromium rc {proc.returncode}: {proc.stderr[-2000:]}"
     res = json.loads(html.unescape(found.group(1)))
-    assert res["initial"] == ["big", "mid", "small", "partial"], "the page loads with the rows ranked"
+    partial = "partial fine-tuning"
+    assert res["initial"] == ["big", "mid", "small", partial], "the page loads with the rows ranked"
     assert res["meanDesc"][:3] == ["big", "mid", "small"] and res["meanAsc"][:3] == ["small", "mid", "big"]
-    assert res["meanAsc"][-1] == "partial" and res["ariaAsc"] == "ascending", "rows without a value sort last"
-    assert res["byName"] == ["big", "mid", "partial", "small"] and res["paramsDesc"][0] == "big"
+    assert res["meanAsc"][-1] == partial and res["ariaAsc"] == "ascending", "rows without a value sort last"
+    assert res["byName"] == ["big", "mid", partial, "small"] and res["paramsDesc"][0] == "big"
     assert [i["id"] for i in res["images"]] == ["plot-params", "plot-cost"] and all(i["ok"] for i in res["images"])
 
 
@@ -577,7 +578,7 @@ def test_cli_bench_then_report(tmp_path, data_root, capsys):
     assert main(["bench", str(path), "--out", str(out), "--workers", "0", "--quiet"]) == 0
     assert "0 ok, 0 failed, 1 already done" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
-    assert "| linear |" in capsys.readouterr().out
+    assert "| linear probe |" in capsys.readouterr().out
 
 
 def test_cli_run_timeout_from_the_definition_and_the_command_line(tmp_path, data_root, capsys, caplog):

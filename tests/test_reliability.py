@@ -751,7 +751,7 @@ def test_report_shows_only_records_of_the_current_definition(tmp_path, tiny_root
     second = parse_definition(_bench_definition(data_root, train={**first.train, "lr": 5e-3}))
     assert run_bench(second, out, workers=0, progress=False, methods=["bitfit"]).ok == 1
     md = write_report(out)[0]
-    assert "| bitfit |" in md and "| linear |" not in md, "the old recipe's record is not shown as current"
+    assert "| BitFit |" in md and "| linear probe |" not in md, "the old recipe's record is not shown as current"
     assert "1 stale record(s) made by another definition of the benchmark skipped" in md
     (out / "definition.json").write_text("{truncated")
     with pytest.raises(DataError, match="definition.json is unreadable"):

@@ -26,6 +26,7 @@ from vpeft.data.segmentation import (
     is_segmentation_folder,
     load_segmentation_split,
     read_pairs,
+    save_legend,
     save_overlay,
 )
 from vpeft.errors import ConfigError, DataError
@@ -564,6 +565,53 @@ def test_prediction_overlays_of_a_dataset(tmp_path):
     assert [p.name for p in paths] == ["2.png", "0.png"] and all(p.is_file() for p in paths)
     assert np.asarray(Image.open(paths[0])).shape == (16, 24, 3)  # the stored image's own size, not the input's
     assert len(save_prediction_overlays(seg, ds, tmp_path / "m2", limit=2)) == 2
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["0.png", "2.png", "legend.png"]
+    _check_legend(tmp_path / "masks" / "legend.png", ["c0", "c1", "c2"], default_palette(3))
+    # an overlay pixel of class c has the legend's colour of class c (alpha 1: the colour itself)
+    (over,) = save_prediction_overlays(seg, Subset(ds, [0]), tmp_path / "m3", alpha=1.0)
+    legend = _legend_swatches(tmp_path / "m3" / "legend.png", 3)
+    pixels = {tuple(v) for v in np.asarray(Image.open(over)).reshape(-1, 3)}
+    void = (255 * 40 % 256,) * 3  # _make_folder's image value under void pixels, which stay uncoloured
+    assert pixels and pixels - {void} <= set(legend), "overlay colours are the legend's"
+
+
+def _legend_swatches(path: Path, k: int) -> list[tuple[int, ...]]:
+    """The colour at the centre of each of the ``k`` swatches of a legend PNG (its documented geometry)."""
+    from vpeft.data.segmentation import LEGEND_MARGIN, LEGEND_ROW, LEGEND_SWATCH
+
+    arr = np.asarray(Image.open(path).convert("RGB"))
+    c = LEGEND_MARGIN + LEGEND_SWATCH // 2
+    return [tuple(int(v) for v in arr[LEGEND_MARGIN + i * LEGEND_ROW + LEGEND_SWATCH // 2, c]) for i in range(k)]
+
+
+def _check_legend(path: Path, names: list[str], palette) -> None:
+    """Every class has its row: its palette colour as a full swatch, dark text beside it, its name in the PNG's
+    ``classes`` chunk."""
+    from vpeft.data.segmentation import LEGEND_MARGIN, LEGEND_ROW, LEGEND_SWATCH
+
+    image = Image.open(path)
+    assert json.loads(image.text["classes"]) == [
+        {"index": i, "name": n, "rgb": list(palette[i])} for i, n in enumerate(names)
+    ]
+    arr = np.asarray(image.convert("RGB")).astype(int)
+    assert arr.shape[0] == 2 * LEGEND_MARGIN + len(names) * LEGEND_ROW - (LEGEND_ROW - LEGEND_SWATCH)
+    x0, x1 = LEGEND_MARGIN, LEGEND_MARGIN + LEGEND_SWATCH
+    for i, colour in enumerate(palette[: len(names)]):
+        top = LEGEND_MARGIN + i * LEGEND_ROW
+        swatch = arr[top : top + LEGEND_SWATCH, x0:x1]
+        assert (swatch == np.asarray(colour)).all(), f"class {i}: swatch is not {colour}"
+        text = arr[top : top + LEGEND_ROW - 2, x1 + 4 :]
+        assert (text.sum(-1) < 200).any(), f"class {i} ({names[i]}): no text drawn beside its swatch"
+
+
+def test_legend_lists_every_class_with_its_palette_colour(tmp_path):
+    names = ["sky", "building", "road", "a rather long class name"]
+    _check_legend(save_legend(names, tmp_path / "legend.png"), names, default_palette(4))
+    palette = [(255, 0, 0), (0, 0, 255), (0, 128, 0), (9, 9, 9)]
+    _check_legend(save_legend(names, tmp_path / "mine.png", palette), names, palette)
+    assert sorted(os.listdir(tmp_path)) == ["legend.png", "mine.png"], "no temporary file left behind"
+    with pytest.raises(ConfigError, match="4 classes but a palette of 2 colours"):
+        save_legend(names, tmp_path / "x.png", palette[:2])
 
 
 # ------------------------------------------------------------------------------ every method on a segmentation model
@@ -907,11 +955,13 @@ def test_bench_definition_and_leaderboard_for_segmentation(tmp_path):
     assert summary.ok == 2, summary.failures
     record = json.loads((tmp_path / "out" / "runs" / "lora_fpn" / "toy" / "seed0" / "record.json").read_text())
     assert record["primary_metric"] == "miou" and record["score"] == record["test_metrics"]["miou"]
-    assert record["decoder_params"] > 0 and record["class_names"] == ["c0", "c1", "c2"]
+    assert record["decoder_params"] > 0 and record["class_names"] == ["c0", "c1", "c2"] and record["decoder"] == "fpn"
     assert len(record["test_metrics"]["iou"]) == 3 and record["latency"]["unmerged_ms"] > 0
     md = write_report(tmp_path / "out")[0]
     assert "Test mIoU (%)" in md and "decoder params" in md and "## Per-class IoU (%) on toy" in md
-    assert "| c0 | c1 | c2 |" in md
+    assert (
+        "| method | decoder | c0 | c1 | c2 |" in md and "| LoRA | fpn |" in md and "| frozen backbone | linear |" in md
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ the CLI
@@ -936,8 +986,11 @@ def test_cli_train_eval_and_save_masks_on_a_segmentation_folder(tmp_path, capsys
     assert code == 0
     res = json.loads(capsys.readouterr().out)
     assert res["primary_metric"] == "miou" and res["predictions"]["files"] == 2
-    pngs = sorted(masks.glob("*.png"))
+    assert list(res["iou_per_class"]) == ["c0", "c1", "c2"], "per-class IoU named by classes.txt, in its order"
+    assert list(res["iou_per_class"].values()) == res["iou"], "beside the positional list, same values"
+    pngs = sorted(p for p in masks.glob("*.png") if p.name != "legend.png")
     assert len(pngs) == 2 and Image.open(pngs[0]).mode in ("RGB", "RGBA")
+    _check_legend(masks / "legend.png", ["c0", "c1", "c2"], default_palette(3))
     # the decoder option on a classification folder is a one-line error
     from vpeft.data import ensure_digits_task
 

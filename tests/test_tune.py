@@ -268,7 +268,7 @@ def test_bench_tune_block_selects_on_val_and_reports_beside_fixed(data_root, tmp
     assert rec["resolved"]["train_split"] == "train800val200"
     md = write_report(out)[0]
     assert "Recipe selection" in md
-    assert "| lora | fixed | - |" in md and "| lora_tuned | tuned (Optuna) | 2 |" in md
+    assert "| LoRA (r=2) [lora] | fixed | - |" in md and "| LoRA (r=2) [lora_tuned] | tuned (Optuna) | 2 |" in md
     link = "runs/lora_tuned/digits/seed0/tune/plots/history.html"
     assert f"[history]({link})" in md and (out / link).is_file()
     assert f'href="{link}"' in (out / "leaderboard.html").read_text()

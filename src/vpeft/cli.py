@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .devices import check_device
@@ -71,8 +71,9 @@ def _convert(method: str, key: str, raw: str, hint: Any) -> Any:
 
 
 # ---- commands ---------------------------------------------------------------------------------------------
-def _vit_b16_counts(names: Sequence[str]) -> dict[str, str]:
-    """Trainable parameters (head excluded) of each method's default config on a random ViT-B/16."""
+def _vit_b16_counts(names: Sequence[str], log: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Trainable parameters (head excluded) of each method's default config on a random ViT-B/16; ``log`` gets a
+    line before the models are built and one per method as it is counted."""
     import copy
 
     import timm
@@ -80,10 +81,12 @@ def _vit_b16_counts(names: Sequence[str]) -> dict[str, str]:
     from .api import apply
     from .methods.towers import CLIP_METHODS
 
+    if log:
+        log(f"counting the parameters of {len(names)} methods on a random ViT-B/16 (CLIP ViT-B/16 for CLIP methods)")
     base = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
     clip = None
     counts = {}
-    for name in names:
+    for i, name in enumerate(names, 1):
         if name in CLIP_METHODS and clip is None:  # the vision-language methods count on CLIP ViT-B/16
             from .backbones.clip import create as create_clip
 
@@ -94,14 +97,20 @@ def _vit_b16_counts(names: Sequence[str]) -> dict[str, str]:
             counts[name] = f"{n:,} (CLIP)" if name in CLIP_METHODS else f"{n:,}"
         except VpeftError as exc:
             counts[name] = f"n/a ({exc})"
+        if log:
+            log(f"[{i}/{len(names)}] {name}: {counts[name]}")
     return counts
+
+
+def _progress_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .registry import get_method, list_methods
 
     names = list_methods()
-    counts = _vit_b16_counts(names) if args.counts else {}
+    counts = _vit_b16_counts(names, log=_progress_line) if args.counts else {}
     rows = []
     for name in names:
         cls = get_method(name)

@@ -565,7 +565,7 @@ def evaluate_delta(
         merge(model)
     ds = t.dataset(folder.path, split, model, input_size=extra.get("img_size"))
     model.to(device)
-    metrics = evaluate(model, build_dataloader(ds, batch_size, shuffle=False), device, task=t)
+    metrics = t.named_metrics(evaluate(model, build_dataloader(ds, batch_size, shuffle=False), device, task=t), ds)
     out = {"task": folder.name, "split": split, "primary_metric": t.primary_metric, **metrics}
     if save_predictions is not None:
         written = t.save_predictions(model, ds, Path(save_predictions), device=device, limit=max_predictions)

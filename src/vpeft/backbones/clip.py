@@ -31,7 +31,9 @@ No weights are downloaded unless ``pretrained`` is given (open_clip tag or Huggi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -362,7 +364,40 @@ def _open_clip_model(name: str, pretrained: str | None, **kwargs: Any) -> nn.Mod
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise UnknownNameError(f"open_clip has no model {name!r}; see open_clip.list_models()")
-    return open_clip.create_model(name, pretrained=None, **kwargs)
+    with _without_random_init_warning():
+        return open_clip.create_model(name, pretrained=None, **kwargs)
+
+
+class _RandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+class _AsWithoutHandlers(logging.Handler):
+    """What the root logger does without handlers (Python's last-resort stderr handler), as a handler."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """Random weights were asked for: drop open_clip's warning that none were loaded. open_clip logs it with
+    ``logging.warning``, which also installs a stderr handler on a root logger without handlers (``basicConfig``):
+    a stand-in handler that behaves as no handler prevents that for the call's duration, so the caller's logging
+    set-up is left as it was."""
+    root, notice = logging.getLogger(), _RandomInitNotice()
+    placeholder = None if root.handlers else _AsWithoutHandlers()
+    root.addFilter(notice)
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        if placeholder is not None:
+            root.removeHandler(placeholder)
+        root.removeFilter(notice)
 
 
 def create(

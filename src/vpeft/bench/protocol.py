@@ -396,6 +396,7 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
         "task_kind": run.task_spec.get("kind"),
         "test_metrics": {k: v for k, v in run.metrics.items() if k not in ("loss", "n")},
         "decoder_params": run.decoder_params,
+        "decoder": run.task_spec.get("decoder"),  # None for tasks without one
         "class_names": _class_names(spec),
         "test_n": run.eval_n,
         "test_loss": final["eval_loss"],

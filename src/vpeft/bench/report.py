@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vpeft.bench.definition import GROUPS
+from vpeft.bench.labels import readable_labels
 from vpeft.bench.records import load_records, run_dir, write_text_atomic
 from vpeft.errors import DataError
 
@@ -65,6 +66,11 @@ class MethodRow:
     complete_seeds: list[int] = field(default_factory=list)
     cost: dict[str, float | None] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)  # how the recipe was chosen: fixed / grid / tune
+    title: str = ""  # the readable name shown in the tables (vpeft.bench.labels), unique over the rows
+    decoder: str | None = None  # the dense decoder its runs used ("linear / fpn" if tasks differ), None: none
+
+    def __post_init__(self) -> None:
+        self.title = self.title or self.label
 
 
 @dataclass
@@ -108,6 +114,7 @@ def build_leaderboard(records: Sequence[Mapping[str, Any]], definition: Mapping[
     tasks, methods = _order(ok, definition)
     groups = list(dict.fromkeys(g for _, g in tasks))
     rows = [_method_row(label, name, [r for r in ok if r["method"] == label], tasks, groups) for label, name in methods]
+    _name_rows(rows, ok)
     rows.sort(key=lambda row: -(row.mean_groups.mean if row.mean_groups.mean is not None else -1.0))
     meta = {}
     if definition:
@@ -124,6 +131,32 @@ def build_leaderboard(records: Sequence[Mapping[str, Any]], definition: Mapping[
     meta["transfer"] = _transfer(ok, methods)
     title = f"vpeft leaderboard: {meta.get('name') or 'results'}"
     return Leaderboard(title, tasks, groups, rows, failures, meta)
+
+
+def record_decoder(record: Mapping[str, Any]) -> str | None:
+    """The decoder a run used: the record's own field, else its task options, else the segmentation default."""
+    if record.get("decoder"):
+        return str(record["decoder"])
+    options = (record.get("spec") or {}).get("task_options") or {}
+    if options.get("decoder"):
+        return str(options["decoder"])
+    return "linear" if record.get("task_kind") == "segmentation" else None  # SegmentationTask's default
+
+
+def _name_rows(rows: Sequence[MethodRow], ok: Sequence[Mapping[str, Any]]) -> None:
+    """Set each row's decoder and readable, unique title (:func:`vpeft.bench.labels.readable_labels`)."""
+    described = []
+    for row in rows:
+        recs = [r for r in ok if r["method"] == row.label]
+        decoders = list(dict.fromkeys(d for d in map(record_decoder, recs) if d))
+        row.decoder = " / ".join(decoders) or None
+        spec = next((r["spec"] for r in recs if isinstance(r.get("spec"), Mapping)), None)
+        described.append({
+            "label": row.label, "method_name": row.method_name, "settings": spec.get("settings") if spec else None,
+            "dense": bool(decoders or row.cost.get("decoder_params")), "decoder": row.decoder,
+        })  # fmt: skip
+    for row, title in zip(rows, readable_labels(described)):
+        row.title = title
 
 
 def _base_to_novel(ok: Sequence[Mapping[str, Any]], tasks, methods) -> dict[str, dict[str, list[float | None]]]:
@@ -157,16 +190,20 @@ def _transfer(ok: Sequence[Mapping[str, Any]], methods) -> dict[str, dict[str, f
 def _transfer_table(lb: Leaderboard):
     table = lb.meta.get("transfer") or {}
     cols = list(dict.fromkeys(k for per in table.values() for k in per))
-    head = [("method", "method")] + [(c, c) for c in cols]
-    rows = [[(m, m)] + [(_num(per.get(c), ".1f", 100), per.get(c)) for c in cols] for m, per in table.items()]
+    head = _method_head(lb) + [(c, c) for c in cols]
+    rows = [
+        _method_cells(lb, m) + [(_num(per.get(c), ".1f", 100), per.get(c)) for c in cols] for m, per in table.items()
+    ]
     return head, rows
 
 
 def _b2n_table(lb: Leaderboard):
     table = lb.meta.get("base_to_novel") or {}
     tasks = list(next(iter(table.values()), {}))
-    head = [("method", "method")] + [(f"{t}:{k}", f"{t} {k}") for t in tasks for k in ("base", "novel", "HM")]
-    rows = [[(m, m)] + [(_num(v, ".1f", 100), v) for t in tasks for v in per[t]] for m, per in table.items()]
+    head = _method_head(lb) + [(f"{t}:{k}", f"{t} {k}") for t in tasks for k in ("base", "novel", "HM")]
+    rows = [
+        _method_cells(lb, m) + [(_num(v, ".1f", 100), v) for t in tasks for v in per[t]] for m, per in table.items()
+    ]
     return head, rows
 
 
@@ -257,8 +294,7 @@ def _selection_summary(selections: Sequence[Mapping[str, Any] | None]) -> dict[s
 
 def _selection_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
     """Fixed, grid-selected and tuned recipes side by side, with what choosing cost (trials, CPU time)."""
-    head = [
-        ("method", "method"),
+    head = _method_head(lb) + [
         ("recipe", "recipe"),
         ("trials", "settings / trials per run"),
         ("val", "chosen val (%)"),
@@ -271,7 +307,7 @@ def _selection_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[
         label = {"fixed": "fixed", "grid": "grid", "tune": "tuned (Optuna)"}[sel["kind"]]
         n = sel["candidates"]
         trials = "-" if n is None else f"{n:.0f}" + (f" ({sel['pruned']:.1f} pruned)" if sel["pruned"] else "")
-        rows.append([(r.label, r.label), (label, label), (trials, n), (_num(sel["val"], ".1f", 100), sel["val"]),
+        rows.append([*_method_cells(lb, r), (label, label), (trials, n), (_num(sel["val"], ".1f", 100), sel["val"]),
                      (r.mean_tasks.fmt(), r.mean_tasks.mean), (_num(sel["cpu_s"], ",.1f"), sel["cpu_s"])])  # fmt: skip
     return head, rows
 
@@ -285,16 +321,94 @@ def _num(v: float | None, fmt: str, scale: float = 1.0) -> str:
     return "-" if v is None else format(v * scale, fmt)
 
 
+def _decoders_differ(lb: Leaderboard) -> bool:
+    return len({r.decoder for r in lb.rows}) > 1
+
+
+def _row(lb: Leaderboard, row: MethodRow | str) -> MethodRow:
+    return row if isinstance(row, MethodRow) else next(r for r in lb.rows if r.label == row)
+
+
+def _method_head(lb: Leaderboard) -> list[tuple[str, str]]:
+    """The columns naming a row: its readable method name, and its decoder where the rows differ in decoder."""
+    return [("method", "method")] + ([("decoder", "decoder")] if _decoders_differ(lb) else [])
+
+
+def _method_cells(lb: Leaderboard, row: MethodRow | str) -> list[tuple[str, float | str | None]]:
+    row = _row(lb, row)
+    cells: list[tuple[str, float | str | None]] = [(row.title, row.title)]
+    return cells + ([(row.decoder or "-", row.decoder)] if _decoders_differ(lb) else [])
+
+
+def _share(lb: Leaderboard) -> tuple[str, str, Any]:
+    """The parameter-share column: ``(title, format, row -> percent or None)``.
+
+    With a ``full`` fine-tuning row: a row's trainable parameters in % of full fine-tuning's (the full row with the
+    same decoder where there is one); else in % of all the model's parameters.
+    """
+    fulls = [r for r in lb.rows if r.method_name == "full" and r.cost.get("trainable_params")]
+    if not fulls:
+
+        def of_model(r: MethodRow) -> float | None:
+            c = r.cost
+            return 100 * c["trainable_params"] / c["total_params"] if c["total_params"] else None
+
+        return "% of model", ".3f", of_model
+
+    def of_full(r: MethodRow) -> float | None:
+        ref = next((f for f in fulls if f.decoder == r.decoder), fulls[0])
+        t = r.cost["trainable_params"]
+        return None if t is None else 100 * t / ref.cost["trainable_params"]
+
+    return "% of full's trainable", ".2f", of_full
+
+
+def _has_decoders(lb: Leaderboard) -> bool:
+    return any(r.cost.get("decoder_params") for r in lb.rows)
+
+
+def _param_split(lb: Leaderboard, r: MethodRow) -> list[tuple[str, float | str | None]]:
+    """Method and decoder parameters (with decoders), else trainable (incl. the head) and method parameters."""
+    c = r.cost
+    keys = ("method_params", "decoder_params") if _has_decoders(lb) else ("trainable_params", "method_params")
+    return [(_num(c[k], ",.0f"), c[k]) for k in keys]
+
+
+def _param_split_head(lb: Leaderboard) -> list[tuple[str, str]]:
+    if _has_decoders(lb):
+        return [("method_p", "method params"), ("decoder_p", "decoder params")]
+    return [("trainable", "trainable params"), ("method_p", "method params")]
+
+
+def _single_task_table(lb: Leaderboard):
+    """One task: its score beside what it cost in parameters and memory (the group and task means would repeat it)."""
+    (task, _), (share_title, share_fmt, share) = lb.tasks[0], _share(lb)
+    seeds = len({len(r.complete_seeds) for r in lb.rows}) > 1
+    head = [*_method_head(lb), (f"task:{task}", f"test {lb.meta.get('metric', 'top-1')} (%)")]
+    head += [*_param_split_head(lb), ("pct", share_title), ("mem", "peak train mem (MiB)")]
+    head += [("seeds", "seeds")] if seeds else []
+    rows = []
+    for r in lb.rows:
+        mem, pct = r.cost["peak_train_mem_bytes"], share(r)
+        cells = [*_method_cells(lb, r), (r.cells[task].fmt(), r.cells[task].mean), *_param_split(lb, r)]
+        cells += [(_num(pct, share_fmt), pct), (_num(mem, ",.0f", 1 / 2**20), mem)]
+        cells += [(str(len(r.complete_seeds)), len(r.complete_seeds))] if seeds else []
+        rows.append(cells)
+    return head, rows
+
+
 def _accuracy_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
-    """Header ``(key, title)`` pairs and rows of ``(text, sort value)`` cells."""
-    head = [("method", "method"), ("params", "params (M)")]
+    """Header ``(key, title)`` pairs and rows of ``(text, sort value)`` cells (one task: :func:`_single_task_table`)."""
+    if len(lb.tasks) == 1:
+        return _single_task_table(lb)
+    head = [*_method_head(lb), ("params", "params (M)")]
     head += [(f"task:{t}", t) for t, _ in lb.tasks]
     head += [(f"group:{g}", f"{g.capitalize()} mean") for g in lb.groups]
     head += [("mean_tasks", "mean (tasks)"), ("mean_groups", "mean (groups)"), ("seeds", "seeds")]
     rows = []
     for r in lb.rows:
         p = r.cost["trainable_params"]
-        cells: list[tuple[str, float | str | None]] = [(r.label, r.label), (_num(p, ".3f", 1e-6), p)]
+        cells = [*_method_cells(lb, r), (_num(p, ".3f", 1e-6), p)]
         cells += [(r.cells[t].fmt(), r.cells[t].mean) for t, _ in lb.tasks]
         cells += [(r.groups[g].fmt(), r.groups[g].mean) for g in lb.groups]
         cells += [(r.mean_tasks.fmt(), r.mean_tasks.mean), (r.mean_groups.fmt(), r.mean_groups.mean)]
@@ -304,12 +418,13 @@ def _accuracy_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[t
 
 
 def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
-    decoders = any(r.cost.get("decoder_params") for r in lb.rows)
-    head = [("method", "method"), ("trainable", "trainable params")]
+    decoders = _has_decoders(lb)
+    share_title, share_fmt, share = _share(lb)
+    head = [*_method_head(lb), ("trainable", "trainable params")]
     if decoders:
         head += [("method_p", "method params"), ("decoder_p", "decoder params")]
     head += [
-        ("pct", "% of model"),
+        ("pct", share_title),
         ("delta", "delta (KiB)"),
         ("mem", "peak train mem (MiB)"),
         ("ips", "train img/s"),
@@ -320,15 +435,13 @@ def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple
     rows = []
     for r in lb.rows:
         c = r.cost
-        pct = 100 * c["trainable_params"] / c["total_params"] if c["total_params"] else None
-        split = [(_num(c["method_params"], ",.0f"), c["method_params"])]
-        split.append((_num(c["decoder_params"], ",.0f"), c["decoder_params"]))
+        pct = share(r)
         rows.append(
             [
-                (r.label, r.label),
+                *_method_cells(lb, r),
                 (_num(c["trainable_params"], ",.0f"), c["trainable_params"]),
-                *(split if decoders else []),
-                (_num(pct, ".3f"), pct),
+                *(_param_split(lb, r) if decoders else []),
+                (_num(pct, share_fmt), pct),
                 (_num(c["delta_bytes"], ",.1f", 1 / 1024), c["delta_bytes"]),
                 (_num(c["peak_train_mem_bytes"], ",.0f", 1 / 2**20), c["peak_train_mem_bytes"]),
                 (_num(c["train_images_per_s"], ".1f"), c["train_images_per_s"]),
@@ -346,9 +459,12 @@ def _cost_title(lb: Leaderboard) -> str:
     return f"Cost (final runs, mean over tasks and seeds{lat})"
 
 
+_TEXT_COLUMNS = ("method", "decoder", "recipe")
+
+
 def _md_table(head, rows) -> str:
     lines = ["| " + " | ".join(title for _, title in head) + " |"]
-    lines.append("|" + "|".join("---" if key == "method" else "---:" for key, _ in head) + "|")
+    lines.append("|" + "|".join("---" if key in _TEXT_COLUMNS else "---:" for key, _ in head) + "|")
     lines += ["| " + " | ".join(text for text, _ in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -362,6 +478,11 @@ def _describe(lb: Leaderboard) -> str:
     bits = []
     if m.get("backbone"):
         bits.append(f"backbone `{m['backbone']}`" + (f" at {m['img_size']} px" if m.get("img_size") else ""))
+    if len(lb.tasks) == 1:
+        bits.append(f"task `{lb.tasks[0][0]}`")
+    decoders = {r.decoder for r in lb.rows}
+    if len(decoders) == 1 and None not in decoders:
+        bits.append(f"decoder `{decoders.pop()}`")
     env = m.get("env") or {}
     if m.get("seeds"):
         bits.append(f"seeds {', '.join(map(str, m['seeds']))}")
@@ -379,20 +500,39 @@ def _describe(lb: Leaderboard) -> str:
 
 _PROTOCOL = (
     "Test {metric} (%) of the final run (trained on train+val -- VTAB-1k: train800val200 -- with the setting chosen "
-    "on val, test read once), mean ± std over seeds. Group means, the mean over tasks and the mean of group means "
-    "are computed per seed over the seeds that finished every task. params: trainable parameters incl. the head "
-    "or decoder, mean over tasks."
+    "on val, test read once), mean ± std over seeds. "
 )
+_PROTOCOL_TASKS = (
+    "Group means, the mean over tasks and the mean of group means are computed per seed over the seeds that "
+    "finished every task. params: trainable parameters incl. the head or decoder, mean over tasks."
+)
+_SHARE_NOTES = {
+    "% of full's trainable": "% of full's trainable: the row's trainable parameters (method + head or decoder) in % "
+    "of full fine-tuning's (with the same decoder where one ran).",
+    "% of model": "% of model: the row's trainable parameters (method + head or decoder) in % of all the model's.",
+}
+
+
+def _protocol(lb: Leaderboard) -> str:
+    """The paragraph above the first table: how the scores were obtained and what its columns mean."""
+    text = _PROTOCOL.format(metric=lb.meta.get("metric", "top-1"))
+    return text + (_SHARE_NOTES[_share(lb)[0]] if len(lb.tasks) == 1 else _PROTOCOL_TASKS)
 
 
 _SELECTION = "Recipe selection: fixed, grid and tuned recipes at their selection cost"
 
 
+def _per_class_table(lb: Leaderboard, table: Mapping[str, Any]):
+    head = _method_head(lb) + [(f"c{i}", c) for i, c in enumerate(table["classes"])]
+    per = table["rows"]  # in the leaderboard's order
+    rows = [_method_cells(lb, r) + [(_num(v, ".1f", 100), v) for v in per[r.label]] for r in lb.rows if r.label in per]
+    return head, rows
+
+
 def _per_class_md(lb: Leaderboard) -> list[str]:
     out = []
     for task, table in (lb.meta.get("per_class") or {}).items():
-        head = [("method", "method")] + [(f"c{i}", c) for i, c in enumerate(table["classes"])]
-        rows = [[(m, m)] + [(_num(v, ".1f", 100), v) for v in vals] for m, vals in table["rows"].items()]
+        head, rows = _per_class_table(lb, table)
         out += [f"## Per-class IoU (%) on {task}", "", _md_table(head, rows), ""]
     return out
 
@@ -402,7 +542,7 @@ def render_markdown(lb: Leaderboard) -> str:
     out = [f"# {lb.title}", ""]
     if _describe(lb):
         out += [_describe(lb), ""]
-    out += [_PROTOCOL.format(metric=lb.meta.get("metric", "top-1")), "", _md_table(*_accuracy_table(lb)), ""]
+    out += [_protocol(lb), "", _md_table(*_accuracy_table(lb)), ""]
     out += [f"## {_cost_title(lb)}", "", _md_table(*_cost_table(lb)), ""]
     if _has_selection(lb):
         out += [f"## {_SELECTION}", "", _md_table(*_selection_table(lb)), "", *_plot_links_md(lb)]
@@ -424,7 +564,7 @@ def render_markdown(lb: Leaderboard) -> str:
 def _plot_png(lb: Leaderboard, x_key: str, xlabel: str, title: str) -> str | None:
     """A scatter of the mean-over-tasks score against ``cost[x_key]`` (log x), as base64 PNG; None without data."""
     pts = [
-        (r.cost[x_key], 100 * r.mean_tasks.mean, 100 * (r.mean_tasks.std or 0.0), r.label)
+        (r.cost[x_key], 100 * r.mean_tasks.mean, 100 * (r.mean_tasks.std or 0.0), _plot_label(lb, r))
         for r in lb.rows
         if r.cost.get(x_key) and r.mean_tasks.mean is not None
     ]
@@ -452,6 +592,10 @@ def _plot_png(lb: Leaderboard, x_key: str, xlabel: str, title: str) -> str | Non
     finally:
         plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plot_label(lb: Leaderboard, r: MethodRow) -> str:
+    return f"{r.title}, {r.decoder}" if _decoders_differ(lb) and r.decoder else r.title
 
 
 def _plots(lb: Leaderboard) -> list[tuple[str, str, str | None]]:
@@ -522,8 +666,7 @@ def _html_table(head, rows, table_id: str) -> str:
 def _per_class_html(lb: Leaderboard) -> list[str]:
     out = []
     for i, (task, table) in enumerate((lb.meta.get("per_class") or {}).items()):
-        head = [("method", "method")] + [(f"c{j}", c) for j, c in enumerate(table["classes"])]
-        rows = [[(m, m)] + [(_num(v, ".1f", 100), v) for v in vals] for m, vals in table["rows"].items()]
+        head, rows = _per_class_table(lb, table)
         out += [f"<h2>Per-class IoU (%) on {html.escape(task)}</h2>", _html_table(head, rows, f"per-class-{i}")]
     return out
 
@@ -531,7 +674,7 @@ def _per_class_html(lb: Leaderboard) -> list[str]:
 def render_html(lb: Leaderboard) -> str:
     """A self-contained HTML page (inline CSS, JS and PNG plots; no external resources)."""
     e = html.escape
-    protocol = _PROTOCOL.format(metric=lb.meta.get("metric", "top-1"))
+    protocol = _protocol(lb)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

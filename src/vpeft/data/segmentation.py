@@ -53,6 +53,7 @@ __all__ = [
     "is_segmentation_folder",
     "load_segmentation_split",
     "read_pairs",
+    "save_legend",
     "save_overlay",
 ]
 
@@ -450,5 +451,66 @@ def save_overlay(
     coloured = (m >= 0) & (m < len(colours)) & (m != VOID)
     out = rgb.astype(np.float32)
     out[coloured] = (1.0 - alpha) * out[coloured] + alpha * colours[m[coloured]]
-    result = Image.fromarray((out + 0.5).clip(0, 255).astype(np.uint8))
-    return atomic_write(path, lambda tmp: result.save(tmp, format="PNG"))
+    return _write_png(Image.fromarray((out + 0.5).clip(0, 255).astype(np.uint8)), path)
+
+
+def _write_png(image: Image.Image, path: str | os.PathLike[str], info: Any = None) -> Path:
+    """Save ``image`` as a PNG at ``path`` atomically (:func:`vpeft.files.atomic_write`: the umask's mode)."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+#: Geometry of :func:`save_legend` (pixels): the margin, the square swatch's side, and one row per class.
+LEGEND_MARGIN, LEGEND_SWATCH, LEGEND_ROW = 8, 16, 22
+
+
+def _legend_font() -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=14)  # Pillow's bundled FreeType font
+    except (TypeError, ValueError, OSError, ImportError):  # an old Pillow or one built without FreeType
+        return ImageFont.load_default()
+
+
+def save_legend(
+    class_names: Sequence[str], path: str | os.PathLike[str], palette: Sequence[Sequence[int]] | None = None
+) -> Path:
+    """Write the colour legend of :func:`save_overlay`'s overlays as a PNG, atomically: one row per class, its
+    colour swatch and ``"<index> <name>"``, on white.
+
+    Row ``i`` (from 0) holds class ``i``'s swatch at ``x, y`` in ``[LEGEND_MARGIN, LEGEND_MARGIN + LEGEND_SWATCH)``
+    and ``[LEGEND_MARGIN + i * LEGEND_ROW, ... + LEGEND_SWATCH)``; the name follows it. The PNG's ``classes`` text
+    chunk holds the same as JSON: ``[{"index", "name", "rgb"}, ...]``.
+
+    Args:
+        class_names: the names of classes 0..K-1 (``classes.txt``).
+        path: the PNG to write.
+        palette: one ``(r, g, b)`` per class (default :func:`default_palette`, the overlays' default).
+
+    Returns:
+        The path written.
+    """
+    import json
+
+    from PIL import ImageDraw, PngImagePlugin
+
+    names = [str(n) for n in class_names]
+    colours = [tuple(int(v) for v in c) for c in (palette if palette is not None else default_palette(len(names)))]
+    if len(colours) < len(names):
+        raise ConfigError(f"save_legend: {len(names)} classes but a palette of {len(colours)} colours")
+    font = _legend_font()
+    labels = [f"{i} {name}" for i, name in enumerate(names)]
+    text_x = LEGEND_MARGIN + LEGEND_SWATCH + LEGEND_MARGIN
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = text_x + max((int(measure.textlength(t, font=font)) for t in labels), default=0) + LEGEND_MARGIN
+    height = 2 * LEGEND_MARGIN + max(len(names), 1) * LEGEND_ROW - (LEGEND_ROW - LEGEND_SWATCH)
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for i, (label, colour) in enumerate(zip(labels, colours)):
+        top = LEGEND_MARGIN + i * LEGEND_ROW
+        draw.rectangle([LEGEND_MARGIN, top, LEGEND_MARGIN + LEGEND_SWATCH - 1, top + LEGEND_SWATCH - 1], fill=colour)
+        draw.text((text_x, top), label, fill=(0, 0, 0), font=font)
+    info = PngImagePlugin.PngInfo()
+    rows = [{"index": i, "name": n, "rgb": list(c)} for i, (n, c) in enumerate(zip(names, colours))]
+    info.add_text("classes", json.dumps(rows))
+    return _write_png(image, path, info)

@@ -128,6 +128,7 @@ class AIMConfig(MethodConfig):
 class AIM(Method):
     config_cls = AIMConfig
     family = ADDITION
+    title = "AIM"
     paper = "Yang et al., AIM: Adapting Image Models for Efficient Video Action Recognition, ICLR 2023"
     kinds = ("vit",)
     inputs = ("video",)

@@ -46,6 +46,8 @@ class Method:
         config_cls: the method's :class:`MethodConfig` subclass (its ``method`` is the registry name).
         family: one of :data:`FAMILIES` (the survey's taxonomy).
         paper: citation of the paper the defaults come from.
+        title: the method's name as its paper writes it, for tables (``""``: the registry name; the built-in
+            methods' titles are listed in :data:`vpeft.bench.labels.METHOD_TITLES`).
         mergeable: the trained delta folds into the base weights (zero inference overhead).
         identity_at_init: the adapted model equals the frozen backbone before training.
         kinds: backbone kinds the method supports (``"vit"``, ``"swin"``, ``"cnn"``; see ArchSpec.kind).
@@ -62,6 +64,7 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]]
     family: ClassVar[str]
     paper: ClassVar[str]
+    title: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = ("vit", "swin", "cnn")

@@ -109,6 +109,7 @@ class STAdapterConfig(MethodConfig):
 class STAdapter(Method):
     config_cls = STAdapterConfig
     family = ADDITION
+    title = "ST-Adapter"
     paper = "Pan et al., ST-Adapter: Parameter-Efficient Image-to-Video Transfer Learning, NeurIPS 2022"
     kinds = ("vit",)
     inputs = ("video",)

@@ -94,6 +94,11 @@ class Task(abc.ABC):
         """The task options that select what of a folder the task reads (rebuilding it from a folder keeps them)."""
         return {}
 
+    def named_metrics(self, metrics: Mapping[str, Any], dataset: Dataset) -> dict[str, Any]:
+        """``metrics`` of ``dataset`` with its per-class values also keyed by class name, for people reading them
+        (segmentation: ``iou_per_class``); the positional values stay as they are. Default: unchanged."""
+        return dict(metrics)
+
     def save_predictions(
         self, model: nn.Module, dataset: Dataset, out_dir: Path, *, device: str = "cpu", limit: int | None = None
     ) -> list[Path]:

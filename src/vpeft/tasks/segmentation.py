@@ -286,6 +286,15 @@ class SegmentationTask(Task):
     def describe(self) -> str:
         return f"segmentation, {self.num_classes} classes, {self.decoder} decoder"
 
+    def named_metrics(self, metrics: Mapping[str, Any], dataset: Dataset) -> dict[str, Any]:
+        """``metrics`` plus ``iou_per_class``: ``{class name: IoU}`` in ``classes.txt`` order (``None``: a class
+        neither present nor predicted), beside the positional ``iou`` list."""
+        out = dict(metrics)
+        names = getattr(_base_dataset(dataset)[0], "class_names", None)
+        if names is not None and isinstance(out.get("iou"), list) and len(names) == len(out["iou"]):
+            out["iou_per_class"] = dict(zip(names, out["iou"]))
+        return out
+
     def save_predictions(
         self, model: nn.Module, dataset: Dataset, out_dir: Path, *, device: str = "cpu", limit: int | None = None
     ) -> list[Path]:
@@ -347,6 +356,14 @@ class SegmentationTask(Task):
         return f"SegmentationTask({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items() if k != 'kind')})"
 
 
+def _base_dataset(dataset: Dataset) -> tuple[Any, list[int]]:
+    """``(the dataset under any Subset wrappers, the indices into it of dataset's items in order)``."""
+    base, indices = dataset, list(range(len(dataset)))
+    while isinstance(base, torch.utils.data.Subset):
+        indices, base = [base.indices[i] for i in indices], base.dataset
+    return base, indices
+
+
 def save_prediction_overlays(
     model: nn.Module,
     dataset: Dataset,
@@ -363,25 +380,31 @@ def save_prediction_overlays(
     For ``vpeft eval --save-masks DIR``: one ``<mask file stem>.png`` per item in ``out_dir``, the predicted
     classes (logits resampled to the stored mask's resolution) blended over the stored image at its own size
     (:func:`vpeft.data.segmentation.save_overlay`, written atomically); pixels the ground truth marks void are left
-    uncoloured.
+    uncoloured. Beside them ``legend.png`` (``_legend.png`` if a mask is named ``legend``): each class's colour and
+    name (:func:`vpeft.data.segmentation.save_legend`).
 
     Args:
         model: a segmentation model (``(B, 3, H, W) -> (B, K, H, W)`` logits), already on ``device``.
         dataset: a :class:`~vpeft.data.segmentation.SegmentationDataset` or a ``Subset`` of one.
+        palette: one ``(r, g, b)`` per class (default: :func:`vpeft.data.segmentation.default_palette`).
         limit: write at most this many overlays.
 
     Returns:
-        The paths written, in dataset order.
+        The overlays written, in dataset order (the legend is not among them).
     """
-    from ..data.segmentation import VOID, save_overlay
+    from ..data.segmentation import VOID, default_palette, save_legend, save_overlay
 
-    base, indices = dataset, list(range(len(dataset)))
-    while isinstance(base, torch.utils.data.Subset):
-        indices, base = [base.indices[i] for i in indices], base.dataset
+    base, indices = _base_dataset(dataset)
     if not hasattr(base, "pairs") or not hasattr(base, "mean"):
         raise ConfigError(f"save_prediction_overlays needs a SegmentationDataset, got {type(base).__name__}")
     indices = indices[:limit] if limit is not None else indices
     out_dir, written = Path(out_dir), []
+    palette = list(palette) if palette is not None else default_palette(base.num_classes)
+    names = {Path(base.pairs[i][1]).stem + ".png" for i in indices}
+    legend = "legend.png"
+    while legend in names:  # a mask named legend keeps its overlay's name
+        legend = "_" + legend
+    save_legend(base.class_names, out_dir / legend, palette)
     was_training = model.training
     model.eval()
     try:
