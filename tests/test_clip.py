@@ -87,10 +87,10 @@ def test_open_clip_runner_matches_native_forward():
 def test_hf_runner_matches_native_forward():
     from transformers import CLIPModel
 
-    from vpeft.backbones.clip import ClipBackbone, _hf_config
+    from vpeft.backbones.clip import ClipBackbone, hf_config
 
     torch.manual_seed(0)
-    model = CLIPModel(_hf_config(64, 32, 2, 32, 8, 32)).eval()
+    model = CLIPModel(hf_config(64, 32, 2, 32, 8, 32)).eval()
     clip = ClipBackbone("hf", model, "hf:tiny")
     tokens = clip.tokenizer([f"a photo of a {n}." for n in NAMES])
     x = images()

@@ -16,7 +16,9 @@ Families:
   names under ``image.`` (a method named without a tower adapts the image tower, as on a ``CLIPVisionModel``).
   The towers themselves are listed in ``ClipBackbone.vpeft_towers``.
 
-Models are recognised by class name and module, so nothing here imports open_clip or transformers.
+Library models are recognised by class name and module, so nothing here imports open_clip or transformers; the
+families of vpeft's own CLIP classes (``open_clip_text``, ``clip``) are registered beside those classes, in
+:mod:`vpeft.backbones.clip`, from the spec builders here.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..layers.base import Wrapper
 from .family import Family, get_spec, register_arch, register_family
 from .spec import ArchSpec, BlockParts
 
-__all__ = ["CLIP_FAMILIES", "is_clip_spec", "prefixed"]
+__all__ = ["CLIP_FAMILIES", "clip_backbone_spec", "is_clip_spec", "open_clip_text_spec", "prefixed"]
 
 CLIP_FAMILIES = ("open_clip", "hf_clip")
 
@@ -150,8 +152,9 @@ class OpenClipVision(Family):
 register_family(OpenClipVision())
 
 
-@register_arch("open_clip_text", lambda m: _is(m, "vpeft.backbones.clip", ("OpenClipTextTower",)))
-def _open_clip_text(model: nn.Module) -> ArchSpec:
+def open_clip_text_spec(model: nn.Module) -> ArchSpec:
+    """The spec of :class:`~vpeft.backbones.clip.OpenClipTextTower` (its family is registered by
+    :mod:`vpeft.backbones.clip`, which defines the class)."""
     parts = _blocks(model, "transformer.resblocks", _OPEN_CLIP, _OPEN_CLIP_LIN)
     return ArchSpec(
         arch="open_clip_text",
@@ -205,7 +208,8 @@ def prefixed(spec: ArchSpec, prefix: str, arch: str | None = None) -> ArchSpec:
     )
 
 
-@register_arch("clip", lambda m: _is(m, "vpeft.backbones.clip", ("ClipBackbone",)))
-def _clip(model: nn.Module) -> ArchSpec:
+def clip_backbone_spec(model: nn.Module) -> ArchSpec:
+    """The spec of a whole :class:`~vpeft.backbones.clip.ClipBackbone`: its image tower's, names under ``image.``
+    (its family is registered by :mod:`vpeft.backbones.clip`)."""
     arch = "open_clip" if model.source == "open_clip" else "hf_clip"
     return prefixed(get_spec(model.image), "image", arch)
