@@ -117,6 +117,8 @@ RULES = [
     ("vpeft.registry", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api")),
     ("vpeft.run", ("vpeft.cli", "vpeft.bench", "vpeft.search", "vpeft.tune")),
     ("vpeft.tune", ("vpeft.cli", "vpeft.bench", "vpeft.search")),
+    # the server: run and below (its CLI module registers with vpeft.cli, which imports it, not the reverse)
+    ("vpeft.serve", ("vpeft.cli", "vpeft.bench", "vpeft.search", "vpeft.tune")),
 ]
 
 
