@@ -9,13 +9,16 @@ as ``vpeft.load`` onto a fresh backbone, so their outputs are compared bit for b
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import serve_helpers as h
 import torch
 
 import vpeft
 from vpeft.errors import ConfigError, UnknownNameError
-from vpeft.serve import OWN, SHARED, AdapterRefusedError, AdapterStore
+from vpeft.serve import OWN, SHARED, AdapterRefusedError, AdapterStore, DynamicBatcher
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +182,52 @@ def test_unshareable_delta_falls_back_to_own_model(tmp_path, monkeypatch):
     with torch.inference_mode():
         torch.testing.assert_close(out[1], model.eval()(x)[1], atol=1e-5, rtol=0)
     assert store.info("plain").route == SHARED and store.info("plain").loaded
+
+
+# ---- the dynamic batcher ----------------------------------------------------------------------------------------
+def test_concurrent_requests_share_one_backbone_forward(folder):
+    store = store_of(folder, capacity=None)
+    names = [*h.SHARED, "lora_qv", "vpt"]
+    x = h.images(len(names), seed=3)
+    single = {}
+    with DynamicBatcher(store, max_batch_size=1, max_wait_ms=0) as batcher:  # one request at a time
+        for i, name in enumerate(names):
+            single[i] = batcher.predict(name, x[i], timeout=60)
+    forwards, records = [], []
+    store.backbone.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape[0]))
+    with DynamicBatcher(store, max_batch_size=len(names), max_wait_ms=30_000, on_batch=records.append) as batcher:
+        with ThreadPoolExecutor(len(names)) as pool:  # every request from its own thread
+            futures = list(pool.map(lambda i: batcher.submit(names[i], x[i]), range(len(names))))
+        results = [f.result(timeout=60) for f in futures]
+    assert forwards == [len(names) - 1], "the shared adapters' requests ran as one backbone forward"
+    assert len(records) == 1 and records[0].size == len(names)
+    assert records[0].groups == {SHARED: len(names) - 1, "own:vpt": 1}
+    for i, name in enumerate(names):
+        torch.testing.assert_close(results[i], single[i], atol=1e-5, rtol=0, msg=name)
+
+
+def test_batches_wait_at_most_max_wait_ms(folder):
+    store = store_of(folder)
+    records = []
+    with DynamicBatcher(store, max_batch_size=64, max_wait_ms=20, on_batch=records.append) as batcher:
+        batcher.predict("lora_qv", h.images(1)[0], timeout=60)  # loads it
+        start = time.monotonic()
+        batcher.predict("lora_qv", h.images(1)[0], timeout=60)
+        assert time.monotonic() - start < 5, "a lone request runs once max_wait_ms have passed"
+    assert [r.size for r in records] == [1, 1]
+
+
+def test_a_failing_group_fails_only_its_requests(folder):
+    store = store_of(folder)
+    with DynamicBatcher(store, max_batch_size=2, max_wait_ms=30_000) as batcher:
+        bad = batcher.submit("vpt", torch.zeros(3, 8, 8))  # the wrong input size for the backbone
+        good = batcher.submit("lora_qv", h.images(1)[0])
+        assert good.result(timeout=60).shape == (3,)
+        with pytest.raises(Exception, match="8"):
+            bad.result(timeout=60)
+        batcher.max_wait = 0.0
+        assert batcher.predict("vpt", h.images(1)[0], timeout=60).shape == (3,), "the worker lives on"
+    with pytest.raises(UnknownNameError):
+        DynamicBatcher(store).start().submit("nope", h.images(1)[0])
+    with pytest.raises(ConfigError, match="max_batch_size=0"):
+        DynamicBatcher(store, max_batch_size=0)
