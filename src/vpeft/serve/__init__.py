@@ -5,14 +5,14 @@
 - :class:`DynamicBatcher` (:mod:`vpeft.serve.batcher`): queued requests, batches formed within a deadline, grouped by
   what shares a forward.
 - :func:`create_app` (:mod:`vpeft.serve.app`, needs ``pip install 'vpeft[serve]'``): the FastAPI application.
+
+Names are imported on first use, so ``vpeft --help`` (which registers :mod:`vpeft.serve.cli`) stays light.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
-
-from .batcher import DynamicBatcher
-from .store import OWN, SHARED, AdapterInfo, AdapterRefusedError, AdapterStore, CacheStats, check_adapter_id
 
 __all__ = [
     "OWN",
@@ -26,9 +26,21 @@ __all__ = [
     "create_app",
 ]
 
+_WHERE = {
+    **dict.fromkeys(
+        ("OWN", "SHARED", "AdapterInfo", "AdapterRefusedError", "AdapterStore", "CacheStats", "check_adapter_id"),
+        "store",
+    ),
+    "DynamicBatcher": "batcher",
+    "create_app": "app",
+}
 
-def create_app(*args: Any, **kwargs: Any):
-    """:func:`vpeft.serve.app.create_app` (imported on use: FastAPI is an optional dependency)."""
-    from .app import create_app as create
 
-    return create(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
