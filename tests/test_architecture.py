@@ -217,6 +217,8 @@ RULES = [
     ("vpeft.search", ("vpeft.cli",)),
     ("vpeft.tune", ("vpeft.cli", "vpeft.bench", "vpeft.search")),
     ("vpeft.files", ("vpeft.cli", "vpeft.bench", "vpeft.run", "vpeft.train", "vpeft.api", "vpeft.data", "vpeft.state")),
+    # the server: run and below (its CLI module registers with vpeft.cli, which imports it, not the reverse)
+    ("vpeft.serve", ("vpeft.cli", "vpeft.bench", "vpeft.search", "vpeft.tune")),
 ]
 
 

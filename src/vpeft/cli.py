@@ -706,6 +706,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_bench_commands(sub)
     add_search_command(sub)
+    from .serve.cli import add_serve_command  # serve (HTTP server of a folder of deltas)
+
+    add_serve_command(sub)
     for command in sub.choices.values():  # every option's help shows its default
         command.formatter_class = HelpFormatter
     return parser

@@ -1,0 +1,282 @@
+"""The FastAPI application of ``vpeft serve`` (endpoints: README "Serving").
+
+Every error is a JSON object ``{"error": one message, "status": code}``: 400 an upload that is not a (complete)
+image or a malformed request, 404 an unknown adapter (the message lists the served ids, ``valid`` holds them), 409 an
+adapter that is not served (refused: the reason), 413 an image past the pixel limit or an upload past the byte
+limit, 422 a bad option (``top_k``), 500 anything unexpected (logged; the server keeps serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..errors import ConfigError, DataError, UnknownNameError, VpeftError
+from ..version import __version__
+from .batcher import BatchRecord, DynamicBatcher
+from .codec import ImageError, ImageTooLargeError, answer, decode_base64, decode_image, parse_top_k, transform_for
+from .page import PAGE
+from .store import AdapterRefusedError, AdapterStore
+
+__all__ = ["ServeMetrics", "create_app"]
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _StoreCollector:
+    """The store's cache counters, read at scrape time (per adapter, and the totals as gauges)."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+
+    def collect(self):
+        infos = self.store.adapters()
+        for field, doc in (
+            ("hits", "requests whose adapter was loaded"),
+            ("misses", "requests whose adapter had to be loaded"),
+            ("loads", "adapter loads"),
+            ("evictions", "adapters evicted from the cache (least recently used)"),
+        ):
+            family = CounterMetricFamily(f"vpeft_serve_cache_{field}", doc, labels=["adapter"])
+            for i in infos:
+                if i.refused is None:
+                    family.add_metric([i.id], getattr(i, field))
+            yield family
+        stats = self.store.stats()
+        for name, value, doc in (
+            ("vpeft_serve_adapters_loaded", stats.loaded, "adapters in the cache"),
+            ("vpeft_serve_adapters_loaded_bytes", stats.loaded_bytes, "bytes the loaded adapters hold"),
+            ("vpeft_serve_adapters_pinned", stats.pinned, "pinned adapters"),
+            ("vpeft_serve_adapters_refused", sum(i.refused is not None for i in infos), "adapters not served"),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily(
+            "vpeft_serve_shared_rebuilds", "rebuilds of the shared multi-task model", value=stats.shared_rebuilds
+        )
+
+
+class ServeMetrics:
+    """The server's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self, store: AdapterStore, batcher: DynamicBatcher) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "vpeft_serve_requests", "prediction requests by adapter and HTTP status", ["adapter", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "vpeft_serve_request_latency_seconds", "prediction latency (decoding to answer) by adapter", ["adapter"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "vpeft_serve_batch_size", "requests per batch", buckets=_BATCH_BUCKETS, registry=self.registry
+        )
+        self.batch_groups = Histogram(
+            "vpeft_serve_batch_forwards", "forwards per batch (the shared group is one)", buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.queue_depth = Gauge("vpeft_serve_queue_depth", "requests waiting for a batch", registry=self.registry)
+        self.queue_depth.set_function(lambda: batcher.queue_depth)
+        self.registry.register(_StoreCollector(store))
+
+    def on_batch(self, record: BatchRecord) -> None:
+        self.batch_size.observe(record.size)
+        self.batch_groups.observe(len(record.groups))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _status(exc: BaseException) -> int:
+    if isinstance(exc, ImageTooLargeError):
+        return 413
+    if isinstance(exc, UnknownNameError):
+        return 404
+    if isinstance(exc, AdapterRefusedError):
+        return 409
+    if isinstance(exc, (ImageError, DataError)):
+        return 400
+    if isinstance(exc, ConfigError):
+        return 422
+    return 500
+
+
+def _error(status: int, message: str, **fields: Any) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split()), "status": status, **fields}, status_code=status)
+
+
+def create_app(
+    store: AdapterStore,
+    *,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    max_pixels: int = 4096 * 4096,
+    max_upload_bytes: int = 32 * 1024 * 1024,
+    default_top_k: int = 5,
+) -> FastAPI:
+    """The HTTP application serving ``store``'s adapters (its batcher runs while the application does).
+
+    Args:
+        store: the adapters.
+        max_batch_size, max_wait_ms: the :class:`DynamicBatcher`'s.
+        max_pixels: larger images are refused (413) before their pixels are decoded.
+        max_upload_bytes: larger request bodies are refused (413).
+        default_top_k: classes answered when a request gives no ``top_k``.
+    """
+    for label, value in (("max_pixels", max_pixels), ("max_upload_bytes", max_upload_bytes),
+                         ("default_top_k", default_top_k)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{label}={value!r} must be a positive int")
+    batcher = DynamicBatcher(store, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    metrics = ServeMetrics(store, batcher)
+    batcher.on_batch = metrics.on_batch
+    transforms: dict[tuple[str, tuple[int, int]], Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.close()
+
+    app = FastAPI(title="vpeft serve", version=__version__, lifespan=lifespan)
+    app.state.store, app.state.batcher, app.state.metrics = store, batcher, metrics
+
+    @app.exception_handler(VpeftError)
+    async def vpeft_error(request: Request, exc: VpeftError) -> JSONResponse:
+        status = _status(exc)
+        extra = {"valid": store.ids} if status == 404 else {}
+        return _error(status, str(exc), **extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg")))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def read_request(request: Request) -> tuple[str, bytes, Any]:
+        """``(adapter, image bytes, top_k)`` of a multipart upload or a JSON body."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_upload_bytes:
+            raise ImageTooLargeError(f"the request is {length} bytes; this server takes at most {max_upload_bytes}")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            body = await request.body()
+            if len(body) > max_upload_bytes:
+                raise ImageTooLargeError(f"the request is {len(body)} bytes; at most {max_upload_bytes}")
+            try:
+                data = await request.json()
+            except ValueError:
+                raise DataError("the body is not valid JSON") from None
+            if not isinstance(data, Mapping):
+                raise DataError("the JSON body must be an object {adapter, image (base64), top_k}")
+            unknown = sorted(set(data) - {"adapter", "image", "top_k"})
+            if unknown:
+                raise ConfigError(f"unknown field(s) {unknown}; the fields are adapter, image (base64), top_k")
+            return _adapter(data.get("adapter")), decode_base64(data.get("image")), data.get("top_k")
+        if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            try:
+                form = await request.form(max_files=1, max_fields=8)
+            except HTTPException:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a malformed multipart body
+                raise DataError(f"the form could not be read ({exc})") from None
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise DataError("the form has no 'image' file field")
+            data = await upload.read(max_upload_bytes + 1)
+            if len(data) > max_upload_bytes:
+                raise ImageTooLargeError(f"the image file is over {max_upload_bytes} bytes")
+            return _adapter(form.get("adapter")), data, form.get("top_k")
+        raise DataError(
+            f"content type {kind or 'none'!r} is not accepted; send multipart/form-data (image file, adapter, top_k) "
+            "or application/json ({adapter, image: base64, top_k})"
+        )
+
+    def prepare(adapter: str, data: bytes) -> tuple[Any, tuple[int, int]]:
+        info = store.info(adapter)
+        image = decode_image(data, max_pixels)
+        size = store.input_size_for(adapter)
+        key = (info.kind or "", size)
+        if key not in transforms:
+            transforms[key] = transform_for(store.backbone, info, size)
+        return transforms[key](image), image.size
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> JSONResponse:
+        start, label = time.perf_counter(), "unknown"
+        try:
+            adapter, data, top_k = await read_request(request)
+            info = store.info(adapter)
+            label = adapter
+            top_k = parse_top_k(top_k, default_top_k)
+            x, size = await run_in_threadpool(prepare, adapter, data)
+            output = await asyncio.wrap_future(batcher.submit(adapter, x))
+            body = await run_in_threadpool(answer, info, output, top_k, size)
+        except Exception as exc:
+            status = _status(exc) if isinstance(exc, VpeftError) else 500
+            metrics.requests.labels(label, str(status)).inc()
+            raise
+        seconds = time.perf_counter() - start
+        metrics.requests.labels(label, "200").inc()
+        metrics.latency.labels(label).observe(seconds)
+        return JSONResponse({"adapter": adapter, "kind": info.kind, **body, "latency_ms": round(seconds * 1e3, 3)})
+
+    @app.get("/v1/adapters")
+    async def adapters() -> dict[str, Any]:
+        return {**store.describe(), "adapters": [i.to_dict() for i in store.adapters()]}
+
+    @app.post("/v1/adapters/{adapter}/load")
+    async def load(adapter: str, pin: bool = False) -> dict[str, Any]:
+        return (await run_in_threadpool(store.load, adapter, pin=pin)).to_dict()
+
+    @app.post("/v1/adapters/{adapter}/unload")
+    async def unload(adapter: str) -> dict[str, Any]:
+        return (await run_in_threadpool(store.unload, adapter)).to_dict()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        stats = store.stats()
+        return {"status": "ok", "backbone": store.backbone_name, "adapters": len(store.ids), "loaded": stats.loaded,
+                "queue_depth": batcher.queue_depth}  # fmt: skip
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    return app
+
+
+def _adapter(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"adapter must be a non-empty adapter id, got {value!r}; GET /v1/adapters lists them")
+    return value
