@@ -657,3 +657,38 @@ def test_dsprites_tasks_follow_the_factor_grid(tmp_path):
 
 
 _PINNED_ORI = [9, 11, 8]  # orientation indices 24, 29, 21 of the first three grid points (seed 0 + 1)
+
+
+def test_protocols_are_declared_by_task_types_and_found_by_name(data_root, request):
+    """The bench names no protocol: an entry's protocol is looked up in vpeft.tasks.protocols and must be one its
+    task type declares; a protocol and a task type registered outside the package plug in the same way."""
+    from vpeft.tasks.base import TASKS
+    from vpeft.tasks.classification import ClassificationTask
+    from vpeft.tasks.protocols import PROTOCOLS, EvalProtocol
+
+    def tasks(**entry):
+        return [{"name": "tiny", "group": "natural", **entry}]
+
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.protocol: unknown protocol 'base-to-novle'.*'base-to-novel'"):
+        parse_definition(_definition(data_root, tasks=tasks(protocol="base-to-novle")))
+    with pytest.raises(ConfigError, match="the base-to-novel protocol needs a task of kind zeroshot, got kind "
+                       "'classification'"):  # fmt: skip
+        parse_definition(_definition(data_root, tasks=tasks(protocol="base-to-novel", kind="classification")))
+    d = parse_definition(_definition(data_root, tasks=tasks(protocol="base-to-novel"), methods=[{"name": "coop"}]))
+    assert d.tasks[0].kind == "zeroshot" and d.runs()[0].task_options["classes"] == "base"
+
+    class Twice(EvalProtocol):
+        name = "toy-twice"
+
+        def after_training(self, score, options, evaluate_on):
+            return {"twice": 2 * score}
+
+    class ToyTask(ClassificationTask):
+        kind, protocols = "toy_kind", ("toy-twice",)
+
+    PROTOCOLS.register("toy-twice", Twice())
+    TASKS.register("toy_kind", ToyTask)
+    request.addfinalizer(lambda: (PROTOCOLS.unregister("toy-twice"), TASKS.unregister("toy_kind")))
+    d = parse_definition(_definition(data_root, tasks=tasks(protocol="toy-twice")))
+    assert d.tasks[0].kind == "toy_kind"  # the one task type that declares it
+    assert PROTOCOLS.get("toy-twice").after_training(0.25, {}, None) == {"twice": 0.5}

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vpeft.errors import ConfigError, VpeftError, suggest
+from vpeft.tasks.protocols import PROTOCOLS, get_protocol, protocols_of
 
 __all__ = [
     "GROUPS",
@@ -55,7 +56,20 @@ GROUPS: tuple[str, ...] = ("natural", "specialized", "structured", "fgvc", "dens
 
 GENERATORS: tuple[str, ...] = ("digits", "dsprites_loc", "dsprites_ori")
 
-PROTOCOLS: tuple[str, ...] = ("standard", "base-to-novel")
+
+def _kind_taking(kind: str | None, takes, what: str, where: str) -> str:
+    """The task kind of an entry that asks for ``what``: the given one if its task type takes it, else the one task
+    type that does (a bad or ambiguous kind is an error naming ``where``)."""
+    from vpeft.tasks.base import TASKS
+
+    able = [name for name, cls in TASKS.items() if takes(cls)]
+    if kind is None and len(able) == 1:
+        return able[0]
+    if kind not in able:
+        raise _err(where, f"{what} needs a task of kind {' or '.join(able) or '(none)'}, got kind {kind!r}")
+    return kind
+
+
 """How a task's runs are trained and tested (see :class:`TaskSpec`)."""
 """Tasks vpeft can produce offline (``generate:``), written under the definition's ``generated_root``."""
 
@@ -176,20 +190,16 @@ class TaskSpec:
         splits = SplitNames.parse(data.get("splits"), f"{where}.splits")
         protocol = data.get("protocol", "standard")
         if protocol not in PROTOCOLS:
-            raise _err(f"{where}.protocol", suggest(str(protocol), PROTOCOLS, "protocol"))
-        if protocol == "base-to-novel":
-            if kind not in (None, "zeroshot"):
-                raise _err(f"{where}.kind", f"the base-to-novel protocol needs a zeroshot task, got kind {kind!r}")
-            kind = "zeroshot"
-            if options.get("classes", "base") != "base":
-                raise _err(f"{where}.options.classes", "base-to-novel trains on the base classes; leave it out")
+            raise _err(f"{where}.protocol", suggest(str(protocol), PROTOCOLS.names(), "protocol"))
+        if protocol != "standard":  # the task types that declare it (vpeft.tasks.protocols)
+            kind = _kind_taking(kind, lambda cls: protocol in protocols_of(cls), f"the {protocol} protocol",
+                                f"{where}.kind")  # fmt: skip
+            PROTOCOLS.get(protocol).train_options(options, where)  # a bad option names where it is
         transfer = data.get("transfer_to") or []
         if not isinstance(transfer, list) or not all(isinstance(t, str) and t for t in transfer):
             raise _err(f"{where}.transfer_to", f"expected a list of task folder names, got {transfer!r}")
-        if transfer and kind not in (None, "zeroshot"):
-            raise _err(f"{where}.transfer_to", f"cross-dataset transfer needs a zeroshot task, got kind {kind!r}")
         if transfer:
-            kind = "zeroshot"
+            kind = _kind_taking(kind, lambda cls: cls.transfers, "cross-dataset transfer", f"{where}.transfer_to")
         return cls(name, group, root, gen, splits, kind, options, protocol, tuple(transfer))
 
 
@@ -357,7 +367,7 @@ class RunSpec:
             seed=seed,
             latency=dataclasses.asdict(d.latency),
             task_kind=t.kind,
-            task_options={**t.options, **m.task_options, **({"classes": "base"} if t.protocol != "standard" else {})},
+            task_options=get_protocol(t.protocol).train_options({**t.options, **m.task_options}, t.name),
             protocol=t.protocol,
             transfer_to=list(t.transfer_to),
             tune=dict(m.tune),

@@ -31,6 +31,7 @@ import torch
 from vpeft.bench.definition import RunSpec
 from vpeft.bench.records import environment, write_record
 from vpeft.errors import VpeftError
+from vpeft.tasks.protocols import Transfer, get_protocol
 
 if TYPE_CHECKING:
     from vpeft.run import RunRequest
@@ -282,25 +283,6 @@ def _tune_select(spec: RunSpec, out_dir: Path) -> dict[str, Any]:
     }
 
 
-def _novel_classes(spec: RunSpec, delta: Path, base_run) -> dict[str, Any]:
-    """Base-to-novel: the delta trained on the base classes, tested on the novel classes of the test split (their
-    own class names, the same adapted towers); ``{"base", "novel", "hm", "protocol"}``."""
-    from vpeft.data.fewshot import harmonic_mean
-    from vpeft.run import model_from_delta
-
-    model, extra, _ = model_from_delta(delta)
-    options = {k: v for k, v in spec.task_options.items() if k not in ("classes", "shots", "shot_seed")}
-    metrics = _zero_shot_on(model, extra, spec, spec.task, **options, classes="novel")
-    base = float(base_run.score)
-    return {
-        "protocol": "base-to-novel",
-        "base": base,
-        "novel": float(metrics["top1"]),
-        "hm": harmonic_mean(base, float(metrics["top1"])),
-        "novel_n": int(metrics["n"]),
-    }
-
-
 def _zero_shot_on(model, extra: Mapping[str, Any], spec: RunSpec, task_name: str, **options: Any) -> dict[str, Any]:
     """Evaluate the adapted CLIP towers of ``model`` zero-shot on ``task_name``'s test split (its class names)."""
     from vpeft.data import build_dataloader
@@ -314,16 +296,20 @@ def _zero_shot_on(model, extra: Mapping[str, Any], spec: RunSpec, task_name: str
     return evaluate(target, build_dataloader(ds, 64, shuffle=False), spec.device, task=task)
 
 
-def _transfer(spec: RunSpec, delta: Path) -> dict[str, dict[str, Any]]:
-    """Cross-dataset transfer: the delta trained on ``spec.task`` evaluated zero-shot on each ``transfer_to`` task."""
+def _evaluator(spec: RunSpec, delta: Path) -> Callable[..., Mapping[str, Any]]:
+    """``evaluate_on(task_name=None, **options)`` for the protocols: the trained delta's towers evaluated zero-shot
+    on a task's test split (``None``: the run's own task); the model is rebuilt from the delta once, on first use."""
     from vpeft.run import model_from_delta
 
-    model, extra, _ = model_from_delta(delta)
-    out = {}
-    for name in spec.transfer_to:
-        metrics = _zero_shot_on(model, extra, spec, name)
-        out[name] = {"top1": float(metrics["top1"]), "n": int(metrics["n"])}
-    return out
+    built: list[Any] = []
+
+    def evaluate_on(task_name: str | None = None, **options: Any) -> Mapping[str, Any]:
+        if not built:
+            built.extend(model_from_delta(delta)[:2])
+        model, extra = built
+        return _zero_shot_on(model, extra, spec, task_name or spec.task, **options)
+
+    return evaluate_on
 
 
 def _class_names(spec: RunSpec) -> list[str] | None:
@@ -384,15 +370,17 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
         run = _final_run(finetune, request, spec, Path(out_dir))
     final = run.to_dict()
     latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["img_size"])
-    b2n = _novel_classes(spec, Path(out_dir) / "delta.safetensors", run) if spec.protocol == "base-to-novel" else {}
-    score = b2n["hm"] if b2n else run.score
-    transfer = _transfer(spec, Path(out_dir) / "delta.safetensors") if spec.transfer_to else None
+    protocol = get_protocol(spec.protocol)  # what the task type's protocol measures after training
+    evaluate_on = _evaluator(spec, Path(out_dir) / "delta.safetensors")
+    b2n = protocol.after_training(run.score, spec.task_options, evaluate_on)
+    score = b2n[protocol.primary_metric] if protocol.primary_metric else run.score
+    transfer = Transfer(spec.transfer_to).after_training(evaluate_on) if spec.transfer_to else None
     return {
         **({"transfer": transfer} if transfer is not None else {}),
         "top1": score,  # the primary metric (kept under its historical name; "score" and "primary_metric" too)
         "score": score,
         **b2n,
-        "primary_metric": "hm" if b2n else run.primary_metric,
+        "primary_metric": protocol.primary_metric or run.primary_metric,
         "task_kind": run.task_spec.get("kind"),
         "test_metrics": {k: v for k, v in run.metrics.items() if k not in ("loss", "n")},
         "decoder_params": run.decoder_params,

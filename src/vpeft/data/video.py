@@ -69,12 +69,13 @@ def _split_lists(split: str) -> tuple[str, ...]:
 
 
 def is_video_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a video task folder: ``classes.txt`` and a split list whose first line is
-    ``<clip> <label>`` with a video file or a frame folder as the clip."""
+    """Whether ``path`` is a video task folder: ``classes.txt`` and a ``train.txt`` or ``val.txt`` whose first line
+    is ``<clip> <label>`` with a video file or a frame folder as the clip. The test list is never opened here (the
+    protocol reads it once, at the end)."""
     path = Path(path)
     if not (path / "classes.txt").is_file():
         return False
-    for split in ("train", "val", "test"):
+    for split in ("train", "val"):
         lst = path / f"{split}.txt"
         if not lst.is_file():
             continue

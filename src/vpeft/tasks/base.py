@@ -68,6 +68,10 @@ class Task(abc.ABC):
     detect_priority: ClassVar[int] = 0
     #: other task kinds whose folders this task type reads too (zero-shot reads classification folders)
     folder_kinds: ClassVar[tuple[str, ...]] = ()
+    #: evaluation protocols besides "standard" the task type takes (:mod:`vpeft.tasks.protocols`)
+    protocols: ClassVar[tuple[str, ...]] = ()
+    #: the trained model can be evaluated on other task folders of this kind (cross-dataset transfer)
+    transfers: ClassVar[bool] = False
 
     # ---- data: what a task folder holds and how its batches look ----------------------------------------------
     @classmethod

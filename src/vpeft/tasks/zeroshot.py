@@ -278,6 +278,8 @@ class ZeroShotTask(Task):
     """
 
     kind: ClassVar[str] = "zeroshot"
+    protocols: ClassVar[tuple[str, ...]] = ("base-to-novel",)
+    transfers: ClassVar[bool] = True
     primary_metric: ClassVar[str] = "top1"
     folder_kinds: ClassVar[tuple[str, ...]] = ("classification",)  # reads VTAB-format classification folders
     class_names: tuple[str, ...] = ()
