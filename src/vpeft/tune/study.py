@@ -434,15 +434,42 @@ def run_tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with folder_lock(out, "vpeft tune", what="--out", wait=True):  # two processes creating one SQLite study race
         study, store = _open_study(identity, cfg, out, storage, name)
-    if enqueue and not study.trials:
-        names = {p.name for p in space.params}
-        for values in enqueue:
-            unknown = sorted(set(values) - names)
-            if unknown:
-                raise ConfigError(f"enqueued recipe {dict(values)} sets {unknown}, which the space does not tune")
-            search.recipe(values)  # validated like every drawn recipe
-            study.enqueue_trial(dict(values))
+    _enqueue(study, search, space, enqueue)
     _requeue_orphans(study, store)
+    _optimize(study, search, cfg, metric, on_trial)
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise ConfigError(f"no trial of study {name!r} completed (all pruned or failed): nothing to choose from")
+    summary = _summary(study, identity, name, storage, metric, cfg)
+    best = study.best_trial
+    # the trials are shared between processes; the final run, the plots and the summary have one writer: a second
+    # process waits here, then reuses the first one's final run
+    with folder_lock(out, "vpeft tune", what="--out", wait=True):
+        if cfg.final:
+            summary.update(_final(search, best, out))
+            summary["cpu_s"] = summary["search_cpu_s"] + summary["final_cpu_s"]
+        summary["plots"] = _plots(study, out)
+        write_json_atomic(out / RESULT_NAME, summary)
+    return summary
+
+
+def _enqueue(study: Any, search: _Search, space: SearchSpace, enqueue: Sequence[Mapping[str, Any]]) -> None:
+    """Queue the given recipes first (validated like every drawn recipe), once, when the study is new."""
+    if not enqueue or study.trials:
+        return
+    names = {p.name for p in space.params}
+    for values in enqueue:
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"enqueued recipe {dict(values)} sets {unknown}, which the space does not tune")
+        search.recipe(values)
+        study.enqueue_trial(dict(values))
+
+
+def _optimize(study: Any, search: _Search, cfg: TuneConfig, metric: str, on_trial) -> None:
+    """Run the trials the budget still allows (shared studies count every process's finished trials)."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
@@ -458,12 +485,13 @@ def run_tune(
     if done < cfg.trials:
         study.optimize(search, n_trials=cfg.trials - done, catch=(),
                        callbacks=[MaxTrialsCallback(cfg.trials, states=finished), progress])  # fmt: skip
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        raise ConfigError(f"no trial of study {name!r} completed (all pruned or failed): nothing to choose from")
-    best = study.best_trial
-    trials = study.get_trials(deepcopy=False)
-    summary: dict[str, Any] = {
+
+
+def _summary(study: Any, identity: dict[str, Any], name: str, storage: str | None, metric: str,
+             cfg: TuneConfig) -> dict[str, Any]:  # fmt: skip
+    """What tune_result.json says of the search: the study, the budget, the best trial, every trial's history."""
+    best, trials = study.best_trial, study.get_trials(deepcopy=False)
+    return {
         "identity": identity,
         "study": name,
         "storage": storage or "sqlite:///study.db",
@@ -486,14 +514,5 @@ def run_tune(
                 "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),
             }
             for t in trials
-        ],  # fmt: skip
+        ],
     }
-    # the trials are shared between processes; the final run, the plots and the summary have one writer: a second
-    # process waits here, then reuses the first one's final run
-    with folder_lock(out, "vpeft tune", what="--out", wait=True):
-        if cfg.final:
-            summary.update(_final(search, best, out))
-            summary["cpu_s"] = summary["search_cpu_s"] + summary["final_cpu_s"]
-        summary["plots"] = _plots(study, out)
-        write_json_atomic(out / RESULT_NAME, summary)
-    return summary
