@@ -158,65 +158,10 @@ def create_app(
     app = FastAPI(title="vpeft serve", version=__version__, lifespan=lifespan)
     app.state.store, app.state.batcher, app.state.metrics = store, batcher, metrics
 
-    @app.exception_handler(VpeftError)
-    async def vpeft_error(request: Request, exc: VpeftError) -> JSONResponse:
-        status = _status(exc)
-        extra = {"valid": store.ids} if status == 404 else {}
-        return _error(status, str(exc), **extra)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(422, f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg")))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    _add_error_handlers(app, store)
 
     async def read_request(request: Request) -> tuple[str, bytes, Any]:
-        """``(adapter, image bytes, top_k)`` of a multipart upload or a JSON body."""
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_upload_bytes:
-            raise ImageTooLargeError(f"the request is {length} bytes; this server takes at most {max_upload_bytes}")
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "application/json":
-            body = await request.body()
-            if len(body) > max_upload_bytes:
-                raise ImageTooLargeError(f"the request is {len(body)} bytes; at most {max_upload_bytes}")
-            try:
-                data = await request.json()
-            except ValueError:
-                raise DataError("the body is not valid JSON") from None
-            if not isinstance(data, Mapping):
-                raise DataError("the JSON body must be an object {adapter, image (base64), top_k}")
-            unknown = sorted(set(data) - {"adapter", "image", "top_k"})
-            if unknown:
-                raise ConfigError(f"unknown field(s) {unknown}; the fields are adapter, image (base64), top_k")
-            return _adapter(data.get("adapter")), decode_base64(data.get("image")), data.get("top_k")
-        if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            try:
-                form = await request.form(max_files=1, max_fields=8)
-            except HTTPException:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a malformed multipart body
-                raise DataError(f"the form could not be read ({exc})") from None
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise DataError("the form has no 'image' file field")
-            data = await upload.read(max_upload_bytes + 1)
-            if len(data) > max_upload_bytes:
-                raise ImageTooLargeError(f"the image file is over {max_upload_bytes} bytes")
-            return _adapter(form.get("adapter")), data, form.get("top_k")
-        raise DataError(
-            f"content type {kind or 'none'!r} is not accepted; send multipart/form-data (image file, adapter, top_k) "
-            "or application/json ({adapter, image: base64, top_k})"
-        )
+        return await _read_request(request, max_upload_bytes)
 
     def prepare(adapter: str, data: bytes) -> tuple[Any, tuple[int, int]]:
         info = store.info(adapter)
@@ -247,6 +192,78 @@ def create_app(
         metrics.latency.labels(label).observe(seconds)
         return JSONResponse({"adapter": adapter, "kind": info.kind, **body, "latency_ms": round(seconds * 1e3, 3)})
 
+    _add_adapter_routes(app, store, batcher, metrics)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, store: AdapterStore) -> None:
+    """Every error is one JSON message (404s list the valid adapter ids)."""
+
+    @app.exception_handler(VpeftError)
+    async def vpeft_error(request: Request, exc: VpeftError) -> JSONResponse:
+        status = _status(exc)
+        extra = {"valid": store.ids} if status == 404 else {}
+        return _error(status, str(exc), **extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg")))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def _read_request(request: Request, max_upload_bytes: int) -> tuple[str, bytes, Any]:
+    """``(adapter, image bytes, top_k)`` of a multipart upload or a JSON body."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_upload_bytes:
+        raise ImageTooLargeError(f"the request is {length} bytes; this server takes at most {max_upload_bytes}")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        body = await request.body()
+        if len(body) > max_upload_bytes:
+            raise ImageTooLargeError(f"the request is {len(body)} bytes; at most {max_upload_bytes}")
+        try:
+            data = await request.json()
+        except ValueError:
+            raise DataError("the body is not valid JSON") from None
+        if not isinstance(data, Mapping):
+            raise DataError("the JSON body must be an object {adapter, image (base64), top_k}")
+        unknown = sorted(set(data) - {"adapter", "image", "top_k"})
+        if unknown:
+            raise ConfigError(f"unknown field(s) {unknown}; the fields are adapter, image (base64), top_k")
+        return _adapter(data.get("adapter")), decode_base64(data.get("image")), data.get("top_k")
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a malformed multipart body
+            raise DataError(f"the form could not be read ({exc})") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise DataError("the form has no 'image' file field")
+        data = await upload.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise ImageTooLargeError(f"the image file is over {max_upload_bytes} bytes")
+        return _adapter(form.get("adapter")), data, form.get("top_k")
+    raise DataError(
+        f"content type {kind or 'none'!r} is not accepted; send multipart/form-data (image file, adapter, top_k) "
+        "or application/json ({adapter, image: base64, top_k})"
+    )
+
+
+def _add_adapter_routes(app: FastAPI, store: AdapterStore, batcher: DynamicBatcher, metrics: ServeMetrics) -> None:
+    """The adapter listing, load / unload, health, Prometheus metrics and the upload page."""
+
     @app.get("/v1/adapters")
     async def adapters() -> dict[str, Any]:
         return {**store.describe(), "adapters": [i.to_dict() for i in store.adapters()]}
@@ -272,8 +289,6 @@ def create_app(
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE)
-
-    return app
 
 
 def _adapter(value: Any) -> str:
