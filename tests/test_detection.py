@@ -1,0 +1,239 @@
+"""Object detection: the COCO folder format, the torchvision detectors on vpeft features, COCO mAP, every method.
+
+Fixtures are small COCO folders written here (24-48 px images); tiny random backbones from tests/tiny.py at 32 px;
+the real chess data (../shared/data/det/chess) where present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vpeft.data.detection import (
+    TARGET_FIELDS,
+    DetectionDataset,
+    DetectionFolder,
+    detection_splits,
+    is_detection_folder,
+    read_detection_split,
+)
+from vpeft.errors import ConfigError, DataError
+from vpeft.tasks import task_for_folder
+
+# ------------------------------------------------------------------------------------------------ fixture folders
+#: category ids as real exports have them: a supercategory 0 without boxes, gaps, a class never used (9)
+CATEGORIES = [
+    {"id": 0, "name": "things", "supercategory": "none"},
+    {"id": 3, "name": "cat", "supercategory": "things"},
+    {"id": 7, "name": "dog", "supercategory": "things"},
+    {"id": 9, "name": "bird", "supercategory": "things"},
+]
+LABEL = {0: 0, 3: 1, 7: 2, 9: 3}
+
+
+def _image(path: Path, w: int, h: int, boxes=()) -> None:
+    """A black image with each ``[x, y, w, h]`` box painted white (so a flip can be checked from pixels)."""
+    arr = np.zeros((h, w, 3), np.uint8)
+    for x, y, bw, bh in boxes:
+        arr[int(y) : int(y + bh), int(x) : int(x + bw)] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _write_split(root: Path, split: str, images: list[dict], anns: list[dict], categories=CATEGORIES) -> None:
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(anns):
+        a.setdefault("id", i + 1)
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+    doc = {"images": images, "annotations": anns, "categories": categories}
+    (root / "annotations" / f"{split}.json").write_text(json.dumps(doc))
+
+
+def make_det_folder(root: Path, w: int = 48, h: int = 32) -> Path:
+    """train: image 1 with a cat and a dog; image 2 empty; image 3 with a crowd box, a zero-area box, a box outside
+    the image and one partly outside. valid / test: one image each."""
+    img = lambda i, split: {"id": i, "file_name": f"{i}.png", "width": w, "height": h}  # noqa: E731
+    train_boxes = {1: [[4, 4, 12, 10], [24, 8, 16, 20]], 3: [[2, 2, 10, 10], [40, 20, 20, 30]]}
+    for i in (1, 2, 3):
+        _image(root / "images" / "train" / f"{i}.png", w, h, train_boxes.get(i, ()))
+    _write_split(
+        root,
+        "train",
+        [img(1, "train"), img(2, "train"), img(3, "train")],
+        [
+            {"image_id": 1, "category_id": 3, "bbox": [4, 4, 12, 10]},
+            {"image_id": 1, "category_id": 7, "bbox": [24, 8, 16, 20]},
+            {"image_id": 3, "category_id": 3, "bbox": [2, 2, 10, 10], "iscrowd": 1, "area": 77.0},
+            {"image_id": 3, "category_id": 7, "bbox": [5, 5, 0, 8]},  # zero area
+            {"image_id": 3, "category_id": 7, "bbox": [60, 40, 5, 5]},  # entirely outside the 48x32 image
+            {"image_id": 3, "category_id": 7, "bbox": [40, 20, 20, 30]},  # partly outside: clipped to 8x12
+        ],
+    )
+    for split in ("valid", "test"):
+        _image(root / "images" / split / "5.png", w, h, [[8, 6, 20, 14]])
+        _write_split(root, split, [img(5, split)], [{"image_id": 5, "category_id": 7, "bbox": [8, 6, 20, 14]}])
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------- data folder
+def test_a_coco_folder_is_a_detection_folder_with_its_categories_as_classes(tmp_path):
+    root = make_det_folder(tmp_path / "toy")
+    assert is_detection_folder(root) and detection_splits(root) == ["test", "train", "valid"]
+    assert not is_detection_folder(tmp_path / "missing")
+    folder = DetectionFolder.from_dir(root)
+    assert folder.class_names == ("things", "cat", "dog", "bird") and folder.num_classes == 4
+    task = task_for_folder(root)  # detected before classification's generic fallback
+    assert task.kind == "detection" and task.class_names == folder.class_names
+    assert task.primary_metric == "map"
+
+
+def test_reading_a_split_maps_ids_drops_and_clips_boxes_with_a_logged_count(tmp_path, caplog):
+    root = make_det_folder(tmp_path / "toy")
+    with caplog.at_level(logging.WARNING, logger="vpeft.data.detection"):
+        recs = read_detection_split(root, "train")
+    assert (recs.dropped_zero_area, recs.dropped_outside, recs.clipped) == (1, 1, 1)
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "train.json: dropped 1 zero-area box(es) and 1 box(es) outside their image, clipped 1 box(es)" in msg
+    one, empty, three = recs.images
+    assert one.labels.tolist() == [LABEL[3], LABEL[7]]  # contiguous labels in category-id order
+    np.testing.assert_allclose(one.boxes, [[4, 4, 16, 14], [24, 8, 40, 28]])
+    assert len(empty.labels) == 0 and empty.boxes.shape == (0, 4)  # kept as a negative
+    assert three.iscrowd.tolist() == [True, False] and three.area.tolist()[0] == 77.0  # the annotation's own area
+    np.testing.assert_allclose(three.boxes[1], [40, 20, 48, 32])  # clipped to the image
+    assert recs.num_boxes == 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vpeft.data.detection"):
+        read_detection_split(root, "valid")
+    assert not caplog.records, "a clean split logs nothing"
+
+
+def test_items_keep_the_aspect_ratio_on_a_padded_canvas(tmp_path):
+    root = make_det_folder(tmp_path / "toy")
+    ds = DetectionDataset(root, "train", 24, mean=(0, 0, 0), std=(1, 1, 1))
+    assert len(ds) == 3 and ds.max_boxes == 2 and not ds.random_augmentation
+    x, t = ds[0]
+    assert x.shape == (3, 24, 24) and t.shape == (2, len(TARGET_FIELDS)) and t.dtype == torch.float32
+    assert ds.scaled_size(ds.records.images[0]) == (24, 16)  # 48x32 -> 24x16: aspect kept
+    assert x[:, 16:].abs().max() == 0, "padding below the image is zero (the normalised mean colour)"
+    torch.testing.assert_close(t[:, 1:5], torch.tensor([[2.0, 2.0, 8.0, 7.0], [12.0, 4.0, 20.0, 14.0]]))
+    assert t[:, 0].tolist() == [1.0, 2.0] and t[:, 7].tolist() == [0.5, 0.5] and t[:, 8].tolist() == [0.5, 0.5]
+    assert t[:, 6].tolist() == [120.0, 320.0], "areas stay in stored pixels (COCO's size ranges)"
+    # the painted box is where the target says
+    assert x[0, 3:6, 3:7].min() == 1.0 and x[0, 9, 9] == 0.0
+    _, empty = ds[1]
+    assert empty[:, 0].tolist() == [-1.0, -1.0] and empty[0, 7] == 0.5  # padding rows still carry the scale
+    _, crowd = ds[2]
+    assert crowd[:, 5].tolist() == [1.0, 0.0]
+
+
+def test_flip_moves_boxes_with_the_image_only_with_augment(tmp_path):
+    root = make_det_folder(tmp_path / "toy")
+    plain = DetectionDataset(root, "train", 24, mean=(0, 0, 0), std=(1, 1, 1))
+    aug = DetectionDataset(root, "train", 24, mean=(0, 0, 0), std=(1, 1, 1), augment=True)
+    assert aug.random_augmentation
+    ref_x, ref_t = plain[0]
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        x, t = aug[0]
+        flipped = not torch.equal(x, ref_x)
+        seen.add(flipped)
+        for x1, y1, x2, y2 in t[:, 1:5].round().long().tolist():  # every box sits on its white patch
+            assert x[0, y1 + 1 : y2 - 1, x1 + 1 : x2 - 1].min() == 1.0  # (bilinear edges aside)
+            assert x[0, y1:y2, x1:x2].mean() > 0.8
+            assert x2 <= 24 and x1 >= 0
+        if flipped:
+            assert x[:, 16:].abs().max() == 0 and torch.equal(x[:, :16].flip(-1), ref_x[:, :16])
+            torch.testing.assert_close(t[:, [1, 3]], 24 - ref_t[:, [3, 1]])
+    assert seen == {True, False}
+    torch.manual_seed(0)
+    for _ in range(5):
+        assert torch.equal(plain[0][0], ref_x), "no flip without augment"
+
+
+def test_joined_splits(tmp_path):
+    root = make_det_folder(tmp_path / "toy")
+    assert len(read_detection_split(root, "trainval").images) == 4  # train + valid
+    assert len(read_detection_split(root, "valid+test").images) == 2
+
+
+def _broken(root: Path, change) -> Path:
+    path = root / "annotations" / "train.json"
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+BAD = [  # (list, index, change, the expected message)
+    ("images", 1, {"file_name": "nope.png"}, r"train.json: image 'nope.png' \(id 2\) does not exist"),
+    ("annotations", 0, {"bbox": [4, 4, -3, 10]}, r"annotation 1 has a box of negative size \(bbox \[4, 4, -3, 10\]\)"),
+    ("annotations", 1, {"category_id": 5}, r"annotation 2 has category_id 5, not among the categories \[0, 3, 7, 9\]"),
+    ("annotations", 1, {"image_id": 42}, r"train.json: annotation 2 names image_id 42"),
+    ("annotations", 1, {"bbox": [1, 2, 3]}, r"train.json: annotation 2 has bbox \[1, 2, 3\], expected four"),
+    ("images", 0, {"width": 50}, r"train.json: image '1.png' is 48x32 but the file records width=50"),
+]
+
+
+@pytest.mark.parametrize("key,index,change,match", BAD, ids=[f"{c[0]}{c[1]}-{next(iter(c[2]))}" for c in BAD])
+def test_bad_annotations_are_one_line_data_errors_naming_file_and_value(tmp_path, key, index, change, match):
+    root = make_det_folder(tmp_path / "toy")
+    _broken(root, lambda doc: doc[key][index].update(change))
+    with pytest.raises(DataError, match=match) as err:
+        DetectionDataset(root, "train", 24)  # checked up front, before any item is read
+    assert "\n" not in str(err.value)
+
+
+def test_folder_level_errors(tmp_path):
+    root = make_det_folder(tmp_path / "toy")
+    with pytest.raises(DataError, match=r"split 'tset'.*Did you mean 'test'"):
+        read_detection_split(root, "tset")
+    other = [*CATEGORIES[:3], {"id": 9, "name": "fish"}]
+    _write_split(root, "test", [], [], categories=other)
+    with pytest.raises(DataError, match=r"test.json: categories .* differ from the class-defining split"):
+        read_detection_split(root, "test")
+    (root / "annotations" / "valid.json").write_text("{not json")
+    with pytest.raises(DataError, match="valid.json cannot be read as JSON"):
+        read_detection_split(root, "valid")
+    _write_split(root, "valid", [], [])
+    with pytest.raises(DataError, match="split 'valid' of .* lists no images"):
+        read_detection_split(root, "valid")
+    with pytest.raises(ConfigError, match="size=0"):
+        DetectionDataset(root, "train", 0)
+
+
+# ------------------------------------------------------------------------------------------------ real chess data
+def _chess() -> Path:
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ.get("VPEFT_DET_DATA")
+    candidates = [Path(env) if env else None, root.parent / "shared/data/det", Path.cwd().parent / "shared/data/det"]
+    for base in candidates:
+        if base is not None and (base / "chess" / "annotations" / "train.json").is_file():
+            return base / "chess"
+    pytest.skip("chess detection data not found (../shared/data/det/chess or $VPEFT_DET_DATA/chess)")
+
+
+def test_real_chess_splits_validate_with_their_sparse_categories():
+    chess = _chess()
+    folder = DetectionFolder.from_dir(chess)
+    assert folder.num_classes == 14 and folder.class_names[:2] == ("pieces", "bishop")
+    assert folder.class_names[-1] == "white-rook"
+    counts = {}
+    for split, (n_img, n_box) in {"train": (202, 2108), "valid": (58, 386), "test": (29, 376)}.items():
+        recs = read_detection_split(chess, split, folder)  # every image's header read and checked
+        assert len(recs.images) == n_img and recs.num_boxes == n_box
+        assert {(r.width, r.height) for r in recs.images} == {(640, 428)}
+        counts[split] = np.bincount(np.concatenate([r.labels for r in recs.images]), minlength=14)
+    assert counts["train"][0] == 0 and counts["train"][1] == 1  # the supercategory and the one-box class
+    ds = DetectionDataset(chess, "test", 64, folder=folder)
+    x, t = ds[0]
+    assert x.shape == (3, 64, 64) and ds.scaled_size(ds.records.images[0]) == (64, 43)
+    assert t[:, 7].unique().tolist() == [pytest.approx(0.1)]
