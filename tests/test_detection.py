@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import TINY_BACKBONES
 
 from vpeft.data.detection import (
     TARGET_FIELDS,
@@ -25,7 +26,8 @@ from vpeft.data.detection import (
     read_detection_split,
 )
 from vpeft.errors import ConfigError, DataError
-from vpeft.tasks import task_for_folder
+from vpeft.tasks import task_for_folder, task_from_dict
+from vpeft.tasks.detection import DETECTORS, DetectionModel, DetectionTask, default_detection_width
 
 # ------------------------------------------------------------------------------------------------ fixture folders
 #: category ids as real exports have them: a supercategory 0 without boxes, gaps, a class never used (9)
@@ -237,3 +239,146 @@ def test_real_chess_splits_validate_with_their_sparse_categories():
     x, t = ds[0]
     assert x.shape == (3, 64, 64) and ds.scaled_size(ds.records.images[0]) == (64, 43)
     assert t[:, 7].unique().tolist() == [pytest.approx(0.1)]
+
+
+# ---------------------------------------------------------------------------------------------- model and detectors
+NAMES = ("a", "b", "c")
+
+
+def _headless(bb: str) -> tuple[torch.nn.Module, int]:
+    factory, size = TINY_BACKBONES[bb]
+    model = factory()
+    model.reset_classifier(0)
+    return model, size
+
+
+def _targets(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
+    """Padded (n, 4, 9) targets: 1-3 random boxes per image (labels 0..2), one crowd box, one padding row."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(n, 4, len(TARGET_FIELDS))
+    t[:, :, 0] = -1
+    t[:, :, 7:] = 1.0
+    for i in range(n):
+        for j in range(1 + i % 3):
+            xy = torch.rand(2, generator=g) * size * 0.5
+            wh = 4 + torch.rand(2, generator=g) * size * 0.4
+            t[i, j, :7] = torch.tensor([j % 3, *xy, *(xy + wh), 0, float(wh.prod())])
+    t[0, 3, :7] = torch.tensor([1, 0, 0, size / 2, size / 2, 1, size * size / 4])  # a crowd box
+    return t
+
+
+def _images(size: int, n: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+LOSSES = {
+    "fcos": {"classification", "bbox_regression", "bbox_ctrness"},
+    "retinanet": {"classification", "bbox_regression"},
+    "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+}
+
+
+@pytest.mark.parametrize("detector", sorted(DETECTORS))
+@pytest.mark.parametrize("bb", ["vit_cls", "cnn_effnet", "swin"])
+def test_torchvision_detectors_on_tiny_backbones(detector, bb):
+    model, size = _headless(bb)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    task = DetectionTask(NAMES, detector=detector, width=32)
+    det = task.build(model)
+    assert isinstance(det, DetectionModel) and det.backbone is model and det.task is task
+    assert {n.split(".")[0] for n in det.state_dict()} == {"backbone", "decoder"}
+    assert not any(n.startswith("decoder.backbone.features") for n in det.state_dict())
+    det.train()
+    x, t = _images(size), _targets(size)
+    losses = task.forward(det, x, t)
+    assert set(losses) == LOSSES[detector]
+    loss = task.loss(losses, t)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    for name, p in det.decoder.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    det.eval()
+    with torch.no_grad():
+        out = task.forward(det, x, t)
+    assert len(out) == 2 and torch.isnan(task.loss(out, t))
+    for d in out:
+        assert d["boxes"].shape[1] == 4 and len(d["boxes"]) == len(d["scores"]) == len(d["labels"]) <= 100
+        if len(d["boxes"]):  # (a random RetinaNet may score everything below the threshold)
+            assert d["boxes"].min() >= 0 and d["boxes"].max() <= size
+            assert d["labels"].min() >= 0 and d["labels"].max() < len(NAMES)  # Faster R-CNN's background removed
+
+
+def test_the_neck_builds_vitdet_strides_from_the_patch_and_cnn_stages_as_they_are():
+    import timm
+
+    torch.manual_seed(0)
+    vit16 = timm.create_model("vit_tiny_patch16_224", img_size=64, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    det = DetectionTask(NAMES, width=32).build(vit16)
+    assert det.neck.strides == (8.0, 16.0, 32.0) and det.neck.out_channels == 32  # ViTDet's 8 / 16 / 32
+    maps = det.neck(_images(64))
+    assert list(maps) == ["0", "1", "2"] and [tuple(m.shape) for m in maps.values()] == [
+        (2, 32, 8, 8),
+        (2, 32, 4, 4),
+        (2, 32, 2, 2),
+    ]
+    model, size = _headless("cnn_effnet")
+    cnn = DetectionTask(NAMES, width=32).build(model)
+    maps = cnn.neck(_images(size))
+    assert [m.shape[-1] * s for m, s in zip(maps.values(), cnn.neck.strides)] == [size] * 3
+    assert cnn.neck.strides == tuple(sorted(cnn.neck.strides)) and len(set(cnn.neck.strides)) == 3
+    assert default_detection_width([384]) == 192 and default_detection_width([768]) == 256
+    assert default_detection_width([32]) == 32
+
+
+def test_torchvision_targets_drop_crowd_and_padding_and_shift_faster_rcnn_labels():
+    t = _targets(32)
+    fcos = DetectionTask(NAMES).torchvision_targets(t)
+    assert [len(d["boxes"]) for d in fcos] == [1, 2]  # image 0: one box + a crowd box (dropped) + padding
+    assert fcos[1]["labels"].tolist() == [0, 1] and fcos[1]["labels"].dtype == torch.int64
+    torch.testing.assert_close(fcos[0]["boxes"], t[0, :1, 1:5])
+    assert DetectionTask(NAMES, detector="faster_rcnn").torchvision_targets(t)[1]["labels"].tolist() == [1, 2]
+
+
+def test_training_mode_without_targets_is_refused():
+    model, size = _headless("vit_cls")
+    det = DetectionTask(NAMES, width=32).build(model).train()
+    with pytest.raises(ConfigError, match="needs the targets"):
+        det(_images(size))
+
+
+def test_task_dict_round_trip_options_and_compatibility():
+    task = DetectionTask(NAMES, detector="retinanet", width=48, size=64, augment=True)
+    data = json.loads(json.dumps(task.to_dict()))
+    assert data == {"kind": "detection", "num_classes": 3, "class_names": ["a", "b", "c"], "detector": "retinanet",
+                    "width": 48, "size": 64, "augment": True}  # fmt: skip
+    back = task_from_dict(data)
+    assert isinstance(back, DetectionTask) and back.to_dict() == data and back.backbone_classes() == 0
+    assert back.backbone_kwargs() == {"dynamic_img_size": True} and DetectionTask(NAMES).backbone_kwargs() == {}
+    DetectionTask(NAMES, detector="retinanet", width=48).check_compatible(data, "d")  # data options may differ
+    with pytest.raises(ConfigError, match=r"another detection set-up: detector='retinanet' \(this model: 'fcos'\)"):
+        DetectionTask(NAMES, width=64).check_compatible({**data, "width": 64}, "d")
+    with pytest.raises(ConfigError, match="class_names"):
+        DetectionTask(("a", "b", "d"), detector="retinanet", width=48).check_compatible(data, "d")
+    with pytest.raises(ConfigError, match="'segmentation' task"):
+        task.check_compatible({"kind": "segmentation"}, "d")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"detector": "yolo"}, "unknown detector 'yolo'; valid detectors: fcos, retinanet, faster_rcnn"),
+        ({"width": 48}, "width=48 must be a multiple of 32 for fcos"),
+        ({"width": 0, "detector": "retinanet"}, "width=0"),
+        ({"size": -1}, "size=-1"),
+    ],
+)
+def test_bad_task_settings(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        DetectionTask(NAMES, **kwargs)
+
+
+def test_unknown_folder_options_are_refused(tmp_path):
+    root = make_det_folder(tmp_path / "toy")
+    with pytest.raises(ConfigError, match="unknown option.*'decoder'.*valid task options: detector, width"):
+        task_for_folder(root, decoder="fpn")
