@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from tiny import TINY_BACKBONES
 
+import vpeft
+import vpeft.train.metrics
 from vpeft.data.detection import (
     TARGET_FIELDS,
     DetectionDataset,
@@ -27,7 +29,14 @@ from vpeft.data.detection import (
 )
 from vpeft.errors import ConfigError, DataError
 from vpeft.tasks import task_for_folder, task_from_dict
-from vpeft.tasks.detection import DETECTORS, DetectionModel, DetectionTask, default_detection_width
+from vpeft.tasks.detection import (
+    DETECTORS,
+    DetectionMeter,
+    DetectionModel,
+    DetectionTask,
+    coco_metrics,
+    default_detection_width,
+)
 
 # ------------------------------------------------------------------------------------------------ fixture folders
 #: category ids as real exports have them: a supercategory 0 without boxes, gaps, a class never used (9)
@@ -382,3 +391,93 @@ def test_unknown_folder_options_are_refused(tmp_path):
     root = make_det_folder(tmp_path / "toy")
     with pytest.raises(ConfigError, match="unknown option.*'decoder'.*valid task options: detector, width"):
         task_for_folder(root, decoder="fpn")
+
+
+# ------------------------------------------------------------------------------------------------------ COCO metrics
+def _gt(*rows):
+    """``[x, y, w, h, label, iscrowd]`` rows -> ground-truth rows with the box area."""
+    return np.array([[*r, r[2] * r[3]] for r in rows], np.float32).reshape(-1, 7)
+
+
+def _dt(*rows):
+    return np.array(rows, np.float32).reshape(-1, 6)
+
+
+def test_coco_map_of_perfect_predictions_is_one():
+    gt = [_gt([10, 10, 50, 40, 0, 0], [70, 20, 40, 40, 1, 0]), _gt([5, 5, 120, 90, 1, 0])]
+    dt = [_dt([10, 10, 50, 40, 0.9, 0], [70, 20, 40, 40, 0.8, 1]), _dt([5, 5, 120, 90, 0.7, 1])]
+    out = coco_metrics(gt, dt, 3)
+    for key in ("map", "ap50", "ap75", "ap_medium", "ap_large"):
+        assert out[key] == pytest.approx(1.0), key
+    assert np.isnan(out["ap_small"])  # no box below 32^2 px in the split
+    assert out["ap"] == [pytest.approx(1.0), pytest.approx(1.0), None]  # class 2 has no box
+
+
+def test_coco_map_of_one_of_two_boxes_is_51_of_101():
+    """Two boxes of one class, one found exactly: precision 1 up to recall 0.5, then nothing; COCO interpolates
+    precision at the 101 recall points 0, 0.01 ... 1, so AP = 51 / 101 at every IoU threshold."""
+    gt = [_gt([10, 10, 50, 40, 0, 0], [70, 60, 40, 40, 0, 0])]
+    out = coco_metrics(gt, [_dt([10, 10, 50, 40, 0.9, 0])], 1)
+    assert out["map"] == pytest.approx(51 / 101) and out["ap50"] == pytest.approx(51 / 101)
+    assert out["ap"] == [pytest.approx(51 / 101)]
+    # a box at IoU 0.6 counts at thresholds .50 .. .60 only: 3 of 10 IoU thresholds
+    shifted = coco_metrics([_gt([0, 0, 100, 100, 0, 0])], [_dt([0, 0, 100, 60, 0.9, 0])], 1)
+    assert shifted["ap50"] == pytest.approx(1.0) and shifted["ap75"] == pytest.approx(0.0)
+    assert shifted["map"] == pytest.approx(0.3)
+    assert coco_metrics([_gt([0, 0, 100, 100, 0, 0])], [_dt()], 1)["map"] == 0.0  # no detection at all
+
+
+def test_crowd_regions_and_size_ranges_follow_coco():
+    """A detection inside a crowd region is neither a true nor a false positive; sizes come from the area field."""
+    gt = [_gt([10, 10, 40, 40, 0, 0], [100, 0, 100, 100, 0, 1])]
+    dt = [_dt([10, 10, 40, 40, 0.9, 0], [120, 20, 30, 30, 0.95, 0])]  # the higher-scored box lies in the crowd
+    assert coco_metrics(gt, dt, 1)["map"] == pytest.approx(1.0)
+    no_crowd = [_gt([10, 10, 40, 40, 0, 0])]  # without the crowd region it is a false positive ranked first
+    assert coco_metrics(no_crowd, dt, 1)["map"] == pytest.approx(0.5, abs=0.01)
+    sizes = [_gt([0, 0, 10, 10, 0, 0], [50, 50, 100, 100, 0, 0])]  # areas 100 (small) and 10000 (large)
+    out = coco_metrics(sizes, [_dt([0, 0, 10, 10, 0.9, 0])], 1)
+    assert out["ap_small"] == pytest.approx(1.0) and out["ap_large"] == 0.0 and np.isnan(out["ap_medium"])
+    empty = coco_metrics([_gt()], [_dt([0, 0, 5, 5, 0.5, 0])], 2)
+    assert np.isnan(empty["map"]) and empty["ap"] == [None, None]
+
+
+def _det_batch(boxes, scores, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels, dtype=torch.int64)}  # fmt: skip
+
+
+def test_meter_maps_boxes_back_to_stored_pixels_and_gathers_like_ddp():
+    """Targets at scale 0.5 (a 2x downscaled input): the meter compares in stored pixels with the stored areas, so
+    a box of stored area 900 is 'small' even though it is 15x15 in the input."""
+    t = torch.zeros(2, 2, len(TARGET_FIELDS))
+    t[:, :, 0] = -1
+    t[:, :, 7:] = 0.5
+    t[0, 0, :7] = torch.tensor([0, 5, 5, 20, 20, 0, 900.0])  # stored box 10,10 .. 40,40
+    t[1, 0, :7] = torch.tensor([1, 0, 0, 60, 40, 0, 9600.0])
+    out = [_det_batch([[5, 5, 20, 20]], [0.9], [0]), _det_batch([[0, 0, 60, 40]], [0.8], [1])]
+    meter = DetectionMeter(2)
+    meter.update(torch.tensor(float("nan")), out, t)
+    gt, dt = meter.records[0]
+    np.testing.assert_allclose(gt[0], [10, 10, 30, 30, 0, 0, 900])
+    np.testing.assert_allclose(dt[0], [10, 10, 30, 30, 0.9, 0])
+    res = meter.compute()
+    assert res["map"] == pytest.approx(1.0) and res["ap_small"] == pytest.approx(1.0) and res["n"] == 2
+    assert np.isnan(res["loss"]), "evaluation has no loss"
+    # two ranks' halves: sums add, payloads concatenate -> the whole split's result
+    a, b, whole = DetectionMeter(2), DetectionMeter(2), DetectionMeter(2)
+    miss = [_det_batch([], [], []), _det_batch([[0, 0, 60, 40]], [0.8], [1])]
+    for m, (o, tt) in ((a, (out[:1], t[:1])), (b, (miss[1:], t[1:]))):
+        m.update(torch.tensor(2.0), o, tt)
+    for o, tt in ((out[:1], t[:1]), (miss[1:], t[1:])):
+        whole.update(torch.tensor(2.0), o, tt)
+    merged = DetectionMeter(2)
+    merged.load_sums(a.sums() + b.sums())
+    merged.load_payloads([a.payload(), b.payload()])
+    safe = vpeft.train.metrics.json_safe
+    assert safe(merged.compute()) == safe(whole.compute()) and merged.compute()["loss"] == 2.0
+    assert whole.compute()["map"] == pytest.approx(1.0)
+    json.dumps(safe(whole.compute()), allow_nan=False)
+    # training batches (a loss dict) add to the loss only
+    train = DetectionMeter(2)
+    train.update(torch.tensor(1.5), {"classification": torch.tensor(1.0)}, t)
+    assert train.records == [] and train.compute()["loss"] == 1.5 and np.isnan(train.compute()["map"])
