@@ -6,6 +6,7 @@ the real chess data (../shared/data/det/chess) where present.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import TINY_BACKBONES
+from tiny import TINY_BACKBONES, case_id, method_cases, method_of
 
 import vpeft
 import vpeft.train.metrics
@@ -481,3 +482,181 @@ def test_meter_maps_boxes_back_to_stored_pixels_and_gathers_like_ddp():
     train = DetectionMeter(2)
     train.update(torch.tensor(1.5), {"classification": torch.tensor(1.0)}, t)
     assert train.records == [] and train.compute()["loss"] == 1.5 and np.isnan(train.compute()["map"])
+
+
+# ------------------------------------------------------------------------------- every method on a detection model
+DET_BB = ("vit_cls", "cnn_effnet")
+#: every registered image method's defaults + the contract's extra option cases (video-only methods excluded)
+DET_CASES = [c for c in method_cases() if "image" in vpeft.get_method(c[0]).inputs]
+_SUPPORT: dict[tuple[str, str], bool] = {}
+
+
+def _det_model(bb: str, detector: str = "fcos") -> tuple[DetectionModel, int]:
+    model, size = _headless(bb)
+    torch.manual_seed(5)
+    return DetectionTask(NAMES, detector=detector, width=32).build(model), size
+
+
+def _det_supports(case, bb: str) -> bool:
+    key = (case_id(case), bb)
+    if key not in _SUPPORT:
+        try:
+            vpeft.apply(_det_model(bb)[0], case[0], **case[1])
+            _SUPPORT[key] = True
+        except vpeft.UnsupportedBackboneError:
+            _SUPPORT[key] = False
+    return _SUPPORT[key]
+
+
+DET_MATRIX = [pytest.param(c, bb, id=f"{case_id(c)}@{bb}") for c in DET_CASES for bb in DET_BB if _det_supports(c, bb)]
+DET_REFUSED = [
+    pytest.param(c, bb, id=f"{case_id(c)}@{bb}") for c in DET_CASES for bb in DET_BB if not _det_supports(c, bb)
+]
+
+
+def _randomise(model: torch.nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_the_matrix_covers_every_image_method_and_both_backbones():
+    from vpeft.methods.towers import CLIP_METHODS  # two-tower CLIP methods: tests/test_clip.py
+
+    assert {p.values[1] for p in DET_MATRIX} == set(DET_BB)
+    image_methods = {n for n in vpeft.list_methods() if "image" in vpeft.get_method(n).inputs} - set(CLIP_METHODS)
+    assert {p.values[0][0] for p in DET_MATRIX} == image_methods, "every image method adapts some backbone"
+    video_only = {n for n in vpeft.list_methods() if "image" not in vpeft.get_method(n).inputs}
+    assert video_only and not video_only & {c[0] for c in DET_CASES}
+
+
+@pytest.mark.parametrize("case,bb", DET_MATRIX)
+def test_method_on_a_detection_model_trains_its_tensors_and_the_detector(case, bb):
+    det, size = _det_model(bb)
+    rep = vpeft.apply(det, case[0], **case[1])
+    decoder = {f"decoder.{n}" for n, _ in det.decoder.named_parameters()}
+    trainable = {n for n, p in det.named_parameters() if p.requires_grad}
+    assert decoder <= trainable and rep.decoder == sum(p.numel() for p in det.decoder.parameters())
+    assert rep.method_params + rep.head + rep.decoder == rep.trainable  # method and detector counted apart
+    if case[0] != "linear":
+        assert trainable - decoder, f"{case[0]} trains nothing in the backbone"
+    _randomise(det)
+    frozen = {n: p.detach().clone() for n, p in det.named_parameters() if not p.requires_grad}
+    buffers = {n: b.detach().clone() for n, b in det.named_buffers() if not n.startswith("decoder.")}
+    opt = torch.optim.AdamW([p for p in det.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    det.train()
+    t = _targets(size)
+    loss = det.task.loss(det.task.forward(det, _images(size), t), t)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for n, p in det.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+            # (FCOS regresses through a ReLU: its last conv may get an exact zero on a random batch)
+            assert n.startswith("decoder.") or p.grad.abs().sum() > 0, f"{n} got a zero gradient"
+        else:
+            assert p.grad is None, f"frozen {n} holds a .grad"
+    assert sum(float(p.grad.abs().sum()) for p in det.decoder.parameters()) > 0
+    opt.step()
+    for n, p in det.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), f"frozen {n} changed"
+    if method_of(*case).freeze_norm_stats:
+        for n, b in det.named_buffers():
+            if not n.startswith("decoder."):
+                assert torch.equal(b, buffers[n]), f"backbone buffer {n} changed"
+
+
+def _same_detections(a, b) -> bool:
+    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("boxes", "scores", "labels"))
+
+
+@pytest.mark.parametrize("case,bb", DET_MATRIX)
+def test_detection_delta_round_trip_and_merge(case, bb, tmp_path):
+    from vpeft.api import read_delta
+
+    det, size = _det_model(bb)
+    vpeft.apply(det, case[0], **case[1])
+    _randomise(det)
+    det.train()
+    t = _targets(size)
+    det.task.forward(det, _images(size, n=2, seed=4), t)  # BatchNorm statistics (where a method trains them) move
+    det.eval()
+    x = _images(size)
+    with torch.no_grad():
+        expected, maps = det(x), det.neck(x)
+    assert sum(len(d["boxes"]) for d in expected) > 0, "the check needs detections to compare"
+    path = vpeft.save(det, tmp_path / "delta.safetensors")
+    meta, tensors = read_delta(path)
+    assert json.loads(meta["task"]) == det.task.to_dict()
+    assert {f"decoder.{n}" for n in det.decoder.state_dict()} <= set(tensors), "the detector's tensors are saved"
+    assert all(n.startswith(("backbone.", "decoder.")) for n in tensors)
+    model, _ = _headless(bb)
+    torch.manual_seed(123)  # another detector initialisation: the delta must overwrite it
+    fresh = DetectionTask(NAMES, detector="fcos", width=32).build(model)
+    vpeft.load(fresh, path)
+    with torch.no_grad():
+        assert _same_detections(fresh.eval()(x), expected)
+    if not method_of(*case).mergeable:
+        with pytest.raises(ConfigError, match="not mergeable"):
+            vpeft.merge(det)
+        return
+    vpeft.merge(det)
+    assert not any(isinstance(m, vpeft.layers.Wrapper) for m in det.backbone.modules())
+    with torch.no_grad():
+        merged = det.neck(x)
+    for key in maps:  # the detector reads these maps (boxes after NMS are a discontinuous function of them)
+        torch.testing.assert_close(merged[key], maps[key], rtol=1e-4, atol=1e-5)
+    vpeft.unmerge(det)
+    with torch.no_grad():
+        assert _same_detections(det(x), expected)
+
+
+@pytest.mark.parametrize("case,bb", DET_REFUSED)
+def test_methods_that_cannot_adapt_the_backbone_refuse(case, bb):
+    det, _ = _det_model(bb)
+    before = copy.deepcopy(det.state_dict())
+    with pytest.raises(vpeft.UnsupportedBackboneError, match=case[0]):
+        vpeft.apply(det, case[0], **case[1])
+    assert not vpeft.is_adapted(det)
+    assert all(torch.equal(before[k], v) for k, v in det.state_dict().items())
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "faster_rcnn"])
+@pytest.mark.parametrize("name,bb", [("lora", "vit_cls"), ("ssf", "swin"), ("bitfit", "cnn_effnet")])
+def test_other_detectors_with_methods_round_trip(name, bb, detector, tmp_path):
+    det, size = _det_model(bb, detector)
+    vpeft.apply(det, name)
+    _randomise(det)
+    det.train()
+    t = _targets(size)
+    det.task.loss(det.task.forward(det, _images(size), t), t).backward()
+    assert all(p.grad is not None for p in det.parameters() if p.requires_grad)
+    det.eval()
+    x = _images(size)
+    with torch.no_grad():
+        expected = det(x)
+    path = vpeft.save(det, tmp_path / "d.safetensors")
+    fresh = _det_model(bb, detector)[0]
+    torch.manual_seed(9)
+    fresh = DetectionTask(NAMES, detector=detector, width=32).build(fresh.backbone)
+    vpeft.load(fresh, path)
+    with torch.no_grad():
+        assert _same_detections(fresh.eval()(x), expected)
+
+
+def test_a_delta_loads_only_onto_the_same_detection_setup(tmp_path):
+    from vpeft.errors import CheckpointError
+
+    det, _ = _det_model("vit_cls")
+    vpeft.apply(det, "lora")
+    path = vpeft.save(det, tmp_path / "d.safetensors")
+    with pytest.raises(CheckpointError, match=r"another detection set-up: detector='fcos' \(this model: 'retinanet'\)"):
+        vpeft.load(_det_model("vit_cls", "retinanet")[0], path)
+    model, _ = _headless("vit_cls")
+    with pytest.raises(CheckpointError, match="width=32 .this model: 64"):
+        vpeft.load(DetectionTask(NAMES, width=64).build(model), path)
+    model, _ = _headless("vit_cls")
+    vpeft.load(DetectionTask(NAMES, width=32, augment=True).build(model), path)  # data options may differ
