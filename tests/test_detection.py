@@ -660,3 +660,45 @@ def test_a_delta_loads_only_onto_the_same_detection_setup(tmp_path):
         vpeft.load(DetectionTask(NAMES, width=64).build(model), path)
     model, _ = _headless("vit_cls")
     vpeft.load(DetectionTask(NAMES, width=32, augment=True).build(model), path)  # data options may differ
+
+
+# --------------------------------------------------------------------------------- a real run: finetune and eval
+def _chess_subset(root: Path, sizes: dict[str, int]) -> Path:
+    """A task folder whose splits are the first images of the real chess splits (file names absolute)."""
+    chess = _chess()
+    for split, n in sizes.items():
+        doc = json.loads((chess / "annotations" / f"{split}.json").read_text())
+        images = [{**i, "file_name": str(chess / i["file_name"])} for i in doc["images"][:n]]
+        ids = {i["id"] for i in images}
+        anns = [a for a in doc["annotations"] if a["image_id"] in ids]
+        _write_split(root, split, images, anns, categories=doc["categories"])
+    return root
+
+
+def test_finetune_on_real_chess_images_computes_coco_metrics_and_the_delta_round_trips(tmp_path, capsys):
+    from vpeft.cli import main
+    from vpeft.run import evaluate_delta, finetune
+    from vpeft.train import TrainConfig
+
+    data = tmp_path / "data"
+    _chess_subset(data / "chess8", {"train": 8, "test": 4})
+    run = finetune(
+        backbone="vit_tiny_patch16_224", method="lora", task="chess8", data_root=data,
+        train_cfg=TrainConfig(epochs=1, batch_size=4, lr=1e-3, warmup_epochs=0.0), img_size=64,
+        train_split="train", eval_split="test", out_dir=tmp_path / "run", pretrained=False, progress=False,
+        task_options={"detector": "fcos", "width": 32},
+    )  # fmt: skip
+    assert run.primary_metric == "map" and run.task_spec["kind"] == "detection" and run.num_classes == 14
+    assert run.task_spec["class_names"][0] == "pieces" and run.decoder_params > 0 and run.method_params > 0
+    m = run.metrics
+    assert m["n"] == 4 and np.isnan(m["loss"])  # torchvision's detectors compute no loss in evaluation
+    for key in ("map", "ap50", "ap75"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert len(m["ap"]) == 14 and m["ap"][0] is None and set(m["ap_per_class"]) == set(run.task_spec["class_names"])
+    assert np.isfinite(run.final_train["train_loss"])
+    again = evaluate_delta(tmp_path / "run" / "delta.safetensors", data_root=data, split="test")
+    assert again["map"] == pytest.approx(m["map"]) and again["primary_metric"] == "map"
+    capsys.readouterr()
+    assert main(["eval", "--delta", str(tmp_path / "run" / "delta.safetensors"), "--data-root", str(data)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["map"] == pytest.approx(m["map"]) and res["ap_per_class"]["pieces"] is None

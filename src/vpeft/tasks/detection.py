@@ -263,8 +263,11 @@ def coco_metrics(
         ``{"map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"}`` (NaN where COCO has no value: no box of
         that size in the split) and ``"ap"``: per-class AP@[.50:.95] (``None`` for a class without a box).
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        raise ConfigError("detection metrics need pycocotools: pip install 'vpeft[det]'") from None
 
     images = [{"id": i + 1} for i in range(len(ground_truth))]
     categories = [{"id": k, "name": str(k)} for k in range(num_classes)]
@@ -310,8 +313,11 @@ class DetectionMeter(Meter):
     images' pixels (input boxes divided by the dataset's per-axis scale).
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
         self.num_classes = int(num_classes)
+        self.class_names = tuple(class_names) if class_names is not None else tuple(map(str, range(num_classes)))
+        if len(self.class_names) != self.num_classes:
+            raise ConfigError(f"detection meter: {len(self.class_names)} class names for {num_classes} classes")
         self.loss_sum, self.loss_n, self.n = 0.0, 0, 0
         self.records: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -355,11 +361,13 @@ class DetectionMeter(Meter):
         self.records = [r for p in payloads for r in p]
 
     def compute(self) -> dict[str, Any]:
-        """``{"loss", "n", "map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ap": per-class}``."""
+        """``{"loss", "n", "map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ap": per-class list,
+        "ap_per_class": {class name: AP}}`` (``None``: a class without a box in the split)."""
         out: dict[str, Any] = {"loss": self.loss_sum / self.loss_n if self.loss_n else float("nan"), "n": self.n}
         gts = [g for g, _ in self.records]
         dts = [d for _, d in self.records]
         out.update(coco_metrics(gts, dts, self.num_classes))
+        out["ap_per_class"] = dict(zip(self.class_names, out["ap"]))
         return out
 
 
@@ -491,7 +499,7 @@ class DetectionTask(Task):
         return torch.tensor(float("nan"))
 
     def new_meter(self) -> DetectionMeter:
-        return DetectionMeter(self.num_classes)
+        return DetectionMeter(self.num_classes, self.class_names)
 
     def to_dict(self) -> dict[str, Any]:
         return {
