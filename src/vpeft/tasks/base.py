@@ -53,6 +53,16 @@ class Meter(abc.ABC):
     def compute(self) -> dict[str, Any]:
         """The metrics: at least ``"loss"`` (mean) and ``"n"`` (samples), plus the task's own (floats or lists)."""
 
+    def payload(self) -> Any | None:
+        """Per-sample records that are not sums and that distributed evaluation must gather from every rank
+        (detection: every image's boxes, for COCO mAP over the whole split), picklable; ``None`` (the default):
+        :meth:`sums` is all there is."""
+        return None
+
+    def load_payloads(self, payloads: list[Any]) -> None:
+        """Install the :meth:`payload` of every rank, in rank order (called after :meth:`load_sums`)."""
+        raise NotImplementedError(f"{type(self).__name__} has a payload but cannot load gathered payloads")
+
 
 class Task(abc.ABC):
     """What a task adds around a backbone.
@@ -123,6 +133,15 @@ class Task(abc.ABC):
     def build(self, backbone: nn.Module) -> nn.Module:
         """The model that is trained and evaluated: ``backbone`` itself, or a :class:`TaskModel` around it."""
         return backbone
+
+    def forward(self, model: nn.Module, inputs: Any, targets: Any) -> Any:
+        """The model's output on one batch: what :meth:`loss` and the meter receive.
+
+        The training loop and evaluation call this (``model`` may be a DistributedDataParallel wrapper, in training
+        or evaluation mode); the default is ``model(inputs)``. A task whose model needs the targets inside its
+        forward overrides it (detection: torchvision's detectors compute their losses there).
+        """
+        return model(inputs)
 
     @abc.abstractmethod
     def loss(self, output: Any, target: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:

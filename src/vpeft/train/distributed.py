@@ -33,6 +33,7 @@ from vpeft.errors import ConfigError, DataError
 __all__ = [
     "DistContext",
     "ShardedBatchSampler",
+    "all_gather_objects",
     "all_reduce_sum",
     "barrier",
     "current",
@@ -178,6 +179,13 @@ def all_reduce_sum(values: Sequence[float | torch.Tensor], ctx: DistContext) -> 
     flat = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(ctx.device).reshape(()) for v in values])
     dist.all_reduce(flat)
     return flat.tolist()
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (every rank must call it)."""
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext, find_unused_parameters: bool = False) -> nn.Module:

@@ -371,7 +371,8 @@ class _Loop:
         images = self._images(images)
         targets = targets.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            output = self.model(images)  # a tensor (timm), a ModelOutput (transformers), or the task model's
+            # a tensor (timm), a ModelOutput (transformers), or the task model's (the task may pass the targets in)
+            output = self.task.forward(self.model, images, targets)
         loss = self.task.loss(output, targets, label_smoothing=self.cfg.label_smoothing)
         (loss / group_size).backward()
         return loss.detach(), _detach(output), targets
@@ -391,7 +392,7 @@ class _Loop:
         targets = targets.to(self.device, non_blocking=True)
         with contextlib.nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                output = self.model(images)
+                output = self.task.forward(self.model, images, targets)
             loss_sum = self.task.loss(output, targets, label_smoothing=self.cfg.label_smoothing) * local
             scale = self.dist.world_size / (total * group_size) if local else 0.0  # a stand-in weighs nothing
             (loss_sum * scale).backward()
@@ -823,7 +824,7 @@ def _evaluate(
             for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    output = model(images)
+                    output = task.forward(model, images, targets)
                 meter.update(task.loss(output, targets), output, targets)
     finally:
         model.train(was_training)
@@ -837,4 +838,7 @@ def _reduce_meter(meter: Meter, task: Task, ctx: DistContext) -> dict[str, Any]:
     """The meter's statistics summed over all ranks (every rank must call it)."""
     total = task.new_meter()
     total.load_sums(torch.tensor(dist_utils.all_reduce_sum(meter.sums().tolist(), ctx), dtype=torch.float64))
+    payload = meter.payload()  # records that are not sums (detections): gathered from every rank
+    if payload is not None:
+        total.load_payloads(dist_utils.all_gather_objects(payload, ctx))
     return total.compute()
