@@ -53,11 +53,11 @@ __all__ = [
 GROUPS: tuple[str, ...] = ("natural", "specialized", "structured", "fgvc", "dense", "vision-language", "other")
 """Task groups: the three VTAB-1k groups, the FGVC suite, dense prediction, vision-language, and anything else."""
 
-GENERATORS: tuple[str, ...] = ("digits", "dsprites_loc", "dsprites_ori")
+GENERATORS: tuple[str, ...] = ("digits", "dsprites_loc", "dsprites_ori", "moving_digits")
+"""Tasks vpeft can produce offline (``generate:``), written under the definition's ``generated_root``."""
 
 PROTOCOLS: tuple[str, ...] = ("standard", "base-to-novel")
 """How a task's runs are trained and tested (see :class:`TaskSpec`)."""
-"""Tasks vpeft can produce offline (``generate:``), written under the definition's ``generated_root``."""
 
 
 def _err(where: str, msg: str) -> ConfigError:

@@ -45,16 +45,16 @@ def _now() -> str:
 
 
 def ensure_task(spec: RunSpec) -> None:
-    """Produce a generated task (digits, dSprites) under its root if it is not there yet (atomic, idempotent)."""
+    """Produce a generated task (digits, moving digits, dSprites) under its root if it is not there yet (atomic,
+    idempotent)."""
     if spec.generate is None:
         return
+    from vpeft.data import GENERATED_TASKS
     from vpeft.run import cache_data_root
 
     root = Path(spec.data_root) if spec.data_root else cache_data_root()
-    if spec.generate == "digits":
-        from vpeft.data import ensure_digits_task
-
-        ensure_digits_task(root)
+    if spec.generate in GENERATED_TASKS:
+        GENERATED_TASKS[spec.generate](root)
     else:
         from vpeft.data.dsprites import ensure_dsprites_task
 
