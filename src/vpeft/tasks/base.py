@@ -68,6 +68,8 @@ class Task(abc.ABC):
     detect_priority: ClassVar[int] = 0
     #: other task kinds whose folders this task type reads too (zero-shot reads classification folders)
     folder_kinds: ClassVar[tuple[str, ...]] = ()
+    #: what one sample is, in throughput and latency units ("images", "clips")
+    sample_unit: ClassVar[str] = "images"
 
     # ---- data: what a task folder holds and how its batches look ----------------------------------------------
     @classmethod
@@ -114,6 +116,15 @@ class Task(abc.ABC):
     def build(self, backbone: nn.Module) -> nn.Module:
         """The model that is trained and evaluated: ``backbone`` itself, or a :class:`TaskModel` around it."""
         return backbone
+
+    def example_input(
+        self, batch_size: int, img_size: int, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A random batch of ``batch_size`` inputs of the model :meth:`build` makes (latency measurements): images
+        ``(B, 3, H, W)`` at the task's own ``size`` if it has one (an int or ``(H, W)``), else ``img_size``."""
+        size = getattr(self, "size", None) or img_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return torch.randn(batch_size, 3, h, w, generator=generator)
 
     @abc.abstractmethod
     def loss(self, output: Any, target: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
