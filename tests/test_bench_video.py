@@ -138,7 +138,8 @@ def test_shipped_video_definitions_validate():
     assert task.generate == "moving_digits" and task.kind == "video" and task.splits.val == "val"
     assert all(len(m.candidates()) >= 2 for m in digits.methods), "every method's lr is chosen on val"
     names = {m.name for m in digits.methods}
-    assert {"linear", "aim", "st_adapter", "lora", "full"} <= names
+    assert {"linear", "aim", "st_adapter", "zeroi2v", "lora", "full"} <= names
+    assert {m.name for m in load_definition(ROOT / "experiments" / "video_arrow.yaml").methods} >= names - {"full"}
     arrow = load_definition(ROOT / "experiments" / "video_arrow.yaml")
     (task,) = arrow.tasks
     assert task.splits.val is None and task.splits.trainval == "train" and task.options["num_frames"] == 16
