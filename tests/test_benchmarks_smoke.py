@@ -18,6 +18,7 @@ SCRIPTS = {
     "bench_cache.py": ["| linear probe | pre_logits |", "| partial-1 | 1 |", "cheaper with the cache"],
     "bench_multitask.py": ["| multi-task, grouped |", "| N separate models |", "| mixed |", "vs 4 separate models"],
     "bench_seg.py": ["| frozen | frozen backbone + decoder |", "| lora | vpeft lora + decoder |", "| limit |"],
+    "bench_video.py": ["| forward |", "| limit |", "| aim |", "| st_adapter |", "| zeroi2v |", "x limit"],
     "bench_train_cache.py": [
         "one forward pass over the training set",
         "train, cached:",

@@ -23,9 +23,9 @@ from .arch import input_size
 from .backbones import is_clip_name
 from .config import MethodConfig
 from .data import (
+    GENERATED_TASKS,
     build_dataloader,
     default_data_root,
-    ensure_digits_task,
 )
 from .delta import check_train_extra, read_header
 from .errors import CheckpointError, ConfigError, DataError
@@ -89,7 +89,8 @@ class TaskFolder:
 def open_task(data_root: str | os.PathLike | None, task: str) -> TaskFolder:
     """Locate ``task`` under ``data_root`` (default :func:`vpeft.data.default_data_root`).
 
-    ``digits`` (scikit-learn's bundled 8x8 digits) is exported in VTAB-1k format on first use.
+    A generated task (:data:`vpeft.data.GENERATED_TASKS`: ``digits``, scikit-learn's bundled 8x8 digits in VTAB-1k
+    format; ``moving_digits``, those digits moving on a canvas as a video task) is exported on first use.
     """
     root = Path(data_root) if data_root is not None else default_data_root()
     if not isinstance(task, str) or not task or task in (".", "..") or Path(task).name != task or "\\" in task:
@@ -98,11 +99,11 @@ def open_task(data_root: str | os.PathLike | None, task: str) -> TaskFolder:
             "pass --data-root to read tasks elsewhere"
         )
     path = root / task
-    if task == "digits" and not path.exists():
+    if task in GENERATED_TASKS and not path.exists():
         if data_root is None:  # never write into a shared default root: export into the user's cache
             root = cache_data_root()
             path = root / task
-        ensure_digits_task(root)
+        GENERATED_TASKS[task](root)
     if not path.is_dir():
         present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise DataError(f"task {task!r} not found under data root {root}; tasks there: {present or 'none'}")

@@ -54,7 +54,8 @@ __all__ = [
 GROUPS: tuple[str, ...] = ("natural", "specialized", "structured", "fgvc", "dense", "vision-language", "other")
 """Task groups: the three VTAB-1k groups, the FGVC suite, dense prediction, vision-language, and anything else."""
 
-GENERATORS: tuple[str, ...] = ("digits", "dsprites_loc", "dsprites_ori")
+GENERATORS: tuple[str, ...] = ("digits", "dsprites_loc", "dsprites_ori", "moving_digits")
+"""Tasks vpeft can produce offline (``generate:``), written under the definition's ``generated_root``."""
 
 
 def _kind_taking(kind: str | None, takes, what: str, where: str) -> str:
@@ -71,7 +72,6 @@ def _kind_taking(kind: str | None, takes, what: str, where: str) -> str:
 
 
 """How a task's runs are trained and tested (see :class:`TaskSpec`)."""
-"""Tasks vpeft can produce offline (``generate:``), written under the definition's ``generated_root``."""
 
 
 def _err(where: str, msg: str) -> ConfigError:
@@ -110,10 +110,13 @@ class SplitNames:
 
     ``train`` + ``val`` choose hyper-parameters; ``trainval`` trains the final model; ``test`` is read once.
     For FGVC folders these are typically ``train``, ``val``, ``trainval`` and ``test`` image folders or lists.
+    A folder without a validation split says ``val: null``: nothing can be chosen on it, so its methods run a
+    fixed recipe (a grid or ``tune:`` block is refused when the definition is loaded), and ``trainval`` may then
+    be the ``train`` split itself.
     """
 
     train: str = "train800"
-    val: str = "val200"
+    val: str | None = "val200"
     trainval: str = "train800val200"
     test: str = "test"
 
@@ -124,11 +127,16 @@ class SplitNames:
         names = [f.name for f in dataclasses.fields(cls)]
         data = _check_keys(data, where, names)
         for key, value in data.items():
-            if not isinstance(value, str) or not value:
+            if (not isinstance(value, str) or not value) and not (key == "val" and value is None):
                 raise _err(f"{where}.{key}", f"expected a split name, got {value!r}")
         out = cls(**data)
-        if len({out.train, out.val, out.trainval, out.test}) != 4 or out.test in (out.train, out.val, out.trainval):
-            raise _err(where, f"the four splits must be distinct, got {dataclasses.asdict(out)}")
+        if out.val is None:
+            distinct = out.test not in (out.train, out.trainval)
+        else:
+            distinct = len({out.train, out.val, out.trainval, out.test}) == 4
+        if not distinct:
+            what = "train, trainval and test must differ" if out.val is None else "the four splits must be distinct"
+            raise _err(where, f"{what}, got {dataclasses.asdict(out)}")
         return out
 
 
@@ -490,6 +498,7 @@ def parse_definition(data: Any, base: str | os.PathLike = ".", where: str = "def
     methods = _parse_list(
         data["methods"], f"{where}.methods", lambda x, w: _parse_method(x, w, train), lambda m: m.label
     )
+    _check_selection_has_val(tasks, methods, f"{where}.methods")
     roots = {}
     for key in ("data_root", "generated_root"):
         value = data.get(key)
@@ -518,6 +527,18 @@ def parse_definition(data: Any, base: str | os.PathLike = ".", where: str = "def
         source=where,
         **roots,
     )
+
+
+def _check_selection_has_val(tasks: Sequence[TaskSpec], methods: Sequence[MethodSpec], where: str) -> None:
+    """A grid or a tune block chooses on the validation split: refused for a task that has none (``val: null``)."""
+    no_val = [t.name for t in tasks if t.splits.val is None]
+    for m in methods:
+        if no_val and (len(m.candidates()) > 1 or m.tune):
+            raise _err(
+                f"{where}.{m.label}",
+                f"a {'tune block' if m.tune else 'grid'} chooses on the validation split, and task(s) "
+                f"{', '.join(no_val)} have none (splits.val: null); give this method a fixed recipe",
+            )
 
 
 def check_run_timeout(value: Any, where: str = "run_timeout_s") -> float | None:

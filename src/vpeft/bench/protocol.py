@@ -46,16 +46,16 @@ def _now() -> str:
 
 
 def ensure_task(spec: RunSpec) -> None:
-    """Produce a generated task (digits, dSprites) under its root if it is not there yet (atomic, idempotent)."""
+    """Produce a generated task (digits, moving digits, dSprites) under its root if it is not there yet (atomic,
+    idempotent)."""
     if spec.generate is None:
         return
+    from vpeft.data import GENERATED_TASKS
     from vpeft.run import cache_data_root
 
     root = Path(spec.data_root) if spec.data_root else cache_data_root()
-    if spec.generate == "digits":
-        from vpeft.data import ensure_digits_task
-
-        ensure_digits_task(root)
+    if spec.generate in GENERATED_TASKS:
+        GENERATED_TASKS[spec.generate](root)
     else:
         from vpeft.data.dsprites import ensure_dsprites_task
 
@@ -160,7 +160,8 @@ def _time_forward(model: torch.nn.Module, x: torch.Tensor, warmup: int, repeats:
 
 
 def measure_latency(spec: RunSpec, delta: str | os.PathLike, img_size: int) -> dict[str, Any]:
-    """Inference latency (ms per batch of random images) of the saved delta: unmerged, and merged if mergeable.
+    """Inference latency (ms per batch of random inputs: images, or clips of a video task) of the saved delta:
+    unmerged, and merged if mergeable.
 
     The model is rebuilt from the stored delta (with its task's model around the backbone), so this also checks
     that the delta reloads; for mergeable methods the largest difference between merged and unmerged outputs is
@@ -172,11 +173,10 @@ def measure_latency(spec: RunSpec, delta: str | os.PathLike, img_size: int) -> d
 
     lat = spec.latency
     model, _, task = model_from_delta(delta)
-    size = getattr(task, "size", None) or (img_size, img_size)
     model.eval().to(spec.device)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(lat["batch_size"], 3, *size, generator=gen).to(spec.device)
+    x = task.example_input(lat["batch_size"], img_size, generator=torch.Generator().manual_seed(0)).to(spec.device)
     out: dict[str, Any] = {"batch_size": lat["batch_size"], "repeats": lat["repeats"], "unit": "ms/batch"}
+    out["batch_of"] = task.sample_unit
     out["unmerged_ms"], logits = _time_forward(model, x, lat["warmup"], lat["repeats"])
     out["mergeable"] = bool(get_method(spec.method_name).mergeable)
     out["merged_ms"] = out["merge_max_abs_diff"] = None

@@ -270,10 +270,17 @@ def _method_row(label: str, name: str, recs: Sequence[Mapping[str, Any]], tasks,
         "latency_unmerged_ms": _mean([x.get("unmerged_ms") for x in lat]),
         "latency_merged_ms": _mean([x.get("merged_ms") for x in lat]),
         "latency_batch": lat[0].get("batch_size") if lat else None,
+        "sample_unit": _sample_unit(lat),
         "runs": len(recs),
     }
     row.selection = _selection_summary([r.get("selection") for r in recs])
     return row
+
+
+def _sample_unit(latencies: Sequence[Mapping[str, Any]]) -> str:
+    """What the runs' samples are ("images", "clips"; "samples" for a mix): records without the field are images."""
+    units = {x.get("batch_of") or "images" for x in latencies} or {"images"}
+    return units.pop() if len(units) == 1 else "samples"
 
 
 def _selection_summary(selections: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
@@ -417,6 +424,14 @@ def _accuracy_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[t
     return head, rows
 
 
+_UNIT_SHORT = {"images": "img"}
+
+
+def _table_unit(lb: Leaderboard) -> str:
+    units = {r.cost.get("sample_unit") or "images" for r in lb.rows} or {"images"}
+    return units.pop() if len(units) == 1 else "samples"
+
+
 def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
     decoders = _has_decoders(lb)
     share_title, share_fmt, share = _share(lb)
@@ -427,7 +442,7 @@ def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple
         ("pct", share_title),
         ("delta", "delta (KiB)"),
         ("mem", "peak train mem (MiB)"),
-        ("ips", "train img/s"),
+        ("ips", f"train {_UNIT_SHORT.get(_table_unit(lb), _table_unit(lb))}/s"),
         ("time", "train time (s)"),
         ("lat_u", "latency unmerged (ms)"),
         ("lat_m", "latency merged (ms)"),
@@ -455,7 +470,7 @@ def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple
 
 def _cost_title(lb: Leaderboard) -> str:
     batch = next((r.cost["latency_batch"] for r in lb.rows if r.cost["latency_batch"]), None)
-    lat = f"; latency: ms per batch of {batch} images" if batch else ""
+    lat = f"; latency: ms per batch of {batch} {_table_unit(lb)}" if batch else ""
     return f"Cost (final runs, mean over tasks and seeds{lat})"
 
 

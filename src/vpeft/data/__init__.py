@@ -1,4 +1,4 @@
-"""Datasets and transforms: VTAB-1k task folders, plain image folders, scikit-learn digits.
+"""Datasets and transforms: VTAB-1k task folders, plain image folders, scikit-learn digits, moving digits.
 
 Typical use::
 
@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vpeft.data.digits import DIGITS_SPLIT_SIZES, ensure_digits_task
+from vpeft.data.moving_digits import ensure_moving_digits_task
 from vpeft.data.segmentation import SegmentationDataset, is_segmentation_folder, load_segmentation_split, save_overlay
 from vpeft.data.transforms import ToRGB, build_transform, resolve_input_size
 from vpeft.data.vtab import (
@@ -35,6 +36,7 @@ from vpeft.errors import ConfigError
 
 __all__ = [
     "DIGITS_SPLIT_SIZES",
+    "GENERATED_TASKS",
     "IMG_EXTENSIONS",
     "SPLITS",
     "ImageFolderDataset",
@@ -46,6 +48,7 @@ __all__ = [
     "build_transform",
     "default_data_root",
     "ensure_digits_task",
+    "ensure_moving_digits_task",
     "is_segmentation_folder",
     "list_tasks",
     "load_segmentation_split",
@@ -54,6 +57,9 @@ __all__ = [
     "resolve_input_size",
     "save_overlay",
 ]
+
+#: tasks vpeft exports offline on first use: name -> ``ensure(root)`` (writes ``root/<name>``, atomic, idempotent)
+GENERATED_TASKS = {"digits": ensure_digits_task, "moving_digits": ensure_moving_digits_task}
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -82,6 +82,8 @@ class Task(abc.ABC):
     protocols: ClassVar[tuple[str, ...]] = ()
     #: the trained model can be evaluated on other task folders of this kind (cross-dataset transfer)
     transfers: ClassVar[bool] = False
+    #: what one sample is, in throughput and latency units ("images", "clips")
+    sample_unit: ClassVar[str] = "images"
 
     # ---- data: what a task folder holds and how its batches look ----------------------------------------------
     @classmethod
@@ -142,6 +144,15 @@ class Task(abc.ABC):
         forward overrides it (detection: torchvision's detectors compute their losses there).
         """
         return model(inputs)
+
+    def example_input(
+        self, batch_size: int, img_size: int, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A random batch of ``batch_size`` inputs of the model :meth:`build` makes (latency measurements): images
+        ``(B, 3, H, W)`` at the task's own ``size`` if it has one (an int or ``(H, W)``), else ``img_size``."""
+        size = getattr(self, "size", None) or img_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return torch.randn(batch_size, 3, h, w, generator=generator)
 
     @abc.abstractmethod
     def loss(self, output: Any, target: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -170,6 +170,7 @@ class VideoTask(Task):
     kind: ClassVar[str] = "video"
     primary_metric: ClassVar[str] = "top1"
     detect_priority: ClassVar[int] = 20  # before classification (whose VTAB lists also read "<path> <label>")
+    sample_unit: ClassVar[str] = "clips"
     #: settings that only change how clips are read: a delta trained with other values still fits the model
     DATA_OPTIONS: ClassVar[tuple[str, ...]] = ("stride", "views", "size")
     OPTIONS: ClassVar[tuple[str, ...]] = ("num_frames", "head", "temporal_pos", "stride", "views", "size")
@@ -252,6 +253,13 @@ class VideoTask(Task):
 
     def build(self, backbone: nn.Module) -> VideoModel:
         return VideoModel(backbone, self)
+
+    def example_input(
+        self, batch_size: int, img_size: int, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Random clips ``(B, T, 3, S, S)`` (one view), ``S`` the task's ``size`` or else ``img_size``."""
+        side = self.size or img_size
+        return torch.randn(batch_size, self.num_frames, 3, side, side, generator=generator)
 
     def loss(self, output: Any, target: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
         return F.cross_entropy(output.float(), target, label_smoothing=label_smoothing)
