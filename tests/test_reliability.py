@@ -689,16 +689,33 @@ def test_cuda_without_a_gpu_is_refused(tmp_path, data_root, capsys):
     assert "no cuda device is available on this machine" in _one_line_error(capsys)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_out_is_refused_before_training(tmp_path, data_root, capsys):
+def test_unwritable_out_is_refused_before_training(tmp_path, data_root, capsys, monkeypatch):
+    """Runs as root too (CI does): a folder root cannot write is simulated by refusing the write probe there; as
+    another user, a real 0500 folder is checked as well."""
+    import errno
+    import tempfile
+
     locked = tmp_path / "ro"
     locked.mkdir()
-    locked.chmod(0o500)
-    try:
+    real = tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).absolute().is_relative_to(locked):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(tempfile, "TemporaryFile", refuse)
         assert _train(data_root, locked / "run") == 2
-        assert "is not writable" in _one_line_error(capsys)
-    finally:
-        locked.chmod(0o700)
+    assert "is not writable (Permission denied)" in _one_line_error(capsys)
+    assert not (locked / "run" / "metrics.json").exists()  # refused before training
+    if os.geteuid() != 0:
+        locked.chmod(0o500)
+        try:
+            assert _train(data_root, locked / "run2") == 2
+            assert "is not writable" in _one_line_error(capsys)
+        finally:
+            locked.chmod(0o700)
 
 
 def test_nan_loss_is_a_clear_error_with_its_own_exit_status(tmp_path, data_root, capsys):

@@ -1024,3 +1024,21 @@ def test_a_delta_of_another_segmentation_setup_is_refused_and_grad_checkpointing
     loader = torch.utils.data.DataLoader(data, batch_size=2)
     result = train(seg, loader, TrainConfig(epochs=1, batch_size=2, grad_checkpointing=True), progress=False)
     assert result.steps == 2 and seg.backbone.grad_checkpointing
+
+
+def test_a_segmentation_delta_is_refused_by_load_on_a_classification_model_and_back(tmp_path):
+    """End to end through vpeft.load (not only check_compatible): a delta loads only onto a model of its task kind."""
+    seg, _, _ = _adapted_seg(("lora", {}), "vit_cls")
+    vpeft.save(seg, tmp_path / "seg.safetensors")
+    plain = TINY_BACKBONES["vit_cls"][0]()
+    with pytest.raises(vpeft.CheckpointError, match="trained for a 'segmentation' task; this model is a "
+                       "'classification' model"):  # fmt: skip
+        vpeft.load(plain, tmp_path / "seg.safetensors")
+    assert not vpeft.is_adapted(plain)
+    cls = TINY_BACKBONES["vit_cls"][0]()
+    vpeft.apply(cls, "lora")
+    vpeft.save(cls, tmp_path / "cls.safetensors")
+    other, _ = _seg_model("vit_cls", "linear")
+    with pytest.raises(vpeft.CheckpointError, match="trained for a 'classification' task; this model is a "
+                       "'segmentation' model"):  # fmt: skip
+        vpeft.load(other, tmp_path / "cls.safetensors")
