@@ -477,7 +477,7 @@ def _run_identity(
         if isinstance(recorded, dict) and recorded.get("run_id"):
             return recorded
     name = method if isinstance(method, str) else getattr(method, "method", None) or dict(method).get("method")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     return {
         "run_id": run_id or f"{name}-{task}-{stamp}-{uuid.uuid4().hex[:8]}",
         "method": name,
