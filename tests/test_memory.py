@@ -155,3 +155,12 @@ def test_memory_recompute_on_a_model_without_a_family_is_a_clear_error():
         ConfigError, match="memory='recompute' needs a backbone of a known family .*; Sequential is none"
     ):
         train(model, _images(), TrainConfig(epochs=1, memory="recompute"), progress=False)
+
+
+def test_cli_memory_flag_is_generated_and_validated(capsys, tmp_path):
+    from vpeft.cli import main
+
+    argv = ["train", "--backbone", "test_vit", "--method", "lora", "--task", "digits", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--memory", "low"]) == 2
+    err = capsys.readouterr().err
+    assert "TrainConfig.memory must be one of default, recompute, got 'low'" in err and "Traceback" not in err

@@ -122,8 +122,9 @@ class TrainConfig:
         memory: ``"default"``: autograd keeps what each op saves for backward. ``"recompute"``: every block of
             the backbone (its family's spec) runs under non-reentrant activation checkpointing, keeping only
             its input; backward recomputes it. Works with every method (their tensors live inside the blocks)
-            and gives bit-identical losses and gradients; ViT-S/16 (batch 16): the saved activations drop to
-            0.1-0.2x (``benchmarks/bench_step.py --memory recompute``) for about one more forward per step.
+            and gives bit-identical losses and gradients. ViT-S/16, batch 16, CPU (``benchmarks/bench_step.py
+            --memory recompute``): saved activations 0.11-0.12x the activation-gradient limit's and peak memory
+            0.24-0.36x, for 1.3-1.5x the default step time (one more forward of the blocks).
             Not combined with ``grad_checkpointing`` (the library's own switch).
         seed: Seed for python, numpy and torch at the start of training (in [0, 2**32 - 1]).
         min_lr: Learning rate at the end of the cosine schedule (in [0, lr]).
