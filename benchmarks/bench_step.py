@@ -10,7 +10,10 @@ Measured in one process on one random-init timm model (default ViT-S/16, batch 1
 * vpeft LoRA (rank ``--rank``, alpha = rank) on q,k,v (= the whole fused ``qkv``) and on the wide target set
   qkv+proj+fc1+fc2, with the fused autograd function and (``lora_wide_unfused``) with the plain-autograd
   reference path; Hugging Face PEFT LoRA with the same targets and rank (``pip install -e '.[bench]'``);
-* adapter, VPT-deep, SSF and BitFit with vpeft's defaults.
+* adapter, VPT-deep, SSF and BitFit with vpeft's defaults;
+* with ``--memory recompute``, each of the limit and the vpeft rows that backpropagate through the backbone again
+  as ``<name>_recompute``: every block recomputed in backward (``TrainConfig(memory="recompute")``), judged by its
+  saved activations against the (default) limit's (target <= 0.5x).
 
 A training step is forward + cross-entropy + backward + ``optimizer.step()`` + ``zero_grad(set_to_none=True)``
 with AdamW over the trainable tensors only (vpeft's :func:`vpeft.train.build_optimizer`). Timing: the memory
@@ -38,6 +41,7 @@ Usage::
 
     python benchmarks/bench_step.py                      # ViT-S/16, batch 16, 224 px (~10 min on a free core)
     python benchmarks/bench_step.py --quick              # tiny ViT, seconds
+    python benchmarks/bench_step.py --memory recompute --only lora_qkv,ssf   # + the recomputed rows
     python benchmarks/bench_step.py --model vit_base_patch16_224 --device cuda --batch 64 --threads 0
 """
 
@@ -56,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vpeft
+from vpeft.arch import get_family
 from vpeft.layers import LoRALinear
 from vpeft.train import TrainConfig, build_optimizer
 
@@ -73,6 +78,25 @@ class Case:
     kind: str  # forward | limit | train
     build: Callable[[nn.Module], tuple[nn.Module, torch.optim.Optimizer | None]]
     backprop: bool = True  # backpropagates through the backbone (judged against the limit)
+    recompute: bool = False  # TrainConfig(memory="recompute"): every block recomputed in backward
+
+
+RECOMPUTE_TARGET = 0.5  # saved activations of a recomputed row, x the (default) limit's
+
+
+def with_recompute(all_cases: list[Case]) -> list[Case]:
+    """After each case that backpropagates through the backbone with vpeft (the limit included), the same case
+    with every block recomputed in backward (``<name>_recompute``); Hugging Face PEFT rows are left alone."""
+    out = []
+    for case in all_cases:
+        out.append(case)
+        if case.kind == "limit" or (case.backprop and not case.name.startswith("peft")):
+            out.append(
+                dataclasses.replace(
+                    case, name=f"{case.name}_recompute", what=f"{case.what}, blocks recomputed", recompute=True
+                )
+            )
+    return out
 
 
 def _vpeft(method: str, unfused: bool = False, **kwargs: Any):
@@ -187,6 +211,8 @@ def build_and_measure(case: Case, args, device: torch.device, x, y, measure: boo
     """Build the case's model, take its warm-up step while measuring memory; returns (step, record)."""
     model = C.create_model(args.model, args.size, quick=args.quick).to(device)
     model, opt = case.build(model)
+    if case.recompute:
+        get_family(model).recompute_blocks(model)
     model.train(case.kind != "forward")
     record: dict[str, Any] = {
         "config": case.name,
@@ -235,7 +261,14 @@ def summarise(rows: list[dict[str, Any]], by: dict[str, dict[str, Any]], judge: 
         return f" -> {'met' if ok else 'NOT met'} ({target})" if judge else f" (target {target})"
 
     for r in rows:
-        if r.get("backprop"):
+        if r.get("recompute"):
+            x_saved = _ratio(r["saved_mib"], by["limit"]["saved_mib"])
+            lines.append(
+                f"- {r['config']}: saved activations {r['saved_mib']:.1f} MiB = {x_saved:.3f}x the limit's, "
+                f"step {r['x_limit']:.3f}x the limit"
+                + verdict(x_saved is not None and x_saved <= RECOMPUTE_TARGET, f"saved <= {RECOMPUTE_TARGET}x")
+            )
+        elif r.get("backprop"):
             lines.append(f"- {r['config']}: {r['x_limit']:.3f}x the limit{verdict(r['x_limit'] <= 1.05, '<= 1.05x')}")
     for tag in ("qkv", "wide"):
         ours, theirs = by.get(f"lora_{tag}"), by.get(f"peft_{tag}")
@@ -275,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
     p.add_argument("--quick", action="store_true", help="tiny ViT, batch 2, 2 repeats (a smoke test)")
+    p.add_argument(
+        "--memory",
+        choices=("default", "recompute"),
+        default="default",
+        help="recompute: also run each vpeft row (and the limit) with TrainConfig(memory='recompute')",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.repeats = 2, min(args.repeats, 2)
@@ -291,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         keep = {"forward", "limit", *args.only.split(",")}
         all_cases = [c for c in all_cases if c.name in keep]
+    if args.memory == "recompute":
+        all_cases = with_recompute(all_cases)
     measure = not args.no_memory and C.memory_supported(device)
     g = torch.Generator().manual_seed(0)
     size = C.QUICK_VIT["img_size"] if args.quick else args.size
@@ -320,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         r["x_limit_peak"] = _ratio(r.get("peak_mib"), lim_peak)
         r["x_full_peak"] = _ratio(r.get("peak_mib"), full_peak)
         r["backprop"] = case.backprop
+        r["recompute"] = case.recompute
         r["times_s"] = times[case.name]
         rows.append(r)
     model_desc = f"{C.QUICK_MODEL} (tiny, --quick)" if args.quick else args.model

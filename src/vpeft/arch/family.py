@@ -12,6 +12,7 @@ of vpeft needs to know about a backbone goes through it, so no other module test
 ``final_features``        the deepest dense features (final norm included), for dense prediction
 ``check_input_size``      a clear error where a backbone was built for one input size only
 ``set_grad_checkpointing``  recompute the blocks in backward (timm / transformers switches)
+``recompute_blocks``      recompute every n-th block of the spec in backward (any family with a spec; exact)
 ``random_in_training``    whether the family's own layers (drop rates) make training-mode outputs random
 ========================  ==================================================================================
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedBackboneError
 from ..registry import Registry
+from .recompute import recompute_blocks
 from .spec import ArchSpec, timm_convnext_spec, timm_efficientnet_spec, timm_vit_spec
 
 __all__ = [
@@ -93,6 +95,15 @@ class Family:
             f"gradient checkpointing is not supported on {type(model).__name__} (backbone family {self.name!r}); "
             "train without grad_checkpointing"
         )
+
+    def recompute_blocks(self, model: nn.Module, every: int = 1) -> list[str]:
+        """Recompute every ``every``-th block of :meth:`spec` in backward (non-reentrant checkpointing around the
+        block: its parameters, names and the methods' wrappers inside it unchanged); returns the blocks' names.
+        Losses and gradients are bit-identical to the default (:mod:`vpeft.arch.recompute`)."""
+        blocks = self.spec(model).blocks
+        if not blocks:
+            raise ConfigError(f"backbone family {self.name!r} lists no blocks for {type(model).__name__} to recompute")
+        return recompute_blocks(model, blocks, every)
 
     def random_in_training(self, model: nn.Module) -> bool:
         """Whether the family's own training-time randomness (a dropout rate set on the model) is active."""

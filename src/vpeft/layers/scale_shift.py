@@ -84,6 +84,38 @@ class _ScaleShiftFn(torch.autograd.Function):
         return grad_y, grad_scale, grad_shift if ctx.needs_input_grad[2] else None, None, None
 
 
+class _NormScaleShiftFn(torch.autograd.Function):
+    """``out = norm(x) * gamma + beta`` for a frozen token LayerNorm, saving only the norm's input ``x``.
+
+    A LayerNorm's backward needs its input, so autograd keeps ``x`` anyway; the gradient of ``gamma`` needs the
+    norm's output ``y``, which :class:`_ScaleShiftFn` keeps as ``out`` (nobody else does: the next Linear is
+    frozen). Here backward recomputes ``y = norm(x)`` from ``x`` (one more elementwise pass over the tokens) and
+    runs the norm's own backward on it, so one activation per norm is kept instead of two. The forward is the
+    same ops as the norm followed by the scale-shift, so outputs are bit-identical; the gradient of ``gamma`` is
+    ``sum(g * y)`` itself (no division by ``gamma``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, norm: nn.Module, inplace: bool):
+        y = norm(x)
+        out = y.mul_(scale).add_(shift) if inplace else torch.addcmul(shift, y, scale)
+        ctx.save_for_backward(x, scale)
+        ctx.norm = norm
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, scale = ctx.saved_tensors
+        dims = list(range(g.ndim - 1))
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            y = ctx.norm(xd)
+        grad_x = torch.autograd.grad(y, xd, g * scale)[0] if ctx.needs_input_grad[0] else None
+        grad_scale = (g * y.detach()).sum(dims) if ctx.needs_input_grad[1] else None
+        grad_shift = g.sum(dims) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_scale, grad_shift, None, None
+
+
 class ScaleShift(Wrapper):
     """``y = f(x) * gamma + beta`` per output channel.
 
@@ -115,7 +147,24 @@ class ScaleShift(Wrapper):
         shape[self.channel_dim] = -1
         return t.view(shape)
 
+    def _recomputes_norm(self, x: torch.Tensor) -> bool:
+        """Whether the norm's output is recomputed in backward (:class:`_NormScaleShiftFn`): a frozen token
+        LayerNorm no other wrapper wraps, outside autocast (backward would recompute in another dtype)."""
+        base = self.base_layer
+        return (
+            self.channel_dim == -1
+            and not self.wrapped
+            and isinstance(base, nn.LayerNorm)
+            and torch.is_grad_enabled()
+            and (self.scale.requires_grad or self.shift.requires_grad)
+            and not any(p.requires_grad for p in base.parameters())
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not args and not kwargs and self._recomputes_norm(x):
+            inplace = type(self.base_layer) in _PLAIN
+            return _NormScaleShiftFn.apply(x, self.scale, self.shift, self.base_layer, inplace)
         y = self.base_layer(x, *args, **kwargs)
         inplace = type(self.base_layer) in _PLAIN  # a fresh output its own backward does not read
         if (self.channel_dim != -1 or self.wrapped) and torch.is_grad_enabled():
