@@ -702,3 +702,90 @@ def test_finetune_on_real_chess_images_computes_coco_metrics_and_the_delta_round
     assert main(["eval", "--delta", str(tmp_path / "run" / "delta.safetensors"), "--data-root", str(data)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["map"] == pytest.approx(m["map"]) and res["ap_per_class"]["pieces"] is None
+
+
+# ------------------------------------------------------------------------------------------ vpeft bench / report
+BENCH_SPLITS = {"train": "train", "val": "valid", "trainval": "trainval", "test": "test"}
+
+
+def _bench_definition(data_root: Path, methods: list) -> dict:
+    return {
+        "name": "det", "backbone": "test_vit", "img_size": 64, "pretrained": False, "seeds": [0],
+        "data_root": str(data_root), "train": {"epochs": 1, "batch_size": 2, "lr": 1e-2, "warmup_epochs": 0},
+        "latency": {"batch_size": 1, "warmup": 0, "repeats": 1},
+        "tasks": [{"name": "toy", "group": "dense", "kind": "detection", "options": {"detector": "fcos", "width": 32},
+                   "splits": BENCH_SPLITS}],
+        "methods": methods,
+    }  # fmt: skip
+
+
+def test_bench_runs_a_detection_task_and_the_report_ranks_by_map_with_ap50(tmp_path, capsys):
+    """A 1-epoch bench on the tiny COCO folder through the protocol (select on valid, train on train+valid, test
+    once): the record names mAP as its metric, the detector, method and detector parameters apart; `vpeft report`
+    ranks by mAP and prints AP50 beside it."""
+    from vpeft.bench import build_leaderboard, render_markdown
+    from vpeft.bench.records import read_record, record_path
+    from vpeft.cli import main
+
+    torch.set_num_threads(1)
+    make_det_folder(tmp_path / "data" / "toy")
+    methods = [{"name": "linear"}, {"name": "lora", "settings": {"r": 2}}]
+    path = tmp_path / "det.json"
+    path.write_text(json.dumps(_bench_definition(tmp_path / "data", methods)))
+    out = tmp_path / "out"
+    assert main(["bench", str(path), "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    assert "2 ok, 0 failed" in capsys.readouterr().out
+    recs = {m: read_record(record_path(out, m, "toy", 0)) for m in ("linear", "lora")}
+    for rec in recs.values():
+        assert rec["status"] == "ok" and rec["task_kind"] == "detection" and rec["primary_metric"] == "map"
+        assert rec["score"] == rec["top1"] == rec["test_metrics"]["map"] and rec["detector"] == "fcos"
+        assert {"ap50", "ap75", "ap_small", "ap"} <= set(rec["test_metrics"]) and rec["test_n"] == 1
+        assert rec["class_names"] == ["things", "cat", "dog", "bird"]
+        assert rec["trainable_params"] == rec["method_params"] + rec["decoder_params"]
+    lin, lora = recs["linear"], recs["lora"]
+    import timm
+
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=64)
+    detector = DetectionTask(("things", "cat", "dog", "bird"), width=32).build(vit).decoder
+    assert lin["method_params"] == 0 and lora["method_params"] > 0
+    assert lin["decoder_params"] == lora["decoder_params"] == sum(p.numel() for p in detector.parameters())
+    assert lora["latency"]["mergeable"] and lora["latency"]["merge_max_abs_diff"] < 1e-4, "merge keeps the pyramid"
+    assert lin["resolved"]["train_split"] == "trainval" and lin["selection"] is None
+
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test mAP (%)" in printed and "detector params" in printed and "detector `fcos`" in printed
+    assert "## Box AP (%) on toy" in printed and "| method | mAP | AP50 | AP75 |" in printed
+    assert "## Per-class AP (%) on toy" in printed and "| method | things | cat | dog | bird |" in printed
+    titles = {"linear": "frozen backbone", "lora": "LoRA (r=2)"}
+
+    def order(text: str) -> list[str]:
+        first_table = text.split("## Cost")[0]
+        return [line.split("|")[1].strip() for line in first_table.splitlines() if line.startswith("| ")][1:]
+
+    assert order(printed) == [titles[m] for m in sorted(recs, key=lambda m: -recs[m]["score"])], "ranked by mAP"
+    # the same records with the mAPs set apart both ways: the order follows the mAP, whatever the definition order
+    for high in ("linear", "lora"):
+        changed = copy.deepcopy(recs)
+        for m, rec in changed.items():
+            rec["score"] = rec["top1"] = rec["test_metrics"]["map"] = 0.5 if m == high else 0.1
+        low = next(m for m in recs if m != high)
+        assert order(render_markdown(build_leaderboard(list(changed.values())))) == [titles[high], titles[low]]
+    box = printed.split("## Box AP (%) on toy")[1].split("##")[0]
+    ap50 = {titles[m]: f"{100 * r['test_metrics']['ap50']:.1f}" for m, r in recs.items()}
+    for title, value in ap50.items():
+        assert any(line.startswith(f"| {title} |") and f"| {value} |" in line for line in box.splitlines()), title
+
+
+def test_det_chess_experiment_parses():
+    from vpeft.bench import load_definition
+
+    d = load_definition(Path(__file__).resolve().parents[1] / "experiments" / "det_chess.yaml")
+    runs = {r.method_label: r for r in d.runs()}
+    root = Path(__file__).resolve().parents[1]
+    assert d.backbone == "dinov2_vits14_imgfocus" and d.img_size % 14 == 0 and d.img_size <= 224
+    assert Path(d.data_root) == (root / ".." / "shared" / "data" / "det").resolve(), "the real chess folder's parent"
+    assert set(runs) == {"frozen", "lora", "adaptformer", "ssf"}
+    for run in runs.values():
+        assert run.task == "chess" and run.task_kind == "detection" and run.task_options["detector"] == "fcos"
+        assert run.task_options["size"] == d.img_size and run.splits["test"] == "test"

@@ -143,6 +143,13 @@ class Task(abc.ABC):
         """
         return model(inputs)
 
+    def comparable_output(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """A float tensor of ``model``'s evaluation output on ``inputs`` that is continuous in the weights, for
+        checking that merging a method leaves the model's function unchanged (bench latency records the largest
+        difference). Default: the output itself; a task whose output is discrete (detection: boxes after score
+        thresholds and NMS) returns what precedes the discrete step."""
+        return model(inputs).float()
+
     @abc.abstractmethod
     def loss(self, output: Any, target: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
         """The batch-mean training loss (float32) of ``output`` against ``target``."""

@@ -482,6 +482,12 @@ class DetectionTask(Task):
         """Training: ``model(images, targets)`` (torchvision's loss dict); evaluation: ``model(images)``."""
         return model(inputs, targets) if model.training else model(inputs)
 
+    def comparable_output(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """The neck's pyramid maps, flattened and joined: detections pass score thresholds and NMS, so an
+        equivalent merge may still change which boxes survive; the maps the heads read may not."""
+        maps = model.neck(inputs)
+        return torch.cat([m.float().flatten(1) for m in maps.values()], dim=1)
+
     def torchvision_targets(self, targets: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """The padded ``(B, M, 9)`` targets as torchvision's per-image ``{"boxes", "labels"}`` (crowd boxes and
         padding removed; labels + 1 for Faster R-CNN)."""
