@@ -789,3 +789,68 @@ def test_det_chess_experiment_parses():
     for run in runs.values():
         assert run.task == "chess" and run.task_kind == "detection" and run.task_options["detector"] == "fcos"
         assert run.task_options["size"] == d.img_size and run.splits["test"] == "test"
+
+
+# ------------------------------------------------------------------------------------- vpeft eval --save-masks DIR
+class _FixedDetections(torch.nn.Module):
+    """A stand-in detector: on every image one confident dog at input [2, 2, 12, 12] and one unsure cat."""
+
+    def forward(self, images):
+        boxes = torch.tensor([[2.0, 2.0, 12.0, 12.0], [16.0, 2.0, 22.0, 10.0]])
+        det = {"boxes": boxes, "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([LABEL[7], LABEL[3]])}
+        return [det for _ in images]
+
+
+def test_predicted_boxes_are_drawn_on_the_stored_images_above_the_threshold(tmp_path):
+    from vpeft.data.detection import TRUTH_COLOUR
+    from vpeft.data.segmentation import default_palette
+    from vpeft.tasks.detection import save_detection_images
+
+    root = make_det_folder(tmp_path / "toy")
+    task = DetectionTask(DetectionFolder.from_dir(root).class_names)
+    ds = DetectionDataset(root, "train", 24, mean=(0, 0, 0), std=(1, 1, 1))  # 48x32 stored -> 24x16: scale 1/2
+    model = _FixedDetections()
+    written = task.save_predictions(model, torch.utils.data.Subset(ds, [1, 0, 2]), tmp_path / "boxes", limit=2)
+    assert [p.name for p in written] == ["2.png", "1.png"] and sorted(os.listdir(tmp_path / "boxes")) == [
+        "1.png", "2.png"
+    ], "at most --max-masks images, in dataset order, nothing else left in the folder"  # fmt: skip
+    assert len(save_detection_images(model, ds, tmp_path / "all")) == 3
+    dog = default_palette(len(task.class_names))[LABEL[7]]
+    empty = np.asarray(Image.open(written[0]))  # image 2: black, no true box: only the predictions show
+    assert empty.shape == (32, 48, 3), "drawn at the stored image's size"
+    # the confident box in stored pixels: input [2, 2, 12, 12] / (1/2) = [4, 4, 24, 24], its edges in the dog colour
+    assert tuple(empty[21, 4]) == dog and tuple(empty[21, 24]) == dog and tuple(empty[24, 14]) == dog
+    assert tuple(empty[21, 14]) == (0, 0, 0) and tuple(empty[21, 3]) == (0, 0, 0), "the box is an outline"
+    label = empty[6:19, 4:]  # the label band at the box's top (the box touches the image's top: inside it)
+    text = ((label != 0).any(-1) & (label != np.asarray(dog)).any(-1)).sum()
+    assert text > 20, "its class name and score are written on the band"
+    assert tuple(empty[20, 38]) == (0, 0, 0) and tuple(empty[19, 44]) == (0, 0, 0), "the 0.1 box [32, 4, 44, 20] is not"
+    valid = DetectionDataset(root, "valid", 24, mean=(0, 0, 0), std=(1, 1, 1))
+    truth = np.asarray(Image.open(save_detection_images(model, valid, tmp_path / "valid")[0]))
+    assert tuple(truth[20, 26]) == TRUTH_COLOUR, "the true box [8, 6, 28, 20] is drawn too"
+    with pytest.raises(ConfigError, match="needs a DetectionDataset"):
+        save_detection_images(model, [(torch.zeros(3, 8, 8), torch.zeros(1, 9))], tmp_path / "bad")
+
+
+def test_cli_eval_save_masks_draws_a_detection_deltas_boxes(tmp_path, capsys):
+    from vpeft.cli import main
+    from vpeft.run import finetune
+    from vpeft.train import TrainConfig
+
+    torch.set_num_threads(1)
+    data = tmp_path / "data"
+    make_det_folder(data / "toy")
+    finetune(
+        backbone="test_vit", method="lora", task="toy", data_root=data, img_size=64, pretrained=False,
+        train_cfg=TrainConfig(epochs=1, batch_size=2, lr=1e-3, warmup_epochs=0.0), train_split="train",
+        eval_split="valid", out_dir=tmp_path / "run", progress=False, task_options={"width": 32},
+    )  # fmt: skip
+    capsys.readouterr()
+    masks = tmp_path / "boxes"
+    argv = ["eval", "--delta", str(tmp_path / "run" / "delta.safetensors"), "--data-root", str(data), "--split",
+            "train", "--save-masks", str(masks), "--max-masks", "2"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["primary_metric"] == "map" and res["predictions"] == {"folder": str(masks), "files": 2}
+    assert sorted(p.name for p in masks.glob("*.png")) == ["1.png", "2.png"]
+    assert Image.open(masks / "1.png").size == (48, 32)
