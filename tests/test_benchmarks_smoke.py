@@ -17,6 +17,13 @@ SCRIPTS = {
     "bench_options.py": ["| vit | lora | baseline |", "| cnn | bitfit | channels_last |", "| checkpointing |"],
     "bench_cache.py": ["| linear probe | pre_logits |", "| partial-1 | 1 |", "cheaper with the cache"],
     "bench_multitask.py": ["| multi-task, grouped |", "| N separate models |", "| mixed |", "vs 4 separate models"],
+    "bench_det.py": [
+        "| frozen | frozen backbone + detector |",
+        "| lora | vpeft lora + detector |",
+        "| limit |",
+        "x frozen",
+        "detector (fcos):",
+    ],
     "bench_seg.py": ["| frozen | frozen backbone + decoder |", "| lora | vpeft lora + decoder |", "| limit |"],
     "bench_video.py": ["| forward |", "| limit |", "| aim |", "| st_adapter |", "| zeroi2v |", "x limit"],
     "bench_train_cache.py": [

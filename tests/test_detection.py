@@ -702,3 +702,155 @@ def test_finetune_on_real_chess_images_computes_coco_metrics_and_the_delta_round
     assert main(["eval", "--delta", str(tmp_path / "run" / "delta.safetensors"), "--data-root", str(data)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["map"] == pytest.approx(m["map"]) and res["ap_per_class"]["pieces"] is None
+
+
+# ------------------------------------------------------------------------------------------ vpeft bench / report
+BENCH_SPLITS = {"train": "train", "val": "valid", "trainval": "trainval", "test": "test"}
+
+
+def _bench_definition(data_root: Path, methods: list) -> dict:
+    return {
+        "name": "det", "backbone": "test_vit", "img_size": 64, "pretrained": False, "seeds": [0],
+        "data_root": str(data_root), "train": {"epochs": 1, "batch_size": 2, "lr": 1e-2, "warmup_epochs": 0},
+        "latency": {"batch_size": 1, "warmup": 0, "repeats": 1},
+        "tasks": [{"name": "toy", "group": "dense", "kind": "detection", "options": {"detector": "fcos", "width": 32},
+                   "splits": BENCH_SPLITS}],
+        "methods": methods,
+    }  # fmt: skip
+
+
+def test_bench_runs_a_detection_task_and_the_report_ranks_by_map_with_ap50(tmp_path, capsys):
+    """A 1-epoch bench on the tiny COCO folder through the protocol (select on valid, train on train+valid, test
+    once): the record names mAP as its metric, the detector, method and detector parameters apart; `vpeft report`
+    ranks by mAP and prints AP50 beside it."""
+    from vpeft.bench import build_leaderboard, render_markdown
+    from vpeft.bench.records import read_record, record_path
+    from vpeft.cli import main
+
+    torch.set_num_threads(1)
+    make_det_folder(tmp_path / "data" / "toy")
+    methods = [{"name": "linear"}, {"name": "lora", "settings": {"r": 2}}]
+    path = tmp_path / "det.json"
+    path.write_text(json.dumps(_bench_definition(tmp_path / "data", methods)))
+    out = tmp_path / "out"
+    assert main(["bench", str(path), "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    assert "2 ok, 0 failed" in capsys.readouterr().out
+    recs = {m: read_record(record_path(out, m, "toy", 0)) for m in ("linear", "lora")}
+    for rec in recs.values():
+        assert rec["status"] == "ok" and rec["task_kind"] == "detection" and rec["primary_metric"] == "map"
+        assert rec["score"] == rec["top1"] == rec["test_metrics"]["map"] and rec["detector"] == "fcos"
+        assert {"ap50", "ap75", "ap_small", "ap"} <= set(rec["test_metrics"]) and rec["test_n"] == 1
+        assert rec["class_names"] == ["things", "cat", "dog", "bird"]
+        assert rec["trainable_params"] == rec["method_params"] + rec["decoder_params"]
+    lin, lora = recs["linear"], recs["lora"]
+    import timm
+
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=64)
+    detector = DetectionTask(("things", "cat", "dog", "bird"), width=32).build(vit).decoder
+    assert lin["method_params"] == 0 and lora["method_params"] > 0
+    assert lin["decoder_params"] == lora["decoder_params"] == sum(p.numel() for p in detector.parameters())
+    assert lora["latency"]["mergeable"] and lora["latency"]["merge_max_abs_diff"] < 1e-4, "merge keeps the pyramid"
+    assert lin["resolved"]["train_split"] == "trainval" and lin["selection"] is None
+
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test mAP (%)" in printed and "detector params" in printed and "detector `fcos`" in printed
+    assert "## Box AP (%) on toy" in printed and "| method | mAP | AP50 | AP75 |" in printed
+    assert "## Per-class AP (%) on toy" in printed and "| method | things | cat | dog | bird |" in printed
+    titles = {"linear": "frozen backbone", "lora": "LoRA (r=2)"}
+
+    def order(text: str) -> list[str]:
+        first_table = text.split("## Cost")[0]
+        return [line.split("|")[1].strip() for line in first_table.splitlines() if line.startswith("| ")][1:]
+
+    assert order(printed) == [titles[m] for m in sorted(recs, key=lambda m: -recs[m]["score"])], "ranked by mAP"
+    # the same records with the mAPs set apart both ways: the order follows the mAP, whatever the definition order
+    for high in ("linear", "lora"):
+        changed = copy.deepcopy(recs)
+        for m, rec in changed.items():
+            rec["score"] = rec["top1"] = rec["test_metrics"]["map"] = 0.5 if m == high else 0.1
+        low = next(m for m in recs if m != high)
+        assert order(render_markdown(build_leaderboard(list(changed.values())))) == [titles[high], titles[low]]
+    box = printed.split("## Box AP (%) on toy")[1].split("##")[0]
+    ap50 = {titles[m]: f"{100 * r['test_metrics']['ap50']:.1f}" for m, r in recs.items()}
+    for title, value in ap50.items():
+        assert any(line.startswith(f"| {title} |") and f"| {value} |" in line for line in box.splitlines()), title
+
+
+def test_det_chess_experiment_parses():
+    from vpeft.bench import load_definition
+
+    d = load_definition(Path(__file__).resolve().parents[1] / "experiments" / "det_chess.yaml")
+    runs = {r.method_label: r for r in d.runs()}
+    root = Path(__file__).resolve().parents[1]
+    assert d.backbone == "dinov2_vits14_imgfocus" and d.img_size % 14 == 0 and d.img_size <= 224
+    assert Path(d.data_root) == (root / ".." / "shared" / "data" / "det").resolve(), "the real chess folder's parent"
+    assert set(runs) == {"frozen", "lora", "adaptformer", "ssf"}
+    for run in runs.values():
+        assert run.task == "chess" and run.task_kind == "detection" and run.task_options["detector"] == "fcos"
+        assert run.task_options["size"] == d.img_size and run.splits["test"] == "test"
+
+
+# ------------------------------------------------------------------------------------- vpeft eval --save-masks DIR
+class _FixedDetections(torch.nn.Module):
+    """A stand-in detector: on every image one confident dog at input [2, 2, 12, 12] and one unsure cat."""
+
+    def forward(self, images):
+        boxes = torch.tensor([[2.0, 2.0, 12.0, 12.0], [16.0, 2.0, 22.0, 10.0]])
+        det = {"boxes": boxes, "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([LABEL[7], LABEL[3]])}
+        return [det for _ in images]
+
+
+def test_predicted_boxes_are_drawn_on_the_stored_images_above_the_threshold(tmp_path):
+    from vpeft.data.detection import TRUTH_COLOUR
+    from vpeft.data.segmentation import default_palette
+    from vpeft.tasks.detection import save_detection_images
+
+    root = make_det_folder(tmp_path / "toy")
+    task = DetectionTask(DetectionFolder.from_dir(root).class_names)
+    ds = DetectionDataset(root, "train", 24, mean=(0, 0, 0), std=(1, 1, 1))  # 48x32 stored -> 24x16: scale 1/2
+    model = _FixedDetections()
+    written = task.save_predictions(model, torch.utils.data.Subset(ds, [1, 0, 2]), tmp_path / "boxes", limit=2)
+    assert [p.name for p in written] == ["2.png", "1.png"] and sorted(os.listdir(tmp_path / "boxes")) == [
+        "1.png", "2.png"
+    ], "at most --max-masks images, in dataset order, nothing else left in the folder"  # fmt: skip
+    assert len(save_detection_images(model, ds, tmp_path / "all")) == 3
+    dog = default_palette(len(task.class_names))[LABEL[7]]
+    empty = np.asarray(Image.open(written[0]))  # image 2: black, no true box: only the predictions show
+    assert empty.shape == (32, 48, 3), "drawn at the stored image's size"
+    # the confident box in stored pixels: input [2, 2, 12, 12] / (1/2) = [4, 4, 24, 24], its edges in the dog colour
+    assert tuple(empty[21, 4]) == dog and tuple(empty[21, 24]) == dog and tuple(empty[24, 14]) == dog
+    assert tuple(empty[21, 14]) == (0, 0, 0) and tuple(empty[21, 3]) == (0, 0, 0), "the box is an outline"
+    label = empty[6:19, 4:]  # the label band at the box's top (the box touches the image's top: inside it)
+    text = ((label != 0).any(-1) & (label != np.asarray(dog)).any(-1)).sum()
+    assert text > 20, "its class name and score are written on the band"
+    assert tuple(empty[20, 38]) == (0, 0, 0) and tuple(empty[19, 44]) == (0, 0, 0), "the 0.1 box [32, 4, 44, 20] is not"
+    valid = DetectionDataset(root, "valid", 24, mean=(0, 0, 0), std=(1, 1, 1))
+    truth = np.asarray(Image.open(save_detection_images(model, valid, tmp_path / "valid")[0]))
+    assert tuple(truth[20, 26]) == TRUTH_COLOUR, "the true box [8, 6, 28, 20] is drawn too"
+    with pytest.raises(ConfigError, match="needs a DetectionDataset"):
+        save_detection_images(model, [(torch.zeros(3, 8, 8), torch.zeros(1, 9))], tmp_path / "bad")
+
+
+def test_cli_eval_save_masks_draws_a_detection_deltas_boxes(tmp_path, capsys):
+    from vpeft.cli import main
+    from vpeft.run import finetune
+    from vpeft.train import TrainConfig
+
+    torch.set_num_threads(1)
+    data = tmp_path / "data"
+    make_det_folder(data / "toy")
+    finetune(
+        backbone="test_vit", method="lora", task="toy", data_root=data, img_size=64, pretrained=False,
+        train_cfg=TrainConfig(epochs=1, batch_size=2, lr=1e-3, warmup_epochs=0.0), train_split="train",
+        eval_split="valid", out_dir=tmp_path / "run", progress=False, task_options={"width": 32},
+    )  # fmt: skip
+    capsys.readouterr()
+    masks = tmp_path / "boxes"
+    argv = ["eval", "--delta", str(tmp_path / "run" / "delta.safetensors"), "--data-root", str(data), "--split",
+            "train", "--save-masks", str(masks), "--max-masks", "2"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["primary_metric"] == "map" and res["predictions"] == {"folder": str(masks), "files": 2}
+    assert sorted(p.name for p in masks.glob("*.png")) == ["1.png", "2.png"]
+    assert Image.open(masks / "1.png").size == (48, 32)

@@ -143,8 +143,11 @@ class PeakMemory:
         return self.peak_bytes - self.base
 
 
-def _time_forward(model: torch.nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median wall time (ms) of ``repeats`` forward passes after ``warmup`` passes, and the output."""
+def _time_forward(
+    model: torch.nn.Module, x: torch.Tensor, warmup: int, repeats: int, task: Any
+) -> tuple[float, torch.Tensor]:
+    """Median wall time (ms) of ``repeats`` forward passes after ``warmup`` passes, and the task's comparable
+    output (:meth:`vpeft.tasks.base.Task.comparable_output`: the logits, for detection the pyramid maps)."""
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -156,6 +159,7 @@ def _time_forward(model: torch.nn.Module, x: torch.Tensor, warmup: int, repeats:
             out = model(x)
             sync()
             times.append(1000 * (time.perf_counter() - start))
+        out = task.comparable_output(model, x)
     return statistics.median(times), out.float().cpu()
 
 
@@ -177,12 +181,12 @@ def measure_latency(spec: RunSpec, delta: str | os.PathLike, img_size: int) -> d
     x = task.example_input(lat["batch_size"], img_size, generator=torch.Generator().manual_seed(0)).to(spec.device)
     out: dict[str, Any] = {"batch_size": lat["batch_size"], "repeats": lat["repeats"], "unit": "ms/batch"}
     out["batch_of"] = task.sample_unit
-    out["unmerged_ms"], logits = _time_forward(model, x, lat["warmup"], lat["repeats"])
+    out["unmerged_ms"], logits = _time_forward(model, x, lat["warmup"], lat["repeats"], task)
     out["mergeable"] = bool(get_method(spec.method_name).mergeable)
     out["merged_ms"] = out["merge_max_abs_diff"] = None
     if out["mergeable"]:
         merge(model, keep_original=False)
-        out["merged_ms"], merged = _time_forward(model, x, lat["warmup"], lat["repeats"])
+        out["merged_ms"], merged = _time_forward(model, x, lat["warmup"], lat["repeats"], task)
         out["merge_max_abs_diff"] = float((merged - logits).abs().max())
     return out
 
@@ -385,7 +389,8 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
         "test_metrics": {k: v for k, v in run.metrics.items() if k not in ("loss", "n")},
         "decoder_params": run.decoder_params,
         "decoder": run.task_spec.get("decoder"),  # None for tasks without one
-        "class_names": _class_names(spec),
+        "detector": run.task_spec.get("detector"),  # detection tasks: the torchvision detector
+        "class_names": run.task_spec.get("class_names") or _class_names(spec),  # the task's own, else classes.txt
         "test_n": run.eval_n,
         "test_loss": final["eval_loss"],
         "trainable_params": final["trainable_params"],

@@ -1,6 +1,7 @@
 """The leaderboard of a results folder: Markdown, and a self-contained HTML page with sortable tables and plots.
 
-The score is the test primary metric of each task (top-1 for classification, mIoU for segmentation) of the final
+The score is the test primary metric of each task (top-1 for classification, mIoU for segmentation, COCO mAP for
+detection, with its AP50 / AP75 / size-range APs in a table of their own) of the final
 run of each (method, task, seed). Per task: mean +- std over seeds.
 Aggregates (group means, the mean over tasks and the mean of the group means) are computed per seed over the
 seeds that finished every task, then given as mean +- std over those seeds; a method missing a task for every
@@ -126,21 +127,30 @@ def build_leaderboard(records: Sequence[Mapping[str, Any]], definition: Mapping[
         commits = {_commit((r.get("env") or {}).get("git") or {}) for r in ok}
         meta["env"]["commits"] = sorted(commits)
     meta["metric"] = metric_name(ok)
+    meta["task_kinds"] = sorted({str(r.get("task_kind") or "classification") for r in ok})
     meta["per_class"] = _per_class(ok, tasks, methods)
+    meta["box_ap"] = _box_ap(ok, tasks, methods)
     meta["base_to_novel"] = _base_to_novel(ok, tasks, methods)
     meta["transfer"] = _transfer(ok, methods)
     title = f"vpeft leaderboard: {meta.get('name') or 'results'}"
     return Leaderboard(title, tasks, groups, rows, failures, meta)
 
 
+#: the dense head a task kind uses when its options name none (SegmentationTask's and DetectionTask's defaults)
+_DEFAULT_HEADS = {"segmentation": "linear", "detection": "fcos"}
+
+
 def record_decoder(record: Mapping[str, Any]) -> str | None:
-    """The decoder a run used: the record's own field, else its task options, else the segmentation default."""
-    if record.get("decoder"):
-        return str(record["decoder"])
+    """The decoder (segmentation) or detector (detection) a run used: the record's own field, else its task
+    options, else the task kind's default."""
+    for key in ("decoder", "detector"):
+        if record.get(key):
+            return str(record[key])
     options = (record.get("spec") or {}).get("task_options") or {}
-    if options.get("decoder"):
-        return str(options["decoder"])
-    return "linear" if record.get("task_kind") == "segmentation" else None  # SegmentationTask's default
+    for key in ("decoder", "detector"):
+        if options.get(key):
+            return str(options[key])
+    return _DEFAULT_HEADS.get(record.get("task_kind") or "")
 
 
 def _name_rows(rows: Sequence[MethodRow], ok: Sequence[Mapping[str, Any]]) -> None:
@@ -207,21 +217,51 @@ def _b2n_table(lb: Leaderboard):
     return head, rows
 
 
+#: per-class test metrics a record may hold (its ``test_metrics`` key) and their display names
+PER_CLASS_METRICS = {"iou": "IoU", "ap": "AP"}
+
+
 def _per_class(ok: Sequence[Mapping[str, Any]], tasks, methods) -> dict[str, dict[str, Any]]:
-    """Per task with per-class scores (segmentation IoU): ``{task: {"classes": [...], "rows": {method: [mean]}}}``."""
+    """Per task with per-class scores (segmentation IoU, detection AP@[.5:.95]):
+    ``{task: {"metric": "IoU", "classes": [...], "rows": {method: [mean]}}}`` (a class without a value: None)."""
     out: dict[str, dict[str, Any]] = {}
     for task, _ in tasks:
-        recs = [r for r in ok if r["task"] == task and (r.get("test_metrics") or {}).get("iou")]
-        if not recs:
+        of_task = [r for r in ok if r["task"] == task]
+        key = next((k for k in PER_CLASS_METRICS if any((r.get("test_metrics") or {}).get(k) for r in of_task)), None)
+        if key is None:
             continue
-        n = len(recs[0]["test_metrics"]["iou"])
+        recs = [r for r in of_task if (r.get("test_metrics") or {}).get(key)]
+        n = len(recs[0]["test_metrics"][key])
         classes = recs[0].get("class_names") or [f"class {i}" for i in range(n)]
         rows = {}
         for label, _ in methods:
-            per = [r["test_metrics"]["iou"] for r in recs if r["method"] == label]
+            per = [r["test_metrics"][key] for r in recs if r["method"] == label]
             if per:
                 rows[label] = [_mean([p[i] for p in per]) for i in range(n)]
-        out[task] = {"classes": list(classes), "rows": rows}
+        out[task] = {"metric": PER_CLASS_METRICS[key], "classes": list(classes), "rows": rows}
+    return out
+
+
+#: the COCO box metrics shown beside a detection task's mAP (``test_metrics`` key, column title)
+BOX_METRICS = (
+    ("map", "mAP"), ("ap50", "AP50"), ("ap75", "AP75"), ("ap_small", "AP small"), ("ap_medium", "AP medium"),
+    ("ap_large", "AP large"),
+)  # fmt: skip
+
+
+def _box_ap(ok: Sequence[Mapping[str, Any]], tasks, methods) -> dict[str, dict[str, list[float | None]]]:
+    """Per detection task (records with COCO box metrics), per method: the mean over seeds of each of
+    :data:`BOX_METRICS` (None where COCO has no value, e.g. no large box in the split)."""
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for task, _ in tasks:
+        recs = [r for r in ok if r["task"] == task and "ap50" in (r.get("test_metrics") or {})]
+        rows = {}
+        for label, _ in methods:
+            per = [r["test_metrics"] for r in recs if r["method"] == label]
+            if per:
+                rows[label] = [_mean([m.get(k) for m in per]) for k, _ in BOX_METRICS]
+        if rows:
+            out[task] = rows
     return out
 
 
@@ -230,7 +270,7 @@ def _score(record: Mapping[str, Any]) -> float:
     return record["score"] if "score" in record else record["top1"]
 
 
-METRIC_NAMES = {"top1": "top-1", "miou": "mIoU", "hm": "HM (base-to-novel)"}
+METRIC_NAMES = {"top1": "top-1", "miou": "mIoU", "map": "mAP", "hm": "HM (base-to-novel)"}
 
 
 def metric_name(records: Sequence[Mapping[str, Any]]) -> str:
@@ -336,9 +376,15 @@ def _row(lb: Leaderboard, row: MethodRow | str) -> MethodRow:
     return row if isinstance(row, MethodRow) else next(r for r in lb.rows if r.label == row)
 
 
+def _head_word(lb: Leaderboard) -> str:
+    """What the dense part outside the backbone is called in the column titles: "detector" when every run is a
+    detection run, else "decoder"."""
+    return "detector" if lb.meta.get("task_kinds") == ["detection"] else "decoder"
+
+
 def _method_head(lb: Leaderboard) -> list[tuple[str, str]]:
     """The columns naming a row: its readable method name, and its decoder where the rows differ in decoder."""
-    return [("method", "method")] + ([("decoder", "decoder")] if _decoders_differ(lb) else [])
+    return [("method", "method")] + ([("decoder", _head_word(lb))] if _decoders_differ(lb) else [])
 
 
 def _method_cells(lb: Leaderboard, row: MethodRow | str) -> list[tuple[str, float | str | None]]:
@@ -383,7 +429,7 @@ def _param_split(lb: Leaderboard, r: MethodRow) -> list[tuple[str, float | str |
 
 def _param_split_head(lb: Leaderboard) -> list[tuple[str, str]]:
     if _has_decoders(lb):
-        return [("method_p", "method params"), ("decoder_p", "decoder params")]
+        return [("method_p", "method params"), ("decoder_p", f"{_head_word(lb)} params")]
     return [("trainable", "trainable params"), ("method_p", "method params")]
 
 
@@ -437,7 +483,7 @@ def _cost_table(lb: Leaderboard) -> tuple[list[tuple[str, str]], list[list[tuple
     share_title, share_fmt, share = _share(lb)
     head = [*_method_head(lb), ("trainable", "trainable params")]
     if decoders:
-        head += [("method_p", "method params"), ("decoder_p", "decoder params")]
+        head += [("method_p", "method params"), ("decoder_p", f"{_head_word(lb)} params")]
     head += [
         ("pct", share_title),
         ("delta", "delta (KiB)"),
@@ -497,7 +543,7 @@ def _describe(lb: Leaderboard) -> str:
         bits.append(f"task `{lb.tasks[0][0]}`")
     decoders = {r.decoder for r in lb.rows}
     if len(decoders) == 1 and None not in decoders:
-        bits.append(f"decoder `{decoders.pop()}`")
+        bits.append(f"{_head_word(lb)} `{decoders.pop()}`")
     env = m.get("env") or {}
     if m.get("seeds"):
         bits.append(f"seeds {', '.join(map(str, m['seeds']))}")
@@ -544,11 +590,46 @@ def _per_class_table(lb: Leaderboard, table: Mapping[str, Any]):
     return head, rows
 
 
+def _per_class_title(task: str, table: Mapping[str, Any]) -> str:
+    return f"Per-class {table.get('metric', 'IoU')} (%) on {task}"
+
+
 def _per_class_md(lb: Leaderboard) -> list[str]:
     out = []
     for task, table in (lb.meta.get("per_class") or {}).items():
         head, rows = _per_class_table(lb, table)
-        out += [f"## Per-class IoU (%) on {task}", "", _md_table(head, rows), ""]
+        out += [f"## {_per_class_title(task, table)}", "", _md_table(head, rows), ""]
+    return out
+
+
+_BOX_NOTE = (
+    "COCO box AP (pycocotools) of the final run on the whole test split, mean over seeds: mAP = AP@[.50:.95], "
+    "AP50 / AP75 at IoU 0.5 / 0.75, small / medium / large: boxes under 32², 32²-96², over 96² stored pixels."
+)
+
+
+def _box_table(lb: Leaderboard, rows_of: Mapping[str, list[float | None]]):
+    head = _method_head(lb) + [(k, title) for k, title in BOX_METRICS]
+    rows = [
+        _method_cells(lb, r) + [(_num(v, ".1f", 100), v) for v in rows_of[r.label]]
+        for r in lb.rows
+        if r.label in rows_of
+    ]
+    return head, rows
+
+
+def _box_md(lb: Leaderboard) -> list[str]:
+    out = []
+    for task, rows_of in (lb.meta.get("box_ap") or {}).items():
+        out += [f"## Box AP (%) on {task}", "", _BOX_NOTE, "", _md_table(*_box_table(lb, rows_of)), ""]
+    return out
+
+
+def _box_html(lb: Leaderboard) -> list[str]:
+    out = []
+    for i, (task, rows_of) in enumerate((lb.meta.get("box_ap") or {}).items()):
+        out += [f"<h2>Box AP (%) on {html.escape(task)}</h2>", f'<p class="note">{html.escape(_BOX_NOTE)}</p>']
+        out.append(_html_table(*_box_table(lb, rows_of), f"box-ap-{i}"))
     return out
 
 
@@ -561,6 +642,7 @@ def render_markdown(lb: Leaderboard) -> str:
     out += [f"## {_cost_title(lb)}", "", _md_table(*_cost_table(lb)), ""]
     if _has_selection(lb):
         out += [f"## {_SELECTION}", "", _md_table(*_selection_table(lb)), "", *_plot_links_md(lb)]
+    out += _box_md(lb)
     out += _per_class_md(lb)
     if lb.meta.get("base_to_novel"):
         out += ["## Base-to-novel accuracy (%)", "", "HM = 2BN/(B+N), mean over seeds.", ""]
@@ -682,7 +764,7 @@ def _per_class_html(lb: Leaderboard) -> list[str]:
     out = []
     for i, (task, table) in enumerate((lb.meta.get("per_class") or {}).items()):
         head, rows = _per_class_table(lb, table)
-        out += [f"<h2>Per-class IoU (%) on {html.escape(task)}</h2>", _html_table(head, rows, f"per-class-{i}")]
+        out += [f"<h2>{html.escape(_per_class_title(task, table))}</h2>", _html_table(head, rows, f"per-class-{i}")]
     return out
 
 
@@ -705,6 +787,7 @@ def render_html(lb: Leaderboard) -> str:
             if _has_selection(lb)
             else []
         ),
+        *_box_html(lb),
         *_per_class_html(lb),
         *(
             ["<h2>Base-to-novel accuracy (%)</h2>", _html_table(*_b2n_table(lb), "base-to-novel")]

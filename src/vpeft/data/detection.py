@@ -56,6 +56,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vpeft.errors import ConfigError, DataError, suggest
+from vpeft.files import atomic_write
 
 __all__ = [
     "TARGET_FIELDS",
@@ -64,6 +65,7 @@ __all__ = [
     "ImageRecord",
     "SplitRecords",
     "detection_splits",
+    "draw_detections",
     "is_detection_folder",
     "load_detection_split",
     "read_detection_split",
@@ -439,3 +441,54 @@ def load_detection_split(
     mean = tuple(cfg.get("mean") or IMAGENET_DEFAULT_MEAN)
     std = tuple(cfg.get("std") or IMAGENET_DEFAULT_STD)
     return DetectionDataset(task_dir, split, size, mean=mean, std=std, augment=augment, folder=folder)
+
+
+# ------------------------------------------------------------------------------------------------------ drawing
+#: the colour of the ground-truth boxes in :func:`draw_detections` (predictions take their class's colour)
+TRUTH_COLOUR = (255, 255, 255)
+
+
+def draw_detections(
+    image: Image.Image,
+    path: str | os.PathLike[str],
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    truth: np.ndarray | None = None,
+) -> Path:
+    """Write ``image`` with predicted boxes (and the ground truth) drawn on it as a PNG, atomically.
+
+    Args:
+        image: the stored image (boxes are in its pixels).
+        path: the PNG to write (parent folders are created; written to a temporary file, then renamed).
+        boxes: ``(n, 4)`` predicted ``x1 y1 x2 y2``, drawn 2 px wide in their class's ``palette`` colour with
+            ``"<class name> <score>"`` above the box (inside it when the box touches the top edge).
+        scores, labels: ``(n,)`` scores in [0, 1] and labels ``0..K-1``.
+        truth: ``(m, 4)`` true ``x1 y1 x2 y2`` drawn 1 px wide in :data:`TRUTH_COLOUR` beneath the predictions.
+
+    Raises:
+        ConfigError: a label without a class name or colour.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    canvas = image.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for x1, y1, x2, y2 in np.asarray(truth if truth is not None else np.zeros((0, 4)), np.float64).reshape(-1, 4):
+        draw.rectangle([x1, y1, x2, y2], outline=TRUTH_COLOUR, width=1)
+    for (x1, y1, x2, y2), score, label in zip(np.asarray(boxes, np.float64).reshape(-1, 4), scores, labels):
+        k = int(label)
+        if not 0 <= k < min(len(class_names), len(palette)):
+            raise ConfigError(f"draw_detections: label {k} has no class name / colour ({len(class_names)} classes)")
+        colour = tuple(int(c) for c in palette[k])
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
+        text = f"{class_names[k]} {float(score):.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left, bottom - top
+        ty = y1 - th - 2 if y1 - th - 2 >= 0 else y1 + 2
+        draw.rectangle([x1, ty, x1 + tw + 2, ty + th + 2], fill=colour)
+        dark = sum(colour) > 3 * 128
+        draw.text((x1 + 1, ty + 1 - top), text, fill=(0, 0, 0) if dark else (255, 255, 255), font=font)
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))

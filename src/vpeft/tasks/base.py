@@ -120,7 +120,7 @@ class Task(abc.ABC):
     ) -> list[Path]:
         """Write the model's predictions on ``dataset`` as files a person can look at (segmentation: colour
         overlays); task types without a picture form refuse."""
-        raise ConfigError(f"{self.kind} tasks have no prediction images to save (segmentation tasks do)")
+        raise ConfigError(f"{self.kind} tasks have no prediction images to save (segmentation and detection tasks do)")
 
     # ---- model, loss and metrics --------------------------------------------------------------------------------
     def backbone_kwargs(self) -> dict[str, Any]:
@@ -153,6 +153,13 @@ class Task(abc.ABC):
         size = getattr(self, "size", None) or img_size
         h, w = (size, size) if isinstance(size, int) else size
         return torch.randn(batch_size, 3, h, w, generator=generator)
+
+    def comparable_output(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """A float tensor of ``model``'s evaluation output on ``inputs`` that is continuous in the weights, for
+        checking that merging a method leaves the model's function unchanged (bench latency records the largest
+        difference). Default: the output itself; a task whose output is discrete (detection: boxes after score
+        thresholds and NMS) returns what precedes the discrete step."""
+        return model(inputs).float()
 
     @abc.abstractmethod
     def loss(self, output: Any, target: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:

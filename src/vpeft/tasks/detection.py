@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -63,6 +64,7 @@ __all__ = [
     "DetectionTask",
     "coco_metrics",
     "default_detection_width",
+    "save_detection_images",
 ]
 
 #: the detectors a task can use, with one line each (``--task-opt detector=NAME``)
@@ -371,6 +373,100 @@ class DetectionMeter(Meter):
         return out
 
 
+# --------------------------------------------------------------------------------------------------- pictures
+#: detections at or above this score are drawn by :func:`save_detection_images` (COCO evaluation keeps all)
+DRAW_SCORE_THRESH = 0.3
+
+
+def _base_dataset(dataset: Dataset) -> tuple[Any, list[int]]:
+    """``(the dataset under any Subset wrappers, the indices into it of dataset's items in order)``."""
+    indices = list(range(len(dataset)))
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = [int(dataset.indices[i]) for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def save_detection_images(
+    model: nn.Module,
+    dataset: Dataset,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    score_threshold: float = DRAW_SCORE_THRESH,
+    limit: int | None = None,
+) -> list[Path]:
+    """Predict the images of a detection dataset and draw the boxes on each stored image as a PNG.
+
+    For ``vpeft eval --save-masks DIR``: one ``<image file stem>.png`` per image in ``out_dir`` (``<stem>-2.png``
+    ... when a joined split repeats a name), at the stored image's own resolution: the detections scoring at least
+    ``score_threshold`` in their class's colour (:func:`vpeft.data.segmentation.default_palette`) labelled with
+    class name and score, the true boxes (crowd regions included) 1 px white beneath them
+    (:func:`vpeft.data.detection.draw_detections`, written atomically).
+
+    Args:
+        model: a :class:`DetectionModel` (evaluation output: torchvision's detections), already on ``device``.
+        dataset: a :class:`~vpeft.data.detection.DetectionDataset` or a ``Subset`` of one.
+        score_threshold: the lowest score drawn, in [0, 1].
+        limit: draw at most this many images.
+
+    Returns:
+        The pictures written, in dataset order.
+    """
+    from ..data.detection import DetectionDataset, draw_detections
+    from ..data.segmentation import default_palette
+
+    base, indices = _base_dataset(dataset)
+    if not isinstance(base, DetectionDataset):
+        raise ConfigError(f"save_detection_images needs a DetectionDataset, got {type(base).__name__}")
+    if isinstance(score_threshold, bool) or not 0.0 <= float(score_threshold) <= 1.0:
+        raise ConfigError(f"save_detection_images: score_threshold={score_threshold!r} must be in [0, 1]")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ConfigError(f"save_detection_images: limit={limit!r} must be a non-negative int")
+    indices = indices[:limit] if limit is not None else indices
+    palette = default_palette(len(base.class_names))
+    out_dir, written, used = Path(out_dir), [], set()
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            x = torch.stack([base[i][0] for i in chunk]).to(device)
+            with torch.inference_mode():
+                detections = model(x)
+            for i, det in zip(chunk, detections):
+                rec = base.records.images[i]
+                nw, nh = base.scaled_size(rec)
+                scale = np.array([nw / rec.width, nh / rec.height] * 2, np.float32)
+                scores = det["scores"].detach().float().cpu().numpy().reshape(-1)
+                keep = scores >= float(score_threshold)
+                boxes = det["boxes"].detach().float().cpu().numpy().reshape(-1, 4)[keep] / scale
+                labels = det["labels"].detach().cpu().numpy().reshape(-1)[keep]
+                stem, n = rec.path.stem, 1
+                while f"{stem}.png" in used:
+                    n += 1
+                    stem = f"{rec.path.stem}-{n}"
+                used.add(f"{stem}.png")
+                with Image.open(rec.path) as im:  # the stored image, at its own resolution
+                    image = im.convert("RGB")
+                written.append(
+                    draw_detections(
+                        image,
+                        out_dir / f"{stem}.png",
+                        boxes,
+                        scores[keep],
+                        labels,
+                        base.class_names,
+                        palette,
+                        truth=rec.boxes,
+                    )  # fmt: skip
+                )
+    finally:
+        model.train(was_training)
+    return written
+
+
 # ---------------------------------------------------------------------------------------------------------- task
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -466,6 +562,12 @@ class DetectionTask(Task):
     def describe(self) -> str:
         return f"detection, {self.num_classes} classes, {self.detector}"
 
+    def save_predictions(
+        self, model: nn.Module, dataset: Dataset, out_dir: Path, *, device: str = "cpu", limit: int | None = None
+    ) -> list[Path]:
+        """The predicted boxes drawn on the stored images (:func:`save_detection_images`)."""
+        return save_detection_images(model, dataset, out_dir, device=device, limit=limit)
+
     # ---- model, loss, metrics -----------------------------------------------------------------------------------
     def backbone_classes(self) -> int:
         """0: the backbone is built without a classifier; the detector predicts the classes."""
@@ -481,6 +583,12 @@ class DetectionTask(Task):
     def forward(self, model: nn.Module, inputs: Any, targets: Any) -> Any:
         """Training: ``model(images, targets)`` (torchvision's loss dict); evaluation: ``model(images)``."""
         return model(inputs, targets) if model.training else model(inputs)
+
+    def comparable_output(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """The neck's pyramid maps, flattened and joined: detections pass score thresholds and NMS, so an
+        equivalent merge may still change which boxes survive; the maps the heads read may not."""
+        maps = model.neck(inputs)
+        return torch.cat([m.float().flatten(1) for m in maps.values()], dim=1)
 
     def torchvision_targets(self, targets: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """The padded ``(B, M, 9)`` targets as torchvision's per-image ``{"boxes", "labels"}`` (crowd boxes and
