@@ -82,6 +82,8 @@ class Task(abc.ABC):
     protocols: ClassVar[tuple[str, ...]] = ()
     #: the trained model can be evaluated on other task folders of this kind (cross-dataset transfer)
     transfers: ClassVar[bool] = False
+    #: settings that only change how data is prepared: a delta trained with other values still fits the model
+    DATA_OPTIONS: ClassVar[tuple[str, ...]] = ()
     #: what one sample is, in throughput and latency units ("images", "clips")
     sample_unit: ClassVar[str] = "images"
 
@@ -185,6 +187,20 @@ class Task(abc.ABC):
             raise ConfigError(
                 f"{where} was trained for a {other.get('kind')!r} task; this model is a {mine['kind']!r} task"
             )
+
+    def check_same_setup(self, other: Mapping[str, Any], where: str) -> None:
+        """:meth:`check_compatible` for task types whose whole description must match but their
+        :attr:`DATA_OPTIONS` (how data is prepared: a delta trained with other values still fits the model)."""
+        Task.check_compatible(self, other, where)
+        mine = self.to_dict()
+        skip = ("kind", *self.DATA_OPTIONS)
+        diff = [k for k in sorted(set(mine) | set(other)) if k not in skip and mine.get(k) != other.get(k)]
+        if diff:
+            detail = ", ".join(f"{k}={other.get(k)!r} (this model: {mine.get(k)!r})" for k in diff)
+            raise ConfigError(f"{where} was trained for another {self.kind} set-up: {detail}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items() if k != 'kind')})"
 
 
 class TaskModel(nn.Module):

@@ -344,16 +344,7 @@ class SegmentationTask(Task):
     def check_compatible(self, other: Mapping[str, Any], where: str) -> None:
         """A delta fits when it was trained for the same classes, decoder, levels and decoder options (data
         options -- ``size``, ``augment`` -- may differ)."""
-        super().check_compatible(other, where)
-        mine = self.to_dict()
-        skip = ("kind", *self.DATA_OPTIONS)
-        diff = [k for k in sorted(set(mine) | set(other)) if k not in skip and mine.get(k) != other.get(k)]
-        if diff:
-            detail = ", ".join(f"{k}={other.get(k)!r} (this model: {mine.get(k)!r})" for k in diff)
-            raise ConfigError(f"{where} was trained for another segmentation set-up: {detail}")
-
-    def __repr__(self) -> str:
-        return f"SegmentationTask({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items() if k != 'kind')})"
+        self.check_same_setup(other, where)
 
 
 def _base_dataset(dataset: Dataset) -> tuple[Any, list[int]]:
