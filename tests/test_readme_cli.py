@@ -60,3 +60,44 @@ def test_readme_command_line_parses(line):
         from vpeft.bench import load_definition
 
         load_definition(Path(README.parent / definition))  # the definition file exists and loads
+
+
+#: what makes the Quick start (CLI) block run in seconds: a tiny random ViT on the offline digits task, one epoch
+REDUCED = [
+    ("--backbone dinov2_vits14_imgfocus", "--backbone test_vit --no-pretrained"),
+    ("--img-size 112", "--img-size 32"),
+    ("--task cifar10", "--task digits"),
+    ("--epochs 10", "--epochs 1"),
+]
+
+
+def _quick_start_block() -> list[str]:
+    text = README.read_text(encoding="utf-8")
+    block = re.search(r"## Quick start \(CLI\)\n+```bash\n(.*?)```", text, flags=re.S)
+    assert block, "README has a Quick start (CLI) bash block"
+    lines = [line.split("  #")[0].strip() for line in block.group(1).replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line.startswith("vpeft ")]
+
+
+def test_the_quick_start_cli_block_runs_as_written_with_reduced_settings(tmp_path, monkeypatch, capsys):
+    """The block's lines run in order (train, eval, merge, PEFT export and import), each exit 0, with only the
+    backbone, size, task and epochs swapped for small ones and the data root pointed at an offline folder."""
+    from vpeft.cli import main
+    from vpeft.data import ensure_digits_task
+
+    ensure_digits_task(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for line in _quick_start_block():
+        if " ... " in line:  # the elided --resume example
+            continue
+        for old, new in REDUCED:
+            line = line.replace(old, new)
+        line = line.replace("~/data/vtab1k", str(tmp_path / "data"))
+        argv = shlex.split(line)[1:]
+        assert main(argv) == 0, f"{line}\n{capsys.readouterr().err}"
+        ran.append(argv[0])
+    assert ran == ["methods", "backbones", "train", "eval", "merge", "export", "import"]
+    assert (tmp_path / "runs/cifar10-lora/delta.safetensors").is_file() and (
+        tmp_path / "cifar10-lora.safetensors"
+    ).is_file()
