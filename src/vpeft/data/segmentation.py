@@ -40,8 +40,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import Dataset
 
+from vpeft.data.lists import list_files, present_splits
 from vpeft.data.transforms import resolve_input_size
-from vpeft.errors import ConfigError, DataError, suggest
+from vpeft.errors import ConfigError, DataError
 from vpeft.files import atomic_write
 
 __all__ = [
@@ -61,7 +62,6 @@ logger = logging.getLogger(__name__)
 
 SEG_SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test")
 VOID = 255
-_JOINED = {"trainval": ("train", "val")}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -93,12 +93,6 @@ def is_segmentation_folder(path: str | os.PathLike[str]) -> bool:
     return len(fields) == 2 and not fields[1].lstrip("-").isdigit() and fields[1].lower().endswith(_IMAGE_SUFFIXES)
 
 
-def _split_lists(split: str) -> tuple[str, ...]:
-    if split in _JOINED:
-        return _JOINED[split]
-    return tuple(split.split("+"))
-
-
 def read_pairs(task_dir: str | os.PathLike[str], split: str) -> list[tuple[Path, Path]]:
     """The ``(image, mask)`` absolute paths of ``split`` (``trainval`` and ``a+b`` join lists), in file order.
 
@@ -107,15 +101,7 @@ def read_pairs(task_dir: str | os.PathLike[str], split: str) -> list[tuple[Path,
     """
     task_dir = Path(task_dir)
     pairs: list[tuple[Path, Path]] = []
-    for name in _split_lists(split):
-        list_file = task_dir / f"{name}.txt"
-        if not name or not list_file.is_file():
-            present = sorted(p.stem for p in task_dir.glob("*.txt") if p.name != "classes.txt")
-            joined = [s for s in SEG_SPLITS if all((task_dir / f"{n}.txt").is_file() for n in _split_lists(s))]
-            raise DataError(
-                f"split {split!r}: list {list_file} does not exist; "
-                + suggest(split, sorted(set(present) | set(joined)) or ["none"], "split")
-            )
+    for list_file in list_files(task_dir, split, SEG_SPLITS):
         for lineno, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
@@ -238,7 +224,7 @@ class SegmentationFolder:
 
     def splits(self) -> list[str]:
         """The splits whose lists exist, in :data:`SEG_SPLITS` order."""
-        return [s for s in SEG_SPLITS if all((self.task_dir / f"{n}.txt").is_file() for n in _split_lists(s))]
+        return present_splits(self.task_dir, SEG_SPLITS)
 
     def dataset(self, split: str, **kwargs: Any) -> SegmentationDataset:
         """The dataset of one split (keyword arguments as :class:`SegmentationDataset`)."""

@@ -41,7 +41,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vpeft.errors import ConfigError, DataError, suggest
+from vpeft.data.lists import list_files
+from vpeft.errors import ConfigError, DataError
 
 __all__ = [
     "FRAME_SUFFIXES",
@@ -60,14 +61,9 @@ __all__ = [
 VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv")
 FRAME_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test")
-_JOINED = {"trainval": ("train", "val")}
 
 
 # ------------------------------------------------------------------------------------------------ folder format
-def _split_lists(split: str) -> tuple[str, ...]:
-    return _JOINED.get(split, tuple(split.split("+")))
-
-
 def is_video_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a video task folder: ``classes.txt`` and a ``train.txt`` or ``val.txt`` whose first line
     is ``<clip> <label>`` with a video file or a frame folder as the clip. The test list is never opened here (the
@@ -112,15 +108,7 @@ def read_clip_list(task_dir: str | os.PathLike[str], split: str) -> list[tuple[P
     """
     task_dir = Path(task_dir)
     samples: list[tuple[Path, int]] = []
-    for name in _split_lists(split):
-        list_file = task_dir / f"{name}.txt"
-        if not name or not list_file.is_file():
-            present = sorted(p.stem for p in task_dir.glob("*.txt") if p.name != "classes.txt")
-            joined = [s for s in VIDEO_SPLITS if all((task_dir / f"{n}.txt").is_file() for n in _split_lists(s))]
-            raise DataError(
-                f"split {split!r}: list {list_file} does not exist; "
-                + suggest(split, sorted(set(present) | set(joined)) or ["none"], "split")
-            )
+    for list_file in list_files(task_dir, split, VIDEO_SPLITS):
         for lineno, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
