@@ -92,64 +92,85 @@ def run_ray(
             from ray.util.queue import Queue
 
             started = Queue(actor_options={"num_cpus": 0})  # 0: the actor must not take a run's CPU slot
-        gpus = 1 if todo and todo[0].device.startswith("cuda") else 0
-        remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=0)(task)
-        refs, by_id = {}, {}
-        for spec in todo:
-            rdir = run_dir(out, spec.method_label, spec.task, spec.seed)
-            (rdir / "record.json").unlink(missing_ok=True)  # an old failure must not stand in for this attempt
-            ref = remote.remote(spec.to_dict(), str(rdir.resolve()), threads, started)
-            refs[ref], by_id[spec.run_id] = spec, ref
-        pending, records = list(refs), []
-        deadlines = Deadlines(run_timeout_s)
-        for spec in todo[:workers]:  # Ray does not say when a task starts: count `workers` of them as running
-            progress.started(spec.run_id, announce=False)
-        shown = min(workers, len(todo))
-
-        def finished(ref, rec: dict[str, Any]) -> None:
-            nonlocal shown
-            records.append(rec)
-            progress.finished(refs[ref].run_id, rec)
-            if shown < len(todo):
-                progress.started(todo[shown].run_id, announce=False)
-                shown += 1
-
-        while pending:
-            poll = 30.0 if started is None else 1.0
-            done, pending = ray.wait(pending, num_returns=1, timeout=deadlines.wait_s(poll))
-            for ref in done:
-                deadlines.stop(ref)
-                spec = refs[ref]
-                try:
-                    rec = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, node loss
-                    rec = _lost(spec, exc)
-                path = run_dir(out, spec.method_label, spec.task, spec.seed) / "record.json"
-                if read_record(path) is None or rec["status"] != "ok":
-                    write_record(path, {k: v for k, v in rec.items() if k != "schema"})
-                finished(ref, rec)
-            if started is None:
-                continue
-            waiting = set(pending)
-            for run_id in _drain(started):
-                if by_id.get(run_id) in waiting:
-                    deadlines.start(by_id[run_id])
-            for ref in deadlines.overdue():
-                if ray.wait([ref], timeout=0)[0]:
-                    continue  # finished just now: collected normally on the next turn
-                elapsed = deadlines.stop(ref)
-                spec = refs[ref]
-                logger.warning("%s: no result after %.0f s: cancelling its Ray task", spec.run_id, elapsed)
-                ray.cancel(ref, force=True)
-                pending.remove(ref)
-                rdir = run_dir(out, spec.method_label, spec.task, spec.seed)
-                finished(ref, timed_out_record(spec, rdir, elapsed, run_timeout_s, timeout_source))
-        return records
+        runs = _RayRuns(ray, todo, out, workers, progress, Deadlines(run_timeout_s))
+        runs.submit(task, threads, started)
+        while runs.pending:
+            runs.collect(poll_s=30.0 if started is None else 1.0)
+            if started is not None:
+                runs.cancel_overdue(started, run_timeout_s, timeout_source)  # type: ignore[arg-type]
+        return runs.records
     finally:
         if started is not None and not started_here:
             started.shutdown(force=True)
         if started_here:
             ray.shutdown()
+
+
+class _RayRuns:
+    """The driver's view of the submitted runs: pending Ray refs, collected records, progress and deadlines."""
+
+    def __init__(self, ray: Any, todo: Sequence[RunSpec], out: Path, workers: int, progress, deadlines: Deadlines):
+        self.ray, self.todo, self.out, self.workers, self.progress = ray, todo, out, workers, progress
+        self.deadlines = deadlines
+        self.specs: dict[Any, RunSpec] = {}
+        self.by_id: dict[str, Any] = {}
+        self.pending: list[Any] = []
+        self.records: list[dict[str, Any]] = []
+        self.shown = 0
+
+    def _dir(self, spec: RunSpec) -> Path:
+        return run_dir(self.out, spec.method_label, spec.task, spec.seed)
+
+    def submit(self, task: Callable[..., dict[str, Any]], threads: int, started: Any) -> None:
+        gpus = 1 if self.todo and self.todo[0].device.startswith("cuda") else 0
+        remote = self.ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=0)(task)
+        for spec in self.todo:
+            rdir = self._dir(spec)
+            (rdir / "record.json").unlink(missing_ok=True)  # an old failure must not stand in for this attempt
+            ref = remote.remote(spec.to_dict(), str(rdir.resolve()), threads, started)
+            self.specs[ref], self.by_id[spec.run_id] = spec, ref
+        self.pending = list(self.specs)
+        for spec in self.todo[: self.workers]:  # Ray does not say when a task starts: count `workers` as running
+            self.progress.started(spec.run_id, announce=False)
+        self.shown = min(self.workers, len(self.todo))
+
+    def _finished(self, ref: Any, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        self.progress.finished(self.specs[ref].run_id, rec)
+        if self.shown < len(self.todo):
+            self.progress.started(self.todo[self.shown].run_id, announce=False)
+            self.shown += 1
+
+    def collect(self, poll_s: float) -> None:
+        """Wait up to ``poll_s`` (or the next deadline) for one run; record what finished."""
+        done, self.pending = self.ray.wait(self.pending, num_returns=1, timeout=self.deadlines.wait_s(poll_s))
+        for ref in done:
+            self.deadlines.stop(ref)
+            spec = self.specs[ref]
+            try:
+                rec = self.ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, node loss
+                rec = _lost(spec, exc)
+            path = self._dir(spec) / "record.json"
+            if read_record(path) is None or rec["status"] != "ok":  # the node could not write it, or it failed
+                write_record(path, {k: v for k, v in rec.items() if k != "schema"})
+            self._finished(ref, rec)
+
+    def cancel_overdue(self, started: Any, limit_s: float, source: str) -> None:
+        """Start the clocks of runs that announced their start; force-cancel those past ``limit_s``."""
+        waiting = set(self.pending)
+        for run_id in _drain(started):
+            if self.by_id.get(run_id) in waiting:
+                self.deadlines.start(self.by_id[run_id])
+        for ref in self.deadlines.overdue():
+            if self.ray.wait([ref], timeout=0)[0]:
+                continue  # finished just now: collected normally on the next turn
+            elapsed = self.deadlines.stop(ref)
+            spec = self.specs[ref]
+            logger.warning("%s: no result after %.0f s: cancelling its Ray task", spec.run_id, elapsed)
+            self.ray.cancel(ref, force=True)
+            self.pending.remove(ref)
+            self._finished(ref, timed_out_record(spec, self._dir(spec), elapsed, limit_s, source))
 
 
 def _drain(queue: Any) -> list[str]:

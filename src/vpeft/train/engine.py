@@ -533,41 +533,43 @@ def train(
         FloatingPointError: The training loss became NaN/inf.
     """
     with dist_utils.session(device) as ctx:  # None in a single-process run
-        return _train(
-            model,
-            train_loader,
-            cfg,
-            val_loader,
-            device,
-            out_dir,
-            progress,
-            callbacks,
-            ctx,
-            find_unused_parameters,
-            resolve_task(model, task),
-            resume,
+        set_seed(cfg.seed)
+        loop, train_loader, val_loader = _build_loop(
+            model, cfg, train_loader, val_loader, device, ctx, resolve_task(model, task), find_unused_parameters
+        )
+        files = _RunFiles(
+            Path(out_dir) if out_dir is not None else None,
             dict(run or {}),
             dict(identity) if identity is not None else None,
         )
+        return _run_epochs(loop, train_loader, val_loader, files, resume=resume, progress=progress,
+                           callbacks=callbacks)  # fmt: skip
 
 
-def _train(
+@dataclass(frozen=True)
+class _RunFiles:
+    """What one :func:`train` call writes (``metrics.json``, ``checkpoint.pt``) and the identity they record."""
+
+    out_dir: Path | None
+    run: dict[str, Any]
+    identity: dict[str, Any] | None
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.out_dir / ckpt.CHECKPOINT_NAME if self.out_dir is not None else None
+
+
+def _build_loop(
     model: nn.Module,
-    train_loader: Iterable[Any],
     cfg: TrainConfig,
+    train_loader: Iterable[Any],
     val_loader: Iterable[Any] | None,
     device: str | torch.device,
-    out_dir: str | Path | None,
-    progress: bool,
-    callbacks: Sequence[Callback] | None,
     ctx: DistContext | None,
-    find_unused_parameters: bool,
     task: Task,
-    resume: bool = False,
-    run: dict[str, Any] | None = None,
-    identity: dict[str, Any] | None = None,
-) -> TrainResult:
-    set_seed(cfg.seed)
+    find_unused_parameters: bool,
+) -> tuple[_Loop, Iterable[Any], Iterable[Any] | None]:
+    """Move ``model`` to its device, build optimizer and schedule; under DDP wrap it and shard the loaders."""
     device = torch.device(device) if ctx is None else ctx.device
     model.to(device)
     channels_last = _apply_options(model, cfg)
@@ -589,17 +591,33 @@ def _train(
         ddp = torch.compile(ddp) if cfg.compile else ddp
         loop = _Loop(ddp, cfg, device, optimizer, scheduler, task=task, dist=ctx, module=model)
     loop.channels_last = channels_last
-    write = out_dir is not None and loop.main
+    return loop, train_loader, val_loader
+
+
+def _run_epochs(
+    loop: _Loop,
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any] | None,
+    files: _RunFiles,
+    *,
+    resume: bool,
+    progress: bool,
+    callbacks: Sequence[Callback] | None,
+) -> TrainResult:
+    """The epochs from the first one not yet run (after a checkpoint with ``resume``) to ``cfg.epochs``."""
+    cfg, ctx = loop.cfg, loop.dist
+    write = files.out_dir is not None and loop.main
     result, start = TrainResult(), time.perf_counter()
     generator = getattr(train_loader, "generator", None)
-    ckpt_path = Path(out_dir) / ckpt.CHECKPOINT_NAME if out_dir is not None else None
+    ckpt_path = files.checkpoint
     first = 1
     if resume and ckpt_path is not None and ckpt_path.is_file():
-        first, elapsed = _restore(loop, ckpt_path, result, generator, identity)
+        first, elapsed = _restore(loop, ckpt_path, result, generator, files.identity)
         start -= elapsed
         result.resumed_after = first - 1
     elif resume:
-        logger.info("no checkpoint to resume from%s: training from scratch", f" in {out_dir}" if out_dir else "")
+        where = f" in {files.out_dir}" if files.out_dir else ""
+        logger.info("no checkpoint to resume from%s: training from scratch", where)
     if ckpt_path is not None and loop.main:
         ckpt.clean_stale(ckpt_path.parent)
     steps_before = loop.step
@@ -610,10 +628,10 @@ def _train(
         result.total_time_s, result.steps, result.final = time.perf_counter() - start, loop.step, record
         result.steps_run = loop.step - steps_before
         if write:
-            _write_metrics(Path(out_dir), cfg, result, epoch == cfg.epochs, run)  # type: ignore[arg-type]
+            _write_metrics(files.out_dir, cfg, result, epoch == cfg.epochs, files.run)  # type: ignore[arg-type]
             every = cfg.checkpoint_every
             if every and (epoch % every == 0 or epoch == cfg.epochs):
-                _checkpoint(loop, ckpt_path, epoch, result, generator, identity)  # type: ignore[arg-type]
+                _checkpoint(loop, ckpt_path, epoch, result, generator, files.identity)  # type: ignore[arg-type]
         stop = any([cb(record) is True for cb in callbacks or ()])  # a list: every callback sees every epoch
         if ctx is not None:  # one rank's callback stopping alone would leave the others waiting
             stop = dist_utils.all_reduce_sum([float(stop)], ctx)[0] > 0
@@ -622,7 +640,7 @@ def _train(
                 logger.info("a callback stopped training after epoch %d", epoch)
             result.stopped_early = True
             if write:
-                _write_metrics(Path(out_dir), cfg, result, True, run)  # type: ignore[arg-type]
+                _write_metrics(files.out_dir, cfg, result, True, files.run)  # type: ignore[arg-type]
             break
     return result
 
