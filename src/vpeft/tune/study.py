@@ -404,45 +404,65 @@ def run_tune(
     """
     import optuna
 
-    from ..run import open_task, task_kind_for
-
     cfg = tune or TuneConfig()
     base = train_cfg or TrainConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run = {"backbone": backbone, "method": _method_dict(method, space), "task": task, "data_root": data_root,
+           "img_size": img_size, "pretrained": pretrained, "task_kind": task_kind,
+           "task_options": dict(task_options or {}) or None, "device": device, "num_workers": num_workers,
+           "train_cfg": base}  # fmt: skip
+    search, identity = _new_search(run, space, cfg, out)
+    name = study_name or f"{run['method']['method']}-{task}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with folder_lock(out, "vpeft tune", what="--out", wait=True):  # two processes creating one SQLite study race
+        study, store = _open_study(identity, cfg, out, storage, name)
+    _enqueue(study, search, space, enqueue)
+    _requeue_orphans(study, store)
+    _optimize(study, search, cfg, search.metric, on_trial)
+    return _finish(study, search, identity, name, storage, cfg, out)
+
+
+def _method_dict(method: MethodConfig | Mapping[str, Any] | str, space: SearchSpace) -> dict[str, Any]:
+    """``method`` as a validated config dict of the method ``space`` was built for."""
     if isinstance(method, str):
         method = {"method": method}
     method_dict = method.to_dict() if isinstance(method, MethodConfig) else dict(method)
     MethodConfig.from_dict(method_dict)
     if method_dict.get("method") not in (space.method, "compose"):
         raise ConfigError(f"the space was built for {space.method!r}, the method is {method_dict.get('method')!r}")
-    folder = open_task(data_root, task)
-    kind = task_kind_for(backbone, task_kind)
-    metric = folder.task(kind, **dict(task_options or {})).primary_metric
-    run = {"backbone": backbone, "method": method_dict, "task": task, "data_root": folder.root, "img_size": img_size,
-           "pretrained": pretrained, "task_kind": kind, "task_options": dict(task_options or {}) or None,
-           "device": device, "num_workers": num_workers, "train_cfg": base}  # fmt: skip
+    return method_dict
+
+
+def _new_search(run: dict[str, Any], space: SearchSpace, cfg: TuneConfig, out: Path) -> tuple[_Search, dict[str, Any]]:
+    """The trials' runner (its corners checked) and the study's identity (what a resumed study must match)."""
+    from ..run import open_task, task_kind_for
+
+    folder = open_task(run["data_root"], run["task"])
+    kind = task_kind_for(run["backbone"], run["task_kind"])
+    metric = folder.task(kind, **dict(run["task_options"] or {})).primary_metric
+    run = {**run, "data_root": folder.root, "task_kind": kind}
     search = _Search(run, space, cfg, out, metric)
     search.check_corners()
     identity = {
-        "backbone": backbone, "pretrained": pretrained, "img_size": img_size, "task": task,
-        "task_folder": str(folder.path.resolve()), "task_kind": kind, "task_options": run["task_options"],
-        "method": method_dict, "space": space.to_dict(), "search_splits": list(cfg.search_splits),
-        "metric": metric, "train": base.to_dict(), "pruner": cfg.pruner, "sampler_seed": cfg.sampler_seed,
+        "backbone": run["backbone"], "pretrained": run["pretrained"], "img_size": run["img_size"],
+        "task": run["task"], "task_folder": str(folder.path.resolve()), "task_kind": kind,
+        "task_options": run["task_options"], "method": run["method"], "space": space.to_dict(),
+        "search_splits": list(cfg.search_splits), "metric": metric, "train": run["train_cfg"].to_dict(),
+        "pruner": cfg.pruner, "sampler_seed": cfg.sampler_seed,
     }  # fmt: skip
-    name = study_name or f"{method_dict['method']}-{task}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with folder_lock(out, "vpeft tune", what="--out", wait=True):  # two processes creating one SQLite study race
-        study, store = _open_study(identity, cfg, out, storage, name)
-    _enqueue(study, search, space, enqueue)
-    _requeue_orphans(study, store)
-    _optimize(study, search, cfg, metric, on_trial)
+    return search, identity
+
+
+def _finish(study: Any, search: _Search, identity: dict[str, Any], name: str, storage: str | None,
+            cfg: TuneConfig, out: Path) -> dict[str, Any]:  # fmt: skip
+    """Choose the best complete trial, retrain it and test once (``cfg.final``), plot, write the summary."""
     from optuna.trial import TrialState
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise ConfigError(f"no trial of study {name!r} completed (all pruned or failed): nothing to choose from")
-    summary = _summary(study, identity, name, storage, metric, cfg)
+    summary = _summary(study, identity, name, storage, search.metric, cfg)
     best = study.best_trial
     # the trials are shared between processes; the final run, the plots and the summary have one writer: a second
     # process waits here, then reuses the first one's final run
