@@ -236,9 +236,27 @@ def _read_one(task_dir: Path, split: str, categories: tuple[tuple[int, str], ...
             f"{[c for c, _ in categories]} (ids and names must match)"
         )
     label_of = {cid: i for i, (cid, _) in enumerate(categories)}
+    images = _image_records(file, data["images"], task_dir, split)
+    rows: dict[int, list[tuple[float, float, float, float, int, bool, float]]] = {i: [] for i in images}
+    for ann in data["annotations"]:
+        row = _box_row(file, ann, images, label_of, out)
+        if row is not None:
+            rows[ann["image_id"]].append(row)
+    for iid, rec in images.items():  # dicts keep the file's image order
+        r = rows[iid]
+        if r:
+            rec.boxes = np.asarray([row[:4] for row in r], np.float32)
+            rec.labels = np.asarray([row[4] for row in r], np.int64)
+            rec.iscrowd = np.asarray([row[5] for row in r], bool)
+            rec.area = np.asarray([row[6] for row in r], np.float32)
+        out.images.append(rec)
+    out.files.append(file)
+
+
+def _image_records(file: Path, entries: list[Any], task_dir: Path, split: str) -> dict[int, ImageRecord]:
+    """One box-less record per image entry, in file order; each image exists and has the size the file says."""
     images: dict[int, ImageRecord] = {}
-    order: list[int] = []
-    for img in data["images"]:
+    for img in entries:
         iid, name = img.get("id"), img.get("file_name")
         if isinstance(iid, bool) or not isinstance(iid, int) or not isinstance(name, str):
             raise DataError(f"{file}: image entry {img!r} needs an int 'id' and a str 'file_name'")
@@ -255,52 +273,48 @@ def _read_one(task_dir: Path, split: str, categories: tuple[tuple[int, str], ...
             raise DataError(f"{file}: image {name!r} is {w}x{h} but the file records width={jw}, height={jh}")
         empty4 = np.zeros((0, 4), np.float32)
         images[iid] = ImageRecord(path, w, h, empty4, np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.float32))
-        order.append(iid)
-    rows: dict[int, list[tuple[float, float, float, float, int, bool, float]]] = {i: [] for i in order}
-    for ann in data["annotations"]:
-        aid = ann.get("id", "?")
-        iid, cid, bbox = ann.get("image_id"), ann.get("category_id"), ann.get("bbox")
-        if iid not in images:
-            raise DataError(f"{file}: annotation {aid} names image_id {iid!r}, which the file does not list")
-        if cid not in label_of or isinstance(cid, bool):
-            raise DataError(
-                f"{file}: annotation {aid} has category_id {cid!r}, not among the categories {sorted(label_of)}"
-            )
-        if (
-            not isinstance(bbox, (list, tuple))
-            or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
-        ):
-            raise DataError(f"{file}: annotation {aid} has bbox {bbox!r}, expected four finite numbers [x, y, w, h]")
-        x, y, bw, bh = (float(v) for v in bbox)
-        if bw < 0 or bh < 0:
-            raise DataError(f"{file}: annotation {aid} has a box of negative size (bbox {list(bbox)!r})")
-        if bw == 0 or bh == 0:
-            out.dropped_zero_area += 1
-            continue
-        rec = images[iid]
-        x1, y1 = min(max(x, 0.0), rec.width), min(max(y, 0.0), rec.height)
-        x2, y2 = min(max(x + bw, 0.0), rec.width), min(max(y + bh, 0.0), rec.height)
-        if x2 <= x1 or y2 <= y1:
-            out.dropped_outside += 1
-            continue
-        if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
-            out.clipped += 1
-        area = ann.get("area")
-        area = float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) and area > 0 else None
-        crowd = bool(ann.get("iscrowd", 0))
-        rows[iid].append((x1, y1, x2, y2, label_of[cid], crowd, area if area is not None else (x2 - x1) * (y2 - y1)))
-    for iid in order:
-        rec, r = images[iid], rows[iid]
-        if r:
-            arr = np.asarray([row[:4] for row in r], np.float32)
-            rec.boxes, rec.labels = arr, np.asarray([row[4] for row in r], np.int64)
-            rec.iscrowd, rec.area = (
-                np.asarray([row[5] for row in r], bool),
-                np.asarray([row[6] for row in r], np.float32),
-            )
-        out.images.append(rec)
-    out.files.append(file)
+    return images
+
+
+def _box_row(
+    file: Path, ann: dict[str, Any], images: dict[int, ImageRecord], label_of: dict[int, int], out: SplitRecords
+) -> tuple[float, float, float, float, int, bool, float] | None:
+    """``(x1, y1, x2, y2, label, iscrowd, area)`` of one annotation, clipped to its image; ``None`` if dropped.
+
+    Bad entries raise :class:`DataError`; zero-area and wholly outside boxes are counted in ``out`` and dropped.
+    """
+    aid = ann.get("id", "?")
+    iid, cid, bbox = ann.get("image_id"), ann.get("category_id"), ann.get("bbox")
+    if iid not in images:
+        raise DataError(f"{file}: annotation {aid} names image_id {iid!r}, which the file does not list")
+    if cid not in label_of or isinstance(cid, bool):
+        raise DataError(
+            f"{file}: annotation {aid} has category_id {cid!r}, not among the categories {sorted(label_of)}"
+        )
+    if (
+        not isinstance(bbox, (list, tuple))
+        or len(bbox) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+    ):
+        raise DataError(f"{file}: annotation {aid} has bbox {bbox!r}, expected four finite numbers [x, y, w, h]")
+    x, y, bw, bh = (float(v) for v in bbox)
+    if bw < 0 or bh < 0:
+        raise DataError(f"{file}: annotation {aid} has a box of negative size (bbox {list(bbox)!r})")
+    if bw == 0 or bh == 0:
+        out.dropped_zero_area += 1
+        return None
+    rec = images[iid]
+    x1, y1 = min(max(x, 0.0), rec.width), min(max(y, 0.0), rec.height)
+    x2, y2 = min(max(x + bw, 0.0), rec.width), min(max(y + bh, 0.0), rec.height)
+    if x2 <= x1 or y2 <= y1:
+        out.dropped_outside += 1
+        return None
+    if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
+        out.clipped += 1
+    area = ann.get("area")
+    area = float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) and area > 0 else None
+    crowd = bool(ann.get("iscrowd", 0))
+    return (x1, y1, x2, y2, label_of[cid], crowd, area if area is not None else (x2 - x1) * (y2 - y1))
 
 
 def read_detection_split(
