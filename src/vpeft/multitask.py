@@ -489,49 +489,9 @@ class MultiTaskModel(nn.Module):
             raise ConfigError(f"selection={selection!r} is invalid; valid options: {', '.join(SELECTIONS)}")
         if not deltas:
             raise ConfigError("deltas is empty; pass {task name: delta file (or delta)} for at least one task")
-        if is_adapted(backbone) or any(isinstance(m, Wrapper) for m in backbone.modules()):
-            raise ConfigError(
-                "the backbone already holds vpeft wrappers (a method applied, or another MultiTaskModel); "
-                "pass the plain frozen backbone"
-            )
-        spec = get_spec(backbone)
-        if spec.kind not in _KINDS:
-            raise UnsupportedBackboneError(
-                f"MultiTaskModel supports {'/'.join(_KINDS)} backbones, not {spec.family} ({spec.kind}): per-sample "
-                "deltas need layers whose rows are samples (tokens), and CNN LoRA is convolutional"
-            )
-        name, print_ = api.backbone_name(backbone), api.fingerprint(backbone, exclude=tuple(head_names(backbone, spec)))
-        head_module = get_module(backbone, spec.head) if spec.head else None
-        feature_dim = head_module.in_features if isinstance(head_module, nn.Linear) else None
-        head_name = spec.head or _headless_classifier(backbone)
-        loaded = []
-        for task, source in deltas.items():
-            if not isinstance(task, str) or not task:
-                raise ConfigError(f"task names must be non-empty strings, got {task!r}")
-            header, tensors, where = _read_source(task, source)
-            header.check_fits(backbone=name, fingerprint=print_, where=where.strip("'"))
-            kind = header.kind
-            if kind != "classification":
-                raise ConfigError(
-                    f"task {task!r}: its delta is for a {kind!r} task (with its own decoder); MultiTaskModel runs "
-                    "classification deltas (the backbone's features and a Linear head)"
-                )
-            cfg = header.config
-            prefix = head_name + "." if head_name else None
-            head = {k[len(prefix) :]: v for k, v in tensors.items() if prefix and k.startswith(prefix)}
-            body = {k: v for k, v in tensors.items() if not (prefix and k.startswith(prefix))}
-            label = str(source) if isinstance(source, (str, os.PathLike)) else where  # check_fit quotes it
-            try:
-                parts = _harvest(backbone, spec, cfg, body, label)
-            except _NotPerSample as e:
-                raise ConfigError(
-                    f"task {task!r}: method {cfg.method!r} cannot be selected per sample ({e}); supported methods: "
-                    f"{', '.join(supported_methods(backbone))}"
-                ) from None
-            loaded.append(
-                _TaskDelta(task, cfg, parts, _make_head(head, feature_dim, where, next(backbone.parameters())))
-            )
-            log.info("task %s: %s on %d modules", task, cfg.method, len(parts))
+        spec = _check_plain_backbone(backbone)
+        fit = _Fit.of(backbone, spec)  # the fingerprint once, not per task
+        loaded = [_load_task(backbone, spec, fit, task, source) for task, source in deltas.items()]
         return cls(backbone, loaded, selection, spec)
 
     def task_index(self, task_ids: torch.Tensor | Sequence[str | int], batch: int) -> torch.Tensor:
@@ -639,3 +599,66 @@ def _make_head(head: Mapping[str, torch.Tensor], feature_dim: int | None, where:
         )
     weight = weight.to(device=like.device, dtype=like.dtype)
     return _Head(weight, None if bias is None else bias.to(device=like.device, dtype=like.dtype))
+
+
+def _check_plain_backbone(backbone: nn.Module):
+    """The spec of ``backbone``; refused when it holds vpeft wrappers or is of a kind without per-sample rows."""
+    if is_adapted(backbone) or any(isinstance(m, Wrapper) for m in backbone.modules()):
+        raise ConfigError(
+            "the backbone already holds vpeft wrappers (a method applied, or another MultiTaskModel); "
+            "pass the plain frozen backbone"
+        )
+    spec = get_spec(backbone)
+    if spec.kind not in _KINDS:
+        raise UnsupportedBackboneError(
+            f"MultiTaskModel supports {'/'.join(_KINDS)} backbones, not {spec.family} ({spec.kind}): per-sample "
+            "deltas need layers whose rows are samples (tokens), and CNN LoRA is convolutional"
+        )
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fit:
+    """What every task delta is checked against: the backbone's name and fingerprint, its head's name and width."""
+
+    name: str
+    fingerprint: str
+    head_name: str | None
+    feature_dim: int | None
+
+    @classmethod
+    def of(cls, backbone: nn.Module, spec) -> _Fit:
+        head_module = get_module(backbone, spec.head) if spec.head else None
+        return cls(
+            api.backbone_name(backbone),
+            api.fingerprint(backbone, exclude=tuple(head_names(backbone, spec))),
+            spec.head or _headless_classifier(backbone),
+            head_module.in_features if isinstance(head_module, nn.Linear) else None,
+        )
+
+
+def _load_task(backbone: nn.Module, spec, fit: _Fit, task: object, source: DeltaSource) -> _TaskDelta:
+    """Read one task's delta, check that it fits ``backbone``, split it into per-sample parts and its head."""
+    if not isinstance(task, str) or not task:
+        raise ConfigError(f"task names must be non-empty strings, got {task!r}")
+    header, tensors, where = _read_source(task, source)
+    header.check_fits(backbone=fit.name, fingerprint=fit.fingerprint, where=where.strip("'"))
+    if header.kind != "classification":
+        raise ConfigError(
+            f"task {task!r}: its delta is for a {header.kind!r} task (with its own decoder); MultiTaskModel runs "
+            "classification deltas (the backbone's features and a Linear head)"
+        )
+    cfg = header.config
+    prefix = fit.head_name + "." if fit.head_name else None
+    head = {k[len(prefix) :]: v for k, v in tensors.items() if prefix and k.startswith(prefix)}
+    body = {k: v for k, v in tensors.items() if not (prefix and k.startswith(prefix))}
+    label = str(source) if isinstance(source, (str, os.PathLike)) else where  # check_fit quotes it
+    try:
+        parts = _harvest(backbone, spec, cfg, body, label)
+    except _NotPerSample as e:
+        raise ConfigError(
+            f"task {task!r}: method {cfg.method!r} cannot be selected per sample ({e}); supported methods: "
+            f"{', '.join(supported_methods(backbone))}"
+        ) from None
+    log.info("task %s: %s on %d modules", task, cfg.method, len(parts))
+    return _TaskDelta(task, cfg, parts, _make_head(head, fit.feature_dim, where, next(backbone.parameters())))
