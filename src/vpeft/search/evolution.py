@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -135,49 +134,71 @@ def evolve(
         raise ConfigError(f"search: budget={budget!r} is invalid; expected a parameter count >= 0")
     if space.min_params() > budget:
         raise ConfigError(f"budget {budget:,} is below the smallest candidate ({space.min_params():,} parameters)")
-    rng = random.Random(cfg.seed)
-    seen: dict[Cand, Evaluated] = {}
-    history: list[Evaluated] = []
+    evo = _Evolution(space, evaluate, budget, cfg, random.Random(cfg.seed))
     bar = tqdm(total=cfg.population * (cfg.generations + 1), desc="search", disable=not progress, leave=False)
+    evo.bar = bar
+    try:
+        evo.produce(evo.random, cfg.population, "random", 0, 100 * cfg.population)
+        for gen in range(1, cfg.generations + 1):
+            evo.generation(gen)
+    finally:
+        bar.close()
+    ranked = sorted(evo.seen.values(), key=lambda r: r.key, reverse=True)
+    return SearchResult(best=ranked[0], history=evo.history, top=ranked[: cfg.select])
 
-    def consider(cand: Cand, origin: str, gen: int) -> bool:
-        cand = repair(space, cand, budget, rng)
-        if cand in seen:
+
+class _Evolution:
+    """The state of one :func:`evolve` call: every evaluated candidate, in order and by value."""
+
+    def __init__(self, space: SearchSpace, evaluate, budget: int, cfg: EvolutionConfig, rng: random.Random):
+        self.space, self.evaluate, self.budget, self.cfg, self.rng = space, evaluate, budget, cfg, rng
+        self.seen: dict[Cand, Evaluated] = {}
+        self.history: list[Evaluated] = []
+        self.bar: Any = None
+
+    def consider(self, cand: Cand, origin: str, gen: int) -> bool:
+        """Evaluate ``cand`` (repaired into the budget) unless it was seen; whether it was new."""
+        cand = repair(self.space, cand, self.budget, self.rng)
+        if cand in self.seen:
             return False
-        metrics = evaluate(cand)
-        rec = Evaluated(cand, space.params(cand), float(metrics["top1"]), float(metrics["loss"]), gen, origin)
-        seen[cand] = rec
-        history.append(rec)
-        bar.update()
-        bar.set_postfix(best=f"{max(r.top1 for r in seen.values()):.3f}")
+        metrics = self.evaluate(cand)
+        rec = Evaluated(cand, self.space.params(cand), float(metrics["top1"]), float(metrics["loss"]), gen, origin)
+        self.seen[cand] = rec
+        self.history.append(rec)
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(best=f"{max(r.top1 for r in self.seen.values()):.3f}")
         return True
 
-    def produce(make: Callable[[], Cand], n: int, origin: str, gen: int, tries: int) -> int:
+    def produce(self, make: Callable[[], Cand], n: int, origin: str, gen: int, tries: int) -> int:
+        """Evaluate up to ``n`` new candidates from ``make``, within ``tries`` draws; how many were new."""
         made = attempts = 0
         while made < n and attempts < tries:
             attempts += 1
-            made += consider(make(), origin, gen)
+            made += self.consider(make(), origin, gen)
         return made
 
-    def mutant(parents: list[Cand]) -> Cand:
-        return space.mutate(rng.choice(parents), rng, cfg.m_prob, cfg.s_prob)
+    def random(self) -> Cand:
+        return self.space.random(self.rng)
 
-    def child(parents: list[Cand]) -> Cand:
-        return space.crossover(rng.choice(parents), rng.choice(parents), rng)
+    def generation(self, gen: int) -> None:
+        """Mutations and crossovers of the ``select`` best so far, topped up with random candidates."""
+        cfg, rng, space = self.cfg, self.rng, self.space
+        parents = [r.cand for r in sorted(self.seen.values(), key=lambda r: r.key, reverse=True)[: cfg.select]]
 
-    try:
-        produce(lambda: space.random(rng), cfg.population, "random", 0, 100 * cfg.population)
-        for gen in range(1, cfg.generations + 1):
-            parents = [r.cand for r in sorted(seen.values(), key=lambda r: r.key, reverse=True)[: cfg.select]]
-            made = produce(partial(mutant, parents), cfg.mutation, "mutation", gen, 10 * cfg.mutation)
-            made += produce(partial(child, parents), cfg.crossover, "crossover", gen, 10 * cfg.crossover)
-            produce(lambda: space.random(rng), max(cfg.population - made, 0), "random", gen, 100 * cfg.population)
-            best = max(seen.values(), key=lambda r: r.key)
-            log.info("generation %d: %d evaluated, best top-1 %.4f (%d params)", gen, len(seen), best.top1, best.params)
-    finally:
-        bar.close()
-    ranked = sorted(seen.values(), key=lambda r: r.key, reverse=True)
-    return SearchResult(best=ranked[0], history=history, top=ranked[: cfg.select])
+        def mutant() -> Cand:
+            return space.mutate(rng.choice(parents), rng, cfg.m_prob, cfg.s_prob)
+
+        def child() -> Cand:
+            return space.crossover(rng.choice(parents), rng.choice(parents), rng)
+
+        made = self.produce(mutant, cfg.mutation, "mutation", gen, 10 * cfg.mutation)
+        made += self.produce(child, cfg.crossover, "crossover", gen, 10 * cfg.crossover)
+        self.produce(self.random, max(cfg.population - made, 0), "random", gen, 100 * cfg.population)
+        best = max(self.seen.values(), key=lambda r: r.key)
+        log.info(
+            "generation %d: %d evaluated, best top-1 %.4f (%d params)", gen, len(self.seen), best.top1, best.params
+        )
 
 
 def record(rec: Evaluated, space: SearchSpace) -> dict[str, Any]:
