@@ -318,53 +318,71 @@ def _run_pool(
     A worker still running ``run_timeout_s`` seconds after it started is stopped (SIGTERM to its process group,
     SIGKILL after ``kill_grace_s``) and its run recorded as failed (``timeout_source`` names the limit's origin).
     """
-    ctx = mp.get_context("spawn")
-    pending, running, records = list(todo), {}, []
-    deadlines = Deadlines(run_timeout_s)
+    pool = _Pool(out, threads, verbose, target, progress, Deadlines(run_timeout_s), run_timeout_s, timeout_source)
+    pending = list(todo)
+    previous = _stop_on_sigterm()
+    try:
+        while pending or pool.running:
+            while pending and len(pool.running) < workers:
+                pool.start(pending.pop(0))
+            for sentinel in wait(list(pool.running), timeout=pool.deadlines.wait_s(30.0)):
+                pool.collect(sentinel)
+            pool.stop_overdue(kill_grace_s)
+    finally:
+        _stop_workers([proc for proc, _, _ in pool.running.values()], kill_grace_s)  # interrupted: stop ours
+        for sig, handler in (previous or {}).items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be restored
+                signal.signal(sig, handler)
+    return pool.records
 
-    def collect(sentinel: Any, elapsed: float | None = None) -> None:
-        proc, spec, rdir = running.pop(sentinel)
-        deadlines.stop(sentinel)
+
+class _Pool:
+    """The running worker processes of :func:`_run_pool` (by sentinel), their deadlines and the records so far."""
+
+    def __init__(self, out: Path, threads: int, verbose: bool, target, progress: Progress, deadlines: Deadlines,
+                 limit_s: float | None, timeout_source: str):  # fmt: skip
+        self.out, self.threads, self.verbose, self.target, self.progress = out, threads, verbose, target, progress
+        self.deadlines, self.limit_s, self.timeout_source = deadlines, limit_s, timeout_source
+        self.ctx = mp.get_context("spawn")
+        self.running: dict[Any, tuple[Any, RunSpec, Path]] = {}
+        self.records: list[dict[str, Any]] = []
+
+    def start(self, spec: RunSpec) -> None:
+        rdir = run_dir(self.out, spec.method_label, spec.task, spec.seed)
+        (rdir / "record.json").unlink(missing_ok=True)  # an old failure must not stand in for this attempt
+        proc = self.ctx.Process(target=self.target, args=(spec.to_dict(), str(rdir), self.threads, self.verbose),
+                                name=f"vpeft-bench-{spec.run_id}")  # fmt: skip
+        proc.start()
+        self.running[proc.sentinel] = (proc, spec, rdir)
+        self.deadlines.start(proc.sentinel)
+        self.progress.started(spec.run_id)
+
+    def collect(self, sentinel: Any, elapsed: float | None = None) -> None:
+        """Record a finished worker's run (``elapsed``: it was stopped at its time limit after that long)."""
+        proc, spec, rdir = self.running.pop(sentinel)
+        self.deadlines.stop(sentinel)
         if elapsed is None:  # a stopped worker was joined by _stop_workers
             proc.join()
             _signal_tree(proc, getattr(signal, "SIGKILL", signal.SIGTERM))  # children it left behind, if any
         rec = read_record(rdir / "record.json")
         if rec is None or rec.get("fingerprint") != spec.fingerprint():
             if elapsed is not None:
-                rec = timed_out_record(spec, rdir, elapsed, run_timeout_s, timeout_source)
+                rec = timed_out_record(spec, rdir, elapsed, self.limit_s, self.timeout_source)
             else:
                 rec = died_record(spec, rdir, proc.exitcode)
-        records.append(rec)
-        progress.finished(spec.run_id, rec)
+        self.records.append(rec)
+        self.progress.finished(spec.run_id, rec)
 
-    previous = _stop_on_sigterm()
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                spec = pending.pop(0)
-                rdir = run_dir(out, spec.method_label, spec.task, spec.seed)
-                (rdir / "record.json").unlink(missing_ok=True)  # an old failure must not stand in for this attempt
-                proc = ctx.Process(target=target, args=(spec.to_dict(), str(rdir), threads, verbose),
-                                   name=f"vpeft-bench-{spec.run_id}")  # fmt: skip
-                proc.start()
-                running[proc.sentinel] = (proc, spec, rdir)
-                deadlines.start(proc.sentinel)
-                progress.started(spec.run_id)
-            for sentinel in wait(list(running), timeout=deadlines.wait_s(30.0)):
-                collect(sentinel)
-            overdue = {s: deadlines.clock() - deadlines.started[s] for s in deadlines.overdue()}
-            if overdue:
-                for sentinel, elapsed in overdue.items():
-                    logger.warning("%s: no result after %.0f s: stopping it", running[sentinel][1].run_id, elapsed)
-                _stop_workers([running[s][0] for s in overdue], kill_grace_s)
-                for sentinel, elapsed in overdue.items():
-                    collect(sentinel, elapsed)
-    finally:
-        _stop_workers([proc for proc, _, _ in running.values()], kill_grace_s)  # interrupted: stop what we started
-        for sig, handler in (previous or {}).items():
-            if handler is not None:  # None: a handler not set from Python, which cannot be restored
-                signal.signal(sig, handler)
-    return records
+    def stop_overdue(self, kill_grace_s: float) -> None:
+        """Stop the workers past their time limit and record them as timed out."""
+        overdue = {s: self.deadlines.clock() - self.deadlines.started[s] for s in self.deadlines.overdue()}
+        if not overdue:
+            return
+        for sentinel, elapsed in overdue.items():
+            logger.warning("%s: no result after %.0f s: stopping it", self.running[sentinel][1].run_id, elapsed)
+        _stop_workers([self.running[s][0] for s in overdue], kill_grace_s)
+        for sentinel, elapsed in overdue.items():
+            self.collect(sentinel, elapsed)
 
 
 def _stop_on_sigterm() -> dict[int, Any] | None:
