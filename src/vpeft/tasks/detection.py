@@ -55,6 +55,7 @@ from ..errors import ConfigError
 from .base import Meter, Task, TaskModel, register_task
 from .decoders.fpn import ChannelNorm, SimplePyramid
 from .dense import DenseFeatures
+from .predict import base_dataset, predict_items
 
 __all__ = [
     "DETECTORS",
@@ -378,15 +379,6 @@ class DetectionMeter(Meter):
 DRAW_SCORE_THRESH = 0.3
 
 
-def _base_dataset(dataset: Dataset) -> tuple[Any, list[int]]:
-    """``(the dataset under any Subset wrappers, the indices into it of dataset's items in order)``."""
-    indices = list(range(len(dataset)))
-    while isinstance(dataset, torch.utils.data.Subset):
-        indices = [int(dataset.indices[i]) for i in indices]
-        dataset = dataset.dataset
-    return dataset, indices
-
-
 def save_detection_images(
     model: nn.Module,
     dataset: Dataset,
@@ -417,7 +409,7 @@ def save_detection_images(
     from ..data.detection import DetectionDataset, draw_detections
     from ..data.segmentation import default_palette
 
-    base, indices = _base_dataset(dataset)
+    base, indices = base_dataset(dataset)
     if not isinstance(base, DetectionDataset):
         raise ConfigError(f"save_detection_images needs a DetectionDataset, got {type(base).__name__}")
     if isinstance(score_threshold, bool) or not 0.0 <= float(score_threshold) <= 1.0:
@@ -427,44 +419,30 @@ def save_detection_images(
     indices = indices[:limit] if limit is not None else indices
     palette = default_palette(len(base.class_names))
     out_dir, written, used = Path(out_dir), [], set()
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            x = torch.stack([base[i][0] for i in chunk]).to(device)
-            with torch.inference_mode():
-                detections = model(x)
-            for i, det in zip(chunk, detections):
-                rec = base.records.images[i]
-                nw, nh = base.scaled_size(rec)
-                scale = np.array([nw / rec.width, nh / rec.height] * 2, np.float32)
-                scores = det["scores"].detach().float().cpu().numpy().reshape(-1)
-                keep = scores >= float(score_threshold)
-                boxes = det["boxes"].detach().float().cpu().numpy().reshape(-1, 4)[keep] / scale
-                labels = det["labels"].detach().cpu().numpy().reshape(-1)[keep]
-                stem, n = rec.path.stem, 1
-                while f"{stem}.png" in used:
-                    n += 1
-                    stem = f"{rec.path.stem}-{n}"
-                used.add(f"{stem}.png")
-                with Image.open(rec.path) as im:  # the stored image, at its own resolution
-                    image = im.convert("RGB")
-                written.append(
-                    draw_detections(
-                        image,
-                        out_dir / f"{stem}.png",
-                        boxes,
-                        scores[keep],
-                        labels,
-                        base.class_names,
-                        palette,
-                        truth=rec.boxes,
-                    )  # fmt: skip
-                )
-    finally:
-        model.train(was_training)
+    for i, det in predict_items(model, base, indices, device, batch_size):
+        rec = base.records.images[i]
+        boxes, scores, labels = _detections_on_stored_image(base, rec, det, float(score_threshold))
+        stem, n = rec.path.stem, 1
+        while f"{stem}.png" in used:
+            n += 1
+            stem = f"{rec.path.stem}-{n}"
+        used.add(f"{stem}.png")
+        with Image.open(rec.path) as im:  # the stored image, at its own resolution
+            image = im.convert("RGB")
+        path = out_dir / f"{stem}.png"
+        written.append(draw_detections(image, path, boxes, scores, labels, base.class_names, palette, truth=rec.boxes))
     return written
+
+
+def _detections_on_stored_image(base, rec, det: Mapping[str, torch.Tensor], threshold: float):
+    """``(boxes, scores, labels)`` of ``det`` scoring at least ``threshold``, in the stored image's pixels."""
+    nw, nh = base.scaled_size(rec)
+    scale = np.array([nw / rec.width, nh / rec.height] * 2, np.float32)
+    scores = det["scores"].detach().float().cpu().numpy().reshape(-1)
+    keep = scores >= threshold
+    boxes = det["boxes"].detach().float().cpu().numpy().reshape(-1, 4)[keep] / scale
+    labels = det["labels"].detach().cpu().numpy().reshape(-1)[keep]
+    return boxes, scores[keep], labels
 
 
 # ---------------------------------------------------------------------------------------------------------- task

@@ -35,6 +35,7 @@ from ..errors import ConfigError, DataError
 from .base import Meter, Task, TaskModel, register_task
 from .decoders import build_decoder, decoder_options, default_levels, get_decoder
 from .dense import DenseFeatures
+from .predict import base_dataset, predict_items
 
 __all__ = [
     "SegmentationMeter",
@@ -290,7 +291,7 @@ class SegmentationTask(Task):
         """``metrics`` plus ``iou_per_class``: ``{class name: IoU}`` in ``classes.txt`` order (``None``: a class
         neither present nor predicted), beside the positional ``iou`` list."""
         out = dict(metrics)
-        names = getattr(_base_dataset(dataset)[0], "class_names", None)
+        names = getattr(base_dataset(dataset)[0], "class_names", None)
         if names is not None and isinstance(out.get("iou"), list) and len(names) == len(out["iou"]):
             out["iou_per_class"] = dict(zip(names, out["iou"]))
         return out
@@ -347,14 +348,6 @@ class SegmentationTask(Task):
         self.check_same_setup(other, where)
 
 
-def _base_dataset(dataset: Dataset) -> tuple[Any, list[int]]:
-    """``(the dataset under any Subset wrappers, the indices into it of dataset's items in order)``."""
-    base, indices = dataset, list(range(len(dataset)))
-    while isinstance(base, torch.utils.data.Subset):
-        indices, base = [base.indices[i] for i in indices], base.dataset
-    return base, indices
-
-
 def save_prediction_overlays(
     model: nn.Module,
     dataset: Dataset,
@@ -385,7 +378,7 @@ def save_prediction_overlays(
     """
     from ..data.segmentation import VOID, default_palette, save_legend, save_overlay
 
-    base, indices = _base_dataset(dataset)
+    base, indices = base_dataset(dataset)
     if not hasattr(base, "pairs") or not hasattr(base, "mean"):
         raise ConfigError(f"save_prediction_overlays needs a SegmentationDataset, got {type(base).__name__}")
     indices = indices[:limit] if limit is not None else indices
@@ -396,24 +389,14 @@ def save_prediction_overlays(
     while legend in names:  # a mask named legend keeps its overlay's name
         legend = "_" + legend
     save_legend(base.class_names, out_dir / legend, palette)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            x = torch.stack([base[i][0] for i in chunk]).to(device)
-            with torch.inference_mode():
-                logits = model(x)
-            for i, lg in zip(chunk, logits):
-                image_path, mask_path = base.pairs[i]
-                with Image.open(image_path) as im:  # the stored image, at its own resolution
-                    original = im.convert("RGB")
-                with Image.open(mask_path) as mk:
-                    truth = torch.from_numpy(np.asarray(mk, dtype=np.int64))
-                pred = resize_logits(lg[None].float(), truth.shape[-2:])[0].argmax(0).cpu()
-                pred[truth == VOID] = VOID
-                name = Path(mask_path).stem + ".png"
-                written.append(save_overlay(original, pred, out_dir / name, palette, alpha=alpha))
-    finally:
-        model.train(was_training)
+    for i, lg in predict_items(model, base, indices, device, batch_size):
+        image_path, mask_path = base.pairs[i]
+        with Image.open(image_path) as im:  # the stored image, at its own resolution
+            original = im.convert("RGB")
+        with Image.open(mask_path) as mk:
+            truth = torch.from_numpy(np.asarray(mk, dtype=np.int64))
+        pred = resize_logits(lg[None].float(), truth.shape[-2:])[0].argmax(0).cpu()
+        pred[truth == VOID] = VOID
+        name = Path(mask_path).stem + ".png"
+        written.append(save_overlay(original, pred, out_dir / name, palette, alpha=alpha))
     return written

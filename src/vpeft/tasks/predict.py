@@ -1,0 +1,45 @@
+"""Predicting a dataset's items in batches, for the pictures ``vpeft eval --save-masks`` writes.
+
+Shared by the segmentation overlays and the detection drawings: both need the stored item behind any ``Subset``
+wrappers (to read the original image at its own resolution) and the model's evaluation output per item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+__all__ = ["base_dataset", "predict_items"]
+
+
+def base_dataset(dataset: Dataset) -> tuple[Any, list[int]]:
+    """``(the dataset under any Subset wrappers, the indices into it of dataset's items in order)``."""
+    indices = list(range(len(dataset)))  # type: ignore[arg-type]
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = [int(dataset.indices[i]) for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def predict_items(
+    model: nn.Module, base: Any, indices: Sequence[int], device: str | torch.device, batch_size: int
+) -> Iterator[tuple[int, Any]]:
+    """``(index, the model's output for base[index])`` in order, batched, in eval mode without autograd.
+
+    The model's train/eval mode is restored afterwards, also when the caller stops early or an error is raised.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            x = torch.stack([base[i][0] for i in chunk]).to(device)
+            with torch.inference_mode():
+                outputs = model(x)
+            yield from zip(chunk, outputs)
+    finally:
+        model.train(was_training)
