@@ -269,6 +269,30 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return batch[:1] if self.pad_empty else []
 
 
+def _check_shardable(loader: Any, ctx: DistContext, what: str, train: bool) -> None:
+    """Refuse a loader :func:`shard_loader` cannot slice: not a map-style DataLoader with a batch size, already
+    distributed, or (``train``) a global batch the world size does not divide."""
+    if not isinstance(loader, DataLoader) or loader.batch_size is None or isinstance(loader.dataset, IterableDataset):
+        raise ConfigError(
+            f"under DDP the {what} loader must be a torch DataLoader over a map-style dataset built with "
+            f"batch_size=<global batch> (vpeft shards each batch over the {ctx.world_size} processes), got "
+            f"{type(loader).__name__}" + (" with a custom batch_sampler" if isinstance(loader, DataLoader) else "")
+        )
+    if isinstance(loader.sampler, DistributedSampler):
+        raise ConfigError(
+            f"the {what} loader already uses a DistributedSampler; under DDP pass the single-process loader "
+            "(batch_size = the global batch): vpeft gives each process its slice of every batch"
+        )
+    batch_size = loader.batch_size
+    if train and batch_size % ctx.world_size:
+        lower = batch_size - batch_size % ctx.world_size
+        options = ", ".join(str(b) for b in (lower, lower + ctx.world_size) if b > 0)
+        raise ConfigError(
+            f"TrainConfig.batch_size (the train loader's batch_size) is the global batch under DDP and must be "
+            f"divisible by the number of processes {ctx.world_size}, got {batch_size}; use e.g. {options}"
+        )
+
+
 def shard_loader(loader: Any, ctx: DistContext, *, train: bool, seed: int = 0) -> DataLoader:
     """A DataLoader over the same dataset that yields this rank's slices of ``loader``'s (global) batches.
 
@@ -288,26 +312,8 @@ def shard_loader(loader: Any, ctx: DistContext, *, train: bool, seed: int = 0) -
             batch size is not divisible by the world size.
     """
     what = "train" if train else "evaluation"
-    if not isinstance(loader, DataLoader) or loader.batch_size is None or isinstance(loader.dataset, IterableDataset):
-        raise ConfigError(
-            f"under DDP the {what} loader must be a torch DataLoader over a map-style dataset built with "
-            f"batch_size=<global batch> (vpeft shards each batch over the {ctx.world_size} processes), got "
-            f"{type(loader).__name__}" + (" with a custom batch_sampler" if isinstance(loader, DataLoader) else "")
-        )
-    sampler = loader.sampler
-    if isinstance(sampler, DistributedSampler):
-        raise ConfigError(
-            f"the {what} loader already uses a DistributedSampler; under DDP pass the single-process loader "
-            "(batch_size = the global batch): vpeft gives each process its slice of every batch"
-        )
-    batch_size = loader.batch_size
-    if train and batch_size % ctx.world_size:
-        lower = batch_size - batch_size % ctx.world_size
-        options = ", ".join(str(b) for b in (lower, lower + ctx.world_size) if b > 0)
-        raise ConfigError(
-            f"TrainConfig.batch_size (the train loader's batch_size) is the global batch under DDP and must be "
-            f"divisible by the number of processes {ctx.world_size}, got {batch_size}; use e.g. {options}"
-        )
+    _check_shardable(loader, ctx, what, train)
+    sampler, batch_size = loader.sampler, loader.batch_size
     if isinstance(sampler, RandomSampler) and sampler.generator is None:
         sampler = RandomSampler(
             loader.dataset,  # type: ignore[arg-type]
