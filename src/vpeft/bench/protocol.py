@@ -372,10 +372,15 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     _drop_stale_checkpoint(Path(out_dir), request.train_cfg)
     with PeakMemory(spec.device) as mem:  # a run killed during its final training continues from its checkpoint
         run = _final_run(finetune, request, spec, Path(out_dir))
-    final = run.to_dict()
-    latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", final["img_size"])
-    protocol = get_protocol(spec.protocol)  # what the task type's protocol measures after training
-    evaluate_on = _evaluator(spec, Path(out_dir) / "delta.safetensors")
+    latency = measure_latency(spec, Path(out_dir) / "delta.safetensors", run.to_dict()["img_size"])
+    measured = _after_training(spec, run, Path(out_dir))
+    return _metrics_record(spec, run, measured, mem, latency, selection)
+
+
+def _after_training(spec: RunSpec, run: Any, out_dir: Path) -> dict[str, Any]:
+    """What the task type's protocol measures on the trained delta (e.g. base-to-novel), and transfers."""
+    protocol = get_protocol(spec.protocol)
+    evaluate_on = _evaluator(spec, out_dir / "delta.safetensors")
     b2n = protocol.after_training(run.score, spec.task_options, evaluate_on)
     score = b2n[protocol.primary_metric] if protocol.primary_metric else run.score
     transfer = Transfer(spec.transfer_to).after_training(evaluate_on) if spec.transfer_to else None
@@ -385,6 +390,15 @@ def execute_run(spec: RunSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
         "score": score,
         **b2n,
         "primary_metric": protocol.primary_metric or run.primary_metric,
+    }
+
+
+def _metrics_record(spec: RunSpec, run: Any, measured: dict[str, Any], mem: PeakMemory, latency: Any,
+                    selection: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """The metrics part of a run's record: the protocol's scores, the final run's test metrics, counts and costs."""
+    final = run.to_dict()
+    return {
+        **measured,
         "task_kind": run.task_spec.get("kind"),
         "test_metrics": {k: v for k, v in run.metrics.items() if k not in ("loss", "n")},
         "decoder_params": run.decoder_params,
