@@ -374,3 +374,38 @@ def test_no_library_private_attributes():
 def test_the_library_private_rule_catches_a_planted_use(planted, monkeypatch):
     monkeypatch.setitem(MODULES, "vpeft.planted", (SRC / "planted.py", ast.parse(planted)))
     assert library_private_uses(MODULES), planted
+
+
+MAX_BODY_LINES = 60
+"""The longest function body (signature and docstring excluded) allowed in src/: longer ones are split into
+pieces with names of their own."""
+
+
+def long_functions(modules, limit: int = MAX_BODY_LINES) -> list[str]:
+    """``path:line: name (N lines)`` of every function whose body, docstring excluded, spans over ``limit`` lines."""
+    bad = []
+    for path, tree in modules.values():
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                body = body[1:]  # the docstring
+            if body and (n := body[-1].end_lineno - body[0].lineno + 1) > limit:
+                bad.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: {node.name} ({n} lines)")
+    return bad
+
+
+def test_no_function_body_over_the_limit():
+    bad = long_functions(MODULES)
+    assert not bad, f"functions over {MAX_BODY_LINES} lines (split them into named pieces):\n" + "\n".join(bad)
+
+
+def test_the_long_function_rule_catches_a_planted_one(monkeypatch):
+    long_body = "\n".join(f"    x{i} = {i}" for i in range(MAX_BODY_LINES + 1))
+    planted = f'def planted():\n    """Doc."""\n{long_body}\n'
+    monkeypatch.setitem(MODULES, "vpeft.planted", (SRC / "planted.py", ast.parse(planted)))
+    assert long_functions(MODULES) == ["vpeft/planted.py:1: planted (61 lines)"]
+    exactly = 'def planted():\n    """Doc."""\n' + "\n".join(f"    x{i} = {i}" for i in range(MAX_BODY_LINES)) + "\n"
+    monkeypatch.setitem(MODULES, "vpeft.planted", (SRC / "planted.py", ast.parse(exactly)))
+    assert long_functions(MODULES) == []
