@@ -143,3 +143,34 @@ def test_refusals_are_one_line():
     rep = vpeft.apply(no_embedding, "zeroi2v", temporal_embedding=False)
     assert not any(isinstance(m, FrameEmbedding) for m in no_embedding.modules())
     assert rep.method_params == 2 * 4 * (32 * 8 + 8 + 8 * 32 + 32)
+
+
+def test_save_merged_names_the_modules_a_plain_vit_cannot_load(tmp_path, caplog):
+    """ZeroI2V's merged model keeps the shift and the embedding: save_merged says so (a warning and the file's
+    metadata), and a plain backbone refuses the weights; a LoRA merge is the plain backbone and says nothing."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model, _ = _video()
+    vpeft.apply(model, "zeroi2v")
+    vpeft.merge(model)
+    with caplog.at_level("WARNING", logger="vpeft.api"):
+        path = vpeft.save_merged(model, tmp_path / "z.safetensors")
+    warned = [r.getMessage() for r in caplog.records if "merged model" in r.getMessage()]
+    assert len(warned) == 1 and "FrameEmbedding,TemporalHeadShift" in warned[0] and "'zeroi2v'" in warned[0]
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["method_modules"] == "FrameEmbedding,TemporalHeadShift"
+    plain, _ = _video()
+    with pytest.raises(RuntimeError, match="Missing key"):
+        plain.load_state_dict(load_file(path))
+
+    caplog.clear()
+    lora, _ = _video()
+    vpeft.apply(lora, "lora")
+    vpeft.merge(lora)
+    with caplog.at_level("WARNING", logger="vpeft.api"):
+        path = vpeft.save_merged(lora, tmp_path / "l.safetensors")
+    assert not [r for r in caplog.records if "merged model" in r.getMessage()]
+    with safe_open(str(path), "pt") as f:
+        assert "method_modules" not in f.metadata()
+    plain.load_state_dict(load_file(path))  # strict: the plain video model takes a LoRA merge

@@ -446,4 +446,23 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": "vpeft-merged", "backbone": state.backbone, "config": state.config.to_json()}
+    kept = method_modules(model)
+    if kept:
+        meta["method_modules"] = ",".join(sorted({type(m).__name__ for m in kept.values()}))
+        log.warning(
+            "%s: method %r leaves %d module(s) in the merged model (%s, e.g. %s): a plain %s cannot load these "
+            "weights; rebuild with vpeft (apply, merge, load_state_dict) or use the delta file",
+            path, state.config.method, len(kept), meta["method_modules"], next(iter(kept)), state.backbone,
+        )  # fmt: skip
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def method_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules a method put into ``model`` that are not wrappers ``vpeft.merge`` removes, by name: after a
+    merge they stay (e.g. ZeroI2V's head shift and frame embedding), so the merged model is not the plain backbone
+    (task heads and decoders of a task model are not counted: they are the task's, not the method's)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m).__module__.startswith("vpeft.methods.") and not isinstance(m, Wrapper)
+    }
