@@ -24,6 +24,13 @@ SCRIPTS = {
         "x frozen",
         "detector (fcos):",
     ],
+    "bench_serve.py": [
+        "| mixed batches |",
+        "| per-adapter batches |",
+        "| no batching |",
+        "| swap per adapter |",
+        "answers agree across configurations: True",
+    ],
     "bench_seg.py": ["| frozen | frozen backbone + decoder |", "| lora | vpeft lora + decoder |", "| limit |"],
     "bench_video.py": ["| forward |", "| limit |", "| aim |", "| st_adapter |", "| zeroi2v |", "x limit"],
     "bench_train_cache.py": [

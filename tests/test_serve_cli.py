@@ -46,6 +46,7 @@ def _base(folder) -> list[str]:
         (["--max-wait-ms", "-1"], "--max-wait-ms must be a number >= 0, got -1.0"),
         (["--cache-size", "0"], "--cache-size must be an int >= 1, got 0"),
         (["--cache-mb", "0"], "--cache-mb must be a number > 0, got 0.0"),
+        (["--max-frames", "0"], "--max-frames must be an int >= 1, got 0"),
         (["--pin", "a", "b", "--cache-size", "1"], "--pin names 2 adapters but --cache-size is 1"),
         (["--pin", "lora_q", "--port", "0"], "unknown adapter 'lora_q'. Did you mean 'lora_qv'"),
         (["--device", "tpu"], "tpu"),

@@ -22,13 +22,23 @@ __all__ = [
     "AdapterStore",
     "CacheStats",
     "DynamicBatcher",
+    "RescanReport",
     "check_adapter_id",
     "create_app",
 ]
 
 _WHERE = {
     **dict.fromkeys(
-        ("OWN", "SHARED", "AdapterInfo", "AdapterRefusedError", "AdapterStore", "CacheStats", "check_adapter_id"),
+        (
+            "OWN",
+            "SHARED",
+            "AdapterInfo",
+            "AdapterRefusedError",
+            "AdapterStore",
+            "CacheStats",
+            "RescanReport",
+            "check_adapter_id",
+        ),
         "store",
     ),
     "DynamicBatcher": "batcher",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -22,13 +23,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..data.video import sample_indices
 from ..errors import ConfigError, DataError, UnknownNameError, VpeftError
 from ..version import __version__
 from .batcher import BatchRecord, DynamicBatcher
-from .codec import ImageError, ImageTooLargeError, answer, decode_base64, decode_image, parse_top_k, transform_for
+from .codec import (
+    ImageError,
+    ImageTooLargeError,
+    VideoError,
+    answer,
+    decode_base64,
+    decode_image,
+    decode_video,
+    detection_canvas,
+    parse_top_k,
+    transform_for,
+    video_clip,
+)
 from .page import PAGE
-from .store import AdapterRefusedError, AdapterStore
+from .store import AdapterInfo, AdapterRefusedError, AdapterStore
 
 __all__ = ["ServeMetrics", "create_app"]
 
@@ -128,6 +143,7 @@ def create_app(
     max_pixels: int = 4096 * 4096,
     max_upload_bytes: int = 32 * 1024 * 1024,
     default_top_k: int = 5,
+    max_frames: int = 2048,
 ) -> FastAPI:
     """The HTTP application serving ``store``'s adapters (its batcher runs while the application does).
 
@@ -136,10 +152,11 @@ def create_app(
         max_batch_size, max_wait_ms: the :class:`DynamicBatcher`'s.
         max_pixels: larger images are refused (413) before their pixels are decoded.
         max_upload_bytes: larger request bodies are refused (413).
-        default_top_k: classes answered when a request gives no ``top_k``.
+        default_top_k: classes answered when a request gives no ``top_k`` (a detection answers every box).
+        max_frames: a clip of more frames (a video file's, or frame images sent) is refused (413).
     """
     for label, value in (("max_pixels", max_pixels), ("max_upload_bytes", max_upload_bytes),
-                         ("default_top_k", default_top_k)):  # fmt: skip
+                         ("default_top_k", default_top_k), ("max_frames", max_frames)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{label}={value!r} must be a positive int")
     batcher = DynamicBatcher(store, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
@@ -160,29 +177,58 @@ def create_app(
 
     _add_error_handlers(app, store)
 
-    async def read_request(request: Request) -> tuple[str, bytes, Any]:
-        return await _read_request(request, max_upload_bytes)
+    async def read_request(request: Request) -> Payload:
+        return await _read_request(request, max_upload_bytes, max_frames)
 
-    def prepare(adapter: str, data: bytes) -> tuple[Any, tuple[int, int]]:
-        info = store.info(adapter)
-        image = decode_image(data, max_pixels)
-        size = store.input_size_for(adapter)
+    def transform(info: AdapterInfo, size: tuple[int, int]) -> Any:
         key = (info.kind or "", size)
         if key not in transforms:
             transforms[key] = transform_for(store.backbone, info, size)
-        return transforms[key](image), image.size
+        return transforms[key]
+
+    def prepare(info: AdapterInfo, payload: Payload) -> tuple[Any, tuple[int, int], int | None]:
+        """``(input tensor, the image's (width, height), a detection canvas's side)`` of a request."""
+        _check_input(info, payload)
+        size = store.input_size_for(info.id)
+        if info.kind == "video":
+            task = info.header.task if info.header is not None else {}
+            if isinstance(task.get("size"), int):
+                size = (task["size"], task["size"])
+
+            def indices(n: int) -> Any:
+                return sample_indices(n, int(task.get("num_frames") or 8), stride=task.get("stride"),
+                                      views=int(task.get("views") or 1))  # fmt: skip
+
+            if payload.video is not None:
+                frames = decode_video(payload.video, indices, max_pixels, max_frames)
+            else:
+                images = [decode_image(f, max_pixels) for f in payload.frames or ()]
+                try:
+                    frames = [images[i] for i in indices(len(images))]
+                except DataError as exc:
+                    raise VideoError(f"{len(images)} frames were sent: {exc}") from None
+            return video_clip(frames, transform(info, size)), frames[0].size, None
+        image = decode_image(payload.image or b"", max_pixels)
+        if info.kind == "detection":
+            side = max(size)
+            cfg = getattr(store.backbone, "pretrained_cfg", None) or {}
+            mean, std = cfg.get("mean") or IMAGENET_DEFAULT_MEAN, cfg.get("std") or IMAGENET_DEFAULT_STD
+            return detection_canvas(image, side, mean, std), image.size, side
+        return transform(info, size)(image), image.size, None
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
         start, label = time.perf_counter(), "unknown"
         try:
-            adapter, data, top_k = await read_request(request)
+            payload = await read_request(request)
+            adapter = payload.adapter
             info = store.info(adapter)
             label = adapter
-            top_k = parse_top_k(top_k, default_top_k)
-            x, size = await run_in_threadpool(prepare, adapter, data)
+            # a detection answers every box the detector kept unless top_k is given
+            top_k = parse_top_k(payload.top_k, None if info.kind == "detection" else default_top_k)
+            x, size, side = await run_in_threadpool(prepare, info, payload)
             output = await asyncio.wrap_future(batcher.submit(adapter, x))
-            body = await run_in_threadpool(answer, info, output, top_k, size)
+            body = await run_in_threadpool(answer, info, output, top_k, size, side)
         except Exception as exc:
             status = _status(exc) if isinstance(exc, VpeftError) else 500
             metrics.requests.labels(label, str(status)).inc()
@@ -221,8 +267,36 @@ def _add_error_handlers(app: FastAPI, store: AdapterStore) -> None:
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-async def _read_request(request: Request, max_upload_bytes: int) -> tuple[str, bytes, Any]:
-    """``(adapter, image bytes, top_k)`` of a multipart upload or a JSON body."""
+@dataclasses.dataclass
+class Payload:
+    """What a prediction request sends: the adapter, one of an image / a video file / frame images, ``top_k``."""
+
+    adapter: str
+    image: bytes | None = None
+    video: bytes | None = None
+    frames: list[bytes] | None = None
+    top_k: Any = None
+
+
+_INPUTS = ("image", "video", "frames")
+
+
+def _check_input(info: AdapterInfo, payload: Payload) -> None:
+    """One input, of the kind the adapter takes: a clip (``video`` or ``frames``) for video, else an ``image``."""
+    sent = [k for k in _INPUTS if getattr(payload, k) is not None]
+    if len(sent) != 1:
+        raise DataError(f"send one of image, video, frames; got {', '.join(sent) if sent else 'none'}")
+    if info.kind == "video" and sent[0] == "image":
+        raise DataError(f"adapter {info.id!r} is a video adapter: send 'video' (a video file) or 'frames' (images "
+                        "in time order) instead of 'image'")  # fmt: skip
+    if info.kind != "video" and sent[0] != "image":
+        raise DataError(f"adapter {info.id!r} is a {info.kind} adapter: send an 'image', not '{sent[0]}'")
+    if sent[0] == "frames" and not payload.frames:
+        raise DataError("frames is empty; send the clip's frames in time order")
+
+
+async def _read_request(request: Request, max_upload_bytes: int, max_frames: int) -> Payload:
+    """The :class:`Payload` of a multipart upload or a JSON body."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_upload_bytes:
         raise ImageTooLargeError(f"the request is {length} bytes; this server takes at most {max_upload_bytes}")
@@ -237,24 +311,49 @@ async def _read_request(request: Request, max_upload_bytes: int) -> tuple[str, b
             raise DataError("the body is not valid JSON") from None
         if not isinstance(data, Mapping):
             raise DataError("the JSON body must be an object {adapter, image (base64), top_k}")
-        unknown = sorted(set(data) - {"adapter", "image", "top_k"})
+        unknown = sorted(set(data) - {"adapter", "top_k", *_INPUTS})
         if unknown:
-            raise ConfigError(f"unknown field(s) {unknown}; the fields are adapter, image (base64), top_k")
-        return _adapter(data.get("adapter")), decode_base64(data.get("image")), data.get("top_k")
+            raise ConfigError(
+                f"unknown field(s) {unknown}; the fields are adapter, image (base64), video (base64), frames (a list "
+                "of base64 images), top_k"
+            )
+        payload = Payload(_adapter(data.get("adapter")), top_k=data.get("top_k"))
+        if "image" in data or not any(k in data for k in _INPUTS):
+            payload.image = decode_base64(data.get("image"))
+        if "video" in data:
+            payload.video = decode_base64(data["video"], "video")
+        if "frames" in data:
+            frames = data["frames"]
+            if not isinstance(frames, list):
+                raise DataError("frames must be a list of base64 images (in time order)")
+            if len(frames) > max_frames:
+                raise ImageTooLargeError(f"{len(frames)} frames were sent; this server takes at most {max_frames}")
+            payload.frames = [decode_base64(f, f"frames[{i}]") for i, f in enumerate(frames)]
+        return payload
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
-            form = await request.form(max_files=1, max_fields=8)
+            form = await request.form(max_files=max_frames, max_fields=8)
         except HTTPException:
             raise
         except Exception as exc:  # noqa: BLE001 - a malformed multipart body
             raise DataError(f"the form could not be read ({exc})") from None
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise DataError("the form has no 'image' file field")
-        data = await upload.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise ImageTooLargeError(f"the image file is over {max_upload_bytes} bytes")
-        return _adapter(form.get("adapter")), data, form.get("top_k")
+        files = {k: [v for v in form.getlist(k) if not isinstance(v, str)] for k in _INPUTS}
+        if not any(files.values()):
+            raise DataError("the form has no 'image' file field (a video adapter: a 'video' file or 'frames' files)")
+        payload, total = Payload(_adapter(form.get("adapter")), top_k=form.get("top_k")), 0
+        for key, uploads in files.items():
+            if not uploads:
+                continue
+            if key != "frames" and len(uploads) > 1:
+                raise DataError(f"the form has {len(uploads)} '{key}' files; send one")
+            datas = []
+            for upload in uploads:
+                datas.append(await upload.read(max_upload_bytes + 1))
+                total += len(datas[-1])
+                if total > max_upload_bytes:
+                    raise ImageTooLargeError(f"the {key} file is over {max_upload_bytes} bytes")
+            setattr(payload, key, datas if key == "frames" else datas[0])
+        return payload
     raise DataError(
         f"content type {kind or 'none'!r} is not accepted; send multipart/form-data (image file, adapter, top_k) "
         "or application/json ({adapter, image: base64, top_k})"
@@ -267,6 +366,11 @@ def _add_adapter_routes(app: FastAPI, store: AdapterStore, batcher: DynamicBatch
     @app.get("/v1/adapters")
     async def adapters() -> dict[str, Any]:
         return {**store.describe(), "adapters": [i.to_dict() for i in store.adapters()]}
+
+    @app.post("/v1/adapters/rescan")
+    async def rescan() -> dict[str, Any]:
+        """Read the folder again (waits for the running batch); bad new files are refused with the reason."""
+        return (await run_in_threadpool(store.rescan)).to_dict()
 
     @app.post("/v1/adapters/{adapter}/load")
     async def load(adapter: str, pin: bool = False) -> dict[str, Any]:

@@ -6,7 +6,8 @@ while the previous batch ran is not made to wait again). The batch is split by :
 shared adapters are one group (one backbone forward), every other adapter its own group; within a group the inputs
 must have one shape (they do: the server resizes every input of an adapter to its input size). Each group runs once
 and the futures of its requests are resolved with their sample's output; a group that fails (a delta that does not
-load, a bad input shape) fails its own requests only.
+load, a bad input shape) fails its own requests only. The store is held (:meth:`AdapterStore.exclusive`) from the
+grouping to the last forward of a batch, so a rescan of the folder runs between batches, never inside one.
 """
 
 from __future__ import annotations
@@ -150,6 +151,12 @@ class DynamicBatcher:
             self._run(batch)
 
     def _run(self, batch: list[_Request]) -> None:
+        # the store is held from grouping to the last forward: a rescan (or load / unload) waits for the batch, so
+        # an adapter grouped here is still there when its group runs
+        with self.store.exclusive():
+            self._run_held(batch)
+
+    def _run_held(self, batch: list[_Request]) -> None:
         start = time.perf_counter()
         groups: dict[str, list[_Request]] = {}
         for req in batch:
@@ -169,7 +176,10 @@ class DynamicBatcher:
                     r.future.set_exception(exc)
                 continue
             for r, o in zip(reqs, out):
-                r.future.set_result(o)
+                if isinstance(o, BaseException):  # this sample's adapter failed; its batch-mates ran
+                    r.future.set_exception(o)
+                else:
+                    r.future.set_result(o)
         self.batches += 1
         if self.on_batch is not None:
             record = BatchRecord(len(batch), {k: len(v) for k, v in groups.items()}, time.perf_counter() - start)

@@ -18,8 +18,8 @@ def add_serve_command(sub) -> None:
         help="serve the deltas of a folder for one frozen backbone over HTTP, batched across adapters",
         description="Serves every *.safetensors delta of --deltas trained from --backbone (an adapter named by its "
         "file stem) on 127.0.0.1 unless --host says otherwise. Endpoints: POST /v1/predict, GET /v1/adapters, "
-        "POST /v1/adapters/ID/load and /unload, GET /health, GET /metrics, GET / (a page to try it). Needs the serve "
-        "extra: pip install 'vpeft[serve]'.",
+        "POST /v1/adapters/ID/load and /unload, POST /v1/adapters/rescan, GET /health, GET /metrics, GET / (a page "
+        "to try it). Needs the serve extra: pip install 'vpeft[serve]'.",
     )
     p.add_argument("--backbone", required=True, help="the frozen backbone the deltas were trained from")
     p.add_argument("--deltas", required=True, metavar="DIR", help="folder of *.safetensors deltas")
@@ -41,6 +41,7 @@ def add_serve_command(sub) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="larger images are refused (HTTP 413)")
+    p.add_argument("--max-frames", type=int, default=2048, help="longer clips (video adapters) are refused (HTTP 413)")
     p.add_argument("--trust-unsigned", action="store_true", help="serve deltas without a content digest")
     p.set_defaults(fn=_cmd_serve)
 
@@ -55,6 +56,7 @@ def _check(args: argparse.Namespace) -> None:
         ("--img-size", args.img_size, args.img_size is None or args.img_size >= 1, "an int >= 1"),
         ("--num-classes", args.num_classes, args.num_classes >= 0, "an int >= 0"),
         ("--max-pixels", args.max_pixels, args.max_pixels >= 1, "an int >= 1"),
+        ("--max-frames", args.max_frames, args.max_frames >= 1, "an int >= 1"),
     ]
     for flag, value, ok, what in checks:
         if not ok:
@@ -108,7 +110,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for name in args.pin:
         store.load(name, pin=True)
     app = create_app(store, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                     max_pixels=args.max_pixels)  # fmt: skip
+                     max_pixels=args.max_pixels, max_frames=args.max_frames)  # fmt: skip
     refused = [i.id for i in store.adapters() if i.refused]
     note = f" ({len(refused)} refused: {', '.join(refused)}; GET /v1/adapters says why)" if refused else ""
     print(f"vpeft serve: {len(store.ids)} adapters on {store.backbone_name}{note} at http://{args.host}:{args.port}",

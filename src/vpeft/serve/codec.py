@@ -5,7 +5,12 @@ Images are decoded with Pillow; anything that is not a complete image of at most
 for the size check. Inputs are prepared as the adapter's task prepares its data: classification and zero-shot resize
 straight to the input size with the backbone's interpolation (the VTAB-1k transform,
 :func:`vpeft.data.build_transform`), segmentation bilinearly to its task's size; both normalised with the
-backbone's mean and std.
+backbone's mean and std. Detection as :class:`vpeft.data.detection.DetectionDataset` prepares its images: the longer
+side resized (bilinear) to the canvas side ``S``, normalised, padded at the bottom / right to ``S x S``; its boxes
+are mapped back to the image's own pixels. A video adapter takes a clip -- a video file (any container PyAV reads)
+or a list of frame images -- sampled as its task samples evaluation clips (:func:`vpeft.data.video.sample_indices`:
+TSN segment centres, or a centred strided window; ``views`` clips) and each frame prepared like a classification
+image.
 """
 
 from __future__ import annotations
@@ -30,13 +35,19 @@ from .store import AdapterInfo
 __all__ = [
     "ImageError",
     "ImageTooLargeError",
+    "VideoError",
     "answer",
+    "canvas_scale",
     "classification_answer",
     "decode_base64",
     "decode_image",
+    "decode_video",
+    "detection_answer",
+    "detection_canvas",
     "parse_top_k",
     "segmentation_answer",
     "transform_for",
+    "video_clip",
 ]
 
 
@@ -48,16 +59,20 @@ class ImageTooLargeError(ImageError):
     """The image has more pixels than the server takes."""
 
 
-def decode_base64(text: Any) -> bytes:
-    """The bytes of a base64 string (a ``data:...;base64,`` prefix is allowed)."""
+class VideoError(ImageError):
+    """The upload is not a usable clip (the message says why)."""
+
+
+def decode_base64(text: Any, field: str = "image") -> bytes:
+    """The bytes of a base64 string (a ``data:...;base64,`` prefix is allowed); ``field`` names it in errors."""
     if not isinstance(text, str) or not text:
-        raise ImageError("image must be a non-empty base64 string")
+        raise ImageError(f"{field} must be a non-empty base64 string")
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError("image is not valid base64") from None
+        raise ImageError(f"{field} is not valid base64") from None
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -108,6 +123,78 @@ def transform_for(backbone: nn.Module, info: AdapterInfo, size: tuple[int, int])
     return build_transform(cfg)
 
 
+def canvas_scale(width: int, height: int, side: int) -> tuple[int, int]:
+    """``(width, height)`` of an image resized so its longer side is ``side`` (the detection data's arithmetic)."""
+    s = side / max(width, height)
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def detection_canvas(image: Image.Image, side: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(3, side, side)``: ``image`` resized (bilinear, aspect kept) into the top-left corner, normalised, zeros
+    elsewhere (as :class:`vpeft.data.detection.DetectionDataset` prepares an image)."""
+    nw, nh = canvas_scale(*image.size, side)
+    resized = image.resize((nw, nh), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    canvas = torch.zeros(3, side, side)
+    mean_t = torch.tensor(tuple(mean), dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(tuple(std), dtype=torch.float32).view(3, 1, 1)
+    canvas[:, :nh, :nw] = (x - mean_t) / std_t
+    return canvas
+
+
+def decode_video(data: bytes, indices_for, max_pixels: int, max_frames: int) -> list[Image.Image]:
+    """The frames ``indices_for(n)`` of a video file's first video stream (``n``: its frame count, counted by
+    demuxing), decoded with PyAV; raises VideoError (ImageTooLargeError past ``max_pixels`` per frame or
+    ``max_frames`` frames)."""
+    if not data:
+        raise VideoError("the video is empty (0 bytes)")
+    try:
+        import av
+    except ImportError:  # pragma: no cover - av is a dependency of the video task
+        raise VideoError("decoding videos needs PyAV (pip install av)") from None
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise VideoError("the upload has no video stream")
+            stream = container.streams.video[0]
+            width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+            if width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"the video's frames are {width}x{height} = {width * height} pixels; this server takes at most "
+                    f"{max_pixels}"
+                )
+            n = 0
+            for packet in container.demux(stream):
+                n += bool(packet.size)
+                if n > max_frames:
+                    raise ImageTooLargeError(f"the video has more than {max_frames} frames; this server takes at most "
+                                             f"{max_frames}")  # fmt: skip
+        if n == 0:
+            raise VideoError("the video holds no frames")
+        indices = [int(i) for i in indices_for(n)]
+        wanted, got = set(indices), {}
+        with av.open(io.BytesIO(data)) as container:
+            for k, frame in enumerate(container.decode(video=0)):
+                if k in wanted:
+                    got[k] = frame.to_image().convert("RGB")
+                if k >= max(wanted):
+                    break
+    except ImageError:
+        raise
+    except DataError as exc:  # the sampling: a clip shorter than the frames the task samples
+        raise VideoError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - any demuxer / decoder failure is a bad upload
+        raise VideoError(f"the upload is not a video PyAV can decode ({type(exc).__name__}: {exc})") from None
+    if len(got) < len(wanted):
+        raise VideoError(f"the video decoded to {len(got)} of the {len(wanted)} frames sampled")
+    return [got[i] for i in indices]
+
+
+def video_clip(frames: Sequence[Image.Image], transform) -> torch.Tensor:
+    """``(N, 3, H, W)``: every frame through the per-frame ``transform``."""
+    return torch.stack([transform(f) for f in frames])
+
+
 def _label(classes: Sequence[str] | None, index: int) -> str | None:
     return classes[index] if classes is not None and index < len(classes) else None
 
@@ -150,8 +237,43 @@ def segmentation_answer(info: AdapterInfo, logits: torch.Tensor, size: tuple[int
     }
 
 
-def answer(info: AdapterInfo, output: torch.Tensor, top_k: int, size: tuple[int, int]) -> Mapping[str, Any]:
-    """The task's natural answer: segmentation masks, classes (classification, zero-shot and any other kind)."""
+def detection_answer(
+    info: AdapterInfo, output: Mapping[str, torch.Tensor], size: tuple[int, int], side: int, top_k: int | None
+) -> dict[str, Any]:
+    """The detections by decreasing score, at most ``top_k`` (``None``: all the detector kept), each
+    ``{"box": [x1, y1, x2, y2] in the image's own pixels, "index", "label", "score"}``."""
+    width, height = size
+    nw, nh = canvas_scale(width, height, side)
+    scale = torch.tensor([nw / width, nh / height, nw / width, nh / height], dtype=torch.float64)
+    limit = torch.tensor([width, height, width, height], dtype=torch.float64)
+    boxes = (output["boxes"].double() / scale).clamp(min=0).minimum(limit)
+    scores, labels = output["scores"].double(), output["labels"].long()
+    order = torch.argsort(scores, descending=True, stable=True)
+    if top_k is not None:
+        order = order[:top_k]
+    return {
+        "detections": [
+            {
+                "box": boxes[i].tolist(),
+                "index": int(labels[i]),
+                "label": _label(info.classes, int(labels[i])),
+                "score": float(scores[i]),
+            }
+            for i in order.tolist()
+        ],
+        "width": width,
+        "height": height,
+        "classes": info.classes,
+    }
+
+
+def answer(
+    info: AdapterInfo, output: Any, top_k: int | None, size: tuple[int, int], side: int | None = None
+) -> Mapping[str, Any]:
+    """The task's natural answer: segmentation masks, detected boxes, classes (classification, zero-shot, video and
+    any other kind). ``size``: the image's ``(width, height)``; ``side``: a detection canvas's side."""
     if info.kind == "segmentation":
         return segmentation_answer(info, output, size)
-    return classification_answer(info, output, top_k)
+    if info.kind == "detection":
+        return detection_answer(info, output, size, int(side or 0), top_k)
+    return classification_answer(info, output, top_k or 5)

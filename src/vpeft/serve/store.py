@@ -19,12 +19,21 @@ Two ways to run an adapter:
   that **shares its frozen tensors** (only the tensors the delta trains are the model's own), the task's model
   around it, and the delta loaded with :func:`vpeft.load`. These models are cached like the shared deltas.
 
+**Rescanning** (:meth:`AdapterStore.rescan`, ``POST /v1/adapters/rescan``): the folder is read again; a new file
+becomes an adapter (refused with the reason if it is not an intact delta for this backbone), a removed file's
+adapter goes (evicted if loaded), a file whose inode, size or modification time changed is read again (its loaded
+version evicted; a pin carries over to the new version when it is served). Unchanged files keep their state and
+counters. A rescan waits for the batch that is running (:meth:`AdapterStore.exclusive`): the requests of that batch
+finish with the adapters they were grouped with; queued requests for a removed adapter then fail with "unknown
+adapter".
+
 Cache sizes: a shared adapter counts twice its delta's bytes (the tensors kept for rebuilding and their copy in the
 multi-task layers), an own model the bytes of the tensors it does not share with the backbone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -32,7 +41,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +57,16 @@ from ..multitask import MultiTaskModel, supported_methods
 from ..state import head_names
 from ..tasks import task_from_dict
 
-__all__ = ["AdapterInfo", "AdapterRefusedError", "AdapterStore", "CacheStats", "check_adapter_id", "SHARED", "OWN"]
+__all__ = [
+    "AdapterInfo",
+    "AdapterRefusedError",
+    "AdapterStore",
+    "CacheStats",
+    "RescanReport",
+    "check_adapter_id",
+    "SHARED",
+    "OWN",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +127,7 @@ class AdapterInfo:
     evictions: int = 0
     note: str | None = None
     header: DeltaHeader | None = dataclasses.field(default=None, repr=False)
+    stamp: tuple[int, int, int] | None = dataclasses.field(default=None, repr=False)  # inode, size, mtime (ns)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +148,31 @@ class AdapterInfo:
             "loads": self.loads,
             "evictions": self.evictions,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class RescanReport:
+    """What a rescan of the folder changed (what ``POST /v1/adapters/rescan`` answers).
+
+    Attributes:
+        added: ids of new files. removed: ids whose file is gone. changed: ids whose file was replaced or rewritten.
+        refused: ``{id: reason}`` for the added or changed files that are not served.
+        served: every served id after the rescan.
+    """
+
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    refused: dict[str, str]
+    served: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +223,13 @@ def _memo(model: nn.Module, trained: Iterable[str]) -> dict[int, Any]:
     """A deepcopy memo sharing ``model``'s tensors, except those named in ``trained`` (which are copied)."""
     skip = set(trained)
     return {id(t): t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in skip}
+
+
+def _per_sample(output: Any) -> list[Any]:
+    """A model's batch output as one CPU output per sample: a detector's list of dicts of tensors, else logits."""
+    if isinstance(output, (list, tuple)) and all(isinstance(o, Mapping) for o in output):
+        return [{k: v.detach().to("cpu") for k, v in o.items()} for o in output]
+    return [o.detach().to("cpu") for o in logits_of(output)]
 
 
 def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -242,23 +293,64 @@ class AdapterStore:
 
     # ---- the folder ---------------------------------------------------------------------------------------------
     def scan(self) -> list[AdapterInfo]:
-        """(Re)read the folder's headers: new files become adapters, removed ones go (loaded or not)."""
+        """(Re)read the folder (see :meth:`rescan`); returns every adapter, refused ones included."""
+        self.rescan()
+        return self.adapters()
+
+    def rescan(self) -> RescanReport:
+        """Read the folder again: new files become adapters, removed ones go (evicted if loaded), changed ones are
+        read again (their loaded version evicted, a pin kept when the new version is served). Waits for the batch
+        that is running. Never raises for a bad file: it is refused with the reason (``refused`` of the report)."""
         with self._lock:
-            found = {}
+            old_infos, found, changed, pins = self._infos, {}, [], []
             for path in sorted(self.folder.glob("*.safetensors")):
-                if path.is_file():
-                    old = self._infos.get(path.stem)
-                    found[path.stem] = old if old is not None and old.loaded else self._read(path)
-            for name in [n for n in self._lru if n not in found]:
-                self._evict(name, count=False)
+                try:
+                    if not path.is_file():
+                        continue
+                    stamp = _stamp(path)
+                except OSError:  # removed while the folder was listed
+                    continue
+                old = old_infos.get(path.stem)
+                if old is not None and old.stamp == stamp:
+                    found[path.stem] = old
+                    continue
+                info = self._read(path, stamp)
+                if old is not None:
+                    changed.append(path.stem)
+                    for counter in ("hits", "misses", "loads", "evictions"):  # one series per id in /metrics
+                        setattr(info, counter, getattr(old, counter))
+                    if old.pinned:
+                        pins.append(path.stem)
+                    if path.stem in self._lru:
+                        self._evict(path.stem, count=False)
+                found[path.stem] = info
+            removed = [n for n in old_infos if n not in found]
+            for name in removed:
+                if name in self._lru:
+                    self._evict(name, count=False)
             self._infos = found
             self._sync_shared()
-            served = [i.id for i in found.values() if i.refused is None]
-            log.info("adapters in %s: %d served, %d refused", self.folder, len(served), len(found) - len(served))
-            return list(found.values())
+            for name in pins:
+                if found[name].refused is None:
+                    try:
+                        self.load(name, pin=True)
+                    except VpeftError as exc:
+                        log.warning("adapter %s changed and could not be pinned again: %s", name, exc)
+            added = [n for n in found if n not in old_infos]
+            refused = {n: found[n].refused for n in [*added, *changed] if found[n].refused is not None}
+            report = RescanReport(added, removed, changed, refused, self.ids)  # type: ignore[arg-type]
+            log.info("adapters in %s: %d served, %d refused (added %s, removed %s, changed %s)", self.folder,
+                     len(report.served), len(found) - len(report.served), added, removed, changed)  # fmt: skip
+            return report
 
-    def _read(self, path: Path) -> AdapterInfo:
-        info = AdapterInfo(id=path.stem, path=path)
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[AdapterStore]:
+        """Hold the store for a batch: no rescan, load or unload runs until the block ends (a re-entrant lock)."""
+        with self._lock:
+            yield self
+
+    def _read(self, path: Path, stamp: tuple[int, int, int] | None = None) -> AdapterInfo:
+        info = AdapterInfo(id=path.stem, path=path, stamp=stamp)
         try:
             check_adapter_id(path.stem)
             header, tensors = read_header(path, trust_unsigned=self.trust_unsigned)
@@ -294,21 +386,24 @@ class AdapterStore:
         return [n for n, i in self._infos.items() if i.refused is None]
 
     def adapters(self) -> list[AdapterInfo]:
-        """Every adapter of the folder, refused ones included (with the reason)."""
-        with self._lock:
-            return [dataclasses.replace(i) for i in self._infos.values()]
+        """Every adapter of the folder, refused ones included (with the reason).
+
+        Reads without the lock (so the HTTP handlers never wait for a running batch): a rescan replaces the
+        mapping of adapters as a whole, it never changes it in place."""
+        return [dataclasses.replace(i) for i in self._infos.values()]
 
     def info(self, name: str) -> AdapterInfo:
         """The adapter ``name``; raises UnknownNameError (with the served ids) or AdapterRefusedError (the reason)."""
         check_adapter_id(name)
-        with self._lock:
-            info = self._infos.get(name)
-            if info is None:
-                raise UnknownNameError(suggest(name, self.ids, "adapter") if self.ids else f"unknown adapter {name!r}; "
-                                       f"no adapter is served from {str(self.folder)!r}")  # fmt: skip
-            if info.refused is not None:
-                raise AdapterRefusedError(f"adapter {name!r} is not served: {info.refused}")
-            return dataclasses.replace(info)
+        infos = self._infos  # one snapshot (see adapters())
+        info = infos.get(name)
+        if info is None:
+            ids = [n for n, i in infos.items() if i.refused is None]
+            raise UnknownNameError(suggest(name, ids, "adapter") if ids else f"unknown adapter {name!r}; "
+                                   f"no adapter is served from {str(self.folder)!r}")  # fmt: skip
+        if info.refused is not None:
+            raise AdapterRefusedError(f"adapter {name!r} is not served: {info.refused}")
+        return dataclasses.replace(info)
 
     def group_of(self, name: str) -> str:
         """The forward an adapter runs in: ``"shared"`` for every shared adapter, else its own id."""
@@ -363,8 +458,11 @@ class AdapterStore:
     def acquire(self, names: Sequence[str], *, count: bool = True) -> None:
         """Make every adapter of ``names`` loaded (the batch about to run), most recently used; one ``hit`` or
         ``miss`` per entry of ``names`` when ``count``. Adapters the batch needs are never evicted for each other:
-        a batch needing more than the capacity holds them all until the next trim."""
-        with self._lock:
+        a batch needing more than the capacity holds them all until the next trim.
+
+        Deltas are loaded outside inference mode (also when called from :meth:`run`): a delta's tensors must stay
+        ordinary tensors (a zero-shot model's text cache reads their version counters)."""
+        with self._lock, torch.inference_mode(False):
             needed = list(dict.fromkeys(names))
             for name in needed:  # validate all before loading any
                 self.info(name)
@@ -505,15 +603,23 @@ class AdapterStore:
     @torch.inference_mode()
     def run(self, names: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of the batch ``x`` (one sample per entry of ``names``, all of one group: :meth:`group_of`),
-        one CPU tensor per sample: classification logits, segmentation logits ``(K, h, w)``.
+        one per sample, on the CPU: classification, zero-shot and video logits ``(K,)``, segmentation logits
+        ``(K, h, w)``, detections ``{"boxes" (n, 4) xyxy input pixels, "scores" (n,), "labels" (n,)}``.
 
-        Shared adapters run as one forward of the MultiTaskModel; an own adapter as one forward of its model.
+        Shared adapters run as one forward of the MultiTaskModel; an own adapter as one forward of its model. In a
+        shared batch, an adapter that cannot be loaded (its file gone, a delta refused when loading) or is no longer
+        served gets its exception in its samples' places; the other adapters' samples run.
         """
         with self._lock:
             groups = {self.group_of(n) for n in names}
             if len(groups) != 1:
                 raise ConfigError(f"run() takes the samples of one group; got adapters of {sorted(groups)}")
-            self.acquire(names)
+            if groups == {SHARED} and len(set(names)) > 1:
+                failed = self._acquire_each(names)
+                if failed:
+                    return self._run_without(names, x, failed)
+            else:
+                self.acquire(names)
             x = x.to(self.device)
             if groups == {SHARED}:
                 # an adapter just moved to an own model (not selectable per sample) runs on it instead
@@ -522,8 +628,29 @@ class AdapterStore:
                 out = self._mtm(x, list(names)).per_sample()
                 return [o.detach().to("cpu") for o in out]
             model = self._lru[names[0]]
-            out = logits_of(model(x))
-            return [o.detach().to("cpu") for o in out]
+            return _per_sample(model(x))
+
+    def _acquire_each(self, names: Sequence[str]) -> dict[str, Exception]:
+        """Load a shared batch's adapters; when that fails, each alone: ``{adapter: its error}`` of those that fail."""
+        try:
+            self.acquire(names)
+            return {}
+        except VpeftError:
+            failed: dict[str, Exception] = {}
+            for name in dict.fromkeys(names):
+                try:
+                    self.acquire([name], count=False)
+                except VpeftError as exc:
+                    failed[name] = exc
+            return failed
+
+    def _run_without(self, names: Sequence[str], x: torch.Tensor, failed: Mapping[str, Exception]) -> list[Any]:
+        out: list[Any] = [failed.get(n) for n in names]
+        rows = [i for i, n in enumerate(names) if n not in failed]
+        if rows:
+            for i, o in zip(rows, self.run([names[i] for i in rows], x[rows])):
+                out[i] = o
+        return out
 
     def _run_split(self, names: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(names)
