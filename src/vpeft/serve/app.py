@@ -162,7 +162,7 @@ def create_app(
     batcher = DynamicBatcher(store, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
     metrics = ServeMetrics(store, batcher)
     batcher.on_batch = metrics.on_batch
-    transforms: dict[tuple[str, tuple[int, int]], Any] = {}
+    prepare = _Preparer(store, max_pixels, max_frames)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -179,42 +179,6 @@ def create_app(
 
     async def read_request(request: Request) -> Payload:
         return await _read_request(request, max_upload_bytes, max_frames)
-
-    def transform(info: AdapterInfo, size: tuple[int, int]) -> Any:
-        key = (info.kind or "", size)
-        if key not in transforms:
-            transforms[key] = transform_for(store.backbone, info, size)
-        return transforms[key]
-
-    def prepare(info: AdapterInfo, payload: Payload) -> tuple[Any, tuple[int, int], int | None]:
-        """``(input tensor, the image's (width, height), a detection canvas's side)`` of a request."""
-        _check_input(info, payload)
-        size = store.input_size_for(info.id)
-        if info.kind == "video":
-            task = info.header.task if info.header is not None else {}
-            if isinstance(task.get("size"), int):
-                size = (task["size"], task["size"])
-
-            def indices(n: int) -> Any:
-                return sample_indices(n, int(task.get("num_frames") or 8), stride=task.get("stride"),
-                                      views=int(task.get("views") or 1))  # fmt: skip
-
-            if payload.video is not None:
-                frames = decode_video(payload.video, indices, max_pixels, max_frames)
-            else:
-                images = [decode_image(f, max_pixels) for f in payload.frames or ()]
-                try:
-                    frames = [images[i] for i in indices(len(images))]
-                except DataError as exc:
-                    raise VideoError(f"{len(images)} frames were sent: {exc}") from None
-            return video_clip(frames, transform(info, size)), frames[0].size, None
-        image = decode_image(payload.image or b"", max_pixels)
-        if info.kind == "detection":
-            side = max(size)
-            cfg = getattr(store.backbone, "pretrained_cfg", None) or {}
-            mean, std = cfg.get("mean") or IMAGENET_DEFAULT_MEAN, cfg.get("std") or IMAGENET_DEFAULT_STD
-            return detection_canvas(image, side, mean, std), image.size, side
-        return transform(info, size)(image), image.size, None
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
@@ -240,6 +204,56 @@ def create_app(
 
     _add_adapter_routes(app, store, batcher, metrics)
     return app
+
+
+class _Preparer:
+    """Turns a request's upload into the model input of its adapter's kind (transforms cached per kind and size).
+
+    Called as ``prepare(info, payload)`` -> ``(input tensor, the image's (width, height), a detection canvas's side)``.
+    """
+
+    def __init__(self, store: AdapterStore, max_pixels: int, max_frames: int) -> None:
+        self.store, self.max_pixels, self.max_frames = store, max_pixels, max_frames
+        self.transforms: dict[tuple[str, tuple[int, int]], Any] = {}
+
+    def transform(self, info: AdapterInfo, size: tuple[int, int]) -> Any:
+        key = (info.kind or "", size)
+        if key not in self.transforms:
+            self.transforms[key] = transform_for(self.store.backbone, info, size)
+        return self.transforms[key]
+
+    def __call__(self, info: AdapterInfo, payload: Payload) -> tuple[Any, tuple[int, int], int | None]:
+        _check_input(info, payload)
+        size = self.store.input_size_for(info.id)
+        if info.kind == "video":
+            return self.clip(info, payload, size)
+        image = decode_image(payload.image or b"", self.max_pixels)
+        if info.kind == "detection":
+            side = max(size)
+            cfg = getattr(self.store.backbone, "pretrained_cfg", None) or {}
+            mean, std = cfg.get("mean") or IMAGENET_DEFAULT_MEAN, cfg.get("std") or IMAGENET_DEFAULT_STD
+            return detection_canvas(image, side, mean, std), image.size, side
+        return self.transform(info, size)(image), image.size, None
+
+    def clip(self, info: AdapterInfo, payload: Payload, size: tuple[int, int]) -> tuple[Any, tuple[int, int], None]:
+        """A video request's frames, sampled as the task samples evaluation clips, as one clip tensor."""
+        task = info.header.task if info.header is not None else {}
+        if isinstance(task.get("size"), int):
+            size = (task["size"], task["size"])
+
+        def indices(n: int) -> Any:
+            return sample_indices(n, int(task.get("num_frames") or 8), stride=task.get("stride"),
+                                  views=int(task.get("views") or 1))  # fmt: skip
+
+        if payload.video is not None:
+            frames = decode_video(payload.video, indices, self.max_pixels, self.max_frames)
+        else:
+            images = [decode_image(f, self.max_pixels) for f in payload.frames or ()]
+            try:
+                frames = [images[i] for i in indices(len(images))]
+            except DataError as exc:
+                raise VideoError(f"{len(images)} frames were sent: {exc}") from None
+        return video_clip(frames, self.transform(info, size)), frames[0].size, None
 
 
 def _add_error_handlers(app: FastAPI, store: AdapterStore) -> None:
@@ -302,62 +316,72 @@ async def _read_request(request: Request, max_upload_bytes: int, max_frames: int
         raise ImageTooLargeError(f"the request is {length} bytes; this server takes at most {max_upload_bytes}")
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        body = await request.body()
-        if len(body) > max_upload_bytes:
-            raise ImageTooLargeError(f"the request is {len(body)} bytes; at most {max_upload_bytes}")
-        try:
-            data = await request.json()
-        except ValueError:
-            raise DataError("the body is not valid JSON") from None
-        if not isinstance(data, Mapping):
-            raise DataError("the JSON body must be an object {adapter, image (base64), top_k}")
-        unknown = sorted(set(data) - {"adapter", "top_k", *_INPUTS})
-        if unknown:
-            raise ConfigError(
-                f"unknown field(s) {unknown}; the fields are adapter, image (base64), video (base64), frames (a list "
-                "of base64 images), top_k"
-            )
-        payload = Payload(_adapter(data.get("adapter")), top_k=data.get("top_k"))
-        if "image" in data or not any(k in data for k in _INPUTS):
-            payload.image = decode_base64(data.get("image"))
-        if "video" in data:
-            payload.video = decode_base64(data["video"], "video")
-        if "frames" in data:
-            frames = data["frames"]
-            if not isinstance(frames, list):
-                raise DataError("frames must be a list of base64 images (in time order)")
-            if len(frames) > max_frames:
-                raise ImageTooLargeError(f"{len(frames)} frames were sent; this server takes at most {max_frames}")
-            payload.frames = [decode_base64(f, f"frames[{i}]") for i, f in enumerate(frames)]
-        return payload
+        return await _read_json(request, max_upload_bytes, max_frames)
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        try:
-            form = await request.form(max_files=max_frames, max_fields=8)
-        except HTTPException:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a malformed multipart body
-            raise DataError(f"the form could not be read ({exc})") from None
-        files = {k: [v for v in form.getlist(k) if not isinstance(v, str)] for k in _INPUTS}
-        if not any(files.values()):
-            raise DataError("the form has no 'image' file field (a video adapter: a 'video' file or 'frames' files)")
-        payload, total = Payload(_adapter(form.get("adapter")), top_k=form.get("top_k")), 0
-        for key, uploads in files.items():
-            if not uploads:
-                continue
-            if key != "frames" and len(uploads) > 1:
-                raise DataError(f"the form has {len(uploads)} '{key}' files; send one")
-            datas = []
-            for upload in uploads:
-                datas.append(await upload.read(max_upload_bytes + 1))
-                total += len(datas[-1])
-                if total > max_upload_bytes:
-                    raise ImageTooLargeError(f"the {key} file is over {max_upload_bytes} bytes")
-            setattr(payload, key, datas if key == "frames" else datas[0])
-        return payload
+        return await _read_form(request, max_upload_bytes, max_frames)
     raise DataError(
         f"content type {kind or 'none'!r} is not accepted; send multipart/form-data (image file, adapter, top_k) "
         "or application/json ({adapter, image: base64, top_k})"
     )
+
+
+async def _read_json(request: Request, max_upload_bytes: int, max_frames: int) -> Payload:
+    """``{adapter, image | video (base64) | frames (list of base64), top_k}``."""
+    body = await request.body()
+    if len(body) > max_upload_bytes:
+        raise ImageTooLargeError(f"the request is {len(body)} bytes; at most {max_upload_bytes}")
+    try:
+        data = await request.json()
+    except ValueError:
+        raise DataError("the body is not valid JSON") from None
+    if not isinstance(data, Mapping):
+        raise DataError("the JSON body must be an object {adapter, image (base64), top_k}")
+    unknown = sorted(set(data) - {"adapter", "top_k", *_INPUTS})
+    if unknown:
+        raise ConfigError(
+            f"unknown field(s) {unknown}; the fields are adapter, image (base64), video (base64), frames (a list "
+            "of base64 images), top_k"
+        )
+    payload = Payload(_adapter(data.get("adapter")), top_k=data.get("top_k"))
+    if "image" in data or not any(k in data for k in _INPUTS):
+        payload.image = decode_base64(data.get("image"))
+    if "video" in data:
+        payload.video = decode_base64(data["video"], "video")
+    if "frames" in data:
+        frames = data["frames"]
+        if not isinstance(frames, list):
+            raise DataError("frames must be a list of base64 images (in time order)")
+        if len(frames) > max_frames:
+            raise ImageTooLargeError(f"{len(frames)} frames were sent; this server takes at most {max_frames}")
+        payload.frames = [decode_base64(f, f"frames[{i}]") for i, f in enumerate(frames)]
+    return payload
+
+
+async def _read_form(request: Request, max_upload_bytes: int, max_frames: int) -> Payload:
+    """A multipart form: an ``image`` / ``video`` file or ``frames`` files, ``adapter`` and ``top_k`` fields."""
+    try:
+        form = await request.form(max_files=max_frames, max_fields=8)
+    except HTTPException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed multipart body
+        raise DataError(f"the form could not be read ({exc})") from None
+    files = {k: [v for v in form.getlist(k) if not isinstance(v, str)] for k in _INPUTS}
+    if not any(files.values()):
+        raise DataError("the form has no 'image' file field (a video adapter: a 'video' file or 'frames' files)")
+    payload, total = Payload(_adapter(form.get("adapter")), top_k=form.get("top_k")), 0
+    for key, uploads in files.items():
+        if not uploads:
+            continue
+        if key != "frames" and len(uploads) > 1:
+            raise DataError(f"the form has {len(uploads)} '{key}' files; send one")
+        datas = []
+        for upload in uploads:
+            datas.append(await upload.read(max_upload_bytes + 1))
+            total += len(datas[-1])
+            if total > max_upload_bytes:
+                raise ImageTooLargeError(f"the {key} file is over {max_upload_bytes} bytes")
+        setattr(payload, key, datas if key == "frames" else datas[0])
+    return payload
 
 
 def _add_adapter_routes(app: FastAPI, store: AdapterStore, batcher: DynamicBatcher, metrics: ServeMetrics) -> None:
