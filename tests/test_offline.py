@@ -157,6 +157,20 @@ def test_cached_timm_weights_load_offline(trigger, tmp_path, guarded, monkeypatc
     assert all(torch.equal(got[k], weights[k]) for k in got), "the cached weights, not a random draw"
 
 
+def test_a_file_cached_as_absent_is_skipped_for_the_next_candidate(tmp_path, guarded, monkeypatch):
+    """A file the hub lacks is recorded under ``.no_exist/``: the lookup goes on to ``pytorch_model.bin``."""
+    go_offline("env", monkeypatch)
+    cfg = timm.models.get_pretrained_cfg("test_vit")
+    weights = timm.create_model("test_vit", pretrained=False, num_classes=cfg.num_classes).state_dict()
+    snapshot = fake_cache(tmp_path / "hf", cfg.hf_hub_id)
+    torch.save(weights, snapshot / "pytorch_model.bin")
+    absent = snapshot.parents[1] / ".no_exist" / SHA
+    absent.mkdir(parents=True)
+    (absent / "model.safetensors").touch()
+    model = backbones.create("test_vit", pretrained=True)
+    assert guarded == [] and torch.equal(model.state_dict()["cls_token"], weights["cls_token"])
+
+
 def test_cached_hf_clip_weights_and_config_load_offline(tmp_path, guarded, monkeypatch):
     transformers = pytest.importorskip("transformers")
     from vpeft.backbones.clip import hf_config
