@@ -64,4 +64,4 @@ def test_cli_trains_coop_on_a_random_open_clip_vit_b16_and_refuses_hub_weights_o
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # tests/conftest.py: the hub is never reached
     assert main([*argv, "--out", str(tmp_path / "hub")]) == 2
     err = capsys.readouterr().err
-    assert "its pretrained weights could not be loaded" in err and "--no-pretrained" in err
+    assert "not in the local Hugging Face cache" in err and "--no-pretrained" in err and len(err.splitlines()) == 1

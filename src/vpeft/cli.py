@@ -711,7 +711,32 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_command(sub)
     for command in sub.choices.values():  # every option's help shows its default
         command.formatter_class = HelpFormatter
+    _add_offline_flags(sub)
     return parser
+
+
+_HUB_COMMANDS = ("train", "eval", "merge", "tune", "zeroshot", "import", "bench", "search", "serve")
+
+
+def _add_offline_flags(sub) -> None:
+    """``--offline`` on every command that builds a backbone (see :mod:`vpeft.backbones.hub`)."""
+    for name in _HUB_COMMANDS:
+        sub.choices[name].add_argument(
+            "--offline",
+            action="store_true",
+            help="never contact a model hub (as HF_HUB_OFFLINE=1): pretrained weights come from the local "
+            "Hugging Face cache or the command stops in one line",
+        )
+
+
+def _offline_mode(args: argparse.Namespace):
+    import contextlib
+
+    if not getattr(args, "offline", False):
+        return contextlib.nullcontext()
+    from .backbones.hub import offline_mode
+
+    return offline_mode()
 
 
 def _add_train_parser(sub) -> None:
@@ -881,7 +906,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        return args.fn(args)
+        with _offline_mode(args):
+            return args.fn(args)
     except OSError as exc:  # vpeft.files.WriteError (a VpeftError too) or an I/O error of a library call
         return _io_failed(args, exc)
     except VpeftError as exc:

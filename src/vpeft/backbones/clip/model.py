@@ -14,6 +14,8 @@ from torch import nn
 from ...arch import register_arch
 from ...arch.clip import clip_backbone_spec, open_clip_text_spec
 from ...errors import ConfigError, UnknownNameError
+from .. import hub
+from .hf_configs import LOCAL_HF_CLIP, local_hf_config
 from .towers import SOURCES, OpenClipTextTower
 
 __all__ = [
@@ -279,13 +281,36 @@ class ClipBackbone(nn.Module):
 def _open_clip_model(name: str, pretrained: str | None, **kwargs: Any) -> nn.Module:
     import open_clip
 
-    if pretrained:  # network path: open_clip downloads the tagged checkpoint
-        return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+    if pretrained:  # open_clip downloads the tagged checkpoint; offline, its cached copy or a one-line refusal
+        cached = hub.open_clip_cached(f"open_clip:{name}", name, pretrained, kwargs.get("cache_dir"))
+        return open_clip.create_model(name, pretrained=cached or pretrained, **kwargs)
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise UnknownNameError(f"open_clip has no model {name!r}; see open_clip.list_models()")
     with _without_random_init_warning():
         return open_clip.create_model(name, pretrained=None, **kwargs)
+
+
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only")  # from_pretrained's, not config fields
+
+
+def _hf_model(name: str, repo: str, pretrained: bool, img_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    """``transformers.CLIPModel`` of hub id ``repo``: pretrained from the hub (offline: its cached copy); random
+    weights from a local config (:mod:`.hf_configs`) for the names it knows, else from the hub's (offline: cached)
+    ``config.json``. Offline with nothing cached: a one-line :class:`~vpeft.backbones.hub.HubOfflineError`."""
+    from transformers import CLIPConfig, CLIPModel
+
+    overrides = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
+    cfg = None if pretrained or "revision" in kwargs else local_hf_config(repo, **overrides)
+    if cfg is None:
+        local = hub.hf_cached(name, repo, pretrained, list(LOCAL_HF_CLIP), **kwargs)
+        args = {**kwargs, "local_files_only": True} if local else kwargs
+        if pretrained:
+            return CLIPModel.from_pretrained(repo, **args)
+        cfg = CLIPConfig.from_pretrained(repo, **args)
+    if img_size is not None:
+        cfg.vision_config.image_size = img_size
+    return CLIPModel(cfg)
 
 
 class _RandomInitNotice(logging.Filter):
@@ -328,8 +353,12 @@ def create(
     Args:
         name: library-qualified model name.
         pretrained: open_clip's pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``...; ``True``: ``"openai"``);
-            for ``hf:`` any true value loads the hub weights with ``from_pretrained``. Both need a network.
-            ``None`` / ``False``: random weights (open_clip: nothing is downloaded; ``hf:`` still reads the config).
+            for ``hf:`` any true value loads the hub weights with ``from_pretrained``. Both download from the hub;
+            offline (``HF_HUB_OFFLINE=1``, ``--offline`` or no network, see :mod:`vpeft.backbones.hub`) they load the
+            local cache's copy or fail in one line before any hub call.
+            ``None`` / ``False``: random weights (nothing is downloaded; ``hf:`` names in
+            :data:`~vpeft.backbones.clip.hf_configs.LOCAL_HF_CLIP` build from a local config, others read the hub's
+            ``config.json``, offline its cached copy).
         img_size: input side (open_clip ``force_image_size``; Hugging Face ``image_size``, random weights only).
         num_classes: must be 0: a CLIP has no classifier (the zero-shot task's class names are its classes).
         **kwargs: passed to ``open_clip.create_model`` or to the Hugging Face constructor.
@@ -348,16 +377,7 @@ def create(
         fuse_attention(model)
         return ClipBackbone("open_clip", model, name)
     if source == "hf" and model_name:
-        from transformers import CLIPConfig, CLIPModel
-
-        if pretrained:
-            model = CLIPModel.from_pretrained(model_name, **kwargs)
-        else:
-            cfg = CLIPConfig.from_pretrained(model_name, **kwargs)
-            if img_size is not None:
-                cfg.vision_config.image_size = img_size
-            model = CLIPModel(cfg)
-        return ClipBackbone("hf", model, name)
+        return ClipBackbone("hf", _hf_model(name, model_name, bool(pretrained), img_size, kwargs), name)
     raise UnknownNameError(f"CLIP backbone {name!r} is invalid; use 'open_clip:<model>' or 'hf:<hub id>'")
 
 
