@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("open_clip")
@@ -235,9 +236,141 @@ def test_maple_depth_one_zero_coupling_is_its_shallow_form(kind):
         tc = coop.prompt.text_features(coop, NAMES, task.templates)
         im = maple(x)
         shallow = frozen.encode_image(x, [torch.zeros(2, frozen.image_width)])
-    assert (tm - tc).abs().max() < 1e-6
-    assert (im - shallow).abs().max() < 1e-6
+    assert torch.equal(tm, tc), "the same embeddings through the same text tower: bit for bit"
+    assert torch.equal(im, shallow), "F(ctx) = 0 * ctx + 0 is exactly zero: the same image tower input"
     assert len(maple.prompt.vision_prompts(maple)) == 1 and not len(maple.prompt.deep)
+
+
+# An independent reference of a depth-1 MaPLe: both towers written out in plain torch ops on the model's own weights
+# (read from its state dict by name), in float64; nothing of vpeft's prompt learner, tower runner or tokenizer is used.
+def _plain_ln(x, weight_bias):
+    return F.layer_norm(x, x.shape[-1:], *weight_bias, eps=1e-5)
+
+
+def _plain_blocks(sd, kind, tower):
+    """Per block: ``{ln1, q, k, v, out, ln2, fc1, fc2: (weight, bias)}`` (open_clip's fused qkv split in q, k, v)."""
+    if kind == "open_clip":
+        prefix, attn = f"{tower}.transformer.resblocks", "attn"
+        names = {"ln1": "ln_1", "ln2": "ln_2", "out": "attn.out_proj", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
+    else:
+        prefix, attn = f"{tower}.encoder.layers", "self_attn"
+        names = {"ln1": "layer_norm1", "ln2": "layer_norm2", "out": "self_attn.out_proj", "fc1": "mlp.fc1"}
+        names["fc2"] = "mlp.fc2"
+    blocks, i = [], 0
+    while f"{prefix}.{i}.{names['ln1']}.weight" in sd:
+        b = {k: (sd[f"{prefix}.{i}.{v}.weight"], sd[f"{prefix}.{i}.{v}.bias"]) for k, v in names.items()}
+        if kind == "open_clip":
+            w, bias = sd[f"{prefix}.{i}.{attn}.qkv.weight"], sd[f"{prefix}.{i}.{attn}.qkv.bias"]
+            b.update(zip("qkv", zip(w.chunk(3), bias.chunk(3))))
+        else:
+            b.update({n: (sd[f"{prefix}.{i}.{attn}.{n}_proj.weight"], sd[f"{prefix}.{i}.{attn}.{n}_proj.bias"])
+                      for n in "qkv"})  # fmt: skip
+        blocks.append(b)
+        i += 1
+    return blocks
+
+
+def _plain_block(x, b, heads: int, causal: bool):
+    """A pre-norm CLIP block: softmax(q k^T / sqrt(d)) v over ``heads`` heads, quick-GELU MLP."""
+    n, w = x.shape[-2:]
+
+    def linear(t, key):
+        return t @ b[key][0].T + b[key][1]
+
+    h = _plain_ln(x, b["ln1"])
+    q, k, v = (linear(h, c).unflatten(-1, (heads, w // heads)).transpose(-3, -2) for c in "qkv")
+    att = q @ k.transpose(-1, -2) / (w // heads) ** 0.5
+    if causal:
+        att = att.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    x = x + linear((att.softmax(-1) @ v).transpose(-3, -2).flatten(-2), "out")
+    h = linear(_plain_ln(x, b["ln2"]), "fc1")
+    return x + linear(h * torch.sigmoid(1.702 * h), "fc2")
+
+
+def _plain_text(sd, kind, ids, ctx):
+    """Projected text features of ``ids`` with the M context vectors at positions 1..M (after start-of-text)."""
+    if kind == "open_clip":
+        tok, pos = sd["text.token_embedding.weight"], sd["text.positional_embedding"]
+        final, proj = (sd["text.ln_final.weight"], sd["text.ln_final.bias"]), sd["text.text_projection"]
+    else:
+        tok, pos = sd["text.embeddings.token_embedding.weight"], sd["text.embeddings.position_embedding.weight"]
+        final = (sd["text.final_layer_norm.weight"], sd["text.final_layer_norm.bias"])
+        proj = sd["text_proj.weight"].T
+    x = tok[ids].clone()
+    x[:, 1 : 1 + ctx.shape[0]] = ctx
+    x = x + pos[: ids.shape[1]]
+    for b in _plain_blocks(sd, kind, "text"):
+        x = _plain_block(x, b, heads=2, causal=True)
+    eot = (ids == ids.max()).int().argmax(-1)  # the end-of-text id is the vocabulary's last
+    return _plain_ln(x, final)[torch.arange(len(ids)), eot] @ proj
+
+
+def _plain_image(sd, kind, images, prompts):
+    """Projected image features with ``prompts`` (M, W) appended after the patch tokens (no position embedding),
+    normalised with them by the pre-norm; class-token pooling."""
+    if kind == "open_clip":
+        conv, cls, pos = sd["image.conv1.weight"], sd["image.class_embedding"], sd["image.positional_embedding"]
+        pre, post, proj = "image.ln_pre", "image.ln_post", sd["image.proj"]
+    else:
+        e = "image.embeddings."
+        conv, cls, pos = (
+            sd[e + "patch_embedding.weight"],
+            sd[e + "class_embedding"],
+            sd[e + "position_embedding.weight"],
+        )
+        pre, post, proj = "image.pre_layrnorm", "image.post_layernorm", sd["image_proj.weight"].T
+    x = F.conv2d(images, conv, stride=conv.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([cls.expand(len(x), 1, -1), x], 1) + pos
+    x = torch.cat([x, prompts.expand(len(x), -1, -1)], 1)
+    x = _plain_ln(x, (sd[pre + ".weight"], sd[pre + ".bias"]))
+    for b in _plain_blocks(sd, kind, "image"):
+        x = _plain_block(x, b, heads=2, causal=False)
+    return _plain_ln(x[:, 0], (sd[post + ".weight"], sd[post + ".bias"])) @ proj
+
+
+REFERENCE_ATOL = 5e-6
+"""vpeft runs in float32, the reference in float64 on the same weights: they differ by float32 rounding alone, at
+most 7.2e-7 measured on outputs of size <= 2.3 (a few float32 ulps through two blocks). 5e-6 is 7x that; each
+planted change of MaPLe's depth-1 path moves an output by 0.04 or more (prompts without the pre-norm, a coupling
+without its bias, the context one position late). Where the prompts sit among the image tokens cannot be seen at
+J = 1 (they carry no position embedding and self-attention ignores order), so that is not claimed."""
+
+
+@pytest.mark.parametrize("coupling", ["zero", "random"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_maple_depth_one_equals_an_independent_plain_torch_reference(kind, coupling):
+    """MaPLe with J = 1: the text tower reads "X X of a {class}." with the context in the X positions; the image
+    tower reads F_0(context) = context W^T + b appended after the patch tokens, before the pre-norm. A zero coupling
+    gives zero prompt tokens: CLIP with M extra pre-normalised zero tokens at the input (the shallow form)."""
+    import open_clip
+
+    maple = KINDS[kind]()
+    vpeft.apply(maple, "maple", depth=1, num_tokens=2, init="a photo of a")
+    g = torch.Generator().manual_seed(5)
+    couple = maple.prompt.couple[0]
+    with torch.no_grad():
+        maple.prompt.ctx.add_(0.1 * torch.randn(maple.prompt.ctx.shape, generator=g))  # trained-looking context
+        for t in (couple.weight, couple.bias):
+            t.copy_(torch.zeros_like(t) if coupling == "zero" else 0.2 * torch.randn(t.shape, generator=g))
+    x = images()
+    with torch.no_grad():
+        text = maple.prompt.text_features(maple, NAMES, ZeroShotTask(NAMES).templates)
+        image = maple(x)
+    sd = {k: v.detach().double() for k, v in maple.state_dict().items()}
+    ctx = sd["prompt.ctx"]
+    if coupling == "zero":
+        prompts = torch.zeros(2, maple.image_width, dtype=torch.float64)
+    else:
+        prompts = ctx @ sd["prompt.couple.0.weight"].T + sd["prompt.couple.0.bias"]
+    ids = open_clip.tokenize([f"a photo of a {name}." for name in NAMES])  # "a photo" is where the context goes
+    ref_text = F.normalize(_plain_text(sd, kind, ids, ctx), dim=-1)
+    ref_image = _plain_image(sd, kind, x.double(), prompts)
+    dt, di = (text.double() - ref_text).abs().max().item(), (image.double() - ref_image).abs().max().item()
+    print(f"{kind}, {coupling} coupling: max |vpeft - reference| text {dt:.2g}, image {di:.2g}")
+    torch.testing.assert_close(text.double(), ref_text, rtol=0, atol=REFERENCE_ATOL)
+    torch.testing.assert_close(image.double(), ref_image, rtol=0, atol=REFERENCE_ATOL)
+    without = _plain_image(sd, kind, x.double(), prompts[:0])
+    assert (image.double() - without).abs().max() > 100 * REFERENCE_ATOL, "the prompt tokens matter to the output"
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -640,14 +640,14 @@ def test_disk_errors_are_one_line_and_keep_the_last_checkpoint(tmp_path, data_ro
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--img-size", "0"], "--img-size 0 is invalid; expected a positive int"),
+        (["--img-size", "0"], "--img-size 0 is invalid; expected an integer >= 1"),
         (["--img-size", "8"], "img_size 8 does not fit the backbone's 16-pixel patches: use a multiple of 16"),
         (["--device", "tpu9"], "--device 'tpu9' is not a device; valid: cpu, cuda, cuda:N, mps"),
-        (["--lr", "-1e-3"], "TrainConfig.lr must be a number in (0.0, 1e+30], got -0.001"),
-        (["--lr", "1e38"], "TrainConfig.lr must be a number in (0.0, 1e+30], got 1e+38"),
+        (["--lr", "-1e-3"], "--lr must be a number in (0.0, 1e+30], got -0.001"),
+        (["--lr", "1e38"], "--lr must be a number in (0.0, 1e+30], got 1e+38"),
         (["--lr", "-.5"], "got -0.5"),
         (["--out", "{file}"], "is a file, not a folder"),
-        (["--out", "{file}/run"], "is not writable (Not a directory)"),
+        (["--out", "{file}/run"], "/f', which cannot hold a folder"),
     ],
 )
 def test_cli_one_line_errors(tmp_path, data_root, capsys, args, message):

@@ -13,8 +13,10 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .config import Range, check_options, ranged_option
 from .devices import check_device
 from .errors import ConfigError, VpeftError
+from .files import destination_option
 
 __all__ = ["main", "parse_method_options", "method_from_cli"]
 
@@ -56,6 +58,11 @@ def method_from_cli(method: str, options: Sequence[str]) -> dict[str, Any]:
 
 
 def _convert(method: str, key: str, raw: str, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:  # ``int | None``: "none" / "null" is None, else the type's value
+        if raw.lower() in ("none", "null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
     try:
         if hint is bool:
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -180,10 +187,19 @@ def task_options_from_cli(options: Sequence[str], decoder: str | None = None) ->
     return out
 
 
+_TRAIN_FIELD = re.compile(r"^TrainConfig\.(\w+)")
+
+
 def _train_config(args: argparse.Namespace):
+    """The training recipe of the ``TrainConfig`` flags; a refused value is named by its flag (``--epochs must be
+    an int >= 1, got 0``): TrainConfig declares and checks its own ranges."""
     from .train import TrainConfig
 
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    try:
+        return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    except ConfigError as exc:
+        flag = _TRAIN_FIELD.sub(lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
+        raise ConfigError(flag) from None
 
 
 _ROLE = re.compile(r":(?:\w+:)*(\w+):`(~?)([^`]+)`")
@@ -279,11 +295,6 @@ EXIT_DIVERGED = 3
 failed (disk full, read-only, no permission, quota) with a checkpoint kept to resume from (bad input exits 2)."""
 
 
-def check_img_size(img_size: int | None) -> None:
-    if img_size is not None and img_size < 1:
-        raise ConfigError(f"--img-size {img_size} is invalid; expected a positive int (a multiple of the patch size)")
-
-
 def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> None:
     """Refuse an ``--out`` that is a file, is not writable, or holds files (unless ``overwrite`` or ``resume``),
     before training.
@@ -375,7 +386,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.distributed import is_main_process
 
     method = method_from_cli(args.method, args.opt)
-    check_img_size(args.img_size)
     check_device(args.device)
     with writer_lock(args.out, "train"):
         if is_main_process():  # under torchrun rank 0 alone owns the folder
@@ -437,7 +447,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .tune.study import final_table
 
     method = method_from_cli(args.method, args.opt)
-    check_img_size(args.img_size)
     check_device(args.device)
     cfg = TuneConfig(
         trials=args.trials,
@@ -482,6 +491,20 @@ def _add_trust_unsigned(p: argparse.ArgumentParser) -> None:
     )
 
 
+def check_pictures_of(delta: str, trust_unsigned: bool) -> None:
+    """Refuse ``--save-masks`` / ``--save-boxes`` before evaluating a delta whose task kind draws no pictures (its
+    header says the kind: segmentation draws masks, detection boxes)."""
+    from .delta import read_header
+    from .tasks.base import TASKS, Task
+
+    kind = read_header(delta, trust_unsigned=trust_unsigned)[0].kind
+    if TASKS.get(kind).save_predictions is Task.save_predictions:
+        raise ConfigError(
+            f"--save-masks/--save-boxes: {delta!r} is a {kind} delta, and {kind} tasks have no prediction pictures "
+            "(segmentation deltas draw masks, detection deltas boxes); drop the option"
+        )
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .run import evaluate_delta
     from .train.metrics import json_safe
@@ -490,6 +513,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import contextlib
 
     with writer_lock(args.save_masks, "eval", "--save-masks") if args.save_masks else contextlib.nullcontext():
+        if args.save_masks:  # the holder of DIR first, then what the delta can draw
+            check_pictures_of(args.delta, args.trust_unsigned)
         res = evaluate_delta(
             args.delta,
             task=args.task,
@@ -511,10 +536,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     from .run import evaluate_zero_shot
     from .train.metrics import json_safe, write_json_atomic
 
-    check_img_size(args.img_size)
     check_device(args.device)
-    if args.out is not None and Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out!r} is a folder; give the metrics file's name (e.g. zeroshot.json)")
     res = json_safe(
         evaluate_zero_shot(
             args.backbone,
@@ -549,7 +571,7 @@ def _add_zeroshot_parser(sub) -> None:
     )
     _add_data(p)
     p.add_argument("--split", default="test", help="split list to evaluate (default: %(default)s)")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
+    ranged_option(p, "--img-size", range=Range.int(1), default=None, help="input side (default: the backbone's)")
     p.add_argument(
         "--task-opt",
         action="append",
@@ -557,10 +579,20 @@ def _add_zeroshot_parser(sub) -> None:
         metavar="KEY=VALUE",
         help="zero-shot task option, repeatable: classes=base|novel, ensemble=true, templates=..., context_length=N",
     )
-    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: %(default)s)")
+    ranged_option(p, "--batch-size", range=Range.int(1), default=128, help="evaluation batch (default: %(default)s)")
+    ranged_option(
+        p, "--workers", range=Range.int(0), default=0, help="data-loading worker processes (default: %(default)s)"
+    )
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
-    p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
+    destination_option(
+        p,
+        "--out",
+        folder=False,
+        file_hint="the metrics file's name (e.g. zeroshot.json)",
+        default=None,
+        metavar="FILE",
+        help="also write the metrics to this JSON file",
+    )
     p.set_defaults(fn=_cmd_zeroshot)
 
 
@@ -573,15 +605,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .run import import_peft_delta
 
-    if Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out!r} is a folder; give the delta's file name (e.g. delta.safetensors)")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise ConfigError(f"--num-classes {args.num_classes} is invalid; expected a positive int")
-    check_img_size(args.img_size)
     path = import_peft_delta(
         args.adapter,
         args.out,
@@ -604,7 +630,9 @@ def _add_interop_parsers(sub) -> None:
     )
     p.add_argument("delta", metavar="DELTA", help="a delta file written by vpeft train (method lora or dora)")
     p.add_argument("--format", required=True, choices=["peft"], help="target format")
-    p.add_argument("--out", required=True, metavar="DIR", help="the adapter folder (created; its files replaced)")
+    destination_option(
+        p, "--out", folder=True, required=True, metavar="DIR", help="the adapter folder (created; its files replaced)"
+    )
     p.add_argument(
         "--pad-fused",
         action="store_true",
@@ -621,10 +649,24 @@ def _add_interop_parsers(sub) -> None:
     )
     p.add_argument("adapter", metavar="DIR", help="the PEFT adapter folder")
     p.add_argument("--format", required=True, choices=["peft"], help="source format")
-    p.add_argument("--out", required=True, metavar="DELTA", help="the delta file to write (.safetensors)")
+    destination_option(
+        p,
+        "--out",
+        folder=False,
+        file_hint="the delta's file name (e.g. delta.safetensors)",
+        required=True,
+        metavar="DELTA",
+        help="the delta file to write (.safetensors)",
+    )
     p.add_argument("--backbone", default=None, help="backbone name (default: the one a vpeft export names)")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: the export's, else the backbone's)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (default: from the saved head)")
+    ranged_option(
+        p,
+        "--img-size",
+        range=Range.int(1),
+        default=None,
+        help="input side (default: the export's, else the backbone's)",
+    )
+    ranged_option(p, "--num-classes", range=Range.int(1), default=None, help="classes (default: from the saved head)")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
     p.set_defaults(fn=_cmd_import)
 
@@ -634,8 +676,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     from .run import merge_delta
 
-    if Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out!r} is a folder; give the merged model's file name (e.g. model.safetensors)")
     target = Path(args.out).absolute()
     with writer_lock(str(target.parent), "merge", "--out folder", name=f".vpeft.{target.name}.lock"):
         path = merge_delta(args.delta, args.out, trust_unsigned=args.trust_unsigned)
@@ -757,7 +797,7 @@ def _add_train_parser(sub) -> None:
     _add_data(p)
     p.add_argument("--train-split", default="train800val200", help="split list to train on (a+b joins lists)")
     p.add_argument("--eval-split", default="test", help="split list evaluated once after training")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
+    ranged_option(p, "--img-size", range=Range.int(1), default=None, help="input side (default: the backbone's)")
     p.add_argument(
         "--task-kind",
         default=None,
@@ -773,9 +813,11 @@ def _add_train_parser(sub) -> None:
         "shots=16 / classes=base / ensemble=true",
     )
     add_dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig)
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    ranged_option(p, "--workers", range=Range.int(0), default=0, help="data-loading worker processes")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
-    p.add_argument("--out", required=True, help="output folder (delta.safetensors, metrics.json, result.json)")
+    destination_option(
+        p, "--out", folder=True, required=True, help="output folder (delta.safetensors, metrics.json, result.json)"
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="train into a non-empty --out (its previous run files are removed)"
     )
@@ -795,19 +837,34 @@ def _add_eval_merge_parsers(sub) -> None:
     _add_data(p, task_required=False)
     p.add_argument("--split", default="test", help="split list to evaluate")
     p.add_argument("--merged", action="store_true", help="merge before evaluating (mergeable methods)")
-    p.add_argument(
+    destination_option(
+        p,
         "--save-masks",
+        "--save-boxes",
+        dest="save_masks",
+        folder=True,
         default=None,
         metavar="DIR",
-        help="segmentation: write each prediction as a colour overlay PNG into DIR (one per image)",
+        help="write the predictions as pictures into DIR, one PNG per image (checked writable before evaluating): "
+        "segmentation: the predicted masks, a colour overlay on the image, and legend.png; detection: the predicted "
+        "boxes with class and score over the true boxes (--save-boxes is the same option); classification: refused",
     )
-    p.add_argument("--max-masks", type=int, default=None, metavar="N", help="with --save-masks: at most N images")
+    ranged_option(
+        p, "--max-masks", range=Range.int(0), default=None, metavar="N", help="with --save-masks: at most N images"
+    )
     _add_trust_unsigned(p)
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("merge", help="write the full merged model of a mergeable delta")
     p.add_argument("--delta", required=True, help="a delta file of a mergeable method (vpeft methods)")
-    p.add_argument("--out", required=True, help="output .safetensors (a plain timm state dict)")
+    destination_option(
+        p,
+        "--out",
+        folder=False,
+        file_hint="the merged model's file name (e.g. model.safetensors)",
+        required=True,
+        help="output .safetensors (a plain timm state dict)",
+    )
     _add_trust_unsigned(p)
     p.set_defaults(fn=_cmd_merge)
 
@@ -815,11 +872,13 @@ def _add_eval_merge_parsers(sub) -> None:
 def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="offline demo: real DINOv2 ViT-S/14 adapted with several methods on real data")
     p.add_argument("--methods", default="linear,lora,vpt_deep", help="comma-separated methods, one run each")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs of each run")
-    p.add_argument("--img-size", type=int, default=112, help="input side (a multiple of 14)")
+    ranged_option(p, "--epochs", range=Range.int(1), default=3, help="training epochs of each run")
+    ranged_option(p, "--img-size", range=Range.int(1), default=112, help="input side (a multiple of 14)")
     p.add_argument("--task", default="digits", help="task folder name under --data-root")
     p.add_argument("--data-root", default=None, help="default: ~/.cache/vpeft/data (digits exported there)")
-    p.add_argument("--out", default="runs/demo", help="results folder: one sub-folder per method, results.json")
+    destination_option(
+        p, "--out", folder=True, default="runs/demo", help="results folder: one sub-folder per method, results.json"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_demo)
 
@@ -848,10 +907,14 @@ def _add_tune_parser(sub) -> None:
         "r=4,8,16 (choice), bottleneck=4:64:int (integer); a TrainConfig field or an option of the method",
     )
     _add_data(p)
-    p.add_argument("--trials", type=int, default=20, help="finished trials (complete + pruned) in all (default: 20)")
+    ranged_option(
+        p, "--trials", range=Range.int(1, 100_000), default=20, help="finished trials (complete + pruned) in all"
+    )
     p.add_argument("--pruner", default="median", choices=PRUNERS, help="prune bad trials per epoch (default: median)")
-    p.add_argument("--startup-trials", type=int, default=5, help="random trials before TPE and pruning (default: 5)")
-    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+    ranged_option(
+        p, "--startup-trials", range=Range.int(0, 100_000), default=5, help="random trials before TPE and pruning"
+    )
+    ranged_option(p, "--sampler-seed", range=Range.int(0, 2**32 - 1), default=0, help="seed of the TPE sampler")
     p.add_argument("--search-splits", default="train800,val200", help="TRAIN,VAL of the trials (default: %(default)s)")
     p.add_argument(
         "--final-splits", default="train800val200,test", help="TRAINVAL,TEST of the final run (default: %(default)s)"
@@ -866,14 +929,20 @@ def _add_tune_parser(sub) -> None:
     )
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db)")
     p.add_argument("--study-name", default=None, help="study name in the storage (default: METHOD-TASK)")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
+    ranged_option(p, "--img-size", range=Range.int(1), default=None, help="input side (default: the backbone's)")
     p.add_argument("--task-kind", default=None, help="task type (default: detected from the folder's files)")
     p.add_argument("--decoder", default=None, help="segmentation decoder: " + decoders_help())
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="task option, repeatable")
     add_dataclass_flags(p.add_argument_group("base training recipe (TrainConfig; --space overrides)"), TrainConfig)
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    ranged_option(p, "--workers", range=Range.int(0), default=0, help="data-loading worker processes")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
-    p.add_argument("--out", required=True, help="study folder (study.db, trials/, final/, tune_result.json, plots/)")
+    destination_option(
+        p,
+        "--out",
+        folder=True,
+        required=True,
+        help="study folder (study.db, trials/, final/, tune_result.json, plots/)",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-trial lines")
     p.set_defaults(fn=_cmd_tune)
 
@@ -906,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        check_options(args)  # every option's declared check (ranges, destinations) before any work
         with _offline_mode(args):
             return args.fn(args)
     except OSError as exc:  # vpeft.files.WriteError (a VpeftError too) or an I/O error of a library call

@@ -26,12 +26,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vpeft.config import declare_option_check
 from vpeft.errors import ConfigError, VpeftError
 
 __all__ = [
     "LOCK_NAME",
     "WriteError",
     "atomic_write",
+    "check_destination",
+    "destination_option",
     "pid_alive",
     "file_mode",
     "folder_lock",
@@ -152,6 +155,51 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def check_destination(what: str, path: str | os.PathLike, *, folder: bool, file_hint: str = "a file name") -> None:
+    """Refuse, before any work, a destination vpeft could not write, with one line naming ``what`` (the option,
+    e.g. ``--save-masks``) and the path; nothing is created.
+
+    ``folder=True``: ``path`` is a folder to write files into (made later if missing); ``False``: a file to write
+    (its folder made later if missing; ``file_hint`` says what to give instead of a folder). Refused: a file where
+    a folder is wanted or the reverse, a path under a regular file, and a folder whose nearest existing part cannot
+    be written (read-only file system, permission, quota): a temporary file is created and removed there
+    (``tempfile.TemporaryFile``, the same probe as ``vpeft train --out``).
+
+    Raises:
+        ConfigError: The destination cannot be written.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a file, not a folder; choose a folder")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a folder; give {file_hint}")
+    existing = path if folder else path.parent
+    existing = existing.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is under the file {str(existing)!r}, which cannot hold a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        where = "" if existing == path.absolute() else f" (tested in {str(existing)!r}, its nearest existing folder)"
+        raise ConfigError(
+            f"{what} {str(path)!r} is not writable ({exc.strerror or exc}){where}; choose another place"
+        ) from None
+
+
+def destination_option(parser: Any, *flags: str, folder: bool, file_hint: str = "a file name", **kwargs: Any) -> Any:
+    """``parser.add_argument(*flags, **kwargs)`` for an option naming where a command writes (``folder``: a folder,
+    else a file): :func:`check_destination` runs on it before the command's work (:func:`vpeft.config.check_options`),
+    its default included unless ``None``."""
+
+    def check(flag: str, value: Any) -> None:
+        check_destination(flag, value, folder=folder, file_hint=file_hint)
+
+    return declare_option_check(parser, parser.add_argument(*flags, **kwargs), check)
 
 
 def is_lock_file(name: str) -> bool:

@@ -6,7 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from vpeft.config import Range, declare_option_check, ranged_option
 from vpeft.errors import ConfigError
+from vpeft.files import destination_option
 
 __all__ = ["add_bench_commands"]
 
@@ -15,13 +17,19 @@ def _csv(value: str | None) -> list[str] | None:
     return None if value is None else [v for v in value.split(",") if v]
 
 
+SEED = Range.int(0, 2**32 - 1)
+
+
 def _seeds(value: str | None) -> list[int] | None:
     if value is None:
         return None
     try:
-        return [int(v) for v in value.split(",") if v]
+        seeds = [int(v) for v in value.split(",") if v]
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, got {value!r}") from None
+    for seed in seeds:
+        SEED.check("--seeds: seed", seed)
+    return seeds
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -29,10 +37,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from vpeft.bench.definition import check_run_timeout
 
     run_timeout_s = check_run_timeout(args.run_timeout, "--run-timeout")
-    if args.workers is not None and args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     definition = load_definition(args.definition)
     if args.device:
         from vpeft.devices import check_device
@@ -85,12 +89,24 @@ def add_bench_commands(sub: Any) -> None:  # argparse subparsers (their class is
         "(exit status 1 if a run failed)",
     )
     p.add_argument("definition", help="bench definition file, e.g. experiments/mini.yaml")
-    p.add_argument("--out", required=True, help="results folder (finished runs there are skipped)")
-    p.add_argument("--workers", type=int, default=None, help="concurrent runs (default: cores/4, min 1; 0: in-process)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores/workers)")
+    destination_option(p, "--out", folder=True, required=True, help="results folder (finished runs there are skipped)")
+    ranged_option(
+        p,
+        "--workers",
+        range=Range.int(0),
+        default=None,
+        help="concurrent runs (default: cores/4, min 1; 0: in-process)",
+    )
+    ranged_option(
+        p, "--threads", range=Range.int(1), default=None, help="torch threads per worker (default: cores/workers)"
+    )
     p.add_argument("--only", default=None, metavar="LABEL,...", help="run only these method labels")
     p.add_argument("--tasks", default=None, metavar="TASK,...", help="run only these tasks")
-    p.add_argument("--seeds", default=None, metavar="SEED,...", help="run only these seeds")
+    declare_option_check(
+        p,
+        p.add_argument("--seeds", default=None, metavar="SEED,...", help="run only these seeds"),
+        lambda flag, value: _seeds(value),
+    )
     p.add_argument("--data-root", default=None, help="folder of task folders (overrides the definition's)")
     p.add_argument("--device", default=None, help="override the definition's device (cpu, cuda, cuda:1)")
     p.add_argument(
@@ -114,6 +130,6 @@ def add_bench_commands(sub: Any) -> None:  # argparse subparsers (their class is
 
     p = sub.add_parser("report", help="leaderboard of a bench results folder: Markdown + self-contained HTML")
     p.add_argument("results", help="the --out folder of vpeft bench")
-    p.add_argument("--html", default=None, help="HTML output (default: RESULTS/leaderboard.html)")
-    p.add_argument("--md", default=None, help="Markdown output (default: RESULTS/leaderboard.md)")
+    destination_option(p, "--html", folder=False, default=None, help="HTML output (default: RESULTS/leaderboard.html)")
+    destination_option(p, "--md", folder=False, default=None, help="Markdown output (default: RESULTS/leaderboard.md)")
     p.set_defaults(fn=_cmd_report)

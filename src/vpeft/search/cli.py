@@ -6,16 +6,21 @@ import argparse
 import json
 from typing import Any
 
+from ..config import Range, declare_option_check, ranged_option
 from ..errors import ConfigError
+from ..files import destination_option
 
 __all__ = ["add_search_command"]
 
 
 def _ints(value: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in value.split(",") if v)
+        sizes = tuple(int(v) for v in value.split(",") if v)
     except ValueError:
         raise ConfigError(f"--sizes must be comma-separated integers, got {value!r}") from None
+    for size in sizes:
+        Range.int(1).check("--sizes: size", size)
+    return sizes
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -71,29 +76,63 @@ def add_search_command(sub: Any) -> None:  # argparse subparsers (their class is
     p.add_argument("--task", required=True, help="task folder name (VTAB-1k lists), e.g. cifar10; or 'digits'")
     p.add_argument("--data-root", default=None, help="folder of task folders (default: as vpeft train)")
     p.add_argument("--space", choices=("noah", "glora"), default="noah", help="search space")
-    p.add_argument("--budget", type=int, required=True, help="max trainable parameters of the subnet, head excluded")
-    p.add_argument("--supernet-epochs", type=int, default=1, help="supernet training epochs on train800")
-    p.add_argument("--retrain-epochs", type=int, default=1, help="epochs of the found config's retraining")
-    p.add_argument("--population", type=int, default=50, help="candidates per generation of the evolution")
-    p.add_argument("--generations", type=int, default=20, help="generations of the evolutionary search")
-    p.add_argument("--select", type=int, default=10, help="parents kept per generation")
-    p.add_argument("--mutation", type=int, default=None, help="mutated children per generation (default: population/2)")
-    p.add_argument(
-        "--crossover", type=int, default=None, help="crossed-over children per generation (default: population/2)"
+    ranged_option(
+        p, "--budget", range=Range.int(1), required=True, help="max trainable parameters of the subnet, head excluded"
     )
-    p.add_argument("--m-prob", type=float, default=0.2, help="mutation probability per module / block / tensor")
-    p.add_argument("--s-prob", type=float, default=0.4, help="NOAH: probability of a depth change in a mutation")
-    p.add_argument("--sizes", default="1,5,10", help="NOAH: per-block sizes of LoRA rank, adapter width, prompts")
-    p.add_argument("--rank", type=int, default=4, help="GLoRA: rank of the lora forms")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: the backbone's)")
-    p.add_argument("--lr", type=float, default=1e-3, help="supernet learning rate (and retrain, unless given)")
-    p.add_argument("--retrain-lr", type=float, default=None, help="retraining learning rate (default: --lr)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size of supernet training and retraining")
-    p.add_argument("--seed", type=int, default=0, help="seed of training and of the evolution")
+    ranged_option(p, "--supernet-epochs", range=Range.int(1), default=1, help="supernet training epochs on train800")
+    ranged_option(p, "--retrain-epochs", range=Range.int(1), default=1, help="epochs of the found config's retraining")
+    ranged_option(p, "--population", range=Range.int(1), default=50, help="candidates per generation of the evolution")
+    ranged_option(p, "--generations", range=Range.int(0), default=20, help="generations of the evolutionary search")
+    ranged_option(p, "--select", range=Range.int(1), default=10, help="parents kept per generation")
+    ranged_option(
+        p,
+        "--mutation",
+        range=Range.int(0),
+        default=None,
+        help="mutated children per generation (default: population/2)",
+    )
+    ranged_option(
+        p,
+        "--crossover",
+        range=Range.int(0),
+        default=None,
+        help="crossed-over children per generation (default: population/2)",
+    )
+    ranged_option(
+        p, "--m-prob", range=Range.float(0, 1), default=0.2, help="mutation probability per module / block / tensor"
+    )
+    ranged_option(
+        p, "--s-prob", range=Range.float(0, 1), default=0.4, help="NOAH: probability of a depth change in a mutation"
+    )
+    declare_option_check(
+        p,
+        p.add_argument("--sizes", default="1,5,10", help="NOAH: per-block sizes of LoRA rank, adapter width, prompts"),
+        lambda flag, value: _ints(value),
+    )
+    ranged_option(p, "--rank", range=Range.int(1), default=4, help="GLoRA: rank of the lora forms")
+    ranged_option(p, "--img-size", range=Range.int(1), default=None, help="input side (default: the backbone's)")
+    ranged_option(
+        p,
+        "--lr",
+        range=Range.float(0, 1e30, low_open=True),
+        default=1e-3,
+        help="supernet learning rate (and retrain, unless given)",
+    )
+    ranged_option(
+        p,
+        "--retrain-lr",
+        range=Range.float(0, 1e30, low_open=True),
+        default=None,
+        help="retraining learning rate (default: --lr)",
+    )
+    ranged_option(
+        p, "--batch-size", range=Range.int(1), default=64, help="batch size of supernet training and retraining"
+    )
+    ranged_option(p, "--seed", range=Range.int(0, 2**32 - 1), default=0, help="seed of training and of the evolution")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    ranged_option(p, "--workers", range=Range.int(0), default=0, help="data-loading worker processes")
     p.add_argument("--no-retrain", action="store_true", help="stop after exporting the found config")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
-    p.add_argument("--out", required=True, help="output folder")
+    destination_option(p, "--out", folder=True, required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_search)

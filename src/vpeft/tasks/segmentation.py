@@ -248,7 +248,7 @@ class SegmentationTask(Task):
                 f"valid task options: levels, size, augment, native_masks, ignore_index, {', '.join(valid)}"
             )
         self.num_classes, self.decoder, self.ignore_index = num_classes, decoder, ignore_index
-        self.levels = None if levels is None else tuple(levels)
+        self.levels = None if levels is None else tuple((levels,) if isinstance(levels, int) else levels)
         if size is not None and (
             len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
         ):
