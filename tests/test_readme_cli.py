@@ -33,19 +33,26 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _command_lines() -> list[str]:
-    text = README.read_text(encoding="utf-8")
-    lines = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            for part in re.split(r"&&|;", line):
-                part = part.split("  #")[0].strip()
+def sections(text: str) -> dict[str, list[str]]:
+    """The ``vpeft`` command lines of every bash block, by section (the heading above the block), in order."""
+    out: dict[str, list[str]] = {}
+    heading = ""
+    for m in re.finditer(r"^(#{1,3}) ([^\n]+)$|^```(\w*)\n(.*?)^```$", text, flags=re.S | re.M):
+        if m.group(2) is not None:
+            heading = m.group(2).strip()
+            continue
+        if m.group(3) != "bash":  # another block, whose "# " lines are comments, not headings
+            continue
+        for line in m.group(4).replace("\\\n", " ").splitlines():
+            for part in re.split(r"&&|;", line.strip()):
+                part = re.sub(r"\s+", " ", part.split("  #")[0]).strip()
                 if re.match(r"^(\.venv/bin/)?vpeft\b", part):
-                    lines.append(part)
-    return lines
+                    out.setdefault(heading, []).append(part)
+    return out
+
+
+def _command_lines() -> list[str]:
+    return [line for lines in sections(README.read_text(encoding="utf-8")).values() for line in lines]
 
 
 LINES = _command_lines()
@@ -94,7 +101,8 @@ def test_readme_command_line_parses(line):
 # `test_every_readme_command_line_is_run_or_excluded`.
 
 REPO = README.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("VPEFT_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_TASKS = ("seg/camvid", "det/chess", "video/arrow")  # the real assets sliced for the dense and video lines
 SIZE = 32  # the side of every reduced input (test_vit: 16-pixel patches, a 2x2 grid)
 TINY_CLIP = "vpeft-readme-tiny"
 
@@ -102,7 +110,7 @@ TINY_CLIP = "vpeft-readme-tiny"
 TINY_BACKBONES = {
     "dinov2_vits14_imgfocus": "test_vit",
     "vit_base_patch16_224": "test_vit",
-    "open_clip:ViT-B-16": f"open_clip:{TINY_CLIP}",  # an open_clip config of two 32-wide layers, registered below
+    "open_clip:ViT-B-16": f"open_clip:{TINY_CLIP}",  # a one-layer open_clip config (32 wide), registered below
 }
 #: the README's data roots -> the run folder's small ones (relative to it)
 DATA_ROOTS = {
@@ -168,22 +176,6 @@ SECTIONS = {
     "Hugging Face PEFT adapters": ["export", "import", "import"],
     "Recipe tuning (`vpeft tune`, Optuna)": ["tune"],
 }
-
-
-def sections(text: str) -> dict[str, list[str]]:
-    """The ``vpeft`` command lines of every section (the heading above a bash block), in order."""
-    out: dict[str, list[str]] = {}
-    heading = ""
-    for m in re.finditer(r"^(#{1,3}) ([^\n]+)$|^```bash\n(.*?)^```$", text, flags=re.S | re.M):
-        if m.group(2) is not None:
-            heading = m.group(2).strip()
-            continue
-        for line in m.group(3).replace("\\\n", " ").splitlines():
-            for part in re.split(r"&&|;", line.strip()):
-                part = re.sub(r"\s+", " ", part.split("  #")[0]).strip()
-                if re.match(r"^(\.venv/bin/)?vpeft\b", part):
-                    out.setdefault(heading, []).append(part)
-    return out
 
 
 def is_excluded(line: str) -> bool:
@@ -279,8 +271,12 @@ def reduce_line(line: str, port: int | None = None) -> list[str]:
         argv = [t for t in argv if t != "..."] + _missing([t.format(method=method) for t in ELIDED], argv)
     out = []
     for i, tok in enumerate(argv):
-        prev = argv[i - 1] if i else ""
-        out.append(REDUCED_VALUES[prev](tok) if prev in REDUCED_VALUES and not tok.startswith("--") else tok)
+        prev, (flag, eq, value) = (argv[i - 1] if i else ""), tok.partition("=")
+        if prev in REDUCED_VALUES and not tok.startswith("--"):
+            tok = REDUCED_VALUES[prev](tok)
+        elif eq and flag in REDUCED_VALUES:  # --epochs=10
+            tok = f"{flag}={REDUCED_VALUES[flag](value)}"
+        out.append(tok)
     added = ADDED_FLAGS.get(command, [])
     if command == "import" and "--backbone" not in out:
         added = []
@@ -345,7 +341,7 @@ def reduce_definition(path: Path, data: Path) -> dict:
 
 def test_each_line_keeps_its_flags_when_reduced():
     for line in LINES:
-        if not is_excluded(line) and command_of(line) != "demo":
+        if not is_excluded(line):
             check_reduction(line, reduce_line(line, port=8001))
     line = "vpeft train --backbone dinov2_vits14_imgfocus --img-size 112 --opt r=8 --epochs 10 --out runs/x --lr 1e-3"
     assert reduce_line(line) == ["train", "--backbone", "test_vit", "--img-size", "32", "--opt", "r=8", "--epochs",
@@ -440,7 +436,7 @@ def data(tmp_path_factory) -> Path:
     for name in VTAB_TASKS:
         _write_vtab_task(root / "vtab1k" / name)
     _write_moving_digits(root / "vtab1k" / "moving_digits")
-    if SHARED_DATA.is_dir():
+    if all((SHARED_DATA / task).is_dir() for task in SHARED_TASKS):
         seg = SHARED_DATA / "seg" / "camvid"
         _slice_lists(
             seg, root / "seg" / "camvid", {"train": 4, "val": 2, "test": 3}, ("images", "masks", "classes.txt")
@@ -505,8 +501,9 @@ def run_section(heading: str, cwd: Path, data: Path, monkeypatch, capsys) -> dic
 
 
 def _needs_shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent (the real CamVid, chess and arrow-of-time assets)")
+    missing = [task for task in SHARED_TASKS if not (SHARED_DATA / task).is_dir()]
+    if missing:
+        pytest.skip(f"the real assets {missing} are absent under {SHARED_DATA} (set VPEFT_SHARED_DATA)")
 
 
 @pytest.fixture(scope="module")
