@@ -88,17 +88,18 @@ def test_readme_command_line_parses(line):
 # ---- every README command line runs, reduced -------------------------------------------------------------------
 # One mechanism maps a README line to the line the test runs: `reduce_line`. It swaps only sizes, the backbone, the
 # task folders, epochs and trials for small ones (`REDUCED_VALUES`), appends the few flags a small stand-in needs
-# (`ADDED_FLAGS`: a random backbone, the server's port, in-process bench runs, a short evolution), and fills an
-# elided `...` with `--epochs` and `--out`. `check_reduction` asserts that the reduced line keeps every flag and
-# positional argument of the README's line. What the line names stays as written: `--out` folders, deltas,
-# definition paths (a bench line's definition is written reduced at the same relative path of the run folder, by
-# `reduce_definition`), task names (the data roots hold small folders of the same names and formats: a generated
-# VTAB-format task, and slices of the real CamVid, chess and arrow-of-time assets of ../shared/data).
+# (`ADDED_FLAGS`: a random backbone, the server's port, in-process bench runs, a short evolution, the demo's own
+# size options: it has no backbone flag), and fills an elided `...` with `--task`, `--epochs` and `--out`
+# (`ELIDED`). `check_reduction` asserts that the reduced line keeps every flag and positional argument of the
+# README's line. What the line names stays as written: `--out` folders, deltas, definition paths (a bench line's
+# definition is written reduced at the same relative path of the run folder, by `reduce_definition`), task names
+# (the data roots hold small folders of the same names and formats: a generated VTAB-format task, and slices of
+# the real CamVid, chess and arrow-of-time assets of ../shared/data).
 #
 # Every line of a README section runs in order in one fresh folder (`SECTIONS`: the commands each section holds),
 # so that a line reads what an earlier one wrote (train, then eval, merge, export). `EXCLUDED` is the short list of
 # lines that do not run, each with its reason. A README line that is neither planned nor excluded fails
-# `test_every_readme_command_line_is_run_or_excluded`.
+# `test_every_readme_command_line_is_run_or_excluded` (and its section's test, before any of its lines runs).
 
 REPO = README.parent
 SHARED_DATA = Path(os.environ.get("VPEFT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -333,7 +334,7 @@ def reduce_definition(path: Path, data: Path) -> dict:
             task["root"] = str(data / "vtab1k")
         size = task.get("options", {}).get("size")
         if isinstance(size, list):
-            task["options"]["size"] = [SIZE, SIZE * size[1] // size[0] // 16 * 16]
+            task["options"]["size"] = [SIZE, 16 * max(1, round(SIZE * size[1] / size[0] / 16))]
     for method in d["methods"]:
         if isinstance(method, dict) and "grid" in method:
             method["grid"] = {k: v[:1] for k, v in method["grid"].items()}
