@@ -150,6 +150,7 @@ SERVE_BAD = {
     "img_size": [("0", "an int >= 1")],
     "num_classes": [("-1", "an int >= 0")],
     "max_pixels": [("0", "an int >= 1")],
+    "max_frames": [("0", "an int >= 1")],
 }
 
 
