@@ -163,4 +163,4 @@ def test_cli_memory_flag_is_generated_and_validated(capsys, tmp_path):
     argv = ["train", "--backbone", "test_vit", "--method", "lora", "--task", "digits", "--out", str(tmp_path / "o")]
     assert main([*argv, "--memory", "low"]) == 2
     err = capsys.readouterr().err
-    assert "TrainConfig.memory must be one of default, recompute, got 'low'" in err and "Traceback" not in err
+    assert "--memory must be one of default, recompute, got 'low'" in err and "Traceback" not in err

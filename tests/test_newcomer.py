@@ -310,7 +310,7 @@ def test_plain_text():
     "args,message",
     [
         (["--opt", "r=-1"], "r=-1 is invalid"),
-        (["--lr", "-1e-3"], "TrainConfig.lr"),
+        (["--lr", "-1e-3"], "--lr must be a number in (0.0"),
         (["--task", "no_such_task"], "no_such_task"),
         (["--method", "no_such_method"], "no_such_method"),
         (["--backbone", "no_such_backbone"], "no_such_backbone"),

@@ -884,8 +884,6 @@ def _add_demo_parser(sub) -> None:
 
 
 def _add_tune_parser(sub) -> None:
-    from .tasks.decoders import decoders_help
-    from .train import TrainConfig
     from .tune import PRUNERS
 
     p = sub.add_parser(
@@ -929,6 +927,15 @@ def _add_tune_parser(sub) -> None:
     )
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db)")
     p.add_argument("--study-name", default=None, help="study name in the storage (default: METHOD-TASK)")
+    _add_tune_run_flags(p)
+    p.set_defaults(fn=_cmd_tune)
+
+
+def _add_tune_run_flags(p) -> None:
+    """``vpeft tune``'s flags of the runs it makes: input, task, base recipe, workers, output folder."""
+    from .tasks.decoders import decoders_help
+    from .train import TrainConfig
+
     ranged_option(p, "--img-size", range=Range.int(1), default=None, help="input side (default: the backbone's)")
     p.add_argument("--task-kind", default=None, help="task type (default: detected from the folder's files)")
     p.add_argument("--decoder", default=None, help="segmentation decoder: " + decoders_help())
@@ -944,7 +951,6 @@ def _add_tune_parser(sub) -> None:
         help="study folder (study.db, trials/, final/, tune_result.json, plots/)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-trial lines")
-    p.set_defaults(fn=_cmd_tune)
 
 
 _NEGATIVE = re.compile(r"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")

@@ -81,6 +81,17 @@ def add_search_command(sub: Any) -> None:  # argparse subparsers (their class is
     )
     ranged_option(p, "--supernet-epochs", range=Range.int(1), default=1, help="supernet training epochs on train800")
     ranged_option(p, "--retrain-epochs", range=Range.int(1), default=1, help="epochs of the found config's retraining")
+    _add_evolution_flags(p)
+    _add_training_flags(p)
+    p.add_argument("--no-retrain", action="store_true", help="stop after exporting the found config")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
+    destination_option(p, "--out", folder=True, required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_cmd_search)
+
+
+def _add_evolution_flags(p: Any) -> None:
+    """The evolutionary search's flags and the spaces' sizes."""
     ranged_option(p, "--population", range=Range.int(1), default=50, help="candidates per generation of the evolution")
     ranged_option(p, "--generations", range=Range.int(0), default=20, help="generations of the evolutionary search")
     ranged_option(p, "--select", range=Range.int(1), default=10, help="parents kept per generation")
@@ -110,6 +121,10 @@ def add_search_command(sub: Any) -> None:  # argparse subparsers (their class is
         lambda flag, value: _ints(value),
     )
     ranged_option(p, "--rank", range=Range.int(1), default=4, help="GLoRA: rank of the lora forms")
+
+
+def _add_training_flags(p: Any) -> None:
+    """The supernet training's and the retraining's flags."""
     ranged_option(p, "--img-size", range=Range.int(1), default=None, help="input side (default: the backbone's)")
     ranged_option(
         p,
@@ -131,8 +146,3 @@ def add_search_command(sub: Any) -> None:  # argparse subparsers (their class is
     ranged_option(p, "--seed", range=Range.int(0, 2**32 - 1), default=0, help="seed of training and of the evolution")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
     ranged_option(p, "--workers", range=Range.int(0), default=0, help="data-loading worker processes")
-    p.add_argument("--no-retrain", action="store_true", help="stop after exporting the found config")
-    p.add_argument("--no-pretrained", action="store_true", help="random initialisation (for smoke tests)")
-    destination_option(p, "--out", folder=True, required=True, help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(fn=_cmd_search)
