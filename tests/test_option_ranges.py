@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import os
 import re
-import tempfile
 import typing
 from pathlib import Path
 
@@ -388,18 +386,11 @@ def test_a_destination_under_a_regular_file_is_refused_before_any_work(command, 
 
 @pytest.mark.parametrize("command,flag,dest", WRITING, ids=[f"{c}{f}" for c, f, _ in WRITING])
 def test_an_unwritable_destination_is_refused_before_any_work(command, flag, dest, tmp_path, capsys, no_work,
-                                                              monkeypatch):  # fmt: skip
+                                                              monkeypatch, refuse_write_probe):  # fmt: skip
     """Runs as root too (CI does): a folder root cannot write is simulated by refusing the write probe there."""
     locked = tmp_path / "ro"
     locked.mkdir()
-    real = tempfile.TemporaryFile
-
-    def refuse(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir).absolute().is_relative_to(locked):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
-        return real(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    refuse_write_probe(monkeypatch, locked)
     code, err = _run([*_base(command, tmp_path), flag, _dest(flag, command, locked / "sub")], capsys)
     assert code == 2, err
     assert f"vpeft {command}: error: {flag}" in err and "is not writable (Permission denied)" in err, err

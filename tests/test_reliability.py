@@ -689,23 +689,13 @@ def test_cuda_without_a_gpu_is_refused(tmp_path, data_root, capsys):
     assert "no cuda device is available on this machine" in _one_line_error(capsys)
 
 
-def test_unwritable_out_is_refused_before_training(tmp_path, data_root, capsys, monkeypatch):
+def test_unwritable_out_is_refused_before_training(tmp_path, data_root, capsys, monkeypatch, refuse_write_probe):
     """Runs as root too (CI does): a folder root cannot write is simulated by refusing the write probe there; as
     another user, a real 0500 folder is checked as well."""
-    import errno
-    import tempfile
-
     locked = tmp_path / "ro"
     locked.mkdir()
-    real = tempfile.TemporaryFile
-
-    def refuse(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir).absolute().is_relative_to(locked):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
-        return real(*args, dir=dir, **kwargs)
-
     with monkeypatch.context() as mp:
-        mp.setattr(tempfile, "TemporaryFile", refuse)
+        refuse_write_probe(mp, locked)
         assert _train(data_root, locked / "run") == 2
     assert "is not writable (Permission denied)" in _one_line_error(capsys)
     assert not (locked / "run" / "metrics.json").exists()  # refused before training

@@ -302,18 +302,14 @@ def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> None:
     With ``overwrite`` the previous run's files (:data:`RUN_FILES`) are removed first, so a failed new run never
     leaves the old run's results beside its own.
     """
-    import tempfile
     from pathlib import Path
 
-    from .files import is_lock_file
+    from .files import check_destination, is_lock_file
 
+    check_destination("--out", out, folder=True)  # a file, under a file, not writable: the one destination check
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {out!r} is a file, not a folder; choose a folder for the run's files")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
     except OSError as exc:
         raise ConfigError(f"--out {out!r} is not writable ({exc.strerror or exc}); choose another folder") from None
     present = sorted(p.name for p in path.iterdir() if not is_lock_file(p.name))
@@ -605,7 +601,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-
     from .run import import_peft_delta
 
     path = import_peft_delta(

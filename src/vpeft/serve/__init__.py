@@ -14,19 +14,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = [
-    "OWN",
-    "SHARED",
-    "AdapterInfo",
-    "AdapterRefusedError",
-    "AdapterStore",
-    "CacheStats",
-    "DynamicBatcher",
-    "RescanReport",
-    "check_adapter_id",
-    "create_app",
-]
-
 _WHERE = {
     **dict.fromkeys(
         (
@@ -44,6 +31,7 @@ _WHERE = {
     "DynamicBatcher": "batcher",
     "create_app": "app",
 }
+__all__ = sorted(_WHERE)  # noqa: PLE0605 - one list of the lazy names: _WHERE
 
 
 def __getattr__(name: str) -> Any:
