@@ -343,3 +343,84 @@ def test_efficientnet_predicts_right_imagenet_classes(cache_dir: Path) -> None:
     random_init = backbones.create(EFFNET, num_classes=1000, pretrained=False).eval()
     random_rate = float(np.mean(list(_imagenet_hit_rates(random_init, images[::4]).values())))
     assert random_rate <= 0.15, random_rate
+
+
+# ------------------------------------------------------------------------------------------- backbone name sources
+
+
+@pytest.mark.parametrize(
+    ("name", "sized"),
+    [
+        ("dinov2_vits14_imgfocus", True),
+        ("efficientnet_lite0", False),
+        ("vit_tiny_patch16_224", True),
+        ("swin_tiny_patch4_window7_224", True),
+        ("resnet18", False),
+        ("convnext_atto", False),
+        ("hf-hub:timm/resnet18.a1_in1k", False),  # judged by its architecture part
+        ("open_clip:ViT-B-16", True),
+    ],
+)
+def test_each_source_says_whether_an_architecture_takes_an_input_size(name: str, sized: bool) -> None:
+    assert backbones.takes_input_size(name) is sized
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_a_size_free_architecture_is_built_without_the_size_arguments(name: str) -> None:
+    """A CNN takes any input size: ``img_size`` / ``dynamic_img_size`` (which a segmentation or detection task asks
+    for) are left out instead of ending in timm's TypeError, and the model runs at the asked size."""
+    from vpeft.run import build_backbone
+
+    model = build_backbone(name, 3, img_size=64, pretrained=False, dynamic_img_size=True)
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_a_sized_architecture_still_gets_its_input_size() -> None:
+    from vpeft.run import build_backbone
+
+    model = build_backbone("vit_tiny_patch16_224", 3, img_size=32, pretrained=False)
+    assert tuple(model.patch_embed.grid_size) == (2, 2)
+    assert model.pos_embed.shape[1] == 2 * 2 + 1
+
+
+def test_the_default_task_kind_comes_from_the_source() -> None:
+    from vpeft.run import task_kind_for
+
+    assert backbones.default_task_kind("open_clip:ViT-B-16") == "zeroshot"
+    assert backbones.default_task_kind("hf:openai/clip-vit-base-patch16") == "zeroshot"
+    assert backbones.default_task_kind("dinov2_vits14_imgfocus") is None
+    assert backbones.default_task_kind("resnet18") is None
+    assert task_kind_for("open_clip:ViT-B-16") == "zeroshot"
+    assert task_kind_for("open_clip:ViT-B-16", "classification") == "classification"
+
+
+def test_a_source_registered_from_outside_is_tried_before_timm() -> None:
+    """A new kind of backbone name is one registered source: build_backbone, the input-size rule and the default
+    task kind all come from it, although timm (the catch-all, registered first) would take any name."""
+    from vpeft.run import build_backbone
+
+    built: list[tuple] = []
+
+    def build(name, num_classes, img_size, pretrained, cache_dir, kwargs):
+        built.append((name, num_classes, img_size, pretrained, dict(kwargs)))
+        return torch.nn.Linear(4, num_classes)
+
+    source = backbones.BackboneSource(
+        "toy", lambda n: n.startswith("toy:"), build, lambda n: n.endswith("-vit"), task_kind="classification"
+    )
+    backbones.register_source(source)
+    try:
+        assert backbones.source_of("toy:net-vit") is source
+        assert backbones.source_of("resnet18").name == "timm"
+        build_backbone("toy:net-vit", 5, img_size=32, pretrained=False, dynamic_img_size=True)
+        build_backbone("toy:net-cnn", 5, img_size=32, pretrained=False, dynamic_img_size=True)
+        assert built == [
+            ("toy:net-vit", 5, 32, False, {"dynamic_img_size": True}),
+            ("toy:net-cnn", 5, 32, False, {}),  # size-free: dynamic_img_size left out
+        ]
+        assert backbones.default_task_kind("toy:net-vit") == "classification"
+        with pytest.raises(ConfigError, match="already registered"):
+            backbones.register_source(backbones.BackboneSource("toy", lambda n: False, build, lambda n: True))
+    finally:
+        backbones.NAME_SOURCES.unregister("toy")
+    assert backbones.source_of("toy:net-vit").name == "timm"

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import backbones
 from .api import apply, load, merge, save, save_merged
 from .arch import input_size
-from .backbones import is_clip_name
 from .config import MethodConfig
 from .data import (
     GENERATED_TASKS,
@@ -118,20 +118,12 @@ def build_backbone(
 
     ``pretrained=False`` draws the random weights from a fixed seed, so a delta trained on such a smoke-test
     backbone can be loaded again onto an identical one. ``kwargs`` (e.g. ``dynamic_img_size``) go to the model;
-    a CNN that takes no such argument is created without it.
+    an architecture that takes any input size (a CNN) is built without the size arguments
+    (:func:`vpeft.backbones.takes_input_size`).
     """
-    from . import backbones
-
-    sized: dict[str, Any] = {"img_size": img_size} if img_size is not None else {}
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        try:
-            model = backbones.create(name, num_classes=num_classes, pretrained=pretrained, **sized, **kwargs)
-        except TypeError as exc:  # CNNs take any input size and have no img_size / dynamic_img_size argument
-            if not any(k in str(exc) for k in ("img_size", *kwargs)):
-                raise
-            torch.manual_seed(0)
-            model = backbones.create(name, num_classes=num_classes, pretrained=pretrained)
+        model = backbones.create(name, num_classes=num_classes, pretrained=pretrained, img_size=img_size, **kwargs)
     model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "vpeft_backbone": name}
     return model
 
@@ -457,9 +449,7 @@ def resume_identity(
 def task_kind_for(backbone: str, task_kind: str | None = None) -> str | None:
     """The task type a run of ``backbone`` uses: ``task_kind`` when given; a CLIP backbone (``open_clip:...``,
     ``hf:...``) classifies by its class names (``"zeroshot"``); otherwise ``None`` (detected from the folder)."""
-    if task_kind is None and is_clip_name(backbone):
-        return "zeroshot"
-    return task_kind
+    return backbones.default_task_kind(backbone) if task_kind is None else task_kind
 
 
 def _run_identity(
@@ -633,7 +623,7 @@ def evaluate_zero_shot(
     Raises:
         ConfigError: ``backbone`` is not a CLIP (``open_clip:<model>``, ``hf:<id>``), or a bad task option.
     """
-    if not is_clip_name(backbone):
+    if backbones.default_task_kind(backbone) != "zeroshot":
         raise ConfigError(
             f"backbone {backbone!r} is not a CLIP; zero-shot evaluation needs a text tower: use 'open_clip:<model>' "
             "or 'hf:<hub id>'"

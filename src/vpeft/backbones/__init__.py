@@ -35,6 +35,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -51,6 +52,14 @@ from vpeft.registry import Registry
 __all__ = [
     "DINOV2_PARAMS",
     "BackboneInfo",
+    "BackboneSource",
+    "NAME_SOURCES",
+    "SIZE_KWARGS",
+    "default_task_kind",
+    "is_clip_name",
+    "register_source",
+    "source_of",
+    "takes_input_size",
     "backbone_info",
     "LOCAL_BACKBONES",
     "create",
@@ -175,15 +184,76 @@ def backbone_info(name: str) -> BackboneInfo:
 CLIP_PREFIXES = ("open_clip:", "hf:")
 """Backbone names with these prefixes are two-tower CLIP models (:mod:`vpeft.backbones.clip`)."""
 
+SIZE_KWARGS = ("img_size", "dynamic_img_size")
+"""The input-size arguments of architectures built for a patch grid (ViTs, Swin, CLIP towers). Architectures that
+take any input size (CNNs) have no such arguments: :func:`create` leaves them out for those."""
+
 
 def is_clip_name(name: str) -> bool:
     """Whether ``name`` names a CLIP backbone (``open_clip:<model>`` or ``hf:<hub id>``)."""
     return name.startswith(CLIP_PREFIXES)
 
 
-def _create_clip(name: str, num_classes, img_size, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where backbones of a kind of name come from, and what a caller needs to know about them by name alone.
+
+    Attributes:
+        name: The source's name (``"clip"``, ``"local"``, ``"timm"``).
+        matches: Whether a backbone name belongs to this source (sources are tried in registration order; the
+            last, ``timm``, takes every name).
+        build: ``build(name, num_classes, img_size, pretrained, cache_dir, kwargs) -> nn.Module``.
+        takes_input_size: Whether the named architecture is built for an input size (takes ``img_size`` /
+            ``dynamic_img_size``) rather than taking any size.
+        task_kind: The task type a run of this source's backbones uses when none is asked for (``"zeroshot"``:
+            a text tower classifies by the class names); ``None``: detected from the task folder.
+        catch_all: Tried after every other source (it takes names no other source claims).
+    """
+
+    name: str
+    matches: Callable[[str], bool]
+    build: Callable[..., torch.nn.Module]
+    takes_input_size: Callable[[str], bool]
+    task_kind: str | None = None
+    catch_all: bool = False
+
+
+NAME_SOURCES: Registry[BackboneSource] = Registry("backbone source")
+"""The backbone name sources, tried in registration order by :func:`source_of`."""
+
+
+def register_source(source: BackboneSource) -> BackboneSource:
+    """Register a backbone name source (a test registers one from outside the package and builds through it)."""
+    if not isinstance(source, BackboneSource):
+        raise ConfigError(f"register_source needs a BackboneSource, got {type(source).__name__}")
+    return NAME_SOURCES.register(source.name, source)
+
+
+def source_of(name: str) -> BackboneSource:
+    """The source a backbone name belongs to: the first registered source that matches it, catch-all sources
+    (timm, which hands any other name to :func:`timm.create_model`) last."""
+    ordered = sorted(NAME_SOURCES.items(), key=lambda item: item[1].catch_all)  # stable: registration order kept
+    for _, source in ordered:
+        if source.matches(name):
+            return source
+    raise UnknownNameError(f"no backbone source takes the name {name!r} (sources: {', '.join(NAME_SOURCES.names())})")
+
+
+def takes_input_size(name: str) -> bool:
+    """Whether backbone ``name`` is built for an input size (ViT, Swin, CLIP) rather than taking any size (CNN)."""
+    return source_of(name).takes_input_size(name)
+
+
+def default_task_kind(name: str) -> str | None:
+    """The task type a run of backbone ``name`` uses when none is asked for (``"zeroshot"`` for a CLIP: it
+    classifies by the class names); ``None``: detected from the task folder."""
+    return source_of(name).task_kind
+
+
+def _create_clip(name: str, num_classes, img_size, pretrained: bool, cache_dir, kwargs: dict[str, Any]):
     from .clip import create as create_clip
 
+    del cache_dir  # open_clip and transformers use their own caches
     try:
         model = create_clip(
             name, pretrained=pretrained or None, img_size=img_size, num_classes=num_classes or 0, **kwargs
@@ -212,11 +282,14 @@ def create(
     """Create a backbone as a timm model.
 
     Args:
-        name: A local backbone (see :func:`list_backbones`) or any timm model name.
+        name: A local backbone (see :func:`list_backbones`), a CLIP (``open_clip:<model>``, ``hf:<hub id>``) or any
+            timm model name.
         num_classes: Classes of the new head; 0 gives a feature extractor. For ``efficientnet_lite0``, 1000 or
             None keeps the pretrained ImageNet classifier; any other value gives a freshly initialised head.
         img_size: Input side. For the ViT, a multiple of 14; the position embeddings are resampled bicubically
-            (no antialias) to the new grid. Default 224 for the local backbones.
+            (no antialias) to the new grid. Default 224 for the local backbones. Architectures that take any
+            input size (CNNs: :func:`takes_input_size` is False) are built without it and without
+            ``dynamic_img_size``.
         pretrained: Load the pretrained weights. False builds the same architecture randomly initialised
             (and does not need the source package).
         cache_dir: Folder of converted weights (local backbones) or hub downloads (timm names).
@@ -231,15 +304,25 @@ def create(
         ConfigError: If ``img_size`` is invalid or ``timm_kwargs`` change the architecture incompatibly.
         VpeftError: If a source package needed for the pretrained weights is missing.
     """
-    if name.startswith(CLIP_PREFIXES):
-        return _create_clip(name, num_classes, img_size, pretrained, timm_kwargs)
-    if name in LOCAL_BACKBONES:
-        return _create_local(name, num_classes, img_size, pretrained, cache_dir, timm_kwargs)
+    source = source_of(name)
+    if not source.takes_input_size(name):
+        timm_kwargs = {k: v for k, v in timm_kwargs.items() if k not in SIZE_KWARGS}
+    return source.build(name, num_classes, img_size, pretrained, cache_dir, timm_kwargs)
+
+
+def _create_timm(
+    name: str,
+    num_classes: int | None,
+    img_size: int | None,
+    pretrained: bool,
+    cache_dir: str | os.PathLike[str] | None,
+    timm_kwargs: dict[str, Any],
+) -> torch.nn.Module:
     _check_timm_name(name)
     local = f"or a local backbone ({', '.join(list_backbones())})"  # the refusal's alternatives
     name_for_timm, offline_kwargs = hub.timm_offline(name, pretrained, cache_dir, local)  # before any hub call
     kwargs = {**timm_kwargs, **offline_kwargs}
-    if img_size is not None:
+    if img_size is not None and _timm_takes_input_size(name):
         kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -258,6 +341,18 @@ def create(
     cfg["vpeft_backbone"] = name
     _set_cfg(model, cfg)
     return model
+
+
+def _timm_takes_input_size(name: str) -> bool:
+    """timm's own answer: an architecture built for one input size says ``fixed_input_size`` in its pretrained
+    config (ViT, Swin, DeiT, EVA, BEiT, CaiT, MaxViT ...); CNNs take any size and have no ``img_size`` argument. A
+    hub-sourced name (``hf-hub:org/arch.tag``) is judged by its architecture part; an unknown one is assumed sized."""
+    arch = name.split(":", 1)[-1].rsplit("/", 1)[-1]
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch)
+    except (RuntimeError, ValueError, KeyError):
+        cfg = None
+    return True if cfg is None else bool(getattr(cfg, "fixed_input_size", True))
 
 
 def _check_timm_name(name: str) -> None:
@@ -286,6 +381,18 @@ def _create_local(
         model = _build_cnn(info, num_classes, pretrained, cache_dir, timm_kwargs)
     _set_cfg(model, _local_cfg(model, info, size, pretrained))
     return model
+
+
+register_source(BackboneSource("clip", is_clip_name, _create_clip, lambda name: True, task_kind="zeroshot"))
+register_source(
+    BackboneSource(
+        "local",
+        lambda name: name in LOCAL_BACKBONES,
+        _create_local,
+        lambda name: LOCAL_BACKBONES.get(name).patch_size is not None,
+    )
+)
+register_source(BackboneSource("timm", lambda name: True, _create_timm, _timm_takes_input_size, catch_all=True))
 
 
 def _check_img_size(info: BackboneInfo, img_size: int | None) -> int:
