@@ -810,6 +810,8 @@ def test_predicted_boxes_are_drawn_on_the_stored_images_above_the_threshold(tmp_
     task = DetectionTask(DetectionFolder.from_dir(root).class_names)
     ds = DetectionDataset(root, "train", 24, mean=(0, 0, 0), std=(1, 1, 1))  # 48x32 stored -> 24x16: scale 1/2
     model = _FixedDetections()
+    with pytest.raises(vpeft.ConfigError, match="save_detection_images: limit=-1 is invalid"):  # not a slice
+        task.save_predictions(model, ds, tmp_path / "boxes", limit=-1)
     written = task.save_predictions(model, torch.utils.data.Subset(ds, [1, 0, 2]), tmp_path / "boxes", limit=2)
     assert [p.name for p in written] == ["2.png", "1.png"] and sorted(os.listdir(tmp_path / "boxes")) == [
         "1.png", "2.png"

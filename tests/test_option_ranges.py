@@ -431,3 +431,50 @@ def test_saving_pictures_of_a_classification_delta_is_refused_before_evaluating(
     code, err = _run(["eval", "--delta", str(delta), "--save-boxes", str(tmp_path / "boxes")], capsys)
     assert code == 2, err
     assert "is a classification delta, and classification tasks have no prediction pictures" in err, err
+
+
+# ---- the last gaps: tune's storage URL, a library call's picture limit, the few-shot draw's seed ---------------------
+@pytest.mark.parametrize(
+    "url,message",
+    [
+        ("study.db", "--storage 'study.db' is not a storage URL; expected e.g. sqlite:///study.db"),
+        ("sqlite:///{blocker}/study.db", "is under the file"),
+        ("sqlite:///{dir}", "is a folder; give a database file name"),
+    ],
+)
+def test_tune_storage_is_a_url_and_an_sqlite_file_is_a_writable_destination(url, message, tmp_path, capsys, no_work):
+    (tmp_path / "blocker").write_text("x")
+    (tmp_path / "dir").mkdir()
+    url = url.format(blocker=tmp_path / "blocker", dir=tmp_path / "dir")
+    code, err = _run([*_base("tune", tmp_path), "--storage", url], capsys)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tune_storage_on_a_server_is_not_probed_as_a_file(tmp_path, capsys, no_work):
+    """A server URL passes the option check (the tripwire then stops the work it would start)."""
+    with pytest.raises(WorkStarted):
+        main([*_base("tune", tmp_path), "--storage", "postgresql://user@db.example/optuna"])
+
+
+@pytest.mark.parametrize("limit", [-1, 1.5, True])
+def test_a_picture_limit_is_checked_when_called_from_python(limit, tmp_path):
+    """``limit=-1`` as a slice would draw every item but the last: the library functions refuse it."""
+    from vpeft.tasks.predict import first_items
+
+    with pytest.raises(
+        vpeft.ConfigError, match=rf"save_prediction_overlays: limit={limit!r} is invalid; expected an integer >= 0"
+    ):
+        first_items([0, 1, 2], limit, "save_prediction_overlays")
+    assert first_items([0, 1, 2], 0, "x") == [] and first_items([0, 1, 2], None, "x") == [0, 1, 2]
+
+
+def test_a_negative_few_shot_seed_is_refused():
+    """``random.Random(-3)`` draws what ``random.Random(3)`` draws: two seeds would name the same draw."""
+    import vpeft.tasks as tasks
+
+    with pytest.raises(
+        vpeft.ConfigError, match=r"zeroshot: shot_seed=-3 is invalid; expected an integer in \[0, 4294967295\]"
+    ):
+        tasks.ZeroShotTask(("a", "b"), shots=1, shot_seed=-3)
+    assert tasks.ZeroShotTask(("a", "b"), shots=1, shot_seed=3).shot_seed == 3

@@ -565,6 +565,9 @@ def test_prediction_overlays_of_a_dataset(tmp_path):
     assert [p.name for p in paths] == ["2.png", "0.png"] and all(p.is_file() for p in paths)
     assert np.asarray(Image.open(paths[0])).shape == (16, 24, 3)  # the stored image's own size, not the input's
     assert len(save_prediction_overlays(seg, ds, tmp_path / "m2", limit=2)) == 2
+    with pytest.raises(ConfigError, match="save_prediction_overlays: limit=-1 is invalid"):  # not a slice
+        save_prediction_overlays(seg, ds, tmp_path / "m3", limit=-1)
+    assert not (tmp_path / "m3").exists()
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["0.png", "2.png", "legend.png"]
     _check_legend(tmp_path / "masks" / "legend.png", ["c0", "c1", "c2"], default_palette(3))
     # an overlay pixel of class c has the legend's colour of class c (alpha 1: the colour itself)

@@ -13,10 +13,10 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import Range, check_options, ranged_option
+from .config import Range, check_options, declare_option_check, ranged_option
 from .devices import check_device
 from .errors import ConfigError, VpeftError
-from .files import destination_option
+from .files import check_destination, destination_option
 
 __all__ = ["main", "parse_method_options", "method_from_cli"]
 
@@ -920,10 +920,25 @@ def _add_tune_parser(sub) -> None:
         metavar="KEY=VALUE,...",
         help="a recipe tried first, repeatable (e.g. the method's usual one: lr=1e-3,r=8); a new study only",
     )
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db)")
+    declare_option_check(
+        p,
+        p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db)"),
+        _check_storage,
+    )
     p.add_argument("--study-name", default=None, help="study name in the storage (default: METHOD-TASK)")
     _add_tune_run_flags(p)
     p.set_defaults(fn=_cmd_tune)
+
+
+def _check_storage(flag: str, url: str) -> None:
+    """A storage URL (``dialect://...``); an SQLite file's destination is checked like any file vpeft writes."""
+    if "://" not in url:
+        raise ConfigError(
+            f"{flag} {url!r} is not a storage URL; expected e.g. sqlite:///study.db (a file) or "
+            "postgresql://user@host/db (a server shared by several machines)"
+        )
+    if url.startswith("sqlite:///") and url[len("sqlite:///") :] not in ("", ":memory:"):
+        check_destination(flag, url[len("sqlite:///") :], folder=False, file_hint="a database file name")
 
 
 def _add_tune_run_flags(p) -> None:

@@ -55,7 +55,7 @@ from ..errors import ConfigError
 from .base import Meter, Task, TaskModel, register_task
 from .decoders.fpn import ChannelNorm, SimplePyramid
 from .dense import DenseFeatures
-from .predict import base_dataset, predict_items
+from .predict import base_dataset, first_items, predict_items
 
 __all__ = [
     "DETECTORS",
@@ -414,9 +414,7 @@ def save_detection_images(
         raise ConfigError(f"save_detection_images needs a DetectionDataset, got {type(base).__name__}")
     if isinstance(score_threshold, bool) or not 0.0 <= float(score_threshold) <= 1.0:
         raise ConfigError(f"save_detection_images: score_threshold={score_threshold!r} must be in [0, 1]")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ConfigError(f"save_detection_images: limit={limit!r} must be a non-negative int")
-    indices = indices[:limit] if limit is not None else indices
+    indices = first_items(indices, limit, "save_detection_images")
     palette = default_palette(len(base.class_names))
     out_dir, written, used = Path(out_dir), [], set()
     for i, det in predict_items(model, base, indices, device, batch_size):

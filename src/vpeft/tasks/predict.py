@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-__all__ = ["base_dataset", "predict_items"]
+from ..config import Range
+
+__all__ = ["base_dataset", "first_items", "predict_items"]
 
 
 def base_dataset(dataset: Dataset) -> tuple[Any, list[int]]:
@@ -23,6 +25,15 @@ def base_dataset(dataset: Dataset) -> tuple[Any, list[int]]:
         indices = [int(dataset.indices[i]) for i in indices]
         dataset = dataset.dataset
     return dataset, indices
+
+
+def first_items(indices: list[int], limit: int | None, what: str) -> list[int]:
+    """The first ``limit`` of ``indices`` (all for ``None``); a ``limit`` that is not an int >= 0 is refused rather
+    than used as a Python slice (``-1`` would drop the last item)."""
+    if limit is None:
+        return indices
+    Range.int(0).check(f"{what}: limit", limit)
+    return indices[:limit]
 
 
 def predict_items(

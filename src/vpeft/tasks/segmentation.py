@@ -35,7 +35,7 @@ from ..errors import ConfigError, DataError
 from .base import Meter, Task, TaskModel, register_task
 from .decoders import build_decoder, decoder_options, default_levels, get_decoder
 from .dense import DenseFeatures
-from .predict import base_dataset, predict_items
+from .predict import base_dataset, first_items, predict_items
 
 __all__ = [
     "SegmentationMeter",
@@ -381,7 +381,7 @@ def save_prediction_overlays(
     base, indices = base_dataset(dataset)
     if not hasattr(base, "pairs") or not hasattr(base, "mean"):
         raise ConfigError(f"save_prediction_overlays needs a SegmentationDataset, got {type(base).__name__}")
-    indices = indices[:limit] if limit is not None else indices
+    indices = first_items(indices, limit, "save_prediction_overlays")
     out_dir, written = Path(out_dir), []
     palette = list(palette) if palette is not None else default_palette(base.num_classes)
     names = {Path(base.pairs[i][1]).stem + ".png" for i in indices}

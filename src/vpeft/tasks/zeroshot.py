@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .._modules import tensor_versions
+from ..config import Range
 from ..errors import ConfigError, DataError
 from .base import Task, TaskModel, register_task
 from .classification import ClassificationMeter
@@ -308,6 +309,8 @@ class ZeroShotTask(Task):
         shots = self.shots
         if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
             raise ConfigError(f"zeroshot: shots={self.shots!r} is invalid; expected an integer >= 1 or None")
+        # random.Random(-s) draws what random.Random(s) draws: a negative seed would name another list of the same draw
+        Range.int(0, 2**32 - 1).check("zeroshot: shot_seed", self.shot_seed)
         if not isinstance(self.context_length, int) or not 1 <= self.context_length <= 77:
             raise ConfigError(
                 f"zeroshot: context_length={self.context_length!r} is invalid; CLIP's text tower has 77 positions "
