@@ -28,7 +28,7 @@ table{border-collapse:collapse;margin-top:1rem}td,th{border:1px solid #ccc;paddi
 <p id="error" role="alert"></p>
 <div id="answer"></div>
 <canvas id="mask" hidden></canvas>
-<svg id="boxes" xmlns="http://www.w3.org/2000/svg" hidden></svg>
+<svg id="boxes" hidden></svg>
 <script>
 const $ = id => document.getElementById(id);
 const PALETTE = [[230,25,75],[60,180,75],[255,225,25],[0,130,200],[245,130,48],[145,30,180],[70,240,240],
@@ -57,7 +57,7 @@ async function adapters() {
   inputFor();
 }
 function svg(tag, attrs, value) {
-  const e = document.createElementNS('http://www.w3.org/2000/svg', tag);
+  const e = document.createElementNS($('boxes').namespaceURI, tag);  // the SVG namespace
   Object.entries(attrs).forEach(([k, v]) => e.setAttribute(k, v));
   if (value !== undefined) e.textContent = value;
   return e;
