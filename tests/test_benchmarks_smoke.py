@@ -29,6 +29,7 @@ SCRIPTS = {
         "| per-adapter batches |",
         "| no batching |",
         "| swap per adapter |",
+        "merged models on disk (vpeft-merged files",
         "answers agree across configurations: True",
     ],
     "bench_seg.py": ["| frozen | frozen backbone + decoder |", "| lora | vpeft lora + decoder |", "| limit |"],
@@ -39,6 +40,21 @@ SCRIPTS = {
         "identical test metrics: True",
     ],
 }
+
+
+def _serve_swap_is_merged(results: dict) -> None:
+    """bench_serve's swap configuration serves merged models: every adapter's file is a ``vpeft-merged`` state dict,
+    the resident model that answered every request of that configuration holds no vpeft module (no LoRA wrapper,
+    no adapter), and it was swapped at least once per adapter."""
+    swap = results["swap"]
+    assert set(swap["merged"].values()) == {"vpeft-merged"} and len(swap["merged"]) == 3, swap
+    assert swap["resident_vpeft_modules"] == 0, f"the resident model holds vpeft modules: not merged weights ({swap})"
+    assert swap["served"] == swap["requests"] > 0, f"requests not answered by the resident merged model: {swap}"
+    assert len(swap["merged"]) <= swap["swaps"] <= swap["requests"], swap
+    assert results["agree"] and results["score_diff"] <= 1e-4, results["score_diff"]
+
+
+CHECKS = {"bench_serve.py": _serve_swap_is_merged}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -54,6 +70,8 @@ def test_benchmark_runs_quick(script, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for needle in SCRIPTS[script]:
         assert needle in proc.stdout, f"{needle!r} missing from the output of {script}:\n{proc.stdout}"
-    rows = json.loads(out.read_text())["rows"]
+    results = json.loads(out.read_text())
+    rows = results["rows"]
     assert rows and all(isinstance(r, dict) for r in rows)
+    CHECKS.get(script, lambda _: None)(results)
     assert "BROKEN" not in proc.stdout, proc.stdout  # an option that loses a trainable tensor's gradient

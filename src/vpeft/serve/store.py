@@ -283,7 +283,8 @@ class AdapterStore:
         # is wrapped by the MultiTaskModel while shared adapters are loaded)
         self._template = copy.deepcopy(backbone, memo=_memo(backbone, ()))
         self._shareable = set(supported_methods(backbone)) if share and spec.kind in _SHAREABLE_KINDS else set()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # held by a running batch (exclusive()), a rescan, a load or an unload
+        self._cache_lock = threading.Lock()  # held only while the set of loaded adapters changes: stats() reads it
         self._infos: dict[str, AdapterInfo] = {}
         self._lru: OrderedDict[str, Any] = OrderedDict()  # id -> (metadata, tensors) (shared) or the model (own)
         self._mtm: MultiTaskModel | None = None
@@ -411,18 +412,22 @@ class AdapterStore:
         return SHARED if info.route == SHARED else f"{OWN}:{name}"
 
     def stats(self) -> CacheStats:
-        with self._lock:
-            infos = list(self._infos.values())
-            return CacheStats(
-                hits=sum(i.hits for i in infos),
-                misses=sum(i.misses for i in infos),
-                loads=sum(i.loads for i in infos),
-                evictions=sum(i.evictions for i in infos),
-                loaded=len(self._lru),
-                loaded_bytes=sum(self._infos[n].loaded_bytes for n in self._lru),
-                pinned=sum(i.pinned for i in infos),
-                shared_rebuilds=self.shared_rebuilds,
-            )
+        """The cache's totals. Never waits for a running batch (which holds the store's lock for its forwards), so
+        ``/health`` and ``/metrics`` answer while one runs: the adapters are one snapshot (see :meth:`adapters`), the
+        loaded ones are read under a lock that only a change of the loaded set takes, for as long as the change."""
+        infos = self._infos
+        with self._cache_lock:
+            loaded = list(self._lru)
+        return CacheStats(
+            hits=sum(i.hits for i in infos.values()),
+            misses=sum(i.misses for i in infos.values()),
+            loads=sum(i.loads for i in infos.values()),
+            evictions=sum(i.evictions for i in infos.values()),
+            loaded=len(loaded),
+            loaded_bytes=sum(infos[n].loaded_bytes for n in loaded if n in infos),
+            pinned=sum(i.pinned for i in infos.values()),
+            shared_rebuilds=self.shared_rebuilds,
+        )
 
     # ---- the cache ----------------------------------------------------------------------------------------------
     def load(self, name: str, *, pin: bool = False) -> AdapterInfo:
@@ -469,7 +474,8 @@ class AdapterStore:
             before = {n for n in needed if n in self._lru}
             for name in needed:
                 if name in self._lru:
-                    self._lru.move_to_end(name)
+                    with self._cache_lock:
+                        self._lru.move_to_end(name)
                 else:
                     self._load(name)
             if count:
@@ -498,7 +504,8 @@ class AdapterStore:
             self._evict(victim)
 
     def _evict(self, name: str, count: bool = True) -> None:
-        self._lru.pop(name)
+        with self._cache_lock:
+            self._lru.pop(name)
         info = self._infos.get(name)
         if info is not None:
             info.loaded, info.loaded_bytes = False, 0
@@ -514,13 +521,16 @@ class AdapterStore:
                 header = DeltaHeader.from_metadata(meta, info.path.name)
                 header.check_fits(backbone=self.backbone_name, fingerprint=self.fingerprint, where=info.path.name,
                                   input_size=self.input_size)  # fmt: skip  # the file may have changed since the scan
-                self._lru[name] = (meta, {k: v.to(self.device) for k, v in tensors.items()})
+                entry: Any = (meta, {k: v.to(self.device) for k, v in tensors.items()})
+                with self._cache_lock:
+                    self._lru[name] = entry
                 info.loaded_bytes = 2 * _tensor_bytes(tensors.values())
             else:
                 model = self._own_model(info)
                 shared = {id(t) for t in self._frozen_tensors()}
                 mine = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in shared}
-                self._lru[name] = model
+                with self._cache_lock:
+                    self._lru[name] = model
                 info.loaded_bytes = _tensor_bytes(mine.values())
         except VpeftError as exc:
             info.refused = " ".join(str(exc).split())
