@@ -463,9 +463,13 @@ def test_cli_trains_and_evaluates_a_video_folder(tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     assert result["task_spec"]["kind"] == "video" and result["task_spec"]["head"] == "temporal"
     assert result["task_spec"]["num_frames"] == 4 and result["metrics"]["n"] == 1 and result["decoder_params"] > 0
-    assert main(["eval", "--delta", str(out / "delta.safetensors"), "--data-root", str(root), "--split", "val"]) == 0
+    sheets = tmp_path / "sheets"
+    assert main(["eval", "--delta", str(out / "delta.safetensors"), "--data-root", str(root), "--split", "val",
+                 "--save-masks", str(sheets)]) == 0  # fmt: skip
     res = json.loads(capsys.readouterr().out)
     assert res["primary_metric"] == "top1" and res["n"] == 1
+    assert sorted(p.name for p in sheets.iterdir()) == ["c4.png"]  # the val clip's contact sheet
+    assert Image.open(sheets / "c4.png").size == (4 * 112 + 3 * 2, 112 + 16)  # 4 frames of 32x32 at 112 px
     bad = argv[:-6] + ["--task-opt", "head=lstm"]
     bad[bad.index("--out") + 1] = str(tmp_path / "bad")
     assert main(bad) == 2
@@ -537,3 +541,46 @@ def test_temporal_methods_follow_the_clip_length_of_each_forward():
     assert model(_clips(size, n=1, t=8)).shape == (1, K)  # two views of 4 frames: unfolded as 4-frame clips
     with pytest.raises(ConfigError, match="frame-wise batch of 6 is not a whole number of 4-frame clips"):
         blocks[0](torch.randn(6, 17, 32))
+
+
+# ----------------------------------------------------------------------------------------------- contact sheets
+class _FixedLogits(torch.nn.Module):
+    """Every clip predicted as class 0 (score softmax([4, 0, 0])[0])."""
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[4.0, 0.0, 0.0]]).expand(clips.shape[0], 3)
+
+
+def test_contact_sheets_show_the_frames_the_model_saw_and_the_predicted_class(tmp_path):
+    from torchvision.transforms.functional import to_tensor
+
+    from vpeft.data.video import VideoDataset, read_clip_list
+    from vpeft.tasks.video import save_clip_sheets
+
+    root = tmp_path / "toy"
+    (root / "classes.txt").parent.mkdir(parents=True)
+    (root / "classes.txt").write_text("zero\none\ntwo\n")
+    colours = [(30 * j, 255 - 30 * j, (70 * j) % 256) for j in range(8)]
+    for c in ("a", "b"):
+        for j, colour in enumerate(colours):  # frame folders: 8 solid 32x24 frames, frame j in colour j
+            (root / c).mkdir(exist_ok=True)
+            Image.new("RGB", (32, 24), colour).save(root / c / f"{j:03d}.png")
+    (root / "test.txt").write_text("a 0\nb 1\n")
+    ds = VideoDataset(read_clip_list(root, "test"), 3, to_tensor, num_frames=4, classes_file=root / "classes.txt")
+    written = save_clip_sheets(_FixedLogits(), ds, tmp_path / "sheets", max_frames=3)
+    assert [p.name for p in written] == ["a.png", "b.png"]
+    for path, truth_is_zero in zip(written, (True, False)):
+        sheet = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        tile_w = round(32 * 112 / 24)  # aspect kept at 112 px high
+        assert sheet.shape == (112 + 16, 3 * tile_w + 2 * 2, 3)
+        seen = ds.indices(0)  # TSN centres of 4 segments of 8 frames; 3 of them evenly spaced: first, middle, last
+        shown = [int(seen[k]) for k in (0, 2, 3)]  # linspace(0, 3, 3) rounded
+        for t, j in enumerate(shown):
+            assert tuple(sheet[16 + 56, t * (tile_w + 2) + tile_w // 2]) == colours[j], (path.name, t, j)
+        text = sheet[:16][sheet[:16].sum(axis=-1) > 200]  # the caption's lit pixels
+        assert len(text) > 50
+        r, g, b = text.mean(axis=0)
+        assert (g > r and g > b) if truth_is_zero else (r > g and r > b), (path.name, r, g, b)  # green right, red wrong
+    with pytest.raises(ConfigError, match="save_clip_sheets: limit=-1 is invalid"):
+        save_clip_sheets(_FixedLogits(), ds, tmp_path / "s2", limit=-1)
+    assert [p.name for p in save_clip_sheets(_FixedLogits(), ds, tmp_path / "s3", limit=1)] == ["a.png"]

@@ -489,7 +489,7 @@ def _add_trust_unsigned(p: argparse.ArgumentParser) -> None:
 
 def check_pictures_of(delta: str, trust_unsigned: bool) -> None:
     """Refuse ``--save-masks`` / ``--save-boxes`` before evaluating a delta whose task kind draws no pictures (its
-    header says the kind: segmentation draws masks, detection boxes)."""
+    header says the kind: segmentation draws masks, detection boxes, video contact sheets)."""
     from .delta import read_header
     from .tasks.base import TASKS, Task
 
@@ -497,7 +497,7 @@ def check_pictures_of(delta: str, trust_unsigned: bool) -> None:
     if TASKS.get(kind).save_predictions is Task.save_predictions:
         raise ConfigError(
             f"--save-masks/--save-boxes: {delta!r} is a {kind} delta, and {kind} tasks have no prediction pictures "
-            "(segmentation deltas draw masks, detection deltas boxes); drop the option"
+            "(segmentation deltas draw masks, detection deltas boxes, video deltas frames); drop the option"
         )
 
 
@@ -842,7 +842,8 @@ def _add_eval_merge_parsers(sub) -> None:
         metavar="DIR",
         help="write the predictions as pictures into DIR, one PNG per image (checked writable before evaluating): "
         "segmentation: the predicted masks, a colour overlay on the image, and legend.png; detection: the predicted "
-        "boxes with class and score over the true boxes (--save-boxes is the same option); classification: refused",
+        "boxes with class and score over the true boxes (--save-boxes is the same option); video: one contact sheet "
+        "per clip, the frames the model saw under the predicted and the true class; classification: refused",
     )
     ranged_option(
         p, "--max-masks", range=Range.int(0), default=None, metavar="N", help="with --save-masks: at most N images"

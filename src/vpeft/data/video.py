@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 
 from vpeft.data.lists import list_files
 from vpeft.errors import ConfigError, DataError
+from vpeft.files import atomic_write
 
 __all__ = [
     "FRAME_SUFFIXES",
@@ -50,6 +51,7 @@ __all__ = [
     "VIDEO_SUFFIXES",
     "VideoDataset",
     "count_frames",
+    "draw_clip_sheet",
     "is_video_folder",
     "read_clip_list",
     "read_frames",
@@ -302,7 +304,7 @@ class VideoDataset(Dataset):
         if train and views != 1:
             raise ConfigError("multi-view sampling is for evaluation; training takes one view")
         self.samples = [(Path(c), int(y)) for c, y in samples]
-        self.num_classes, self.transform = int(num_classes), transform
+        self.num_classes, self.transform, self.classes_file = int(num_classes), transform, classes_file
         self.num_frames, self.stride, self.views, self.train = num_frames, stride, views, bool(train)
         need = needed_frames(num_frames, stride)
         where = f" ({classes_file} lists {num_classes} classes)" if classes_file is not None else ""
@@ -338,3 +340,33 @@ class VideoDataset(Dataset):
         clip, label = self.samples[i]
         frames = read_frames(clip, self.indices(i).tolist())
         return torch.stack([self.transform(f) for f in frames]), label
+
+
+def draw_clip_sheet(
+    frames: Sequence[Image.Image],
+    path: str | os.PathLike[str],
+    predicted: str,
+    score: float,
+    truth: str | None,
+    *,
+    height: int = 112,
+) -> Path:
+    """Write a contact sheet of a clip as a PNG, atomically: ``frames`` side by side in time order, each scaled to
+    ``height`` px keeping its aspect ratio, under a caption with the predicted class and its score and the true
+    class (green when they agree, red when not; white without a truth)."""
+    from PIL import ImageDraw, ImageFont
+
+    if not frames:
+        raise ConfigError("draw_clip_sheet needs at least one frame")
+    tiles = [f.convert("RGB").resize((max(1, round(f.width * height / f.height)), height)) for f in frames]
+    font = ImageFont.load_default()
+    caption = f"predicted: {predicted} {score:.2f}" + (f"   true: {truth}" if truth is not None else "")
+    strip = 16
+    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 2 * (len(tiles) - 1), height + strip), (0, 0, 0))
+    x = 0
+    for tile in tiles:
+        sheet.paste(tile, (x, strip))
+        x += tile.width + 2
+    colour = (255, 255, 255) if truth is None else (80, 220, 80) if truth == predicted else (240, 70, 70)
+    ImageDraw.Draw(sheet).text((3, 2), caption, fill=colour, font=font)
+    return atomic_write(Path(path), lambda tmp: sheet.save(tmp, format="PNG"))

@@ -34,6 +34,7 @@ from ..errors import ConfigError, UnsupportedBackboneError
 from ..layers.temporal import set_num_frames
 from .base import Task, TaskModel, register_task
 from .classification import ClassificationMeter, logits_of
+from .predict import base_dataset, first_items, predict_items
 
 __all__ = ["HEADS", "VideoHead", "VideoModel", "VideoTask"]
 
@@ -151,6 +152,54 @@ def _positive(name: str, value: Any, allow_none: bool = False) -> None:
         raise ConfigError(f"video: {name}={value!r} must be a positive int{' or None' if allow_none else ''}")
 
 
+def save_clip_sheets(
+    model: nn.Module,
+    dataset: Dataset,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    max_frames: int = 8,
+    limit: int | None = None,
+) -> list[Path]:
+    """Predict the clips of a video dataset and write one contact sheet per clip (``vpeft eval --save-masks DIR``).
+
+    ``<clip stem>.png`` (``-2``, ``-3`` ... when a joined split repeats a name) shows the frames the model read for
+    the clip (the first view's; at most ``max_frames``, evenly spaced among them), decoded again from the clip at
+    their own resolution, under a caption with the predicted class, its softmax score and the true class
+    (:func:`vpeft.data.video.draw_clip_sheet`, written atomically).
+
+    Returns:
+        The sheets written, in dataset order.
+    """
+    from ..data.video import VideoDataset, draw_clip_sheet, read_frames, read_video_classes
+
+    base, indices = base_dataset(dataset)
+    if not isinstance(base, VideoDataset):
+        raise ConfigError(f"save_clip_sheets needs a VideoDataset, got {type(base).__name__}")
+    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+        raise ConfigError(f"save_clip_sheets: max_frames={max_frames!r} is invalid; expected an integer >= 1")
+    indices = first_items(indices, limit, "save_clip_sheets")
+    names = read_video_classes(base.classes_file.parent) if base.classes_file is not None else None
+    out_dir, written, used = Path(out_dir), [], set()
+    for i, logits in predict_items(model, base, indices, device, batch_size):
+        probs = torch.softmax(logits.float(), dim=-1)
+        k = int(probs.argmax())
+        clip, label = base.samples[i]
+        seen = base.indices(i)[: base.num_frames]  # the first view's frames, in time order
+        pick = seen[torch.linspace(0, len(seen) - 1, min(max_frames, len(seen))).round().long().numpy()]
+        stem, n = clip.stem if clip.suffix else clip.name, 1
+        while f"{stem}.png" in used:
+            n += 1
+            stem = f"{clip.stem if clip.suffix else clip.name}-{n}"
+        used.add(f"{stem}.png")
+        name = names[k] if names is not None else str(k)
+        truth = names[label] if names is not None else str(label)
+        sheet = draw_clip_sheet(read_frames(clip, pick.tolist()), out_dir / f"{stem}.png", name, float(probs[k]), truth)
+        written.append(sheet)
+    return written
+
+
 @register_task
 class VideoTask(Task):
     """Clip classification with a frame-wise image backbone.
@@ -245,6 +294,12 @@ class VideoTask(Task):
 
     def describe(self) -> str:
         return f"video, {self.num_classes} classes, {self.num_frames} frames, {self.head} head"
+
+    def save_predictions(
+        self, model: nn.Module, dataset: Dataset, out_dir: Path, *, device: str = "cpu", limit: int | None = None
+    ) -> list[Path]:
+        """A contact sheet per clip: the frames the model saw and the predicted class (:func:`save_clip_sheets`)."""
+        return save_clip_sheets(model, dataset, out_dir, device=device, limit=limit)
 
     # ---- model, loss, metrics -----------------------------------------------------------------------------------
     def backbone_classes(self) -> int:
