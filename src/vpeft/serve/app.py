@@ -111,6 +111,10 @@ class ServeMetrics:
         )  # fmt: skip
         self.queue_depth = Gauge("vpeft_serve_queue_depth", "requests waiting for a batch", registry=self.registry)
         self.queue_depth.set_function(lambda: batcher.queue_depth)
+        self.in_flight = 0  # prediction requests received and not answered yet (read by /health)
+        in_flight = Gauge("vpeft_serve_requests_in_flight", "prediction requests received and not answered yet",
+                          registry=self.registry)  # fmt: skip
+        in_flight.set_function(lambda: self.in_flight)
         self.registry.register(_StoreCollector(store))
 
     def on_batch(self, record: BatchRecord) -> None:
@@ -198,6 +202,7 @@ def create_app(
     @app.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
         start, label = time.perf_counter(), "unknown"
+        metrics.in_flight += 1
         try:
             payload = await read_request(request)
             adapter = payload.adapter
@@ -212,6 +217,8 @@ def create_app(
             status = _status(exc) if isinstance(exc, VpeftError) else 500
             metrics.requests.labels(label, str(status)).inc()
             raise
+        finally:
+            metrics.in_flight -= 1
         seconds = time.perf_counter() - start
         metrics.requests.labels(label, "200").inc()
         metrics.latency.labels(label).observe(seconds)
@@ -450,7 +457,7 @@ def _add_adapter_routes(app: FastAPI, store: AdapterStore, batcher: DynamicBatch
     async def health() -> dict[str, Any]:
         stats = store.stats()
         return {"status": "ok", "backbone": store.backbone_name, "adapters": len(store.ids), "loaded": stats.loaded,
-                "queue_depth": batcher.queue_depth}  # fmt: skip
+                "queue_depth": batcher.queue_depth, "in_flight": metrics.in_flight}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus() -> Response:
