@@ -148,3 +148,41 @@ def test_the_token_comes_from_the_flag_else_the_environment():
 def test_bad_access_options_are_refused(folder, access, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _app(folder, **access)
+
+
+def _readme_client() -> str:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Serving (`vpeft serve`)") :]
+    section = section[: section.index("\n## ")]
+    [block] = re.findall(r"^```py\n(.*?)^```$", section, flags=re.S | re.M)
+    return block
+
+
+def test_the_readme_client_example_runs(tmp_path, monkeypatch, capsys):
+    """The Serving section's httpx client (multipart and base64 JSON, the token from $VPEFT_SERVE_TOKEN, the
+    adapter in the query string for a balancer) against a real server with a token; the README's ``?adapter=``
+    routing parameter of a load request is ignored by the server too."""
+    import shutil
+
+    from PIL import Image
+
+    deltas = h.make_folder(tmp_path / "src", {"lora_qv": h.SHARED["lora_qv"]}, segmentation=False)
+    (tmp_path / "deltas").mkdir()
+    shutil.copy(deltas / "lora_qv.safetensors", tmp_path / "deltas" / "cifar10.safetensors")
+    Image.new("RGB", (40, 30), (200, 120, 30)).save(tmp_path / "cat.jpg")
+    block = _readme_client()
+    with h.serving(_app(tmp_path / "deltas", token=TOKEN)) as url:
+        assert 'URL = "http://127.0.0.1:8000"' in block
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("VPEFT_SERVE_TOKEN", TOKEN)
+        exec(compile(block.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
+        res = httpx.post(f"{url}/v1/adapters/cifar10/load?pin=true&adapter=cifar10",
+                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)  # fmt: skip
+    assert res.status_code == 200 and res.json()["pinned"] is True, res.text
+    first, second = capsys.readouterr().out.strip().splitlines()
+    top = eval(first)  # noqa: S307 - the example's own printed list of (class, score)
+    assert len(top) == 3 and {c for c, _ in top} == {0, 1, 2} and abs(sum(s for _, s in top) - 1) < 2e-3, first
+    assert second.startswith("200 {'adapter': 'cifar10', 'kind': 'classification', 'predictions': [{'index': "), second
