@@ -112,3 +112,4 @@ def test_shutdown_finishes_the_requests_in_flight_and_exits_0(folder, tmp_path, 
         httpx.post(f"{url}/v1/predict", json=body, headers=headers, timeout=5)
     text = log.read_text()
     assert "Traceback" not in text and "vpeft serve: stopped" in text, text
+    assert "vpeft serve: a bearer token is required" in text and "from-the-flag" not in text, "never the token"

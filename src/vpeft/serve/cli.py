@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -153,9 +154,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     note = f" ({len(refused)} refused: {', '.join(refused)}; GET /v1/adapters says why)" if refused else ""
     print(f"vpeft serve: {len(store.ids)} adapters on {store.backbone_name}{note} at http://{args.host}:{args.port}",
           flush=True)  # fmt: skip
-    notes = ["a bearer token is required"] * bool(args.token) + [f"CORS for {', '.join(args.cors_origin)}"] * bool(
-        args.cors_origin
-    )
+    notes = [n for n, on in (("a bearer token is required", args.token), (f"CORS for {', '.join(args.cors_origin)}",
+                                                                        args.cors_origin)) if on]  # fmt: skip
     if notes:
         print(f"vpeft serve: {'; '.join(notes)}", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
@@ -170,8 +170,10 @@ def _run_until_signalled(server) -> None:
     connections, lets the requests in flight (queued and running batches) finish and answer, then its lifespan
     stops the batcher. uvicorn re-raises the signal to the previous handler once it has shut down (which would end
     the process with the signal's status): that handler is the server's own here, so the command returns 0."""
-    signals = [signal.SIGINT, signal.SIGTERM]
-    previous = {sig: signal.signal(sig, server.handle_exit) for sig in signals}
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        server.run()
+        return
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run()
     finally:
