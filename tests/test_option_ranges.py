@@ -149,6 +149,7 @@ SERVE_BAD = {
     "num_classes": [("-1", "an int >= 0")],
     "max_pixels": [("0", "an int >= 1")],
     "max_frames": [("0", "an int >= 1")],
+    "shutdown_timeout": [("0", "a number > 0"), ("-1", "a number > 0"), ("inf", "a number > 0")],
 }
 
 

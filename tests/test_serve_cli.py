@@ -50,12 +50,26 @@ def _base(folder) -> list[str]:
         (["--pin", "a", "b", "--cache-size", "1"], "--pin names 2 adapters but --cache-size is 1"),
         (["--pin", "lora_q", "--port", "0"], "unknown adapter 'lora_q'. Did you mean 'lora_qv'"),
         (["--device", "tpu"], "tpu"),
+        (["--shutdown-timeout", "0"], "--shutdown-timeout must be a number > 0, got 0.0"),
+        (["--token", ""], "--token '' must be a non-empty string of visible ASCII characters (no spaces)"),
+        (["--token", "a b"], "--token (a value of 3 characters) must be a non-empty string of visible ASCII"),
+        (
+            ["--cors-origin", "https://ok.example.com", "--cors-origin", "example.com"],
+            "--cors-origin 'example.com' is not an origin; give scheme://host[:port] with http or https and no path",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_errors(folder, flags, message, capsys):
     assert main([*_base(folder), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_bad_token_from_the_environment_names_the_variable(folder, monkeypatch, capsys):
+    monkeypatch.setenv("VPEFT_SERVE_TOKEN", "with space")
+    assert main(_base(folder)) == 2
+    err = capsys.readouterr().err
+    assert "$VPEFT_SERVE_TOKEN (a value of 10 characters) must be" in err and "with space" not in err, err
 
 
 def test_missing_folder(tmp_path, capsys):

@@ -42,7 +42,8 @@ def test_health_metrics_and_listing_answer_while_a_batch_is_held(tmp_path):
     assert held, "the prediction was still running while the three requests were answered"
     assert health.status_code == 200, health.text
     assert health.json() | {"backbone": None} == {"status": "ok", "backbone": None, "adapters": 1, "loaded": 1,
-                                                  "queue_depth": 0}  # fmt: skip
+                                                  "queue_depth": 0, "in_flight": 1}  # fmt: skip
     assert metrics.status_code == 200 and "vpeft_serve_adapters_loaded 1.0" in metrics.text, metrics.text[-2000:]
+    assert "vpeft_serve_requests_in_flight 1.0" in metrics.text, "the held prediction is in flight"
     assert listing.status_code == 200 and listing.json()["adapters"][0]["loaded"] is True
     assert res.status_code == 200 and len(res.json()["predictions"]) == 2, res.text

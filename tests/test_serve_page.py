@@ -71,13 +71,14 @@ def _probe_in_chromium(app, probe: str, tmp_path) -> dict:
     if browser is None:
         pytest.skip("headless Chromium is not installed (apt-get install chromium)")
 
-    @app.get("/probe")
-    async def probe_page():
-        from fastapi.responses import HTMLResponse
+    from fastapi.responses import HTMLResponse
 
-        return HTMLResponse(PAGE.replace("</body>", probe))
+    async def with_probe(scope, receive, send):  # /probe outside the app: a token the app needs does not guard it
+        if scope["type"] == "http" and scope["path"] == "/probe":
+            return await HTMLResponse(PAGE.replace("</body>", probe))(scope, receive, send)
+        return await app(scope, receive, send)
 
-    with h.serving(app) as url:
+    with h.serving(with_probe) as url:
         cmd = [
             browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
@@ -103,6 +104,49 @@ def test_page_in_headless_chromium(tmp_path):
     assert res["mask"] == [24, 16, False], "the coloured mask at the image's size"
     text = res["segText"]
     assert "seg (segmentation)" in text and re.search(r"(sky|road|car)\d+\.\d%", text), text
+
+
+TOKEN_PROBE = """<script>
+const wait = (ok, ms = 15000) => new Promise((resolve, reject) => {
+  const t0 = Date.now();
+  const tick = () => ok() ? resolve() : Date.now() - t0 > ms ? reject('timeout') : setTimeout(tick, 50);
+  tick();
+});
+window.addEventListener('load', async () => {
+  const res = {};
+  try {
+    await wait(() => document.getElementById('error').textContent);
+    res.before = [document.getElementById('error').textContent, document.querySelectorAll('#adapter option').length];
+    const token = document.getElementById('token');
+    token.value = 'page-token'; token.dispatchEvent(new Event('change'));
+    await wait(() => document.querySelectorAll('#adapter option').length > 0);
+    res.errorAfter = document.getElementById('error').textContent;
+    const c = document.createElement('canvas'); c.width = 24; c.height = 16;
+    const blob = await new Promise(r => c.toBlob(r, 'image/png'));
+    const dt = new DataTransfer(); dt.items.add(new File([blob], 'x.png', {type: 'image/png'}));
+    document.getElementById('image').files = dt.files;
+    document.getElementById('adapter').value = 'lora_qv';
+    document.getElementById('form').requestSubmit();
+    await wait(() => document.getElementById('answer').dataset.done || document.getElementById('error').textContent);
+    res.rows = document.querySelectorAll('#answer tr').length;
+    res.error = document.getElementById('error').textContent;
+  } catch (e) { res.failed = String(e); }
+  const pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(res);
+  document.body.appendChild(pre);
+});
+</script></body>"""
+
+
+def test_page_sends_the_token_typed_into_it(tmp_path):
+    """With a token, the page loads (it holds no data), says the listing needs the token, and once it is typed in
+    lists the adapters and answers a prediction (both requests send it)."""
+    if _chromium() is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+    folder = h.make_folder(tmp_path / "deltas", {"lora_qv": h.SHARED["lora_qv"]}, segmentation=False)
+    app = create_app(AdapterStore(h.backbone(), folder), max_wait_ms=1, token="page-token")
+    res = _probe_in_chromium(app, TOKEN_PROBE, tmp_path)
+    assert res["before"] == ["401: this server needs a token: send the header 'Authorization: Bearer <token>'", 0]
+    assert res["errorAfter"] == "" and res["error"] == "" and res["rows"] == 4, res
 
 
 # ---- detection and video ----------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Every error is a JSON object ``{"error": one message, "status": code}``: 400 an upload that is not a (complete)
 image or a malformed request, 404 an unknown adapter (the message lists the served ids, ``valid`` holds them), 409 an
 adapter that is not served (refused: the reason), 413 an image past the pixel limit or an upload past the byte
-limit, 422 a bad option (``top_k``), 500 anything unexpected (logged; the server keeps serving).
+limit, 422 a bad option (``top_k``), 500 anything unexpected (logged; the server keeps serving); with a token, 401
+a request without ``Authorization: Bearer <token>`` (every endpoint but ``GET /health`` and the page ``GET /``).
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,6 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..data.video import sample_indices
 from ..errors import ConfigError, DataError, UnknownNameError, VpeftError
 from ..version import __version__
+from .access import check_access
 from .batcher import BatchRecord, DynamicBatcher
 from .codec import (
     ImageError,
@@ -45,7 +49,7 @@ from .codec import (
 from .page import PAGE
 from .store import AdapterInfo, AdapterRefusedError, AdapterStore
 
-__all__ = ["ServeMetrics", "create_app"]
+__all__ = ["BearerAuth", "ServeMetrics", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,10 @@ class ServeMetrics:
         )  # fmt: skip
         self.queue_depth = Gauge("vpeft_serve_queue_depth", "requests waiting for a batch", registry=self.registry)
         self.queue_depth.set_function(lambda: batcher.queue_depth)
+        self.in_flight = 0  # prediction requests received and not answered yet (read by /health)
+        in_flight = Gauge("vpeft_serve_requests_in_flight", "prediction requests received and not answered yet",
+                          registry=self.registry)  # fmt: skip
+        in_flight.set_function(lambda: self.in_flight)
         self.registry.register(_StoreCollector(store))
 
     def on_batch(self, record: BatchRecord) -> None:
@@ -144,6 +152,8 @@ def create_app(
     max_upload_bytes: int = 32 * 1024 * 1024,
     default_top_k: int = 5,
     max_frames: int = 2048,
+    token: str | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The HTTP application serving ``store``'s adapters (its batcher runs while the application does).
 
@@ -154,7 +164,11 @@ def create_app(
         max_upload_bytes: larger request bodies are refused (413).
         default_top_k: classes answered when a request gives no ``top_k`` (a detection answers every box).
         max_frames: a clip of more frames (a video file's, or frame images sent) is refused (413).
+        token: when given, every endpoint but ``GET /health`` and the page ``GET /`` (which holds no data; its
+            requests send the token typed into it) needs ``Authorization: Bearer <token>``, else 401.
+        cors_origins: browser origins (``https://host[:port]``) allowed cross-origin requests; none: no CORS headers.
     """
+    check_access(token, cors_origins)
     for label, value in (("max_pixels", max_pixels), ("max_upload_bytes", max_upload_bytes),
                          ("default_top_k", default_top_k), ("max_frames", max_frames)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -176,6 +190,11 @@ def create_app(
     app.state.store, app.state.batcher, app.state.metrics = store, batcher, metrics
 
     _add_error_handlers(app, store)
+    if token is not None:
+        app.add_middleware(BearerAuth, token=token)
+    if cors_origins:  # outermost: a preflight (which never carries the token) and 401s get their CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip
 
     async def read_request(request: Request) -> Payload:
         return await _read_request(request, max_upload_bytes, max_frames)
@@ -183,6 +202,7 @@ def create_app(
     @app.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
         start, label = time.perf_counter(), "unknown"
+        metrics.in_flight += 1
         try:
             payload = await read_request(request)
             adapter = payload.adapter
@@ -197,6 +217,8 @@ def create_app(
             status = _status(exc) if isinstance(exc, VpeftError) else 500
             metrics.requests.labels(label, str(status)).inc()
             raise
+        finally:
+            metrics.in_flight -= 1
         seconds = time.perf_counter() - start
         metrics.requests.labels(label, "200").inc()
         metrics.latency.labels(label).observe(seconds)
@@ -204,6 +226,33 @@ def create_app(
 
     _add_adapter_routes(app, store, batcher, metrics)
     return app
+
+
+class BearerAuth:
+    """ASGI middleware: a request needs ``Authorization: Bearer <token>`` (compared in constant time), except
+    ``GET /health`` and ``GET /``; else a 401 JSON error with ``WWW-Authenticate: Bearer``."""
+
+    OPEN = frozenset({("GET", "/health"), ("GET", "/")})
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app, self.token = app, token.encode("ascii")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in self.OPEN:
+            return await self.app(scope, receive, send)
+        sent = dict(scope["headers"]).get(b"authorization")
+        if sent is None:
+            message, challenge = "this server needs a token: send the header 'Authorization: Bearer <token>'", ""
+        else:
+            scheme, _, credentials = sent.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token):
+                return await self.app(scope, receive, send)
+            message = "the bearer token is wrong" if scheme.lower() == b"bearer" else (
+                "the Authorization header must be 'Bearer <token>'")  # fmt: skip
+            challenge = ' error="invalid_token"'
+        response = _error(401, message)
+        response.headers["WWW-Authenticate"] = f'Bearer realm="vpeft serve"{challenge}'
+        await response(scope, receive, send)
 
 
 class _Preparer:
@@ -408,7 +457,7 @@ def _add_adapter_routes(app: FastAPI, store: AdapterStore, batcher: DynamicBatch
     async def health() -> dict[str, Any]:
         stats = store.stats()
         return {"status": "ok", "backbone": store.backbone_name, "adapters": len(store.ids), "loaded": stats.loaded,
-                "queue_depth": batcher.queue_depth}  # fmt: skip
+                "queue_depth": batcher.queue_depth, "in_flight": metrics.in_flight}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from ..errors import ConfigError
+from .access import check_access
 
-__all__ = ["add_serve_command"]
+__all__ = ["TOKEN_VARIABLE", "add_serve_command", "serve_token"]
+
+#: the environment variable holding the bearer token when --token is not given (kept out of `ps` listings)
+TOKEN_VARIABLE = "VPEFT_SERVE_TOKEN"
 
 
 def add_serve_command(sub) -> None:
@@ -43,6 +50,26 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="larger images are refused (HTTP 413)")
     p.add_argument("--max-frames", type=int, default=2048, help="longer clips (video adapters) are refused (HTTP 413)")
     p.add_argument("--trust-unsigned", action="store_true", help="serve deltas without a content digest")
+    p.add_argument(
+        "--token",
+        default=None,
+        help=f"require 'Authorization: Bearer TOKEN' on every endpoint but GET /health and GET / (default: the "
+        f"{TOKEN_VARIABLE} environment variable, which keeps the token out of `ps` listings; the flag wins)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow cross-origin browser requests from ORIGIN (https://host[:port]; repeatable); none: CORS off",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM / Ctrl-C, how long in-flight requests may take to finish before they are cancelled",
+    )
     p.set_defaults(fn=_cmd_serve)
 
 
@@ -57,6 +84,7 @@ def _check(args: argparse.Namespace) -> None:
         ("--num-classes", args.num_classes, args.num_classes >= 0, "an int >= 0"),
         ("--max-pixels", args.max_pixels, args.max_pixels >= 1, "an int >= 1"),
         ("--max-frames", args.max_frames, args.max_frames >= 1, "an int >= 1"),
+        ("--shutdown-timeout", args.shutdown_timeout, 0 < args.shutdown_timeout < float("inf"), "a number > 0"),
     ]
     for flag, value, ok, what in checks:
         if not ok:
@@ -66,6 +94,16 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--deltas {args.deltas!r} is not a folder (give the folder of *.safetensors deltas)")
     if len(args.pin) > args.cache_size:
         raise ConfigError(f"--pin names {len(args.pin)} adapters but --cache-size is {args.cache_size}")
+    from_flag = args.token is not None
+    args.token = serve_token(args.token, os.environ)
+    check_access(args.token, args.cors_origin, ("--token" if from_flag else f"${TOKEN_VARIABLE}", "--cors-origin"))
+
+
+def serve_token(flag: str | None, environ) -> str | None:
+    """The bearer token: ``--token`` when given, else ``$VPEFT_SERVE_TOKEN`` (unset or empty: no token)."""
+    if flag is not None:
+        return flag
+    return environ.get(TOKEN_VARIABLE) or None
 
 
 def _check_port(host: str, port: int) -> None:
@@ -110,10 +148,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for name in args.pin:
         store.load(name, pin=True)
     app = create_app(store, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                     max_pixels=args.max_pixels, max_frames=args.max_frames)  # fmt: skip
+                     max_pixels=args.max_pixels, max_frames=args.max_frames, token=args.token,
+                     cors_origins=args.cors_origin)  # fmt: skip
     refused = [i.id for i in store.adapters() if i.refused]
     note = f" ({len(refused)} refused: {', '.join(refused)}; GET /v1/adapters says why)" if refused else ""
     print(f"vpeft serve: {len(store.ids)} adapters on {store.backbone_name}{note} at http://{args.host}:{args.port}",
           flush=True)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    notes = [n for n, on in (("a bearer token is required", args.token), (f"CORS for {', '.join(args.cors_origin)}",
+                                                                        args.cors_origin)) if on]  # fmt: skip
+    if notes:
+        print(f"vpeft serve: {'; '.join(notes)}", flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                            timeout_graceful_shutdown=args.shutdown_timeout)  # fmt: skip
+    _run_until_signalled(uvicorn.Server(config))
+    print("vpeft serve: stopped", flush=True)
     return 0
+
+
+def _run_until_signalled(server) -> None:
+    """Run the uvicorn ``server`` until SIGTERM or Ctrl-C, which shut it down gracefully: it stops accepting
+    connections, lets the requests in flight (queued and running batches) finish and answer, then its lifespan
+    stops the batcher. uvicorn re-raises the signal to the previous handler once it has shut down (which would end
+    the process with the signal's status): that handler is the server's own here, so the command returns 0."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        server.run()
+        return
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

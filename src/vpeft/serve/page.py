@@ -1,6 +1,7 @@
 """``GET /``: one self-contained page (no external resources) to try an adapter on an image (a video file for a video
 adapter): classes and scores (classification, zero-shot, video), a coloured mask (segmentation), the boxes drawn over
-the image with their class and score (detection)."""
+the image with their class and score (detection). A server started with a token takes it in the page's token field:
+every request of the page sends it as ``Authorization: Bearer``; the page itself holds no data."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ table{border-collapse:collapse;margin-top:1rem}td,th{border:1px solid #ccc;paddi
 </style></head><body>
 <h1>vpeft serve</h1>
 <p id="backbone"><small>loading adapters&hellip;</small></p>
+<p><label>token <input id="token" type="password" autocomplete="off" placeholder="if the server needs one"></label></p>
 <form id="form">
   <label>adapter <select id="adapter" name="adapter" required></select></label>
   <label id="image_input">image <input id="image" name="image" type="file" accept="image/*" required></label>
@@ -46,8 +48,14 @@ function inputFor() {  // a video adapter takes a video file, every other kind a
   $('video_input').hidden = !video; $('video').disabled = !video; $('video').required = video;
   $('image_input').hidden = video; $('image').disabled = video; $('image').required = !video;
 }
+function auth() {  // the token typed into the page (not part of the form), sent with every request
+  const token = $('token').value.trim();
+  return token ? {Authorization: `Bearer ${token}`} : {};
+}
 async function adapters() {
-  const res = await fetch('/v1/adapters'), data = await res.json(), select = $('adapter');
+  const res = await fetch('/v1/adapters', {headers: auth()}), data = await res.json(), select = $('adapter');
+  if (!res.ok) { $('error').textContent = `${res.status}: ${data.error}`; return; }
+  $('error').textContent = '';
   $('backbone').textContent = `backbone ${data.backbone}, input ${(data.input_size || []).join('x')}`;
   select.replaceChildren();
   data.adapters.forEach(a => {
@@ -97,7 +105,7 @@ function drawMask(answer) {
 $('form').addEventListener('submit', async ev => {
   ev.preventDefault();
   $('error').textContent = ''; $('answer').replaceChildren(); $('mask').hidden = true; $('boxes').hidden = true;
-  const res = await fetch('/v1/predict', {method: 'POST', body: new FormData($('form'))});
+  const res = await fetch('/v1/predict', {method: 'POST', body: new FormData($('form')), headers: auth()});
   const data = await res.json();
   if (!res.ok) { $('error').textContent = `${res.status}: ${data.error}`; return; }
   const out = $('answer');
@@ -116,6 +124,7 @@ $('form').addEventListener('submit', async ev => {
   out.dataset.done = '1';
 });
 $('adapter').addEventListener('change', inputFor);
+$('token').addEventListener('change', () => adapters().catch(e => { $('error').textContent = String(e); }));
 adapters().catch(e => { $('error').textContent = 'could not list the adapters: ' + e; });
 </script></body></html>
 """
