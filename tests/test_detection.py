@@ -32,8 +32,10 @@ from vpeft.errors import ConfigError, DataError
 from vpeft.tasks import task_for_folder, task_from_dict
 from vpeft.tasks.detection import (
     DETECTORS,
+    EVAL_LOSS_DETECTORS,
     DetectionMeter,
     DetectionModel,
+    Detections,
     DetectionTask,
     coco_metrics,
     default_detection_width,
@@ -311,7 +313,7 @@ def test_torchvision_detectors_on_tiny_backbones(detector, bb):
     det.eval()
     with torch.no_grad():
         out = task.forward(det, x, t)
-    assert len(out) == 2 and torch.isnan(task.loss(out, t))
+    assert len(out) == 2 and torch.isnan(task.loss(out, t)) == (detector not in EVAL_LOSS_DETECTORS)
     for d in out:
         assert d["boxes"].shape[1] == 4 and len(d["boxes"]) == len(d["scores"]) == len(d["labels"]) <= 100
         if len(d["boxes"]):  # (a random RetinaNet may score everything below the threshold)
@@ -339,6 +341,34 @@ def test_the_neck_builds_vitdet_strides_from_the_patch_and_cnn_stages_as_they_ar
     assert cnn.neck.strides == tuple(sorted(cnn.neck.strides)) and len(set(cnn.neck.strides)) == 3
     assert default_detection_width([384]) == 192 and default_detection_width([768]) == 256
     assert default_detection_width([32]) == 32
+
+
+@pytest.mark.parametrize("detector", EVAL_LOSS_DETECTORS)
+def test_the_evaluation_loss_is_torchvisions_training_loss_on_the_same_batch(detector):
+    """No dropout / drop-path / BatchNorm in the tiny ViT or the heads: the training forward's loss dict and the
+    evaluation forward's losses (torchvision's compute_loss on its own head outputs and anchors) agree."""
+    model, size = _headless("vit_cls")
+    task = DetectionTask(NAMES, detector=detector, width=32)
+    det = task.build(model)
+    stochastic = (torch.nn.Dropout, torch.nn.BatchNorm2d)
+    assert not any(isinstance(m, stochastic) and getattr(m, "p", 1) > 0 for m in det.modules())
+    assert all(type(getattr(b, "drop_path1", torch.nn.Identity())) is torch.nn.Identity for b in model.blocks)
+    _randomise(det)  # a detector that predicts something: every loss term non-zero
+    x, t = _images(size), _targets(size)
+    with torch.no_grad():
+        train = task.forward(det.train(), x, t)
+        out = task.forward(det.eval(), x, t)
+        plain = det(x)  # no targets: the detections alone, as before
+    assert isinstance(out, Detections) and set(out.losses) == set(train) == LOSSES[detector]
+    for name, value in train.items():
+        assert value > 0 and abs(float(out.losses[name]) - float(value)) <= 1e-5, name
+    assert abs(float(task.loss(out, t)) - float(task.loss(train, t))) <= 1e-5
+    assert plain.losses == {} and torch.isnan(task.loss(plain, t)) and len(plain) == len(out) == 2
+    for a, b in zip(plain, out):  # the evaluation forward itself is unchanged by the loss
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+    faster = DetectionTask(NAMES, detector="faster_rcnn", width=32).build(_headless("vit_cls")[0]).eval()
+    with torch.no_grad():
+        assert torch.isnan(faster.task.loss(faster.task.forward(faster, x, t), t))  # its losses sample at random
 
 
 def test_torchvision_targets_drop_crowd_and_padding_and_shift_faster_rcnn_labels():
@@ -691,7 +721,7 @@ def test_finetune_on_real_chess_images_computes_coco_metrics_and_the_delta_round
     assert run.primary_metric == "map" and run.task_spec["kind"] == "detection" and run.num_classes == 14
     assert run.task_spec["class_names"][0] == "pieces" and run.decoder_params > 0 and run.method_params > 0
     m = run.metrics
-    assert m["n"] == 4 and np.isnan(m["loss"])  # torchvision's detectors compute no loss in evaluation
+    assert m["n"] == 4 and np.isfinite(m["loss"]) and m["loss"] > 0  # FCOS's losses on the eval split
     for key in ("map", "ap50", "ap75"):
         assert 0.0 <= m[key] <= 1.0, key
     assert len(m["ap"]) == 14 and m["ap"][0] is None and set(m["ap_per_class"]) == set(run.task_spec["class_names"])
