@@ -298,6 +298,7 @@ def test_torchvision_detectors_on_tiny_backbones(detector, bb):
         p.requires_grad_(False)
     task = DetectionTask(NAMES, detector=detector, width=32)
     det = task.build(model)
+    size = max(size, det.min_canvas)  # FCOS on the CNN: 64 px, so its coarsest level (stride 32) is 2x2
     assert isinstance(det, DetectionModel) and det.backbone is model and det.task is task
     assert {n.split(".")[0] for n in det.state_dict()} == {"backbone", "decoder"}
     assert not any(n.startswith("decoder.backbone.features") for n in det.state_dict())
@@ -369,6 +370,45 @@ def test_the_evaluation_loss_is_torchvisions_training_loss_on_the_same_batch(det
     faster = DetectionTask(NAMES, detector="faster_rcnn", width=32).build(_headless("vit_cls")[0]).eval()
     with torch.no_grad():
         assert torch.isnan(faster.task.loss(faster.task.forward(faster, x, t), t))  # its losses sample at random
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+def test_fcos_refuses_a_canvas_its_coarsest_level_is_under_2x2_for(patch, tmp_path):
+    """The reported failure: a single 32 px image through FCOS on a patch-16 ViT -- the pyramid's coarsest level
+    (stride 32) is 1x1 and torchvision's GroupNorm head raised 'Expected more than 1 value per channel'. Now a
+    one-line ConfigError before any work, in training and evaluation; patch 8 (coarsest stride 16, 2x2) runs."""
+    import timm
+
+    from vpeft.data.detection import load_detection_split
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=patch, embed_dim=32, depth=2,
+                            num_heads=2, num_classes=0)  # fmt: skip
+    root = make_det_folder(tmp_path / "toy")
+    names = DetectionFolder.from_dir(root).class_names
+    det = DetectionTask(names, detector="fcos", width=32).build(vit)
+    assert det.min_canvas == 4 * patch
+    x, t = _images(32, n=1), _targets(32, n=1)
+    message = (
+        r"^detection: a 32 px canvas makes fcos's coarsest pyramid level \(stride 32\) 1x1, and its GroupNorm head "
+        r"needs every level at least 2x2; use size >= 64 \(twice the coarsest stride\), or detector=retinanet / "
+        r"faster_rcnn$"
+    )
+    for mode in (True, False):
+        det.train(mode)
+        if patch == 16:
+            with pytest.raises(ConfigError, match=message):
+                det.task.forward(det, x, t)
+        else:
+            out = det.task.forward(det, x, t)
+            assert torch.isfinite(det.task.loss(out, t))
+    if patch == 16:  # the CLI's path: refused when the split is read, before training
+        with pytest.raises(ConfigError, match=message):
+            det.task.dataset(root, "train", det, input_size=32)
+        assert len(det.task.dataset(root, "train", det, input_size=64)) > 0
+        retina = DetectionTask(names, detector="retinanet", width=32).build(vit).eval()
+        assert retina.min_canvas == 1 and len(retina(x)) == 1  # no normalisation in its head: a 1x1 level is fine
+    else:
+        assert len(load_detection_split(root, "train", det, size=32)) > 0
 
 
 def test_torchvision_targets_drop_crowd_and_padding_and_shift_faster_rcnn_labels():
@@ -522,9 +562,11 @@ _SUPPORT: dict[tuple[str, str], bool] = {}
 
 
 def _det_model(bb: str, detector: str = "fcos") -> tuple[DetectionModel, int]:
+    """The detection model and its test canvas: the tiny backbone's side, or FCOS's smallest (the CNN: 64 px)."""
     model, size = _headless(bb)
     torch.manual_seed(5)
-    return DetectionTask(NAMES, detector=detector, width=32).build(model), size
+    det = DetectionTask(NAMES, detector=detector, width=32).build(model)
+    return det, max(size, det.min_canvas)
 
 
 def _det_supports(case, bb: str) -> bool:

@@ -250,9 +250,33 @@ class DetectionModel(TaskModel):
     def neck(self) -> DetectionNeck:
         return self.decoder.backbone
 
+    @property
+    def min_canvas(self) -> int:
+        """The smallest canvas side this detector takes: for FCOS twice the coarsest stride (every pyramid level
+        then has at least 2x2 cells, whether the backbone rounds a map's size up or down); 1 otherwise."""
+        return math.ceil(2 * max(self.neck.strides)) if self.task.detector == "fcos" else 1
+
+    def check_canvas(self, side: int) -> None:
+        """Refuse a canvas on which FCOS's coarsest pyramid level has fewer than 2x2 cells.
+
+        torchvision's FCOS head normalises every level with ``GroupNorm(32, width)`` over the level's cells: on a
+        1x1 level (at width 32) each group holds one value, so the level's output is the constant bias whatever
+        the image, and torch refuses such a batch of one image ("Expected more than 1 value per channel when
+        training", in evaluation too). RetinaNet's and Faster R-CNN's heads have no normalisation.
+        """
+        if side < self.min_canvas:
+            stride = max(self.neck.strides)
+            cells = f"{side / stride:g}"
+            raise ConfigError(
+                f"detection: a {side} px canvas makes fcos's coarsest pyramid level (stride {stride:g}) "
+                f"{cells}x{cells}, and its GroupNorm head needs every level at least 2x2; use size >= "
+                f"{self.min_canvas} (twice the coarsest stride), or detector=retinanet / faster_rcnn"
+            )
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
         """Training: torchvision's loss dict. Evaluation: :class:`Detections`, with the losses on ``targets`` when
         they are given and the detector is FCOS or RetinaNet (:data:`EVAL_LOSS_DETECTORS`)."""
+        self.check_canvas(min(images.shape[-2:]))
         batch = list(images.unbind(0))
         if self.training:
             if targets is None:
@@ -512,7 +536,9 @@ class DetectionTask(Task):
         width: the pyramid / head width (default :func:`default_detection_width`); FCOS's GroupNorm head needs a
             multiple of 32.
         size: the canvas side ``S`` images are resized (longer side) and padded to (default: the backbone's input
-            size, or the ``input_size`` the caller passes to :meth:`dataset`); a ViT needs a multiple of its patch.
+            size, or the ``input_size`` the caller passes to :meth:`dataset`); a ViT needs a multiple of its patch;
+            FCOS at least twice the coarsest stride (:attr:`DetectionModel.min_canvas`: 64 px at strides up to
+            32), checked when the split is read and at every forward.
         augment: random horizontal flip of the training split (off by default).
 
     Task folders: see :mod:`vpeft.data.detection` (``annotations/<split>.json`` in COCO format + images).
@@ -585,7 +611,10 @@ class DetectionTask(Task):
                 f"{list(self.class_names)}"
             )
         size = self.size if self.size is not None else input_size
-        return load_detection_split(path, split, model, size=size, augment=self.augment and train, folder=folder)
+        data = load_detection_split(path, split, model, size=size, augment=self.augment and train, folder=folder)
+        if isinstance(model, DetectionModel):
+            model.check_canvas(data.size)  # before any training: FCOS refuses a canvas its pyramid is too coarse for
+        return data
 
     def describe(self) -> str:
         return f"detection, {self.num_classes} classes, {self.detector}"
