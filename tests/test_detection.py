@@ -32,8 +32,10 @@ from vpeft.errors import ConfigError, DataError
 from vpeft.tasks import task_for_folder, task_from_dict
 from vpeft.tasks.detection import (
     DETECTORS,
+    EVAL_LOSS_DETECTORS,
     DetectionMeter,
     DetectionModel,
+    Detections,
     DetectionTask,
     coco_metrics,
     default_detection_width,
@@ -296,6 +298,7 @@ def test_torchvision_detectors_on_tiny_backbones(detector, bb):
         p.requires_grad_(False)
     task = DetectionTask(NAMES, detector=detector, width=32)
     det = task.build(model)
+    size = max(size, det.min_canvas)  # FCOS on the CNN: 64 px, so its coarsest level (stride 32) is 2x2
     assert isinstance(det, DetectionModel) and det.backbone is model and det.task is task
     assert {n.split(".")[0] for n in det.state_dict()} == {"backbone", "decoder"}
     assert not any(n.startswith("decoder.backbone.features") for n in det.state_dict())
@@ -311,7 +314,7 @@ def test_torchvision_detectors_on_tiny_backbones(detector, bb):
     det.eval()
     with torch.no_grad():
         out = task.forward(det, x, t)
-    assert len(out) == 2 and torch.isnan(task.loss(out, t))
+    assert len(out) == 2 and torch.isnan(task.loss(out, t)) == (detector not in EVAL_LOSS_DETECTORS)
     for d in out:
         assert d["boxes"].shape[1] == 4 and len(d["boxes"]) == len(d["scores"]) == len(d["labels"]) <= 100
         if len(d["boxes"]):  # (a random RetinaNet may score everything below the threshold)
@@ -339,6 +342,73 @@ def test_the_neck_builds_vitdet_strides_from_the_patch_and_cnn_stages_as_they_ar
     assert cnn.neck.strides == tuple(sorted(cnn.neck.strides)) and len(set(cnn.neck.strides)) == 3
     assert default_detection_width([384]) == 192 and default_detection_width([768]) == 256
     assert default_detection_width([32]) == 32
+
+
+@pytest.mark.parametrize("detector", EVAL_LOSS_DETECTORS)
+def test_the_evaluation_loss_is_torchvisions_training_loss_on_the_same_batch(detector):
+    """No dropout / drop-path / BatchNorm in the tiny ViT or the heads: the training forward's loss dict and the
+    evaluation forward's losses (torchvision's compute_loss on its own head outputs and anchors) agree."""
+    model, size = _headless("vit_cls")
+    task = DetectionTask(NAMES, detector=detector, width=32)
+    det = task.build(model)
+    stochastic = (torch.nn.Dropout, torch.nn.BatchNorm2d)
+    assert not any(isinstance(m, stochastic) and getattr(m, "p", 1) > 0 for m in det.modules())
+    assert all(type(getattr(b, "drop_path1", torch.nn.Identity())) is torch.nn.Identity for b in model.blocks)
+    _randomise(det)  # a detector that predicts something: every loss term non-zero
+    x, t = _images(size), _targets(size)
+    with torch.no_grad():
+        train = task.forward(det.train(), x, t)
+        out = task.forward(det.eval(), x, t)
+        plain = det(x)  # no targets: the detections alone, as before
+    assert isinstance(out, Detections) and set(out.losses) == set(train) == LOSSES[detector]
+    for name, value in train.items():
+        assert value > 0 and abs(float(out.losses[name]) - float(value)) <= 1e-5, name
+    assert abs(float(task.loss(out, t)) - float(task.loss(train, t))) <= 1e-5
+    assert plain.losses == {} and torch.isnan(task.loss(plain, t)) and len(plain) == len(out) == 2
+    for a, b in zip(plain, out):  # the evaluation forward itself is unchanged by the loss
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+    faster = DetectionTask(NAMES, detector="faster_rcnn", width=32).build(_headless("vit_cls")[0]).eval()
+    with torch.no_grad():
+        assert torch.isnan(faster.task.loss(faster.task.forward(faster, x, t), t))  # its losses sample at random
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+def test_fcos_refuses_a_canvas_its_coarsest_level_is_under_2x2_for(patch, tmp_path):
+    """The reported failure: a single 32 px image through FCOS on a patch-16 ViT -- the pyramid's coarsest level
+    (stride 32) is 1x1 and torchvision's GroupNorm head raised 'Expected more than 1 value per channel'. Now a
+    one-line ConfigError before any work, in training and evaluation; patch 8 (coarsest stride 16, 2x2) runs."""
+    import timm
+
+    from vpeft.data.detection import load_detection_split
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=patch, embed_dim=32, depth=2,
+                            num_heads=2, num_classes=0)  # fmt: skip
+    root = make_det_folder(tmp_path / "toy")
+    names = DetectionFolder.from_dir(root).class_names
+    det = DetectionTask(names, detector="fcos", width=32).build(vit)
+    assert det.min_canvas == 4 * patch
+    x, t = _images(32, n=1), _targets(32, n=1)
+    message = (
+        r"^detection: a 32 px canvas makes fcos's coarsest pyramid level \(stride 32\) 1x1, and its GroupNorm head "
+        r"needs every level at least 2x2; use size >= 64 \(twice the coarsest stride\), or detector=retinanet / "
+        r"faster_rcnn$"
+    )
+    for mode in (True, False):
+        det.train(mode)
+        if patch == 16:
+            with pytest.raises(ConfigError, match=message):
+                det.task.forward(det, x, t)
+        else:
+            out = det.task.forward(det, x, t)
+            assert torch.isfinite(det.task.loss(out, t))
+    if patch == 16:  # the CLI's path: refused when the split is read, before training
+        with pytest.raises(ConfigError, match=message):
+            det.task.dataset(root, "train", det, input_size=32)
+        assert len(det.task.dataset(root, "train", det, input_size=64)) > 0
+        retina = DetectionTask(names, detector="retinanet", width=32).build(vit).eval()
+        assert retina.min_canvas == 1 and len(retina(x)) == 1  # no normalisation in its head: a 1x1 level is fine
+    else:
+        assert len(load_detection_split(root, "train", det, size=32)) > 0
 
 
 def test_torchvision_targets_drop_crowd_and_padding_and_shift_faster_rcnn_labels():
@@ -492,9 +562,11 @@ _SUPPORT: dict[tuple[str, str], bool] = {}
 
 
 def _det_model(bb: str, detector: str = "fcos") -> tuple[DetectionModel, int]:
+    """The detection model and its test canvas: the tiny backbone's side, or FCOS's smallest (the CNN: 64 px)."""
     model, size = _headless(bb)
     torch.manual_seed(5)
-    return DetectionTask(NAMES, detector=detector, width=32).build(model), size
+    det = DetectionTask(NAMES, detector=detector, width=32).build(model)
+    return det, max(size, det.min_canvas)
 
 
 def _det_supports(case, bb: str) -> bool:
@@ -691,7 +763,7 @@ def test_finetune_on_real_chess_images_computes_coco_metrics_and_the_delta_round
     assert run.primary_metric == "map" and run.task_spec["kind"] == "detection" and run.num_classes == 14
     assert run.task_spec["class_names"][0] == "pieces" and run.decoder_params > 0 and run.method_params > 0
     m = run.metrics
-    assert m["n"] == 4 and np.isnan(m["loss"])  # torchvision's detectors compute no loss in evaluation
+    assert m["n"] == 4 and np.isfinite(m["loss"]) and m["loss"] > 0  # FCOS's losses on the eval split
     for key in ("map", "ap50", "ap75"):
         assert 0.0 <= m[key] <= 1.0, key
     assert len(m["ap"]) == 14 and m["ap"][0] is None and set(m["ap_per_class"]) == set(run.task_spec["class_names"])

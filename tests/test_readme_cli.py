@@ -105,6 +105,7 @@ REPO = README.parent
 SHARED_DATA = Path(os.environ.get("VPEFT_SHARED_DATA", REPO.parent / "shared" / "data"))
 SHARED_TASKS = ("seg/camvid", "det/chess", "video/arrow")  # the real assets sliced for the dense and video lines
 SIZE = 32  # the side of every reduced input (test_vit: 16-pixel patches, a 2x2 grid)
+FCOS_SIZE = 64  # a line with detector=fcos: FCOS needs twice its coarsest stride (32 on test_vit) as its canvas
 TINY_CLIP = "vpeft-readme-tiny"
 
 #: the small stand-in of each backbone a README line names (random weights: ``--no-pretrained`` is added)
@@ -279,6 +280,8 @@ def reduce_line(line: str, port: int | None = None) -> list[str]:
         elif eq and flag in REDUCED_VALUES:  # --epochs=10
             tok = f"{flag}={REDUCED_VALUES[flag](value)}"
         out.append(tok)
+    if "detector=fcos" in out and "--img-size" in out:  # (DetectionModel.min_canvas)
+        out[out.index("--img-size") + 1] = str(FCOS_SIZE)
     added = ADDED_FLAGS.get(command, [])
     if command == "import" and "--backbone" not in out:
         added = []

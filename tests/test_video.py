@@ -303,6 +303,18 @@ def test_identity_at_init_on_a_video_model(case, bb):
         torch.testing.assert_close(model.eval()(x), plain(x), rtol=1e-5, atol=1e-6)
 
 
+def _unreachable_by_design(case: tuple[str, dict], model: VideoModel) -> set[str]:
+    """Trainable tensors that cannot reach the output: ST-Adapter's pre-MLP adapter in the last block updates the
+    patch tokens after the last attention, so a backbone pooled from its class token never sees it (the official
+    SSv2 model, which reads the class token, has the same 12th pre-MLP adapter)."""
+    name, options = case
+    pooled_by_token = getattr(model.backbone, "global_pool", None) == "token"
+    if name != "st_adapter" or "mlp" not in options.get("placement", "attn") or not pooled_by_token:
+        return set()
+    last = f"backbone.blocks.{len(model.backbone.blocks) - 1}.mlp_adapter."
+    return {n for n, _ in model.named_parameters() if n.startswith(last)}
+
+
 @pytest.mark.parametrize("case,bb", VIDEO_MATRIX)
 def test_method_on_a_video_model_trains_its_tensors_and_the_head(case, bb):
     name = case[0]
@@ -321,10 +333,14 @@ def test_method_on_a_video_model_trains_its_tensors_and_the_head(case, bb):
     out = model(_clips(size, n=3))
     assert out.shape == (3, K)
     model.task.loss(out, torch.tensor([0, 2, 1])).backward()
+    dead = _unreachable_by_design(case, model)
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), n
-            assert p.grad.abs().sum() > 0, f"{n} got a zero gradient"
+            if n in dead:
+                assert torch.equal(p.grad, torch.zeros_like(p.grad)), f"{n} reaches the class token"
+            else:
+                assert p.grad.abs().sum() > 0, f"{n} got a zero gradient"
         else:
             assert p.grad is None, f"frozen {n} holds a .grad"
     opt.step()
@@ -584,3 +600,58 @@ def test_contact_sheets_show_the_frames_the_model_saw_and_the_predicted_class(tm
     with pytest.raises(ConfigError, match="save_clip_sheets: limit=-1 is invalid"):
         save_clip_sheets(_FixedLogits(), ds, tmp_path / "s2", limit=-1)
     assert [p.name for p in save_clip_sheets(_FixedLogits(), ds, tmp_path / "s3", limit=1)] == ["a.png"]
+
+
+# ------------------------------------------------------------------------------------ ST-Adapter's placements
+def _reference_st_block(block, pre_attn, pre_mlp, x: torch.Tensor, t: int, prefix: int) -> torch.Tensor:
+    """The official ``ResidualAttentionBlock.forward`` written out on a timm block (no LayerScale / drop-path in
+    the tiny ViT): ``x = A1(x); x = x + attn(LN1(x)); x = A2(x); x = x + mlp(LN2(x))``, each adapter adding
+    ``fc2(conv3d(fc1(patches)))`` to the patch tokens only."""
+
+    def adapt(adapter, x):
+        if adapter is None:
+            return x
+        bt, n, d = x.shape
+        side = int(round((n - prefix) ** 0.5))
+        h = adapter.fc1(x[:, prefix:]).reshape(bt // t, t, side, side, -1).permute(0, 4, 1, 2, 3)
+        h = adapter.conv(h).permute(0, 2, 3, 4, 1).reshape(bt, n - prefix, -1)
+        return torch.cat([x[:, :prefix], x[:, prefix:] + adapter.fc2(h)], dim=1)
+
+    x = adapt(pre_attn, x)
+    x = x + block.attn(block.norm1(x))
+    x = adapt(pre_mlp, x)
+    return x + block.mlp(block.norm2(x))
+
+
+@pytest.mark.parametrize("placement", ["attn", "mlp", "attn_mlp"])
+def test_st_adapter_placements_match_the_official_block(placement):
+    from vpeft.methods.st_adapter import STAdapterBlock
+
+    model, size = _video_model(num_frames=4)
+    rep = vpeft.apply(model, "st_adapter", placement=placement, bottleneck=8)
+    blocks = [m for m in model.modules() if isinstance(m, STAdapterBlock)]
+    per_adapter = sum(p.numel() for p in (blocks[0].adapter or blocks[0].mlp_adapter).parameters())
+    assert rep.method_params == len(blocks) * per_adapter * (2 if placement == "attn_mlp" else 1)
+    assert [(b.adapter is not None, b.mlp_adapter is not None) for b in blocks] == [
+        ("attn" in placement, "mlp" in placement)
+    ] * len(blocks)
+    _randomise(model, seed=11)  # the convolutions leave zero, so every adapter changes the stream
+    x = torch.randn(2 * 4, 17, 32)  # two 4-frame clips of the tiny ViT's tokens: a class token + a 4x4 grid
+    prefix = blocks[0].prefix
+    with torch.no_grad():
+        for b in blocks:
+            expected = _reference_st_block(b.base_layer, b.adapter, b.mlp_adapter, x, 4, prefix)
+            torch.testing.assert_close(b.eval()(x), expected, rtol=1e-5, atol=1e-6)
+            assert (expected - b.base_layer(x)).abs().max() > 1e-4  # the adapters do change the block
+
+
+def test_st_adapter_placement_is_validated_and_pre_mlp_needs_timm_blocks():
+    message = r"^st_adapter: placement='mhsa' is invalid; valid options: attn, mlp, attn_mlp$"
+    with pytest.raises(ConfigError, match=message):
+        vpeft.apply(_video_model()[0], "st_adapter", placement="mhsa")
+    hf, size = _video_model("hf_vit")
+    with pytest.raises(vpeft.UnsupportedBackboneError, match="placement='attn_mlp' re-runs timm ViT blocks"):
+        vpeft.apply(hf, "st_adapter", placement="attn_mlp")
+    assert not vpeft.is_adapted(hf)
+    vpeft.apply(hf, "st_adapter")  # before attention: a wrapper of any block
+    assert hf(_clips(size)).shape == (2, K)

@@ -154,6 +154,8 @@ EXTRA_CASES: list[tuple[str, dict]] = [
     ("vpt_deep", {"num_tokens": 3, "dropout": 0.0}),
     ("vpt_shallow", {"num_tokens": 1}),
     ("adaptformer", {"bottleneck": 16, "scale": 1.0}),
+    # video: ST-Adapter's SSv2 placement (adapters before attention and MLP); image models refuse it
+    ("st_adapter", {"placement": "attn_mlp", "bottleneck": 8}),
     # composition: a mergeable stack (SSF stacks on LoRA's qkv), and a CNN-capable one
     ("compose", {"methods": [{"method": "lora", "targets": ["q", "v", "fc1"]}, "bitfit", "ssf"]}),
     ("compose", {"methods": ["bitfit", "ln_tune"]}),

@@ -26,7 +26,12 @@ The detector needs the targets inside its forward (it computes its losses there 
 proposals against the boxes), so the task overrides :meth:`Task.forward`: in training ``model(images, targets)``
 returns torchvision's loss dict and :meth:`DetectionTask.loss` sums it; in evaluation ``model(images)`` returns
 torchvision's detections (``boxes`` xyxy in input pixels, ``scores``, ``labels`` 0..K-1). torchvision's detectors
-compute no losses in evaluation mode, so evaluation reports ``loss`` as NaN (``None`` in JSON).
+compute no losses in evaluation mode; for FCOS and RetinaNet the evaluation forward (``model(images, targets)``,
+still torchvision's eval forward) also calls torchvision's own ``compute_loss`` on that forward's head outputs and
+anchors, so evaluation reports the same loss training would on that batch (without dropout / drop-path and with
+BatchNorm's running statistics). Faster R-CNN keeps NaN (``None`` in JSON): its training losses sample 256 anchors
+and 512 proposals per image at random, with the ground-truth boxes added to the proposals, from 2000 RPN proposals
+per image (1000 in evaluation), so no evaluation forward holds the loss training computes.
 
 Metrics (:class:`DetectionMeter`): pycocotools' ``COCOeval`` over the whole split, in the stored images' pixels
 (boxes mapped back through the resize), with the annotations' own ``area`` and ``iscrowd``: ``map``
@@ -59,10 +64,12 @@ from .predict import base_dataset, first_items, predict_items
 
 __all__ = [
     "DETECTORS",
+    "EVAL_LOSS_DETECTORS",
     "DetectionMeter",
     "DetectionModel",
     "DetectionNeck",
     "DetectionTask",
+    "Detections",
     "coco_metrics",
     "default_detection_width",
     "save_detection_images",
@@ -203,6 +210,20 @@ def build_detector(name: str, neck: DetectionNeck, num_classes: int) -> nn.Modul
     return model
 
 
+#: the detectors whose evaluation forward also gives torchvision's losses on the batch's targets (see
+#: :meth:`DetectionModel.forward`); Faster R-CNN's losses sample at random, so it has none in evaluation
+EVAL_LOSS_DETECTORS: tuple[str, ...] = ("fcos", "retinanet")
+
+
+class Detections(list):
+    """torchvision's per-image detections (a plain list of dicts) and ``losses``: torchvision's loss dict computed
+    on the same forward for the batch's targets (empty when none was computed)."""
+
+    def __init__(self, detections: Sequence[dict[str, torch.Tensor]], losses: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(detections)
+        self.losses = dict(losses)
+
+
 class DetectionModel(TaskModel):
     """A backbone plus a torchvision detector (``decoder``: neck + heads).
 
@@ -229,7 +250,33 @@ class DetectionModel(TaskModel):
     def neck(self) -> DetectionNeck:
         return self.decoder.backbone
 
+    @property
+    def min_canvas(self) -> int:
+        """The smallest canvas side this detector takes: for FCOS twice the coarsest stride (every pyramid level
+        then has at least 2x2 cells, whether the backbone rounds a map's size up or down); 1 otherwise."""
+        return math.ceil(2 * max(self.neck.strides)) if self.task.detector == "fcos" else 1
+
+    def check_canvas(self, side: int) -> None:
+        """Refuse a canvas on which FCOS's coarsest pyramid level has fewer than 2x2 cells.
+
+        torchvision's FCOS head normalises every level with ``GroupNorm(32, width)`` over the level's cells: on a
+        1x1 level (at width 32) each group holds one value, so the level's output is the constant bias whatever
+        the image, and torch refuses such a batch of one image ("Expected more than 1 value per channel when
+        training", in evaluation too). RetinaNet's and Faster R-CNN's heads have no normalisation.
+        """
+        if side < self.min_canvas:
+            stride = max(self.neck.strides)
+            cells = f"{side / stride:g}"
+            raise ConfigError(
+                f"detection: a {side} px canvas makes fcos's coarsest pyramid level (stride {stride:g}) "
+                f"{cells}x{cells}, and its GroupNorm head needs every level at least 2x2; use size >= "
+                f"{self.min_canvas} (twice the coarsest stride), or detector=retinanet / faster_rcnn"
+            )
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
+        """Training: torchvision's loss dict. Evaluation: :class:`Detections`, with the losses on ``targets`` when
+        they are given and the detector is FCOS or RetinaNet (:data:`EVAL_LOSS_DETECTORS`)."""
+        self.check_canvas(min(images.shape[-2:]))
         batch = list(images.unbind(0))
         if self.training:
             if targets is None:
@@ -238,10 +285,38 @@ class DetectionModel(TaskModel):
                     "(call model.eval() for detections)"
                 )
             return self.decoder(batch, self.task.torchvision_targets(targets))
-        detections = self.decoder(batch)
+        if targets is not None and self.task.detector in EVAL_LOSS_DETECTORS:
+            detections, losses = self._detect_with_losses(batch, self.task.torchvision_targets(targets))
+        else:
+            detections, losses = self.decoder(batch), {}
         if self.task.detector == "faster_rcnn":  # its class 0 is the background
             detections = [{**d, "labels": d["labels"] - 1} for d in detections]
-        return detections
+        return Detections(detections, losses)
+
+    def _detect_with_losses(self, batch: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]):
+        """The evaluation forward, unchanged, and torchvision's training losses from its own head outputs and
+        anchors (caught with forward hooks): ``FCOS.compute_loss`` / ``RetinaNet.compute_loss`` on the targets
+        the training path gets (the canvas transform leaves images and boxes as they are)."""
+        det, seen = self.decoder, {}
+
+        def on_head(module, args, output):
+            seen["levels"] = [f.shape[2] * f.shape[3] for f in args[0]]
+            seen["head"] = output
+
+        hooks = [
+            det.head.register_forward_hook(on_head),
+            det.anchor_generator.register_forward_hook(lambda module, args, output: seen.update(anchors=output)),
+        ]
+        try:
+            detections = det(batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if self.task.detector == "fcos":
+            losses = det.compute_loss(targets, seen["head"], seen["anchors"], seen["levels"])
+        else:
+            losses = det.compute_loss(targets, seen["head"], seen["anchors"])
+        return detections, losses
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -308,7 +383,8 @@ def coco_metrics(
 
 
 class DetectionMeter(Meter):
-    """Mean training loss, and every evaluated image's ground truth and detections for COCO mAP over the split.
+    """Mean loss (training's, or evaluation's where the detector gives one), and every evaluated image's ground
+    truth and detections for COCO mAP over the split.
 
     Detections are not sums, so besides :meth:`sums` (``[loss sum, batches with a loss, images]``) the meter has a
     :meth:`payload` -- its per-image records -- that distributed evaluation gathers from every rank
@@ -460,7 +536,9 @@ class DetectionTask(Task):
         width: the pyramid / head width (default :func:`default_detection_width`); FCOS's GroupNorm head needs a
             multiple of 32.
         size: the canvas side ``S`` images are resized (longer side) and padded to (default: the backbone's input
-            size, or the ``input_size`` the caller passes to :meth:`dataset`); a ViT needs a multiple of its patch.
+            size, or the ``input_size`` the caller passes to :meth:`dataset`); a ViT needs a multiple of its patch;
+            FCOS at least twice the coarsest stride (:attr:`DetectionModel.min_canvas`: 64 px at strides up to
+            32), checked when the split is read and at every forward.
         augment: random horizontal flip of the training split (off by default).
 
     Task folders: see :mod:`vpeft.data.detection` (``annotations/<split>.json`` in COCO format + images).
@@ -533,7 +611,10 @@ class DetectionTask(Task):
                 f"{list(self.class_names)}"
             )
         size = self.size if self.size is not None else input_size
-        return load_detection_split(path, split, model, size=size, augment=self.augment and train, folder=folder)
+        data = load_detection_split(path, split, model, size=size, augment=self.augment and train, folder=folder)
+        if isinstance(model, DetectionModel):
+            model.check_canvas(data.size)  # before any training: FCOS refuses a canvas its pyramid is too coarse for
+        return data
 
     def describe(self) -> str:
         return f"detection, {self.num_classes} classes, {self.detector}"
@@ -557,8 +638,9 @@ class DetectionTask(Task):
         return DetectionModel(backbone, self)
 
     def forward(self, model: nn.Module, inputs: Any, targets: Any) -> Any:
-        """Training: ``model(images, targets)`` (torchvision's loss dict); evaluation: ``model(images)``."""
-        return model(inputs, targets) if model.training else model(inputs)
+        """``model(images, targets)``: training, torchvision's loss dict; evaluation, :class:`Detections` with the
+        losses on the targets (FCOS, RetinaNet; none for Faster R-CNN)."""
+        return model(inputs, targets)
 
     def comparable_output(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """The neck's pyramid maps, flattened and joined: detections pass score thresholds and NMS, so an
@@ -577,9 +659,11 @@ class DetectionTask(Task):
         return out
 
     def loss(self, output: Any, target: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
-        """The sum of torchvision's losses (training); NaN for detections (evaluation has no loss)."""
-        if isinstance(output, Mapping):
-            return sum(v.float() for v in output.values())  # type: ignore[return-value]
+        """The sum of torchvision's losses: the training loss dict, or the losses :class:`Detections` carry from
+        an evaluation forward; NaN for detections without losses (Faster R-CNN, or no targets given)."""
+        losses = output if isinstance(output, Mapping) else getattr(output, "losses", None)
+        if losses:
+            return sum(v.float() for v in losses.values())  # type: ignore[return-value]
         return torch.tensor(float("nan"))
 
     def new_meter(self) -> DetectionMeter:
