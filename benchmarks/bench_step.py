@@ -12,7 +12,7 @@ Measured in one process on one random-init timm model (default ViT-S/16, batch 1
   reference path; Hugging Face PEFT LoRA with the same targets and rank (``pip install -e '.[bench]'``);
 * adapter, VPT-deep, SSF and BitFit with vpeft's defaults;
 * with ``--memory recompute`` (or ``half``, or ``recompute,half``), each of the limit and the vpeft rows that
-  backpropagate through the backbone again as ``<name>_recompute`` / ``<name>_half``: every block (the first 9/16
+  backpropagate through the backbone again as ``<name>_recompute`` / ``<name>_half``: every block (the first 2/3
   of them) recomputed in backward (``TrainConfig(memory=...)``), judged against the (default) limit: saved
   activations and peak memory <= 0.5x at a step <= 1.3x;
 * with ``--tasks``, one step-cost table per task kind -- classification (these rows), segmentation
@@ -91,7 +91,7 @@ class Case:
     kind: str  # forward | limit | train
     build: Callable[[nn.Module], tuple[nn.Module, torch.optim.Optimizer | None]]
     backprop: bool = True  # backpropagates through the backbone (judged against the limit)
-    memory: str = "default"  # TrainConfig.memory: "recompute" (every block) / "half" (the first 9/16) recomputed
+    memory: str = "default"  # TrainConfig.memory: "recompute" (every block) / "half" (the first 2/3) recomputed
 
     @property
     def recompute(self) -> bool:
@@ -101,7 +101,7 @@ class Case:
 RECOMPUTE_TARGET = 0.5  # saved activations and peak memory of a recomputed row, x the (default) limit's
 RECOMPUTE_TIME = 1.3  # its step, x the (default) limit's
 MEMORY_MODES = ("recompute", "half")
-MEMORY_WHAT = {"recompute": "every block recomputed", "half": "first 9/16 of the blocks recomputed"}
+MEMORY_WHAT = {"recompute": "every block recomputed", "half": "first 2/3 of the blocks recomputed"}
 SAVED_TARGET = {"lora_qkv": 1.15, "lora_wide": 1.15, "ssf": 1.15}  # saved activations x the limit's (issue 21)
 
 

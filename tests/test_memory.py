@@ -1,4 +1,4 @@
-"""TrainConfig.memory="recompute" (every block recomputed in backward) and "half" (the first 9/16 of them):
+"""TrainConfig.memory="recompute" (every block recomputed in backward) and "half" (the first 2/3 of them):
 bit-identical results, names unchanged."""
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _images(size: int = 32) -> DataLoader:
 def test_train_memory_recompute_trains_bit_identically(method, memory):
     cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=8, warmup_epochs=0)
     got = []
-    # vit_reg_ls has 3 blocks: "half" recomputes the first ceil(3 * 9/16) = 2
+    # vit_reg_ls has 3 blocks: "half" recomputes the first ceil(3 * 2/3) = 2
     expected = {"default": [], "recompute": ["blocks.0", "blocks.1", "blocks.2"], "half": ["blocks.0", "blocks.1"]}
     for mode in ("default", memory):
         model = TINY_BACKBONES["vit_reg_ls"][0]()
@@ -170,7 +170,8 @@ def test_half_is_bit_identical_and_saves_between(method):
 
 def test_leading_blocks():
     blocks = [f"b{i}" for i in range(12)]
-    assert leading_blocks(blocks, HALF) == blocks[:7] and leading_blocks(blocks, 1.0) == blocks
+    assert leading_blocks(blocks, HALF) == blocks[:8] and leading_blocks(blocks, 1.0) == blocks
+    assert leading_blocks(blocks[:7], HALF) == blocks[:5]  # ceil(4.67): never fewer than 2/3
     assert leading_blocks(blocks, 0.01) == ["b0"]
     for bad in (0, -0.5, 1.5, True, "half"):
         with pytest.raises(ConfigError, match=rf"fraction={bad!r} is invalid; expected a number in \(0, 1\]"):

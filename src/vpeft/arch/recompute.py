@@ -34,11 +34,12 @@ __all__ = [
     "stop_recompute",
 ]
 
-HALF = 9 / 16
+HALF = 2 / 3
 """The fraction of the blocks ``TrainConfig(memory="half")`` recomputes (the first ones): a recomputed block keeps
 only its input, about 0.11x of what it keeps otherwise (ViT-S/16), so ``f`` of the blocks recomputed keep
-``1 - 0.89 f`` of the activations; ``f = 9/16`` gives <= 0.5x (ViT-S/16, 7 of 12 blocks: 0.48x) for 9/16 of the
-extra forward that recomputing every block costs."""
+``1 - 0.89 f`` of the activations. Measured on ViT-S/16 (``benchmarks/bench_step.py --memory half``): 7 of 12
+blocks kept 0.48x the limit's saved activations but 0.51x its peak memory (gradients and transient buffers come on
+top), so ``f = 2/3`` (8 of 12: 0.40x saved), for 2/3 of the extra forward that recomputing every block costs."""
 
 
 class RecomputedForward:

@@ -126,8 +126,8 @@ class TrainConfig:
             and gives bit-identical losses and gradients. ViT-S/16, batch 16, CPU (``benchmarks/bench_step.py
             --memory recompute``): saved activations 0.11-0.12x the activation-gradient limit's and peak memory
             0.24-0.36x, for 1.3-1.5x the default step time (one more forward of the blocks). ``"half"``: the
-            first 9/16 of the blocks only (:data:`vpeft.arch.recompute.HALF`; 7 of ViT-S's 12): saved activations
-            <= 0.5x the limit's for about 9/16 of ``"recompute"``'s extra time, also bit-identical.
+            first 2/3 of the blocks only (:data:`vpeft.arch.recompute.HALF`; 8 of ViT-S's 12): saved activations
+            and peak memory <= 0.5x the limit's for about 2/3 of ``"recompute"``'s extra time, also bit-identical.
             Neither is combined with ``grad_checkpointing`` (the library's own switch).
         seed: Seed for python, numpy and torch at the start of training (in [0, 2**32 - 1]).
         min_lr: Learning rate at the end of the cosine schedule (in [0, lr]).
