@@ -6,6 +6,9 @@ One random-init CLIP (default open_clip ViT-B/16 at 224 px; nothing is downloade
 * ``zero-shot forward``: inference with the text features cached (the unit of every "x zero-shot" ratio) -- what
   zero-shot CLIP costs per batch once the class weights exist;
 * ``zero-shot, text uncached``: the same forward recomputing the class weights (C prompts through the text tower);
+* ``limit``: everything frozen, text features cached, the input images require grad, cross-entropy backward to
+  the images -- the activation-gradient limit of the image tower, the unit of every "x limit" ratio (methods that
+  train inside the text tower also pay its forward and backward over the C prompts);
 * training steps (forward + cross-entropy + backward + AdamW step + zero_grad) of CoOp (M = 16), CoCoOp (M = 4 +
   meta-net: B x C prompts through the text tower per step), MaPLe (J = 9), CLIP-LoRA (r = 2, q/k/v of both
   towers) and CLIP-Adapter.
@@ -99,7 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         zs.__dict__["_cache"] = None
         zero_shot()
 
-    fns = {"zero-shot forward": zero_shot, "zero-shot, text uncached": uncached}
+    frozen = task.build(copy.deepcopy(base).requires_grad_(False).to(device))
+    with torch.no_grad():
+        frozen(x)  # its own text-feature cache
+
+    def limit() -> None:
+        frozen.task.loss(frozen(x.detach().requires_grad_(True)), y).backward()
+
+    fns = {"zero-shot forward": zero_shot, "zero-shot, text uncached": uncached, "limit": limit}
     params = {}
     for label, method, kwargs in METHODS:
         if method == "maple":
@@ -122,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     for fn in fns.values():  # warm-up
         fn()
     times = C.time_interleaved(fns, repeats, device, clock=clock)
-    unit = C.median(times["zero-shot forward"])
+    unit, lim = C.median(times["zero-shot forward"]), C.median(times["limit"])
     rows = []
     for name, ts in times.items():
         label = name.removesuffix(" step")
-        rows.append({"name": name, "ms": 1e3 * C.median(ts), "ratio": C.median(ts) / unit, "params": params.get(label)})
+        row = {"name": name, "config": label, "ms": 1e3 * C.median(ts), "ratio": C.median(ts) / unit}
+        rows.append({**row, "x_limit": C.median(ts) / lim, "params": params.get(label)})
     extra = f", {'tiny CLIP' if args.quick else args.model} at {size} px, batch {args.batch}, {args.classes} classes"
     print(C.header("CLIP prompt learners: training step vs zero-shot forward", device, threads, extra, clock))
     print()
@@ -138,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("params", "trainable", ","),
                 ("ms", "ms", ".1f"),
                 ("ratio", "x zero-shot forward", ".2f"),
+                ("x_limit", "x limit", ".2f"),
             ],
         )
     )

@@ -12,7 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPTS = {
-    "bench_step.py": ["| forward |", "| limit |", "| lora_wide |", "## Targets (not judged: --quick"],
+    "bench_step.py": [
+        "| forward |",
+        "| limit |",
+        "| lora_wide |",
+        "## Targets (not judged: --quick",
+        "| limit_half |",
+        "| ssf_recompute |",
+        "## Step cost per task kind",
+        *(f"### {kind}" for kind in ("classification", "segmentation", "zero-shot CLIP", "video", "detection")),
+    ],
     "bench_merge.py": ["| plain backbone |", "| lora |", "| vpt_deep |", "mergeable methods within 1 %"],
     "bench_options.py": ["| vit | lora | baseline |", "| cnn | bitfit | channels_last |", "| checkpointing |"],
     "bench_cache.py": ["| linear probe | pre_logits |", "| partial-1 | 1 |", "cheaper with the cache"],
@@ -41,6 +50,9 @@ SCRIPTS = {
     ],
 }
 
+# bench_step.py --quick also runs its memory modes and the per-task-kind tables (the other benches, tiny: ~1 min)
+EXTRA_ARGS = {"bench_step.py": ["--tasks", "--memory", "recompute,half"]}
+
 
 def _serve_swap_is_merged(results: dict) -> None:
     """bench_serve's swap configuration serves merged models: every adapter's file is a ``vpeft-merged`` state dict,
@@ -61,7 +73,7 @@ CHECKS = {"bench_serve.py": _serve_swap_is_merged}
 def test_benchmark_runs_quick(script, tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out), *EXTRA_ARGS.get(script, [])],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -24,7 +24,7 @@ def _run(args: list[str]) -> str:
 
 def test_bench_clip_quick(tmp_path):
     out = _run(["benchmarks/bench_clip.py", "--quick", "--json", str(tmp_path / "r.json")])
-    for needle in ("| zero-shot forward |", "| coop step |", "| cocoop step |", "CoCoOp step / CoOp step"):
+    for needle in ("| zero-shot forward |", "| limit |", "| coop step |", "| cocoop step |", "CoCoOp step / CoOp step"):
         assert needle in out
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert {r["name"] for r in rows} >= {"zero-shot forward", "coop step", "cocoop step", "maple step"}

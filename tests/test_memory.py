@@ -1,4 +1,5 @@
-"""TrainConfig.memory="recompute": every block recomputed in backward, bit-identical results, names unchanged."""
+"""TrainConfig.memory="recompute" (every block recomputed in backward) and "half" (the first 2/3 of them):
+bit-identical results, names unchanged."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vpeft
 from vpeft.arch import get_family
-from vpeft.arch.recompute import is_recomputed, recompute_blocks, recomputed_names, stop_recompute
+from vpeft.arch.recompute import (
+    HALF,
+    is_recomputed,
+    leading_blocks,
+    recompute_blocks,
+    recomputed_names,
+    stop_recompute,
+)
 from vpeft.errors import ConfigError
 from vpeft.train import TrainConfig, train
 
@@ -121,31 +129,63 @@ def test_every_and_stop_recompute():
             recompute_blocks(model, ["blocks.0"], every=bad)
 
 
-def _images() -> DataLoader:
+def _images(size: int = 32) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    ds = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (16,), generator=g))
+    images = torch.randn(16, 3, size, size, generator=g)
+    ds = TensorDataset(images, torch.randint(0, NUM_CLASSES, (16,), generator=g))
     return DataLoader(ds, batch_size=8)
 
 
 @pytest.mark.parametrize("method", ["lora", "ssf"])
-def test_train_memory_recompute_trains_bit_identically(method):
+@pytest.mark.parametrize("memory", ["recompute", "half"])
+def test_train_memory_recompute_trains_bit_identically(method, memory):
     cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=8, warmup_epochs=0)
     got = []
-    for memory in ("default", "recompute"):
-        model = TINY_BACKBONES["vit_cls"][0]()
+    # vit_reg_ls has 3 blocks: "half" recomputes the first ceil(3 * 2/3) = 2
+    expected = {"default": [], "recompute": ["blocks.0", "blocks.1", "blocks.2"], "half": ["blocks.0", "blocks.1"]}
+    for mode in ("default", memory):
+        model = TINY_BACKBONES["vit_reg_ls"][0]()
         vpeft.apply(model, method)
-        history = train(model, _images(), dataclasses.replace(cfg, memory=memory), progress=False).history
-        assert recomputed_names(model) == (["blocks.0", "blocks.1"] if memory == "recompute" else [])
+        history = train(model, _images(28), dataclasses.replace(cfg, memory=mode), progress=False).history
+        assert recomputed_names(model) == expected[mode]
         got.append((history[0]["train_loss"], [p.detach().clone() for p in model.parameters() if p.requires_grad]))
     assert got[0][0] == got[1][0]
     assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))
 
 
+@pytest.mark.parametrize("method", ["lora", "ssf", "adapter"])
+def test_half_is_bit_identical_and_saves_between(method):
+    base = _vit(0.1)
+    vpeft.apply(base, method)
+    base.train()
+    half, every = copy.deepcopy(base), copy.deepcopy(base)
+    assert get_family(half).recompute_blocks(half, fraction=HALF) == ["blocks.0", "blocks.1"]
+    get_family(every).recompute_blocks(every)
+    (loss0, grads0, saved0), (loss1, grads1, saved1), (_, _, saved2) = _step(base), _step(half), _step(every)
+    assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys() and grads0
+    for name in grads0:
+        assert torch.equal(grads0[name], grads1[name]), name
+    assert saved2 < saved1 < saved0
+
+
+def test_leading_blocks():
+    blocks = [f"b{i}" for i in range(12)]
+    assert leading_blocks(blocks, HALF) == blocks[:8] and leading_blocks(blocks, 1.0) == blocks
+    assert leading_blocks(blocks[:7], HALF) == blocks[:5]  # ceil(4.67): never fewer than 2/3
+    assert leading_blocks(blocks, 0.01) == ["b0"]
+    for bad in (0, -0.5, 1.5, True, "half"):
+        with pytest.raises(ConfigError, match=rf"fraction={bad!r} is invalid; expected a number in \(0, 1\]"):
+            leading_blocks(blocks, bad)
+
+
 def test_memory_validated():
-    with pytest.raises(ConfigError, match=r"TrainConfig.memory must be one of default, recompute, got 'low'"):
+    with pytest.raises(ConfigError, match=r"TrainConfig.memory must be one of default, recompute, half, got 'low'"):
         TrainConfig(memory="low")
     with pytest.raises(ConfigError, match="memory='recompute' and grad_checkpointing=True both recompute"):
         TrainConfig(memory="recompute", grad_checkpointing=True)
+    with pytest.raises(ConfigError, match="memory='half' and grad_checkpointing=True both recompute"):
+        TrainConfig(memory="half", grad_checkpointing=True)
+    assert TrainConfig(memory="half").memory == "half"
     assert TrainConfig.from_dict({"memory": "recompute"}).memory == "recompute"
 
 
@@ -163,4 +203,4 @@ def test_cli_memory_flag_is_generated_and_validated(capsys, tmp_path):
     argv = ["train", "--backbone", "test_vit", "--method", "lora", "--task", "digits", "--out", str(tmp_path / "o")]
     assert main([*argv, "--memory", "low"]) == 2
     err = capsys.readouterr().err
-    assert "--memory must be one of default, recompute, got 'low'" in err and "Traceback" not in err
+    assert "--memory must be one of default, recompute, half, got 'low'" in err and "Traceback" not in err

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedBackboneError
 from ..registry import Registry
-from .recompute import recompute_blocks
+from .recompute import leading_blocks, recompute_blocks
 from .spec import ArchSpec, timm_convnext_spec, timm_efficientnet_spec, timm_vit_spec
 
 __all__ = [
@@ -96,14 +96,15 @@ class Family:
             "train without grad_checkpointing"
         )
 
-    def recompute_blocks(self, model: nn.Module, every: int = 1) -> list[str]:
+    def recompute_blocks(self, model: nn.Module, every: int = 1, fraction: float = 1.0) -> list[str]:
         """Recompute every ``every``-th block of :meth:`spec` in backward (non-reentrant checkpointing around the
-        block: its parameters, names and the methods' wrappers inside it unchanged); returns the blocks' names.
-        Losses and gradients are bit-identical to the default (:mod:`vpeft.arch.recompute`)."""
+        block: its parameters, names and the methods' wrappers inside it unchanged); with ``fraction < 1`` only
+        among the first ``ceil(fraction * blocks)`` (:func:`~vpeft.arch.recompute.leading_blocks`). Returns the
+        blocks' names. Losses and gradients are bit-identical to the default (:mod:`vpeft.arch.recompute`)."""
         blocks = self.spec(model).blocks
         if not blocks:
             raise ConfigError(f"backbone family {self.name!r} lists no blocks for {type(model).__name__} to recompute")
-        return recompute_blocks(model, blocks, every)
+        return recompute_blocks(model, leading_blocks(blocks, fraction), every)
 
     def random_in_training(self, model: nn.Module) -> bool:
         """Whether the family's own training-time randomness (a dropout rate set on the model) is active."""

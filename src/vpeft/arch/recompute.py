@@ -14,6 +14,7 @@ usual.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,22 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 
-__all__ = ["RecomputedForward", "is_recomputed", "recompute_blocks", "recomputed_names", "stop_recompute"]
+__all__ = [
+    "HALF",
+    "RecomputedForward",
+    "is_recomputed",
+    "leading_blocks",
+    "recompute_blocks",
+    "recomputed_names",
+    "stop_recompute",
+]
+
+HALF = 2 / 3
+"""The fraction of the blocks ``TrainConfig(memory="half")`` recomputes (the first ones): a recomputed block keeps
+only its input, about 0.11x of what it keeps otherwise (ViT-S/16), so ``f`` of the blocks recomputed keep
+``1 - 0.89 f`` of the activations. Measured on ViT-S/16 (``benchmarks/bench_step.py --memory half``): 7 of 12
+blocks kept 0.48x the limit's saved activations but 0.51x its peak memory (gradients and transient buffers come on
+top), so ``f = 2/3`` (8 of 12: 0.40x saved), for 2/3 of the extra forward that recomputing every block costs."""
 
 
 class RecomputedForward:
@@ -50,6 +66,17 @@ def is_recomputed(module: nn.Module) -> bool:
 def recomputed_names(model: nn.Module) -> list[str]:
     """Qualified names of ``model``'s recomputed modules, in module order."""
     return [name for name, m in model.named_modules() if is_recomputed(m)]
+
+
+def leading_blocks(blocks: Sequence[str], fraction: float) -> list[str]:
+    """The first ``ceil(fraction * len(blocks))`` of ``blocks`` (at least one).
+
+    Raises:
+        ConfigError: ``fraction`` is not a number in (0, 1].
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ConfigError(f"fraction={fraction!r} is invalid; expected a number in (0, 1] (1: every block)")
+    return list(blocks)[: max(1, math.ceil(fraction * len(blocks)))]
 
 
 def recompute_blocks(model: nn.Module, blocks: Sequence[str], every: int = 1) -> list[str]:

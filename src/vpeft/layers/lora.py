@@ -3,8 +3,15 @@
 The forward/backward pass of a LoRA linear over a frozen base is one custom autograd function
 (:class:`FusedLoRAFunction`): the low-rank terms go into the base GEMMs (through a temporary merged
 weight) or are accumulated in place into the output and the input gradient, the scale is folded into the
-GEMMs' ``alpha`` and only the input (plus the small ``x A^T``) is saved. This brings LoRA on wide targets
-close to the cost of backpropagating through the frozen backbone; see ``benchmarks/bench_step.py``.
+GEMMs' ``alpha`` and only the input is saved (``x A^T`` is recomputed in backward). This brings LoRA on wide
+targets close to the cost of backpropagating through the frozen backbone; see ``benchmarks/bench_step.py``.
+
+Shared inputs: the input of a wrapped layer is often the output of a frozen LayerNorm or GELU (timm's ``norm1``
+before ``qkv``, ``norm2`` before ``fc1``, ``act`` before ``fc2``), whose own backward keeps *its* input. With
+:func:`share_inputs` such producers tag their output with (producer, its input); the fused function then saves
+the producer's input -- the storage the producer's backward keeps anyway -- and recomputes the producer's output
+in backward (one elementwise pass), so LoRA adds no activation of its own. The recomputation runs the same op on
+the same tensor, so outputs and gradients are bit-identical to saving the input.
 """
 
 from __future__ import annotations
@@ -16,9 +23,50 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .._modules import tensor_versions
 from .base import Wrapper
 
-__all__ = ["LoRALinear", "FusedLoRAFunction", "fused_lora_linear"]
+__all__ = ["LoRALinear", "FusedLoRAFunction", "fused_lora_linear", "share_inputs", "SOURCE_ATTR"]
+
+SOURCE_ATTR = "vpeft_lora_source"
+"""Attribute a tagged producer sets on its output: ``(producer, its input, the output's version)``."""
+_PRODUCERS = (nn.LayerNorm, nn.GELU)  # deterministic ops whose backward keeps their input
+
+
+def _tag_output(module: nn.Module, args: tuple, output) -> None:
+    """Forward hook of a producer: tag ``output`` with the input its backward keeps anyway (see the module doc).
+
+    Only when autograd keeps that input -- gradients on, the input requires grad, the producer is frozen -- so the
+    tag's reference never keeps a tensor alive that would have been freed."""
+    if not torch.is_grad_enabled() or len(args) != 1 or not isinstance(output, torch.Tensor):
+        return
+    (inp,) = args
+    if not isinstance(inp, torch.Tensor) or not inp.requires_grad or inp.dtype != output.dtype:
+        return
+    if any(p.requires_grad for p in module.parameters()):
+        return
+    setattr(output, SOURCE_ATTR, (module, inp, tensor_versions([output])[0]))
+
+
+def share_inputs(model: nn.Module) -> int:
+    """Tag the outputs of ``model``'s LayerNorm and GELU modules (a forward hook; idempotent) so a fused LoRA
+    layer reading them saves their input instead (no activation of its own); returns how many are tagged."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, _PRODUCERS) and not isinstance(module, Wrapper):
+            if not getattr(module, "vpeft_tags_output", False):
+                module.register_forward_hook(_tag_output)
+                module.vpeft_tags_output = True
+            count += 1
+    return count
+
+
+def _source_of(x: torch.Tensor) -> tuple[nn.Module, torch.Tensor] | None:
+    """``(producer, its input)`` when ``x`` is a tagged producer output not modified in place since, else None."""
+    tag = getattr(x, SOURCE_ATTR, None)
+    if tag is None or tag[2] != tensor_versions([x])[0]:
+        return None
+    return tag[0], tag[1]
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -26,6 +74,11 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 1.0:
         return torch.mm(a, b)
     return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0.0, alpha=scale)
+
+
+def _cat(lora_a) -> torch.Tensor:
+    """``[A_1; ...; A_k]`` (no copy for one slice)."""
+    return lora_a[0] if len(lora_a) == 1 else torch.cat(lora_a)
 
 
 def _merged_weight(weight: torch.Tensor, lora_a, lora_b, slices, scale: float) -> torch.Tensor:
@@ -48,8 +101,9 @@ class FusedLoRAFunction(torch.autograd.Function):
     the batch has more rows than ``W`` has input features (training batches), the low-rank term is folded
     into a temporary merged weight ``W + s pad(B A)`` (``out x in``, smaller than one pass over the output)
     and ``y`` is one GEMM; otherwise ``y = x W^T + b`` and every slice adds ``s t_i B_i^T`` in place into
-    its columns, ``t = h [A_1; ...; A_k]^T`` (one GEMM). ``t`` is computed when a ``B`` needs a gradient.
-    Saved for backward: ``h`` (or ``x``) when an ``A`` needs a gradient, ``t`` when a ``B`` does.
+    its columns, ``t = h [A_1; ...; A_k]^T`` (one GEMM). Saved for backward, when an ``A`` or a ``B`` needs a
+    gradient: ``h`` (or ``x``; or, given a ``source`` ``(producer, inp)`` with ``x = producer(inp)``, ``inp``,
+    from which backward recomputes ``x``); ``t`` is recomputed in backward (one thin GEMM, the same as forward's).
     Backward: ``u_i = g[:, slice_i] B_i``; ``dx = g W + s u A`` -- one GEMM with the merged weight when
     the batch has more rows than ``W`` has outputs, else accumulated in place; ``dA = s u^T h``;
     ``dB_i = s g[:, slice_i]^T t_i``. The scale is the GEMMs' ``alpha`` (no multiply when it is 1), and
@@ -58,38 +112,43 @@ class FusedLoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h, weight, bias, scaling, slices, *lora):  # noqa: D102 (documented on the class)
+    def forward(ctx, x, h, weight, bias, scaling, slices, source, *lora):  # noqa: D102 (documented on the class)
         k = len(slices)
         lora_a, lora_b = lora[:k], lora[k:]
-        need_a, need_b = any(ctx.needs_input_grad[6 : 6 + k]), any(ctx.needs_input_grad[6 + k :])
+        need_a, need_b = any(ctx.needs_input_grad[7 : 7 + k]), any(ctx.needs_input_grad[7 + k :])
         in_features, out_features = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, in_features)
         src = x2 if h is None else h.reshape(-1, in_features)
-        a_cat = lora_a[0] if k == 1 else torch.cat(lora_a)
         fold = h is None and x2.shape[0] > in_features
         w = _merged_weight(weight, lora_a, lora_b, slices, scaling) if fold else weight
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-        t = torch.mm(src, a_cat.t()) if need_b or not fold else None
         if not fold:
-            r = lora_a[0].shape[0]
+            t, r = torch.mm(src, _cat(lora_a).t()), lora_a[0].shape[0]
             for i, (start, stop) in enumerate(slices):
                 y[:, start:stop].addmm_(t[:, i * r : (i + 1) * r], lora_b[i].t(), alpha=scaling)
-        ctx.save_for_backward(src if need_a else None, t if need_b else None, weight, *lora)
+        ctx.source = None if h is not None or source is None else source[0]
+        keep = (src if ctx.source is None else source[1]) if need_a or need_b else None
+        ctx.save_for_backward(keep, weight, *lora)
         ctx.scaling, ctx.slices, ctx.x_shape, ctx.has_h = scaling, slices, x.shape, h is not None
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):  # noqa: D102
-        src, t, weight, *lora = ctx.saved_tensors
+        src, weight, *lora = ctx.saved_tensors
         k, s, slices = len(ctx.slices), ctx.scaling, ctx.slices
         lora_a, lora_b = lora[:k], lora[k:]
         need_x, need_h = ctx.needs_input_grad[0], ctx.has_h and ctx.needs_input_grad[1]
-        need_a = any(ctx.needs_input_grad[6 : 6 + k])
+        need_a = any(ctx.needs_input_grad[7 : 7 + k])
         r = lora_a[0].shape[0]
         g = grad_y.reshape(-1, weight.shape[0])
         fold = not ctx.has_h and g.shape[0] > weight.shape[0]
-        a_cat = lora_a[0] if k == 1 else torch.cat(lora_a)
+        a_cat = _cat(lora_a)
+        if src is not None and ctx.source is not None:  # the producer's output, recomputed from its input
+            with torch.no_grad():
+                src = ctx.source(src)
+        src = None if src is None else src.reshape(-1, weight.shape[1])
+        t = torch.mm(src, a_cat.t()) if any(ctx.needs_input_grad[7 + k :]) else None  # as in forward
         u_t = None
         if need_a or need_h or (need_x and not fold):
             # u^T = [B_i^T g_i^T] (k r x N), written row block by row block: the fast layouts of BLAS
@@ -113,9 +172,9 @@ class FusedLoRAFunction(torch.autograd.Function):
             grad_a_cat = _gemm(u_t, src, s)
             grads_a = [grad_a_cat[i * r : (i + 1) * r] for i in range(k)]
         for i, (a, b) in enumerate(slices):
-            if ctx.needs_input_grad[6 + k + i]:  # dB_i^T = s t_i^T g_i: the fast layout, transposed back
+            if ctx.needs_input_grad[7 + k + i]:  # dB_i^T = s t_i^T g_i: the fast layout, transposed back
                 grads_b[i] = _gemm(t[:, i * r : (i + 1) * r].t(), g[:, a:b], s).t()
-        return grad_x, grad_h, None, None, None, None, *grads_a, *grads_b
+        return grad_x, grad_h, None, None, None, None, None, *grads_a, *grads_b
 
 
 def fused_lora_linear(
@@ -127,9 +186,11 @@ def fused_lora_linear(
     scaling: float,
     slices: list[tuple[int, int]],
     h: torch.Tensor | None = None,
+    source: tuple[nn.Module, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Functional form of :class:`FusedLoRAFunction` (``h``: dropped-out input of the branch, default ``x``)."""
-    return FusedLoRAFunction.apply(x, h, weight, bias, float(scaling), tuple(slices), *lora_a, *lora_b)
+    """Functional form of :class:`FusedLoRAFunction` (``h``: dropped-out input of the branch, default ``x``;
+    ``source``: ``(producer, inp)`` with ``x == producer(inp)`` bit for bit, saved instead of ``x``)."""
+    return FusedLoRAFunction.apply(x, h, weight, bias, float(scaling), tuple(slices), source, *lora_a, *lora_b)
 
 
 class LoRALinear(Wrapper):
@@ -194,7 +255,8 @@ class LoRALinear(Wrapper):
         base = self.base_layer
         lora_a, lora_b = self.factors()
         h = None if h is x else h
-        return fused_lora_linear(x, base.weight, base.bias, lora_a, lora_b, self.scaling, self.slices, h=h)
+        source = _source_of(x)  # ignored with dropout: the branch reads h, not x
+        return fused_lora_linear(x, base.weight, base.bias, lora_a, lora_b, self.scaling, self.slices, h, source)
 
     def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         """The reference implementation: base output plus each slice's scaled low-rank term (plain autograd)."""

@@ -116,6 +116,39 @@ class _NormScaleShiftFn(torch.autograd.Function):
         return grad_x, grad_scale, grad_shift, None, None
 
 
+class _LinearScaleShiftFn(torch.autograd.Function):
+    """``out = linear(x) * gamma + beta`` for a frozen ``nn.Linear``, saving only the linear's input ``x``.
+
+    :class:`_ScaleShiftFn` keeps ``out`` for the gradient of ``gamma``; after a timm attention's output projection
+    nobody else keeps it (a residual add follows), while ``x`` -- the fused attention's output -- is already kept by
+    the attention's backward (``scaled_dot_product_attention`` saves its output; the head merge is a view of it).
+    Here backward recomputes ``y = linear(x)`` (one GEMM the size of the projection's forward) and takes
+    ``sum(g * y)`` directly, so the projection's scale-shift keeps no activation of its own. Chosen per module by
+    the SSF method (:attr:`ScaleShift.recompute_base`), only where ``x`` is that shared tensor; with ``in ==
+    out`` features saving ``x`` never costs more than saving ``out``. The forward is today's ops (the linear, then
+    ``mul_``/``add_`` in place), so outputs are bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, linear: nn.Module):
+        out = linear(x).mul_(scale).add_(shift)
+        ctx.save_for_backward(x, scale)
+        ctx.linear = linear
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, scale = ctx.saved_tensors
+        dims = list(range(g.ndim - 1))
+        grad_x = torch.matmul(g * scale, ctx.linear.weight) if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            with torch.no_grad():
+                grad_scale = (g * ctx.linear(x)).sum(dims)
+        grad_shift = g.sum(dims) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_scale, grad_shift, None
+
+
 class ScaleShift(Wrapper):
     """``y = f(x) * gamma + beta`` per output channel.
 
@@ -126,6 +159,9 @@ class ScaleShift(Wrapper):
 
     mergeable = True
     stackable = True
+    #: recompute a frozen Linear base's output in backward from its input instead of keeping the output
+    #: (:class:`_LinearScaleShiftFn`); set by the SSF method where another op keeps that input anyway
+    recompute_base: bool = False
 
     def __init__(self, base_layer: nn.Module, init_std: float = 0.02) -> None:
         super().__init__(base_layer)
@@ -161,7 +197,24 @@ class ScaleShift(Wrapper):
             and not torch.is_autocast_enabled(x.device.type)
         )
 
+    def _recomputes_linear(self, x: torch.Tensor) -> bool:
+        """Whether :class:`_LinearScaleShiftFn` applies: :attr:`recompute_base` on a frozen plain Linear no other
+        wrapper wraps, gradients on, outside autocast."""
+        base = self.base_layer
+        return (
+            self.recompute_base
+            and not self.wrapped
+            and type(base) is nn.Linear
+            and torch.is_grad_enabled()
+            and (self.scale.requires_grad or self.shift.requires_grad)
+            and not any(p.requires_grad for p in base.parameters())
+            and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype == base.weight.dtype
+        )
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not args and not kwargs and self._recomputes_linear(x):
+            return _LinearScaleShiftFn.apply(x, self.scale, self.shift, self.base_layer)
         if not args and not kwargs and self._recomputes_norm(x):
             inplace = type(self.base_layer) in _PLAIN
             return _NormScaleShiftFn.apply(x, self.scale, self.shift, self.base_layer, inplace)

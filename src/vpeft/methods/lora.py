@@ -25,6 +25,7 @@ from ..arch import QKV, ArchSpec, Target
 from ..config import MethodConfig, check_float, check_int, check_subset
 from ..errors import UnsupportedBackboneError
 from ..layers import LoRALinear
+from ..layers.lora import share_inputs
 from ..layers.lora_conv import LoRAConv2d
 from ..registry import register_method
 from .base import REPARAMETER, Method
@@ -82,6 +83,13 @@ class LoRA(Method):
         if spec.kind == "cnn" and not self.targets(model, spec):
             targets = list(self.config.targets)
             raise UnsupportedBackboneError(f"lora: {spec.arch} has no groups=1 layers for targets {targets}")
+
+    def finish(self, model: nn.Module, spec: ArchSpec, adapted: list[str]) -> list[str]:
+        """The LayerNorm / GELU outputs the wrapped Linears read are tagged: the fused layers save the input those
+        modules' backward keeps anyway and recompute their output in backward (:func:`share_inputs`)."""
+        if any(isinstance(model.get_submodule(name), LoRALinear) for name in adapted):
+            share_inputs(model)
+        return adapted
 
     def create(self, model: nn.Module, spec: ArchSpec, target: Target) -> nn.Module:
         base, cfg = target.module, self.config  # a Linear (every transformer role, channel Linears) or a Conv2d

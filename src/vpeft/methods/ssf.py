@@ -61,6 +61,13 @@ class SSF(Method):
             for name, module in model.named_modules()
             if channel_dim_of(module) is not None and not (head and (name == head or name.startswith(head + ".")))
         ]
+        # a fused attention keeps its output, which its output projection reads: recompute that projection's
+        # output in backward rather than keep it (one GEMM for one activation per block)
+        shared = {p.proj for p in spec.parts if p.attention == "fused" and p.proj}
         for name in names:
-            set_module(model, name, ScaleShift(model.get_submodule(name), self.config.init_std))
+            layer = ScaleShift(model.get_submodule(name), self.config.init_std)
+            base = layer.base_layer
+            if name in shared and isinstance(base, nn.Linear) and base.in_features == base.out_features:
+                layer.recompute_base = True
+            set_module(model, name, layer)
         return names

@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from vpeft.arch import get_family, get_spec, supported_families
+from vpeft.arch.recompute import HALF
 from vpeft.errors import CheckpointError, ConfigError, DataError, UnsupportedBackboneError, suggest
 from vpeft.tasks import ClassificationTask, Meter, Task, TaskModel
 from vpeft.train import checkpoint as ckpt
@@ -82,16 +83,16 @@ def _check_float(
     return float(value)
 
 
-MEMORY_MODES = ("default", "recompute")
+MEMORY_MODES = ("default", "recompute", "half")
 """The values of :attr:`TrainConfig.memory`."""
 
 
 def _check_memory(memory: Any, grad_checkpointing: bool) -> None:
     if not isinstance(memory, str) or memory not in MEMORY_MODES:
         raise _fail("memory", memory, f"one of {', '.join(MEMORY_MODES)}")
-    if memory == "recompute" and grad_checkpointing:
+    if memory != "default" and grad_checkpointing:
         raise ConfigError(
-            "TrainConfig.memory='recompute' and grad_checkpointing=True both recompute the blocks; set one"
+            f"TrainConfig.memory={memory!r} and grad_checkpointing=True both recompute the blocks; set one"
         )
 
 
@@ -124,8 +125,10 @@ class TrainConfig:
             its input; backward recomputes it. Works with every method (their tensors live inside the blocks)
             and gives bit-identical losses and gradients. ViT-S/16, batch 16, CPU (``benchmarks/bench_step.py
             --memory recompute``): saved activations 0.11-0.12x the activation-gradient limit's and peak memory
-            0.24-0.36x, for 1.3-1.5x the default step time (one more forward of the blocks).
-            Not combined with ``grad_checkpointing`` (the library's own switch).
+            0.24-0.36x, for 1.3-1.5x the default step time (one more forward of the blocks). ``"half"``: the
+            first 2/3 of the blocks only (:data:`vpeft.arch.recompute.HALF`; 8 of ViT-S's 12): saved activations
+            and peak memory <= 0.5x the limit's for about 2/3 of ``"recompute"``'s extra time, also bit-identical.
+            Neither is combined with ``grad_checkpointing`` (the library's own switch).
         seed: Seed for python, numpy and torch at the start of training (in [0, 2**32 - 1]).
         min_lr: Learning rate at the end of the cosine schedule (in [0, lr]).
         max_grad_norm: Clip the global gradient norm to this value; ``None`` disables clipping.
@@ -721,23 +724,24 @@ def _apply_options(model: nn.Module, cfg: TrainConfig) -> bool:
                 f"({', '.join(supported_families())}); {type(model).__name__} is none"
             ) from None
         family.set_grad_checkpointing(model, True)
-    if cfg.memory == "recompute":
-        _recompute(model)
+    if cfg.memory != "default":
+        _recompute(model, cfg.memory)
     return bool(channels_last)
 
 
-def _recompute(model: nn.Module) -> list[str]:
-    """``TrainConfig.memory="recompute"``: recompute every block of the backbone (a task model's backbone)."""
+def _recompute(model: nn.Module, memory: str = "recompute") -> list[str]:
+    """``TrainConfig.memory="recompute"``: recompute every block of the backbone (a task model's backbone);
+    ``"half"``: the first :data:`~vpeft.arch.recompute.HALF` of them."""
     if isinstance(model, TaskModel):
         model = model.backbone
     try:
         family = get_family(model)
     except UnsupportedBackboneError:
         raise ConfigError(
-            f"TrainConfig.memory='recompute' needs a backbone of a known family "
+            f"TrainConfig.memory={memory!r} needs a backbone of a known family "
             f"({', '.join(supported_families())}); {type(model).__name__} is none"
         ) from None
-    return family.recompute_blocks(model, every=1)
+    return family.recompute_blocks(model, every=1, fraction=HALF if memory == "half" else 1.0)
 
 
 def _epoch_record(
