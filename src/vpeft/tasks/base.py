@@ -122,7 +122,9 @@ class Task(abc.ABC):
     ) -> list[Path]:
         """Write the model's predictions on ``dataset`` as files a person can look at (segmentation: colour
         overlays); task types without a picture form refuse."""
-        raise ConfigError(f"{self.kind} tasks have no prediction images to save (segmentation, detection and video tasks do)")
+        raise ConfigError(
+            f"{self.kind} tasks have no prediction images to save (segmentation, detection and video tasks do)"
+        )
 
     # ---- model, loss and metrics --------------------------------------------------------------------------------
     def backbone_kwargs(self) -> dict[str, Any]:
