@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from saved_memory import saved_step
 from tiny import NUM_CLASSES, TINY_BACKBONES
 from torch import nn
 
@@ -20,21 +20,8 @@ WIDE = ["qkv", "proj", "fc1", "fc2"]
 
 def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     """Output, loss, the trainable tensors' gradients and the bytes of the storages autograd saved (weights out)."""
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), x]}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out.detach(), loss.detach(), grads, sum(saved.values())
+    out, loss, grads, _, saved = saved_step(model, x, y)
+    return out, loss, grads, saved
 
 
 def _lora_model(dtype=torch.float32, **kwargs) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
+from saved_memory import saved_step
 from tiny import NUM_CLASSES, TINY_BACKBONES
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -52,20 +52,8 @@ def _batch(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 def _step(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Loss, the trainable tensors' gradients and the bytes of the distinct storages autograd saved."""
     x, y = _batch()
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), x]}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    torch.manual_seed(7)  # drop-path draws from the global generator
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.detach(), grads, sum(saved.values())
+    _, loss, grads, _, saved = saved_step(model, x, y, seed=7)  # drop-path draws from the global generator
+    return loss, grads, saved
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from saved_memory import saved_step
 from tiny import NUM_CLASSES, TINY_BACKBONES
 from torch import nn
 
@@ -16,21 +16,7 @@ from vpeft.layers import ScaleShift
 
 def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     """Output, loss, the trainable tensors' and the input's gradients, bytes of the storages autograd saved."""
-    x = x.clone().requires_grad_(True)
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), x]}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.detach(), loss.detach(), grads, x.grad, sum(saved.values())
+    return saved_step(model, x, y, input_grad=True)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
