@@ -381,11 +381,12 @@ def _bench_step():
 def test_bench_step_says_more_time_when_slower_and_judges_only_the_full_setting():
     bs = _bench_step()
     assert bs.time_change(1.25) == "20.0% less time" and bs.time_change(1 / 1.161) == "16.1% more time"
-    rows = [{"config": "lora_wide", "x_limit": 1.2, "backprop": True, "checks_ok": True}]
-    by = {"lora_wide": {"step_s": 1.161}, "peft_wide": {"step_s": 1.0}}  # vpeft slower than PEFT
+    rows = [{"config": "lora_wide", "x_limit": 1.2, "backprop": True, "checks_ok": True, "saved_mib": 600.0}]
+    by = {"lora_wide": {"step_s": 1.161}, "peft_wide": {"step_s": 1.0}, "limit": {"saved_mib": 560.0}}  # slower
     full = "\n".join(bs.summarise(rows, by, judge=True))
     assert "(16.1% more time) -> NOT met (>= 1.25x)" in full and "less time" not in full
     assert "1.200x the limit -> NOT met (<= 1.05x)" in full
+    assert "saved activations 600.0 MiB = 1.071x the limit's -> met (<= 1.15x)" in full
     quick = "\n".join(bs.summarise(rows, by, judge=False))
     assert "met" not in quick.replace("not judged", "") and "## Targets (not judged: --quick" in quick
     assert "1.200x the limit (target <= 1.05x)" in quick and "(16.1% more time) (target >= 1.25x)" in quick
