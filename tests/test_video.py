@@ -600,6 +600,10 @@ def test_contact_sheets_show_the_frames_the_model_saw_and_the_predicted_class(tm
     with pytest.raises(ConfigError, match="save_clip_sheets: limit=-1 is invalid"):
         save_clip_sheets(_FixedLogits(), ds, tmp_path / "s2", limit=-1)
     assert [p.name for p in save_clip_sheets(_FixedLogits(), ds, tmp_path / "s3", limit=1)] == ["a.png"]
+    twice = VideoDataset(read_clip_list(root, "test+test"), 3, to_tensor, num_frames=4)  # a joined split repeats
+    assert [p.name for p in save_clip_sheets(_FixedLogits(), twice, tmp_path / "s4")] == [
+        "a.png", "b.png", "a-2.png", "b-2.png"
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ ST-Adapter's placements

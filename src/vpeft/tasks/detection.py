@@ -60,7 +60,7 @@ from ..errors import ConfigError
 from .base import Meter, Task, TaskModel, register_task
 from .decoders.fpn import ChannelNorm, SimplePyramid
 from .dense import DenseFeatures
-from .predict import base_dataset, first_items, predict_items
+from .predict import base_dataset, first_items, predict_items, unique_png
 
 __all__ = [
     "DETECTORS",
@@ -496,14 +496,9 @@ def save_detection_images(
     for i, det in predict_items(model, base, indices, device, batch_size):
         rec = base.records.images[i]
         boxes, scores, labels = _detections_on_stored_image(base, rec, det, float(score_threshold))
-        stem, n = rec.path.stem, 1
-        while f"{stem}.png" in used:
-            n += 1
-            stem = f"{rec.path.stem}-{n}"
-        used.add(f"{stem}.png")
         with Image.open(rec.path) as im:  # the stored image, at its own resolution
             image = im.convert("RGB")
-        path = out_dir / f"{stem}.png"
+        path = out_dir / unique_png(rec.path.stem, used)
         written.append(draw_detections(image, path, boxes, scores, labels, base.class_names, palette, truth=rec.boxes))
     return written
 

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..config import Range
 
-__all__ = ["base_dataset", "first_items", "predict_items"]
+__all__ = ["base_dataset", "first_items", "predict_items", "unique_png"]
 
 
 def base_dataset(dataset: Dataset) -> tuple[Any, list[int]]:
@@ -54,3 +54,14 @@ def predict_items(
             yield from zip(chunk, outputs)
     finally:
         model.train(was_training)
+
+
+def unique_png(stem: str, used: set[str]) -> str:
+    """``<stem>.png``, or ``<stem>-2.png``, ``<stem>-3.png`` ... when a joined split repeats a name; recorded in
+    ``used``."""
+    name, n = f"{stem}.png", 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}.png"
+    used.add(name)
+    return name

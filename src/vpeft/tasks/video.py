@@ -34,7 +34,7 @@ from ..errors import ConfigError, UnsupportedBackboneError
 from ..layers.temporal import set_num_frames
 from .base import Task, TaskModel, register_task
 from .classification import ClassificationMeter, logits_of
-from .predict import base_dataset, first_items, predict_items
+from .predict import base_dataset, first_items, predict_items, unique_png
 
 __all__ = ["HEADS", "VideoHead", "VideoModel", "VideoTask"]
 
@@ -188,14 +188,15 @@ def save_clip_sheets(
         clip, label = base.samples[i]
         seen = base.indices(i)[: base.num_frames]  # the first view's frames, in time order
         pick = seen[torch.linspace(0, len(seen) - 1, min(max_frames, len(seen))).round().long().numpy()]
-        stem, n = clip.stem if clip.suffix else clip.name, 1
-        while f"{stem}.png" in used:
-            n += 1
-            stem = f"{clip.stem if clip.suffix else clip.name}-{n}"
-        used.add(f"{stem}.png")
         name = names[k] if names is not None else str(k)
         truth = names[label] if names is not None else str(label)
-        sheet = draw_clip_sheet(read_frames(clip, pick.tolist()), out_dir / f"{stem}.png", name, float(probs[k]), truth)
+        sheet = draw_clip_sheet(
+            read_frames(clip, pick.tolist()),
+            out_dir / unique_png(clip.stem if clip.suffix else clip.name, used),
+            name,
+            float(probs[k]),
+            truth,
+        )
         written.append(sheet)
     return written
 
